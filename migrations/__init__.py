@@ -1,0 +1,1 @@
+"""Alembic migrations of the session store (``sessions db upgrade`` applies them)."""

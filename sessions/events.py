@@ -1,0 +1,215 @@
+"""What an agent says about a session: three kinds of event, carried in immutable batches.
+
+Everything that reaches the store is a :data:`SessionEvent`. Events travel in a
+:class:`Batch` whose ``batch_id`` the producer makes once; retries, redelivery and replay
+all carry the same id, which is what makes the store's apply idempotent.
+
+Validation errors name the field and the rule (pydantic's ``loc`` plus our message), so a
+dead-lettered event says exactly why it was refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+)
+
+#: Session and user ids: printable ASCII without whitespace, as in ``user-456-device-789``.
+ID_PATTERN = re.compile(r"[!-~]{1,255}")
+#: Longest accepted processing time for one request (one day).
+MAX_PROCESSING_TIME = 86_400.0
+#: Largest accepted metadata object, serialized as compact JSON.
+MAX_METADATA_BYTES = 16 * 1024
+#: How far in the future an event's ``at`` may lie (producer clocks drift a little).
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+#: The states an ``end`` event may put a session in.
+EndStatus = Literal["completed", "failed", "expired"]
+
+
+def _check_id(value: str) -> str:
+    if not ID_PATTERN.fullmatch(value):
+        raise ValueError("must be 1 to 255 printable ASCII characters without whitespace")
+    return value
+
+
+def _check_at(value: datetime) -> datetime:
+    value = value.astimezone(UTC)
+    if value > datetime.now(UTC) + MAX_CLOCK_SKEW:
+        raise ValueError("must not lie more than 5 minutes in the future")
+    return value
+
+
+def _check_processing_time(value: float) -> float:
+    if not math.isfinite(value) or value < 0 or value > MAX_PROCESSING_TIME:
+        raise ValueError(f"must be a finite number of seconds from 0 to {MAX_PROCESSING_TIME:g}")
+    return value
+
+
+def _check_cost(value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a finite number >= 0")
+    return value
+
+
+def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"must be a JSON object ({exc})") from None
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON (got {size})")
+    return value
+
+
+SessionId = Annotated[str, AfterValidator(_check_id)]
+EventTime = Annotated[AwareDatetime, AfterValidator(_check_at)]
+ProcessingTime = Annotated[float, AfterValidator(_check_processing_time)]
+Cost = Annotated[float, AfterValidator(_check_cost)]
+TokenCount = Annotated[StrictInt, Field(ge=0)]
+Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    session_id: SessionId
+    #: When it happened, by the producer's clock (aware, normalised to UTC).
+    at: EventTime
+
+
+class CreateEvent(_Event):
+    """Start a session (or a new run of an ended one) with its owner and metadata."""
+
+    kind: Literal["create"] = "create"
+    user_id: SessionId | None = None
+    metadata: Metadata | None = None
+
+
+class RecordEvent(_Event):
+    """One request served: counts one request, its time, and whether it failed."""
+
+    kind: Literal["record"] = "record"
+    user_id: SessionId | None = None
+    processing_time: ProcessingTime = 0.0
+    error: StrictBool = False
+    input_tokens: TokenCount = 0
+    output_tokens: TokenCount = 0
+    cost: Cost = 0.0
+
+
+class EndEvent(_Event):
+    """End the session's current run with a final status."""
+
+    kind: Literal["end"] = "end"
+    status: EndStatus = "completed"
+
+
+SessionEvent = Annotated[CreateEvent | RecordEvent | EndEvent, Field(discriminator="kind")]
+_event_adapter: TypeAdapter[CreateEvent | RecordEvent | EndEvent] = TypeAdapter(SessionEvent)
+
+
+class Batch(BaseModel):
+    """An immutable group of events, in recorded order, under one producer-made id."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batch_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    events: tuple[SessionEvent, ...]
+
+    def to_message(self) -> dict[str, Any]:
+        """The JSON-ready form that travels through the broker."""
+        return {
+            "batch_id": str(self.batch_id),
+            "events": [event.model_dump(mode="json") for event in self.events],
+        }
+
+
+class RejectedEvent(BaseModel):
+    """An event (or a whole payload) that cannot be applied, and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    payload: Any
+    reason: str
+
+
+class DecodedBatch(BaseModel):
+    """A batch payload split into what can be applied and what must be dead-lettered.
+
+    ``batch_id`` is ``None`` when the envelope itself is unusable; then every part of the
+    payload is in ``rejected`` and nothing is applied (there is no id to dedupe by).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    batch_id: uuid.UUID | None
+    events: tuple[CreateEvent | RecordEvent | EndEvent, ...] = ()
+    rejected: tuple[RejectedEvent, ...] = ()
+
+
+def describe_error(error: ValidationError) -> str:
+    """``field: rule`` for each problem, e.g. ``processing_time: must be a finite number``."""
+    parts = []
+    for item in error.errors(include_url=False):
+        location = ".".join(str(part) for part in item["loc"]) or "event"
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{location}: {message}")
+    return "; ".join(parts)
+
+
+def parse_event(payload: Any) -> CreateEvent | RecordEvent | EndEvent:
+    """Validate one event from its wire form; raises :class:`ValidationError`."""
+    return _event_adapter.validate_python(payload)
+
+
+def decode_batch(payload: Any, max_events: int) -> DecodedBatch:
+    """Validate a wire payload event by event, so one bad event costs no other data."""
+    if isinstance(payload, Batch):
+        return DecodedBatch(batch_id=payload.batch_id, events=payload.events)
+    if not isinstance(payload, dict):
+        return _reject_whole(payload, f"batch: must be a JSON object, got {type(payload).__name__}")
+    unknown = sorted(set(payload) - {"batch_id", "events"})
+    if unknown:
+        return _reject_whole(payload, f"batch: unexpected fields {unknown}")
+    try:
+        batch_id = uuid.UUID(str(payload["batch_id"]))
+    except (KeyError, ValueError):
+        return _reject_whole(payload, "batch_id: must be a UUID")
+    raw_events = payload.get("events")
+    if not isinstance(raw_events, list):
+        return _reject_whole(payload, "events: must be a list")
+    if len(raw_events) > max_events:
+        return _reject_whole(
+            payload, f"events: at most {max_events} events per batch (got {len(raw_events)})"
+        )
+    events: list[CreateEvent | RecordEvent | EndEvent] = []
+    rejected: list[RejectedEvent] = []
+    for index, raw in enumerate(raw_events):
+        try:
+            events.append(parse_event(raw))
+        except ValidationError as exc:
+            rejected.append(RejectedEvent(payload=raw, reason=f"events[{index}]: {describe_error(exc)}"))
+    return DecodedBatch(batch_id=batch_id, events=tuple(events), rejected=tuple(rejected))
+
+
+def _reject_whole(payload: Any, reason: str) -> DecodedBatch:
+    return DecodedBatch(batch_id=None, rejected=(RejectedEvent(payload=payload, reason=reason),))

@@ -1,0 +1,117 @@
+"""What the store returns: read models of sessions, aggregates and the outcome of writes.
+
+These are plain frozen pydantic models, detached from any database session, so callers
+can keep them, serialize them (``model_dump(mode="json")``) and compare them freely.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, computed_field
+
+#: Every state a session can be in; only ``active`` is not final.
+Status = Literal["active", "completed", "failed", "expired"]
+#: Why a session ended: an ``end`` event, or one of the housekeeping sweeps.
+EndReason = Literal["explicit", "idle", "age", "health"]
+
+
+class SessionRecord(BaseModel):
+    """One session (its current run) as stored, with the guide's fields and derived rates."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    user_id: str | None
+    status: Status
+    end_reason: EndReason | None
+    run: int
+    created_at: datetime
+    last_activity: datetime
+    ended_at: datetime | None
+    request_count: int
+    error_count: int
+    total_processing_time: float
+    input_tokens: int
+    output_tokens: int
+    cost: float
+    metadata: dict[str, Any] | None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def error_rate(self) -> float:
+        """Errors per request; 0 for a session without requests."""
+        return self.error_count / self.request_count if self.request_count else 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def average_processing_time(self) -> float:
+        """Seconds per request; 0 for a session without requests."""
+        return self.total_processing_time / self.request_count if self.request_count else 0.0
+
+    def is_expired(self, max_idle_seconds: float = 1800, now: datetime | None = None) -> bool:
+        """The guide's check: an *active* session idle for longer than ``max_idle_seconds``."""
+        if self.status != "active":
+            return False
+        now = now or datetime.now(UTC)
+        return now - self.last_activity > timedelta(seconds=max_idle_seconds)
+
+
+class Aggregate(BaseModel):
+    """Totals over a set of sessions, computed in SQL."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sessions: int
+    request_count: int
+    error_count: int
+    total_processing_time: float
+    input_tokens: int
+    output_tokens: int
+    cost: float
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def error_rate(self) -> float:
+        return self.error_count / self.request_count if self.request_count else 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def average_processing_time(self) -> float:
+        return self.total_processing_time / self.request_count if self.request_count else 0.0
+
+
+class ApplyResult(BaseModel):
+    """What one ``apply`` did, in events: applied, skipped as a redelivery, dead-lettered."""
+
+    model_config = ConfigDict(frozen=True)
+
+    applied: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+
+
+class SweepResult(BaseModel):
+    """The sessions one sweep changed (ended) or flagged (health warnings)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sweep: str
+    changed: tuple[str, ...] = ()
+    warned: tuple[str, ...] = ()
+
+    @property
+    def count(self) -> int:
+        return len(self.changed)
+
+
+class PurgeResult(BaseModel):
+    """Rows removed by ``purge``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sessions: int
+    runs: int
+    ledger: int
+    dead_letters: int = 0

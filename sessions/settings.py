@@ -1,0 +1,121 @@
+"""Every knob of the system, read once from ``SESSIONS_*`` environment variables.
+
+Agents, workers, beat, the CLI and the tests all read the same :class:`Settings`, so a
+deployment is configured in one place. Credentials only ever come from the environment
+and are masked whenever a URL is shown (:func:`mask_url`).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+
+class Settings(BaseSettings):
+    """Configuration of the session-metrics pipeline (environment prefix ``SESSIONS_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SESSIONS_", extra="ignore", frozen=True)
+
+    #: SQLAlchemy URL of the store; the embedded default is a SQLite file in the working dir.
+    database_url: str = "sqlite:///sessions.db"
+    #: Celery broker; ``filesystem://`` needs no server (messages live in ``broker_dir``).
+    broker_url: str = "filesystem://"
+    #: Folder of the filesystem broker (only used with ``filesystem://``).
+    broker_dir: Path = Path(".sessions-broker")
+
+    #: A session idle this long is expired by the idle sweep (the guide's 30 minutes).
+    max_idle_seconds: int = Field(1800, gt=0)
+    #: A session older than this is expired by the age sweep (the guide's 7 days).
+    max_age_days: float = Field(7.0, gt=0)
+    #: Error rate above which the health sweep warns (the guide's 0.3).
+    health_warn_rate: float = Field(0.3, ge=0, le=1)
+    #: Error rate above which the health sweep ends a session as ``failed`` (the guide's 0.5).
+    health_fail_rate: float = Field(0.5, ge=0, le=1)
+    #: Requests a session needs before the health sweep judges it (the guide: any request).
+    health_min_requests: int = Field(1, ge=1)
+    #: Cap on active sessions for ``create_session``; ``None`` means no cap.
+    max_active_sessions: int | None = Field(None, gt=0)
+    #: Idle time after which ``create_session`` at the cap reclaims sessions (the guide's 15 min).
+    session_limit_idle_seconds: int = Field(900, gt=0)
+
+    #: Ended sessions (and their past runs) are purged this long after they ended.
+    ended_retention_days: float = Field(30.0, gt=0)
+    #: Applied-batch ids are kept this long to recognise redelivered batches.
+    ledger_retention_days: float = Field(14.0, gt=0)
+    #: Longest time a client keeps an unsent batch in its local spool before giving up.
+    spool_max_age_days: float = Field(7.0, gt=0)
+    #: Redis visibility timeout: an unacknowledged message is redelivered after this long.
+    visibility_timeout_seconds: int = Field(3600, gt=0)
+
+    #: The client publishes its buffer at least this often ...
+    flush_interval_ms: int = Field(50, gt=0)
+    #: ... or as soon as it holds this many events (one Celery message per batch).
+    batch_max_events: int = Field(500, gt=0)
+    #: Largest batch the store accepts; a bigger payload is dead-lettered whole.
+    store_max_batch_events: int = Field(10_000, gt=0)
+
+    #: Beat intervals of the housekeeping sweeps, in seconds.
+    idle_sweep_interval: float = Field(60.0, gt=0)
+    age_sweep_interval: float = Field(3600.0, gt=0)
+    health_sweep_interval: float = Field(300.0, gt=0)
+    purge_interval: float = Field(86400.0, gt=0)
+
+    #: Messages a worker process reserves ahead; small, because each carries hundreds of events.
+    worker_prefetch_multiplier: int = Field(4, gt=0)
+    #: Seconds between polls of a polling broker (filesystem, SQLAlchemy transports).
+    broker_polling_interval: float = Field(0.1, gt=0)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.health_warn_rate > self.health_fail_rate:
+            raise ValueError(
+                f"health_warn_rate ({self.health_warn_rate}) must not exceed "
+                f"health_fail_rate ({self.health_fail_rate})"
+            )
+        redelivery_window = self.spool_max_age + timedelta(seconds=self.visibility_timeout_seconds)
+        if self.ledger_retention < redelivery_window:
+            raise ValueError(
+                "ledger_retention_days must outlive the longest time a batch can come back "
+                f"(spool_max_age_days + visibility_timeout_seconds = {redelivery_window}); "
+                f"got {self.ledger_retention}: a batch replayed after its ledger row is purged "
+                "would be counted twice"
+            )
+        return self
+
+    @property
+    def max_age(self) -> timedelta:
+        return timedelta(days=self.max_age_days)
+
+    @property
+    def ended_retention(self) -> timedelta:
+        return timedelta(days=self.ended_retention_days)
+
+    @property
+    def ledger_retention(self) -> timedelta:
+        return timedelta(days=self.ledger_retention_days)
+
+    @property
+    def spool_max_age(self) -> timedelta:
+        return timedelta(days=self.spool_max_age_days)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, safe for logs and error messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        scheme, sep, rest = url.partition("://")
+        if "@" in rest:
+            return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
+        return url

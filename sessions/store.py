@@ -1,0 +1,357 @@
+"""The session store: exactly-once batch apply, sweeps, reads and direct lifecycle calls.
+
+Synchronous, and unaware of Celery: workers, beat, the CLI and tests all call it the same
+way. One :class:`SessionStore` owns one engine; after a fork call :meth:`dispose`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from sessions import sweeps
+from sessions.apply import apply_events
+from sessions.database import create_store_engine, upgrade_schema
+from sessions.errors import SessionLimitError, StoreUnavailableError
+from sessions.events import Batch, CreateEvent, DecodedBatch, RejectedEvent, decode_batch
+from sessions.records import Aggregate, ApplyResult, PurgeResult, SessionRecord, SweepResult
+from sessions.settings import Settings, get_settings, mask_url
+from sessions.tables import AppliedBatch, DeadLetter, SessionRow
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+sessions_table = SessionRow.__table__
+#: Largest dead-lettered payload kept verbatim; longer ones are cut (and say so).
+MAX_DEAD_LETTER_BYTES = 64 * 1024
+#: PostgreSQL errors after which the whole transaction is simply run again: deadlock,
+#: serialization failure, and a unique violation from two batches creating one session.
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001", "23505"})
+#: Attempts at one batch before a retryable error is raised to the caller.
+MAX_ATTEMPTS = 5
+#: Default page size of :meth:`SessionStore.list`.
+DEFAULT_PAGE_SIZE = 100
+
+_AGGREGATE_COLUMNS = (
+    "request_count",
+    "error_count",
+    "total_processing_time",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+)
+
+
+class SessionStore:
+    """Reads and writes session metrics in a SQLAlchemy database (SQLite or PostgreSQL)."""
+
+    def __init__(self, url: str, *, settings: Settings | None = None, **engine_options: Any):
+        self.url = url
+        self.settings = settings or get_settings()
+        self.engine: Engine = create_store_engine(url, **engine_options)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> SessionStore:
+        settings = settings or get_settings()
+        return cls(settings.database_url, settings=settings)
+
+    def __repr__(self) -> str:
+        return f"SessionStore({mask_url(self.url)!r})"
+
+    def upgrade(self) -> None:
+        """Create or migrate the schema to the newest revision."""
+        upgrade_schema(self.url)
+
+    def dispose(self) -> None:
+        """Drop pooled connections (after a fork, or when done)."""
+        self.engine.dispose()
+
+    # -- writes ------------------------------------------------------------------------
+
+    def apply(self, batch: Batch | Mapping[str, Any] | Any, now: datetime | None = None) -> ApplyResult:
+        """Apply one batch exactly once, in one transaction.
+
+        ``batch`` is a :class:`Batch` or its wire form. Invalid events are dead-lettered with
+        their reason and the others applied. A batch whose id is in the ledger already
+        changes nothing and is reported as ``duplicate``.
+        """
+        decoded = decode_batch(batch, self.settings.store_max_batch_events)
+        now = now or datetime.now(UTC)
+        return self._transaction(lambda connection: self._apply(connection, decoded, now))
+
+    def _apply(self, connection: Connection, decoded: DecodedBatch, now: datetime) -> ApplyResult:
+        if decoded.batch_id is None:
+            self._dead_letter(connection, None, decoded.rejected, now)
+            return ApplyResult(rejected=len(decoded.rejected))
+        if not self._claim(connection, decoded.batch_id, now):
+            return ApplyResult(duplicate=len(decoded.events) + len(decoded.rejected))
+        self._dead_letter(connection, decoded.batch_id, decoded.rejected, now)
+        apply_events(connection, decoded.events)
+        return ApplyResult(applied=len(decoded.events), rejected=len(decoded.rejected))
+
+    def _claim(self, connection: Connection, batch_id: uuid.UUID, now: datetime) -> bool:
+        """Insert ``batch_id`` into the ledger; ``False`` if some transaction already did."""
+        dialect_insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+        statement = (
+            dialect_insert(AppliedBatch.__table__)
+            .values(batch_id=batch_id, applied_at=now)
+            .on_conflict_do_nothing(index_elements=["batch_id"])
+            .returning(AppliedBatch.batch_id)
+        )
+        return connection.execute(statement).first() is not None
+
+    def _dead_letter(
+        self,
+        connection: Connection,
+        batch_id: uuid.UUID | None,
+        rejected: Sequence[RejectedEvent],
+        now: datetime,
+    ) -> None:
+        if not rejected:
+            return
+        for item in rejected:
+            log.warning("dead-lettered an event of batch %s: %s", batch_id, item.reason)
+        connection.execute(
+            insert(DeadLetter.__table__),
+            [
+                {
+                    "batch_id": str(batch_id) if batch_id else None,
+                    "payload": _payload_text(item.payload),
+                    "reason": item.reason,
+                    "received_at": now,
+                }
+                for item in rejected
+            ],
+        )
+
+    def dead_letter(self, payload: Any, reason: str) -> None:
+        """Set aside a payload that cannot be applied (used by the worker for poison messages)."""
+        now = datetime.now(UTC)
+        self._transaction(
+            lambda c: self._dead_letter(c, None, [RejectedEvent(payload=payload, reason=reason)], now)
+        )
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The newest dead-lettered payloads, newest first."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)
+            ).all()
+        return [DeadLetter(**row._asdict()) for row in rows]
+
+    def _transaction(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in one transaction, again after a deadlock-like conflict."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                with self.engine.begin() as connection:
+                    return work(connection)
+            except DBAPIError as exc:
+                sqlstate = getattr(exc.orig, "sqlstate", None)
+                if sqlstate in RETRYABLE_SQLSTATES and attempt < MAX_ATTEMPTS:
+                    log.info("retrying a transaction after %s (attempt %d)", sqlstate, attempt)
+                    time.sleep(0.01 * attempt)
+                    continue
+                if isinstance(exc, OperationalError) and exc.connection_invalidated:
+                    raise StoreUnavailableError(
+                        f"lost the database at {mask_url(self.url)}: {exc.orig}"
+                    ) from exc
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- sweeps --------------------------------------------------------------------------
+
+    def expire_idle(self, max_idle_seconds: float | None = None, now: datetime | None = None) -> SweepResult:
+        idle = self.settings.max_idle_seconds if max_idle_seconds is None else max_idle_seconds
+        return self._transaction(
+            lambda c: sweeps.expire_idle(c, idle, now or datetime.now(UTC))
+        )
+
+    def expire_older_than(
+        self, max_age: timedelta | None = None, now: datetime | None = None
+    ) -> SweepResult:
+        age = self.settings.max_age if max_age is None else max_age
+        return self._transaction(
+            lambda c: sweeps.expire_older_than(c, age, now or datetime.now(UTC))
+        )
+
+    def sweep_health(
+        self,
+        warn_rate: float | None = None,
+        fail_rate: float | None = None,
+        min_requests: int | None = None,
+        now: datetime | None = None,
+    ) -> SweepResult:
+        s = self.settings
+        return self._transaction(
+            lambda c: sweeps.sweep_health(
+                c,
+                s.health_warn_rate if warn_rate is None else warn_rate,
+                s.health_fail_rate if fail_rate is None else fail_rate,
+                s.health_min_requests if min_requests is None else min_requests,
+                now or datetime.now(UTC),
+            )
+        )
+
+    def purge(
+        self,
+        ended_before: datetime | None = None,
+        ledger_before: datetime | None = None,
+        dead_letters_before: datetime | None = None,
+    ) -> PurgeResult:
+        now = datetime.now(UTC)
+        return self._transaction(
+            lambda c: sweeps.purge(
+                c,
+                ended_before or now - self.settings.ended_retention,
+                ledger_before or now - self.settings.ledger_retention,
+                dead_letters_before,
+            )
+        )
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, session_id: str) -> SessionRecord | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(sessions_table).where(sessions_table.c.session_id == session_id)
+            ).first()
+        return None if row is None else _record(row._mapping)
+
+    def list(
+        self,
+        user_id: str | None = None,
+        status: str | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+        after: str | None = None,
+    ) -> list[SessionRecord]:
+        """One page of sessions ordered by id; pass the last id as ``after`` for the next."""
+        t = sessions_table.c
+        query = select(sessions_table).order_by(t.session_id).limit(limit)
+        if user_id is not None:
+            query = query.where(t.user_id == user_id)
+        if status is not None:
+            query = query.where(t.status == status)
+        if after is not None:
+            query = query.where(t.session_id > after)
+        with self.engine.connect() as connection:
+            return [_record(row._mapping) for row in connection.execute(query)]
+
+    def iter_sessions(
+        self, user_id: str | None = None, status: str | None = None, page_size: int = 500
+    ) -> Iterator[SessionRecord]:
+        """Every matching session, fetched page by page (keyset, so pages never shift)."""
+        after: str | None = None
+        while True:
+            page = self.list(user_id=user_id, status=status, limit=page_size, after=after)
+            yield from page
+            if len(page) < page_size:
+                return
+            after = page[-1].session_id
+
+    def aggregate(self, user_id: str | None = None, status: str | None = None) -> Aggregate:
+        """Totals over the matching sessions (their live runs), computed by the database."""
+        t = sessions_table.c
+        query = select(
+            func.count().label("sessions"),
+            *(func.coalesce(func.sum(t[name]), 0).label(name) for name in _AGGREGATE_COLUMNS),
+        )
+        if user_id is not None:
+            query = query.where(t.user_id == user_id)
+        if status is not None:
+            query = query.where(t.status == status)
+        with self.engine.connect() as connection:
+            row = connection.execute(query).one()
+        return Aggregate(**row._asdict())
+
+    def count_active(self) -> int:
+        t = sessions_table.c
+        with self.engine.connect() as connection:
+            return int(
+                connection.execute(
+                    select(func.count()).select_from(sessions_table).where(t.status == "active")
+                ).scalar_one()
+            )
+
+    # -- direct lifecycle ----------------------------------------------------------------
+
+    def create_session(
+        self,
+        session_id: str,
+        user_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        max_active: int | None = None,
+    ) -> SessionRecord:
+        """Create (or start a new run of) a session now, under an optional active-session cap.
+
+        At the cap it first expires sessions idle for ``session_limit_idle_seconds`` (the
+        guide's 15 minutes), then raises :class:`SessionLimitError` if still full.
+        """
+        limit = max_active if max_active is not None else self.settings.max_active_sessions
+        existing = self.get(session_id)
+        already_active = existing is not None and existing.status == "active"
+        if limit is not None and not already_active and self.count_active() >= limit:
+            reclaimed = self.expire_idle(self.settings.session_limit_idle_seconds)
+            log.info("session limit %d reached: expired %d idle sessions", limit, reclaimed.count)
+            if self.count_active() >= limit:
+                raise SessionLimitError(
+                    f"maximum of {limit} active sessions reached; cannot create {session_id!r}"
+                )
+        event = CreateEvent(
+            session_id=session_id, user_id=user_id, metadata=metadata, at=datetime.now(UTC)
+        )
+        self.apply(Batch(events=(event,)))
+        record = self.get(session_id)
+        assert record is not None
+        return record
+
+    def get_or_create(
+        self, session_id: str, user_id: str | None = None, max_idle_seconds: float | None = None
+    ) -> SessionRecord:
+        """The guide's pool: the live session if it is active and not idle-expired, else a new run."""
+        idle = self.settings.max_idle_seconds if max_idle_seconds is None else max_idle_seconds
+        record = self.get(session_id)
+        if record is not None and record.status == "active" and not record.is_expired(idle):
+            return record
+        if record is not None and record.status == "active":
+            self._transaction(lambda c: _expire_one(c, session_id, idle))
+        return self.create_session(session_id, user_id)
+
+
+def _expire_one(connection: Connection, session_id: str, max_idle_seconds: float) -> None:
+    """Expire one idle session, with the same condition the idle sweep uses."""
+    now = datetime.now(UTC)
+    t = sessions_table.c
+    connection.execute(
+        sessions_table.update()
+        .where(
+            t.session_id == session_id,
+            t.status == "active",
+            t.last_activity < now - timedelta(seconds=max_idle_seconds),
+        )
+        .values(status="expired", end_reason="idle", ended_at=now)
+    )
+
+
+def _record(row: Mapping[str, Any]) -> SessionRecord:
+    return SessionRecord.model_validate(dict(row))
+
+
+def _payload_text(payload: Any) -> str:
+    try:
+        text = json.dumps(payload, default=repr, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(payload)
+    encoded = text.encode("utf-8", "replace")
+    if len(encoded) > MAX_DEAD_LETTER_BYTES:
+        cut = encoded[:MAX_DEAD_LETTER_BYTES].decode("utf-8", "ignore")
+        return f"{cut}... [cut at {MAX_DEAD_LETTER_BYTES} of {len(encoded)} bytes]"
+    return text

@@ -1,0 +1,135 @@
+"""The database schema, as SQLAlchemy 2 typed models. Alembic migrations are made from it.
+
+Indexes follow the queries: the sweeps scan ``(status, last_activity)`` and
+``(status, created_at)``, per-user reads scan ``(user_id, status)``, purges scan
+``ended_at`` and ``applied_at``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Dialect,
+    Double,
+    Index,
+    Integer,
+    String,
+    Text,
+    Uuid,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import DateTime, TypeDecorator
+
+#: Longest session or user id (the events module enforces the same bound).
+ID_LENGTH = 255
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend.
+
+    PostgreSQL keeps ``timestamptz``. SQLite has no time zones, so values are stored as
+    naive UTC text (which also keeps them comparable as strings inside SQL) and come back
+    aware.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store only takes aware datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+#: ``None`` is stored as SQL NULL (not JSON ``null``) so that ``COALESCE`` fills it.
+JSONDocument = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+#: SQLite only autoincrements an ``INTEGER PRIMARY KEY``.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class _SessionColumns:
+    """The columns a session run has, live (``sessions``) or archived (``session_runs``)."""
+
+    user_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    status: Mapped[str] = mapped_column(String(16))
+    end_reason: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_activity: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    request_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    error_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    total_processing_time: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cost: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
+    session_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONDocument)
+
+
+class SessionRow(_SessionColumns, Base):
+    """The live row of a session: its current run."""
+
+    __tablename__ = "sessions"
+
+    session_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    #: Which run of this session id the row holds; earlier runs are in ``session_runs``.
+    run: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+
+    __table_args__ = (
+        Index("ix_sessions_status_last_activity", "status", "last_activity"),
+        Index("ix_sessions_status_created_at", "status", "created_at"),
+        Index("ix_sessions_user_id_status", "user_id", "status"),
+        Index("ix_sessions_ended_at", "ended_at"),
+    )
+
+
+class SessionRunRow(_SessionColumns, Base):
+    """An ended run of a session id that was later created again (the guide's pooling)."""
+
+    __tablename__ = "session_runs"
+
+    session_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    run: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+    __table_args__ = (
+        Index("ix_session_runs_ended_at", "ended_at"),
+        Index("ix_session_runs_user_id", "user_id"),
+    )
+
+
+class AppliedBatch(Base):
+    """The dedupe ledger: one row per batch ever applied."""
+
+    __tablename__ = "applied_batches"
+
+    batch_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    applied_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class DeadLetter(Base):
+    """An event or payload that could not be applied, kept with the reason."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
