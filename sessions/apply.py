@@ -32,15 +32,13 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, bindparam, case, func, insert, or_, select
 from sqlalchemy import update as sql_update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from sessions.database import upsert_into
 from sessions.events import CreateEvent, EndEvent, RecordEvent
-from sessions.tables import JSONDocument, SessionRow, SessionRunRow, UTCDateTime
+from sessions.tables import JSONDocument, UTCDateTime, runs_table, sessions_table
 
 Event = CreateEvent | RecordEvent | EndEvent
 
-sessions_table = SessionRow.__table__
-runs_table = SessionRunRow.__table__
 #: The additive counters, in the order deltas carry them.
 COUNTERS = (
     "request_count",
@@ -123,7 +121,10 @@ def _additive_set(table: Any, source: Any) -> dict[str, Any]:
         # Only the first run may move its start earlier: in later runs an older event
         # belongs to an earlier run and never reaches this statement.
         "created_at": case(
-            (and_(table.c.run == 1, source["created_at"] < table.c.created_at), source["created_at"]),
+            (
+                and_(table.c.run == 1, source["created_at"] < table.c.created_at),
+                source["created_at"],
+            ),
             else_=table.c.created_at,
         ),
         "user_id": func.coalesce(table.c.user_id, source["user_id"]),
@@ -138,7 +139,6 @@ def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]
     """
     if not deltas:
         return set()
-    dialect_insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
     rows = [
         {
             "session_id": session_id,
@@ -152,9 +152,9 @@ def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]
         # Sorted so that concurrent batches lock shared rows in the same order.
         for session_id, delta in sorted(deltas.items())
     ]
-    statement = dialect_insert(sessions_table).values(rows)
-    excluded = statement.excluded
-    statement = statement.on_conflict_do_update(
+    upsert = upsert_into(connection, sessions_table).values(rows)
+    excluded = upsert.excluded
+    statement = upsert.on_conflict_do_update(
         index_elements=[sessions_table.c.session_id],
         set_=_additive_set(sessions_table, excluded),
         where=or_(
@@ -283,7 +283,9 @@ class SessionWalk:
                 created_at=event.at,
                 last_activity=event.at,
                 ended_at=None,
-                user_id=func.coalesce(bindparam("new_user", event.user_id), sessions_table.c.user_id),
+                user_id=func.coalesce(
+                    bindparam("new_user", event.user_id), sessions_table.c.user_id
+                ),
                 metadata=event.metadata,
                 **dict.fromkeys(COUNTERS, 0),
             )

@@ -207,7 +207,9 @@ def decode_batch(payload: Any, max_events: int) -> DecodedBatch:
         try:
             events.append(parse_event(raw))
         except ValidationError as exc:
-            rejected.append(RejectedEvent(payload=raw, reason=f"events[{index}]: {describe_error(exc)}"))
+            rejected.append(
+                RejectedEvent(payload=raw, reason=f"events[{index}]: {describe_error(exc)}")
+            )
     return DecodedBatch(batch_id=batch_id, events=tuple(events), rejected=tuple(rejected))
 
 

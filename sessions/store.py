@@ -14,23 +14,27 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, func, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Engine, RowMapping, func, insert, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from sessions import sweeps
 from sessions.apply import apply_events
-from sessions.database import create_store_engine, upgrade_schema
+from sessions.database import create_store_engine, upgrade_schema, upsert_into
 from sessions.errors import SessionLimitError, StoreUnavailableError
 from sessions.events import Batch, CreateEvent, DecodedBatch, RejectedEvent, decode_batch
 from sessions.records import Aggregate, ApplyResult, PurgeResult, SessionRecord, SweepResult
 from sessions.settings import Settings, get_settings, mask_url
-from sessions.tables import AppliedBatch, DeadLetter, SessionRow
+from sessions.tables import (
+    AppliedBatch,
+    DeadLetter,
+    dead_letters_table,
+    ledger_table,
+    sessions_table,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-sessions_table = SessionRow.__table__
 #: Largest dead-lettered payload kept verbatim; longer ones are cut (and say so).
 MAX_DEAD_LETTER_BYTES = 64 * 1024
 #: PostgreSQL errors after which the whole transaction is simply run again: deadlock,
@@ -77,7 +81,7 @@ class SessionStore:
 
     # -- writes ------------------------------------------------------------------------
 
-    def apply(self, batch: Batch | Mapping[str, Any] | Any, now: datetime | None = None) -> ApplyResult:
+    def apply(self, batch: Batch | Mapping[str, Any], now: datetime | None = None) -> ApplyResult:
         """Apply one batch exactly once, in one transaction.
 
         ``batch`` is a :class:`Batch` or its wire form. Invalid events are dead-lettered with
@@ -100,9 +104,8 @@ class SessionStore:
 
     def _claim(self, connection: Connection, batch_id: uuid.UUID, now: datetime) -> bool:
         """Insert ``batch_id`` into the ledger; ``False`` if some transaction already did."""
-        dialect_insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
         statement = (
-            dialect_insert(AppliedBatch.__table__)
+            upsert_into(connection, ledger_table)
             .values(batch_id=batch_id, applied_at=now)
             .on_conflict_do_nothing(index_elements=["batch_id"])
             .returning(AppliedBatch.batch_id)
@@ -121,7 +124,7 @@ class SessionStore:
         for item in rejected:
             log.warning("dead-lettered an event of batch %s: %s", batch_id, item.reason)
         connection.execute(
-            insert(DeadLetter.__table__),
+            insert(dead_letters_table),
             [
                 {
                     "batch_id": str(batch_id) if batch_id else None,
@@ -135,10 +138,9 @@ class SessionStore:
 
     def dead_letter(self, payload: Any, reason: str) -> None:
         """Set aside a payload that cannot be applied (used by the worker for poison messages)."""
+        rejected = [RejectedEvent(payload=payload, reason=reason)]
         now = datetime.now(UTC)
-        self._transaction(
-            lambda c: self._dead_letter(c, None, [RejectedEvent(payload=payload, reason=reason)], now)
-        )
+        self._transaction(lambda c: self._dead_letter(c, None, rejected, now))
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The newest dead-lettered payloads, newest first."""
@@ -169,11 +171,11 @@ class SessionStore:
 
     # -- sweeps --------------------------------------------------------------------------
 
-    def expire_idle(self, max_idle_seconds: float | None = None, now: datetime | None = None) -> SweepResult:
+    def expire_idle(
+        self, max_idle_seconds: float | None = None, now: datetime | None = None
+    ) -> SweepResult:
         idle = self.settings.max_idle_seconds if max_idle_seconds is None else max_idle_seconds
-        return self._transaction(
-            lambda c: sweeps.expire_idle(c, idle, now or datetime.now(UTC))
-        )
+        return self._transaction(lambda c: sweeps.expire_idle(c, idle, now or datetime.now(UTC)))
 
     def expire_older_than(
         self, max_age: timedelta | None = None, now: datetime | None = None
@@ -316,7 +318,7 @@ class SessionStore:
     def get_or_create(
         self, session_id: str, user_id: str | None = None, max_idle_seconds: float | None = None
     ) -> SessionRecord:
-        """The guide's pool: the live session if it is active and not idle-expired, else a new run."""
+        """The guide's pool: the live session if active and not idle-expired, else a new run."""
         idle = self.settings.max_idle_seconds if max_idle_seconds is None else max_idle_seconds
         record = self.get(session_id)
         if record is not None and record.status == "active" and not record.is_expired(idle):
@@ -341,7 +343,7 @@ def _expire_one(connection: Connection, session_id: str, max_idle_seconds: float
     )
 
 
-def _record(row: Mapping[str, Any]) -> SessionRecord:
+def _record(row: RowMapping) -> SessionRecord:
     return SessionRecord.model_validate(dict(row))
 
 

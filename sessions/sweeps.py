@@ -13,10 +13,14 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, Connection, delete, select, update
 
 from sessions.records import PurgeResult, SweepResult
-from sessions.tables import AppliedBatch, DeadLetter, SessionRow, SessionRunRow
-
-sessions_table = SessionRow.__table__
-runs_table = SessionRunRow.__table__
+from sessions.tables import (
+    AppliedBatch,
+    DeadLetter,
+    dead_letters_table,
+    ledger_table,
+    runs_table,
+    sessions_table,
+)
 
 
 def _end_active(
@@ -86,11 +90,11 @@ def purge(
         delete(runs_table).where(runs_table.c.ended_at < ended_before)
     ).rowcount
     ledger = connection.execute(
-        delete(AppliedBatch.__table__).where(AppliedBatch.applied_at < ledger_before)
+        delete(ledger_table).where(AppliedBatch.applied_at < ledger_before)
     ).rowcount
     dead = 0
     if dead_letters_before is not None:
         dead = connection.execute(
-            delete(DeadLetter.__table__).where(DeadLetter.received_at < dead_letters_before)
+            delete(dead_letters_table).where(DeadLetter.received_at < dead_letters_before)
         ).rowcount
     return PurgeResult(sessions=sessions, runs=runs, ledger=ledger, dead_letters=dead)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -19,6 +19,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     Uuid,
 )
@@ -133,3 +134,10 @@ class DeadLetter(Base):
     payload: Mapped[str] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+#: The tables as Core objects, for the set-based statements of the store.
+sessions_table = cast(Table, SessionRow.__table__)
+runs_table = cast(Table, SessionRunRow.__table__)
+ledger_table = cast(Table, AppliedBatch.__table__)
+dead_letters_table = cast(Table, DeadLetter.__table__)

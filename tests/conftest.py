@@ -1,0 +1,63 @@
+"""Shared fixtures: a migrated store on SQLite and on PostgreSQL, fresh for every test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from sessions.settings import Settings
+from sessions.store import SessionStore
+from sessions.tables import Base
+from tests.services import require_postgres, temporary_postgres_database
+
+# pytest-celery 1.x brings Docker-based fixtures that shadow Celery's own; there is no
+# Docker engine here, so Celery's in-process fixtures are loaded explicitly.
+pytest_plugins = ("celery.contrib.pytest",)
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """One migrated PostgreSQL database for the test run (tests truncate it, never reuse data)."""
+    require_postgres()
+    with temporary_postgres_database() as url:
+        store = SessionStore(url, settings=Settings())
+        store.upgrade()
+        store.dispose()
+        yield url
+
+
+def _truncate(url: str) -> None:
+    store = SessionStore(url, settings=Settings())
+    names = ", ".join(table.name for table in Base.metadata.sorted_tables)
+    with store.engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {names}"))
+    store.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty, migrated database on each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'sessions.db'}"
+        SessionStore(url, settings=Settings()).upgrade()
+        return url
+    url: str = request.getfixturevalue("postgres_url")
+    _truncate(url)
+    return url
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings()
+
+
+@pytest.fixture
+def store(database_url: str, settings: Settings) -> Iterator[SessionStore]:
+    store = SessionStore(database_url, settings=settings)
+    yield store
+    store.dispose()
