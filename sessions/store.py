@@ -10,7 +10,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -220,6 +220,17 @@ class SessionStore:
         )
 
     # -- reads ---------------------------------------------------------------------------
+
+    def applied_batch_ids(self, batch_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
+        """The ones of ``batch_ids`` in the ledger, i.e. applied (for read-your-writes)."""
+        wanted = list(batch_ids)
+        if not wanted:
+            return set()
+        with self.engine.connect() as connection:
+            found = connection.execute(
+                select(ledger_table.c.batch_id).where(ledger_table.c.batch_id.in_(wanted))
+            ).scalars()
+            return set(found)
 
     def get(self, session_id: str) -> SessionRecord | None:
         with self.engine.connect() as connection:
