@@ -72,7 +72,7 @@ class Delta:
             self.last_at = at
 
     def add(self, event: RecordEvent) -> None:
-        self.request_count += 1
+        self.request_count += event.counts_request
         self.error_count += event.error
         self.total_processing_time += event.processing_time
         self.input_tokens += event.input_tokens

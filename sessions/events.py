@@ -111,6 +111,9 @@ class RecordEvent(_Event):
     user_id: SessionId | None = None
     processing_time: ProcessingTime = 0.0
     error: StrictBool = False
+    #: Whether the event counts a request; the guide's ``update_session`` may add time or
+    #: an error without one (``increment_requests=False``).
+    counts_request: StrictBool = True
     input_tokens: TokenCount = 0
     output_tokens: TokenCount = 0
     cost: Cost = 0.0
