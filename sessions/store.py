@@ -6,6 +6,7 @@ way. One :class:`SessionStore` owns one engine; after a fork call :meth:`dispose
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import time
@@ -150,12 +151,19 @@ class SessionStore:
             ).all()
         return [DeadLetter(**row._asdict()) for row in rows]
 
-    def _transaction(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in one transaction, again after a deadlock-like conflict."""
+    def _transaction(self, work: Callable[[Connection], T], *, commit: bool = True) -> T:
+        """Run ``work`` in one transaction, again after a deadlock-like conflict.
+
+        With ``commit=False`` the transaction is rolled back: a dry run that reports exactly
+        what the statements would change.
+        """
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                with self.engine.begin() as connection:
-                    return work(connection)
+                with self.engine.connect() as connection, connection.begin() as transaction:
+                    result = work(connection)
+                    if not commit:
+                        transaction.rollback()
+                    return result
             except DBAPIError as exc:
                 sqlstate = getattr(exc.orig, "sqlstate", None)
                 if sqlstate in RETRYABLE_SQLSTATES and attempt < MAX_ATTEMPTS:
@@ -172,17 +180,30 @@ class SessionStore:
     # -- sweeps --------------------------------------------------------------------------
 
     def expire_idle(
-        self, max_idle_seconds: float | None = None, now: datetime | None = None
+        self,
+        max_idle_seconds: float | None = None,
+        now: datetime | None = None,
+        *,
+        dry_run: bool = False,
     ) -> SweepResult:
+        """Expire sessions idle (by event time) longer than ``max_idle_seconds``."""
         idle = self.settings.max_idle_seconds if max_idle_seconds is None else max_idle_seconds
-        return self._transaction(lambda c: sweeps.expire_idle(c, idle, now or datetime.now(UTC)))
+        return self._transaction(
+            lambda c: sweeps.expire_idle(c, idle, now or datetime.now(UTC)), commit=not dry_run
+        )
 
     def expire_older_than(
-        self, max_age: timedelta | None = None, now: datetime | None = None
+        self,
+        max_age: timedelta | None = None,
+        now: datetime | None = None,
+        *,
+        dry_run: bool = False,
     ) -> SweepResult:
+        """Expire active sessions created longer than ``max_age`` ago."""
         age = self.settings.max_age if max_age is None else max_age
         return self._transaction(
-            lambda c: sweeps.expire_older_than(c, age, now or datetime.now(UTC))
+            lambda c: sweeps.expire_older_than(c, age, now or datetime.now(UTC)),
+            commit=not dry_run,
         )
 
     def sweep_health(
@@ -284,6 +305,23 @@ class SessionStore:
         with self.engine.connect() as connection:
             row = connection.execute(query).one()
         return Aggregate(**row._asdict())
+
+    def unhealthy(
+        self, warn_rate: float | None = None, min_requests: int | None = None, limit: int = 100
+    ) -> builtins.list[SessionRecord]:
+        """Active sessions above the warn error rate, worst first (what the health sweep sees)."""
+        s = self.settings
+        rate = s.health_warn_rate if warn_rate is None else warn_rate
+        minimum = s.health_min_requests if min_requests is None else min_requests
+        t = sessions_table.c
+        query = (
+            select(sessions_table)
+            .where(t.status == "active", sweeps.error_rate_above(rate, minimum))
+            .order_by((t.error_count * 1.0 / t.request_count).desc(), t.session_id)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [_record(row._mapping) for row in connection.execute(query)]
 
     def count_active(self) -> int:
         t = sessions_table.c

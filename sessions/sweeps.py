@@ -53,7 +53,7 @@ def expire_older_than(connection: Connection, max_age: timedelta, now: datetime)
     return SweepResult(sweep="expire_older_than", changed=changed)
 
 
-def _error_rate_above(rate: float, min_requests: int) -> ColumnElement[bool]:
+def error_rate_above(rate: float, min_requests: int) -> ColumnElement[bool]:
     t = sessions_table.c
     # error_count / request_count > rate, without a division (and so without a zero divisor).
     return (t.request_count >= min_requests) & (t.error_count > t.request_count * rate)
@@ -64,12 +64,12 @@ def sweep_health(
 ) -> SweepResult:
     """End active sessions above ``fail_rate`` as ``failed``; report those above ``warn_rate``."""
     failed = _end_active(
-        connection, _error_rate_above(fail_rate, min_requests), "failed", "health", now
+        connection, error_rate_above(fail_rate, min_requests), "failed", "health", now
     )
     t = sessions_table.c
     warned = connection.execute(
         select(t.session_id)
-        .where(t.status == "active", _error_rate_above(warn_rate, min_requests))
+        .where(t.status == "active", error_rate_above(warn_rate, min_requests))
         .order_by(t.session_id)
     ).scalars()
     return SweepResult(sweep="sweep_health", changed=failed, warned=tuple(warned))
