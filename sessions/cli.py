@@ -1,0 +1,299 @@
+"""The ``sessions`` command: run workers and beat, migrate, and read sessions from a shell.
+
+Read commands talk to the database directly (no broker needed). Every command that cannot
+reach a service exits non-zero with the service's URL, password masked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Annotated, Any, Literal, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.exc import OperationalError, ProgrammingError
+
+from sessions.errors import BrokerUnavailableError, StoreUnavailableError
+from sessions.records import Aggregate, SessionRecord
+from sessions.settings import Settings, get_settings, mask_url
+from sessions.store import SessionStore
+
+app = typer.Typer(
+    help="Session metrics for AI agents: workers, beat, migrations and read-only reports.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+console = Console()
+errors = Console(stderr=True)
+
+#: The queues a ``sessions worker`` consumes unless told otherwise.
+ALL_QUEUES = "sessions.events,sessions.maintenance"
+StatusOption = Literal["active", "completed", "failed", "expired"]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def open_store(settings: Settings | None = None) -> Iterator[SessionStore]:
+    """A store for one command; unreachable or unmigrated databases become clear errors."""
+    settings = settings or get_settings()
+    store = SessionStore(settings.database_url, settings=settings)
+    url = mask_url(settings.database_url)
+    try:
+        yield store
+    except StoreUnavailableError as exc:
+        fail(str(exc))
+    except OperationalError as exc:
+        if "no such table" in str(exc.orig):
+            fail(f"the database at {url} has no schema yet: run `sessions db upgrade`")
+        fail(f"cannot reach the database at {url}: {exc.orig}".strip())
+    except ProgrammingError as exc:
+        if "does not exist" in str(exc.orig):
+            fail(f"the database at {url} has no schema yet: run `sessions db upgrade`")
+        raise
+    finally:
+        store.dispose()
+
+
+def check_broker(settings: Settings) -> None:
+    """Fail fast, with the masked URL, when the broker does not answer."""
+    from workers.app import app as celery_app
+
+    try:
+        with celery_app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=5)
+    except Exception as exc:
+        raise BrokerUnavailableError(
+            f"cannot reach the broker at {mask_url(settings.broker_url)}: {exc}"
+        ) from exc
+
+
+def _exec_celery(arguments: list[str]) -> NoReturn:
+    settings = get_settings()
+    with open_store(settings) as store:
+        store.upgrade()
+    try:
+        check_broker(settings)
+    except BrokerUnavailableError as exc:
+        fail(str(exc))
+    command = [sys.executable, "-m", "celery", "-A", "workers", *arguments]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(
+    ctx: typer.Context,
+    queues: Annotated[str, typer.Option("--queues", "-Q", help="Queues to consume.")] = ALL_QUEUES,
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
+) -> None:
+    """Run a Celery worker (`celery -A workers worker`); extra options go to Celery."""
+    _exec_celery(["worker", "-Q", queues, "--loglevel", loglevel, *ctx.args])
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def beat(
+    ctx: typer.Context,
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
+) -> None:
+    """Run Celery beat (`celery -A workers beat`) with the housekeeping schedule."""
+    _exec_celery(["beat", "--loglevel", loglevel, *ctx.args])
+
+
+@app.command()
+def demo(
+    users: Annotated[int, typer.Option(help="Simulated users.")] = 20,
+    sessions: Annotated[int, typer.Option(help="Simulated sessions.")] = 60,
+    requests: Annotated[int, typer.Option(help="Requests per healthy session.")] = 40,
+) -> None:
+    """Run the pipeline end to end: worker, beat and a simulated fleet of agents."""
+    from sessions.demo import DemoConfig, run_demo
+
+    code = run_demo(DemoConfig(users=users, sessions=sessions, requests_per_session=requests))
+    raise typer.Exit(code)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the Alembic migrations (safe to run at every deploy)."""
+    settings = get_settings()
+    with open_store(settings) as store:
+        store.upgrade()
+    console.print(f"database at {mask_url(settings.database_url)} is up to date")
+
+
+def _print_json(data: Any) -> None:
+    console.print_json(json.dumps(data, default=str))
+
+
+def _sessions_table(
+    records: list[SessionRecord],
+    title: str,
+    level: Callable[[SessionRecord], str] | None = None,
+) -> Table:
+    table = Table(title=title)
+    for name in ("session", "user", "status"):
+        table.add_column(name)
+    for name in ("requests", "errors", "error rate", "avg time"):
+        table.add_column(name, justify="right")
+    table.add_column("last activity")
+    if level is not None:
+        table.add_column("level")
+    for r in records:
+        table.add_row(
+            r.session_id,
+            r.user_id or "-",
+            r.status if r.end_reason is None else f"{r.status} ({r.end_reason})",
+            str(r.request_count),
+            str(r.error_count),
+            f"{r.error_rate:.0%}",
+            f"{r.average_processing_time:.3f}s",
+            r.last_activity.strftime("%Y-%m-%d %H:%M:%S"),
+            *([] if level is None else [level(r)]),
+        )
+    return table
+
+
+@app.command("list")
+def list_sessions(
+    user: Annotated[str | None, typer.Option("--user", help="Only this user's sessions.")] = None,
+    status: Annotated[StatusOption | None, typer.Option("--status")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    after: Annotated[str | None, typer.Option(help="Start after this session id.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List sessions by id, a page at a time."""
+    with open_store() as store:
+        records = store.list(user_id=user, status=status, limit=limit, after=after)
+    if as_json:
+        _print_json([r.model_dump(mode="json") for r in records])
+    else:
+        console.print(_sessions_table(records, f"{len(records)} sessions"))
+
+
+@app.command()
+def show(session_id: str, as_json: JsonFlag = False) -> None:
+    """Show one session with every field."""
+    with open_store() as store:
+        record = store.get(session_id)
+    if record is None:
+        fail(f"no session {session_id!r}", code=1)
+    if as_json:
+        _print_json(record.model_dump(mode="json"))
+        return
+    table = Table(title=f"session {session_id}", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in record.model_dump().items():
+        table.add_row(key, "-" if value is None else str(value))
+    console.print(table)
+
+
+def _aggregate_table(title: str, aggregate: Aggregate) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = {
+        "sessions": aggregate.sessions,
+        "requests": aggregate.request_count,
+        "errors": aggregate.error_count,
+        "error rate": f"{aggregate.error_rate:.1%}",
+        "total processing time": f"{aggregate.total_processing_time:.3f}s",
+        "average processing time": f"{aggregate.average_processing_time:.3f}s",
+        "input tokens": aggregate.input_tokens,
+        "output tokens": aggregate.output_tokens,
+        "cost": f"{aggregate.cost:.4f}",
+    }
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    return table
+
+
+@app.command()
+def stats(
+    user: Annotated[str | None, typer.Option("--user")] = None,
+    status: Annotated[StatusOption | None, typer.Option("--status")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Totals over sessions (all, or one user's), computed by the database."""
+    with open_store() as store:
+        aggregate = store.aggregate(user_id=user, status=status)
+    if as_json:
+        _print_json(aggregate.model_dump(mode="json"))
+    else:
+        console.print(
+            _aggregate_table(f"sessions of {user}" if user else "all sessions", aggregate)
+        )
+
+
+@app.command()
+def health(as_json: JsonFlag = False) -> None:
+    """Active sessions above the warn error rate; those above the fail rate are marked."""
+    settings = get_settings()
+    with open_store(settings) as store:
+        records = store.unhealthy()
+    if as_json:
+        _print_json([r.model_dump(mode="json") for r in records])
+        return
+    if not records:
+        console.print(f"no active session above {settings.health_warn_rate:.0%} errors")
+        return
+    fail_rate = settings.health_fail_rate
+    console.print(
+        _sessions_table(
+            records,
+            "unhealthy active sessions",
+            level=lambda r: "FAIL" if r.error_rate > fail_rate else "warn",
+        )
+    )
+
+
+@app.command()
+def cleanup(
+    idle: Annotated[
+        float | None, typer.Option("--idle", help="Expire sessions idle this many seconds.")
+    ] = None,
+    age: Annotated[
+        float | None, typer.Option("--age", help="Expire sessions older than this many days.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, change nothing.")] = False,
+) -> None:
+    """Expire idle or old sessions now (beat does this on its schedule)."""
+    settings = get_settings()
+    sweeps: list[tuple[str, Callable[[SessionStore], Any]]] = []
+    if idle is not None or age is None:
+        seconds = settings.max_idle_seconds if idle is None else idle
+        sweeps.append((f"idle > {seconds:g}s", lambda s: s.expire_idle(seconds, dry_run=dry_run)))
+    if age is not None:
+        sweeps.append(
+            (
+                f"older than {age:g} days",
+                lambda s: s.expire_older_than(timedelta(days=age), dry_run=dry_run),
+            )
+        )
+    verb = "would expire" if dry_run else "expired"
+    with open_store(settings) as store:
+        for label, sweep in sweeps:
+            result = sweep(store)
+            console.print(f"{verb} {result.count} sessions ({label})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
