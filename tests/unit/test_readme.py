@@ -1,0 +1,24 @@
+"""The README is the settings reference: it must name every setting the code knows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sessions.settings import Settings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    head = README.read_text().split("## ", 1)[0]
+    assert "make demo" in head and "make test" in head
+
+
+def test_readme_documents_every_setting() -> None:
+    text = README.read_text()
+    missing = [
+        f"SESSIONS_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`SESSIONS_{name.upper()}`" not in text
+    ]
+    assert not missing, f"settings missing from the README's configuration table: {missing}"
