@@ -212,7 +212,10 @@ class SessionStore:
         fail_rate: float | None = None,
         min_requests: int | None = None,
         now: datetime | None = None,
+        *,
+        dry_run: bool = False,
     ) -> SweepResult:
+        """End sessions above the fail error rate; report those above the warn rate."""
         s = self.settings
         return self._transaction(
             lambda c: sweeps.sweep_health(
@@ -221,7 +224,8 @@ class SessionStore:
                 s.health_fail_rate if fail_rate is None else fail_rate,
                 s.health_min_requests if min_requests is None else min_requests,
                 now or datetime.now(UTC),
-            )
+            ),
+            commit=not dry_run,
         )
 
     def purge(
