@@ -1,0 +1,191 @@
+"""Celery configuration of the session pipeline, read by ``app.config_from_object("celeryconfig")``.
+
+Everything that varies between deployments (broker, intervals, thresholds) comes from
+:class:`sessions.settings.Settings`, i.e. from ``SESSIONS_*`` environment variables; the rest
+is the pipeline's contract with Celery and is fixed here on purpose.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from kombu.entity import Exchange, Queue
+
+from sessions.settings import Settings, get_settings
+
+#: Queue of ``sessions.ingest``: one message per batch of events.
+EVENTS_QUEUE = "sessions.events"
+#: Queue of the beat-driven sweeps, so housekeeping never waits behind a backlog of events.
+MAINTENANCE_QUEUE = "sessions.maintenance"
+#: Seconds a Redis socket may wait to connect or for a reply before the publish fails.
+REDIS_SOCKET_TIMEOUT = 2.0
+#: Short, bounded publish retries: a broker that is down costs a publisher about a second.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 2,
+    "interval_start": 0.1,
+    "interval_step": 0.2,
+    "interval_max": 0.5,
+}
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """``broker_transport_options`` for the broker ``settings`` names."""
+    if _is_filesystem(settings):
+        folders = _broker_folders(settings)
+        return {
+            # Producers write where consumers read: one folder serves both directions.
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "processed_folder": str(folders["processed"]),
+            "control_folder": str(folders["control"]),
+            # The transport polls its folder; the default 1 s drains ~20 messages/s.
+            "polling_interval": settings.broker_polling_interval,
+        }
+    if settings.broker_url.startswith(("redis:", "rediss:")):
+        return {
+            # Without socket timeouts a Redis that accepts the connection but never answers
+            # blocks a publish (and the agent's background thread) forever.
+            "socket_timeout": REDIS_SOCKET_TIMEOUT,
+            "socket_connect_timeout": REDIS_SOCKET_TIMEOUT,
+            # Reconnection attempts of one connection before the caller sees the error.
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+            # A message a worker has taken but not acknowledged comes back to the queue after
+            # this long. With acks_late it must exceed the longest task run *and* the longest
+            # retry countdown (ETA messages sit unacknowledged in the worker until they run):
+            # ingest backs off at most workers.tasks.RETRY_BACKOFF_MAX (300 s), well below the
+            # default hour. Too short is safe (the ledger drops the redelivered batch) but wasteful.
+            "visibility_timeout": settings.visibility_timeout_seconds,
+        }
+    return {"polling_interval": settings.broker_polling_interval}
+
+
+def prepare_broker(settings: Settings) -> None:
+    """Create the filesystem broker's folders (kombu expects them); nothing for Redis."""
+    if _is_filesystem(settings):
+        for folder in _broker_folders(settings).values():
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+def _is_filesystem(settings: Settings) -> bool:
+    return settings.broker_url.startswith("filesystem:")
+
+
+def _broker_folders(settings: Settings) -> dict[str, Path]:
+    root = settings.broker_dir.resolve()
+    return {name: root / name for name in ("queue", "processed", "control")}
+
+
+def beat_schedule_for(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The housekeeping sweeps, every interval and threshold from ``settings``.
+
+    A sweep message expires after one interval: when workers were away, the next run does
+    the same work, so a backlog of identical sweeps is dropped instead of run in a row.
+    """
+    return {
+        "expire-idle-sessions": {
+            "task": "sessions.expire_idle",
+            "schedule": timedelta(seconds=settings.idle_sweep_interval),
+            "options": {"expires": settings.idle_sweep_interval},
+            "kwargs": {"max_idle_seconds": settings.max_idle_seconds},
+        },
+        "expire-old-sessions": {
+            "task": "sessions.expire_older_than",
+            "schedule": timedelta(seconds=settings.age_sweep_interval),
+            "options": {"expires": settings.age_sweep_interval},
+            "kwargs": {"max_age_days": settings.max_age_days},
+        },
+        "sweep-session-health": {
+            "task": "sessions.sweep_health",
+            "schedule": timedelta(seconds=settings.health_sweep_interval),
+            "options": {"expires": settings.health_sweep_interval},
+            "kwargs": {
+                "warn_rate": settings.health_warn_rate,
+                "fail_rate": settings.health_fail_rate,
+                "min_requests": settings.health_min_requests,
+            },
+        },
+        "purge-old-data": {
+            "task": "sessions.purge",
+            "schedule": timedelta(seconds=settings.purge_interval),
+            "options": {"expires": settings.purge_interval},
+        },
+    }
+
+
+def from_settings(settings: Settings) -> dict[str, Any]:
+    """The part of this configuration that comes from ``settings``.
+
+    The module's own values below are this applied to :func:`get_settings`; a client with
+    other settings (a test, the demo) applies it to its own app.
+    """
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options(settings),
+        # Messages a worker process reserves ahead of the one it runs. Each message carries
+        # up to batch_max_events events, so a small multiplier already keeps a process busy,
+        # while a killed worker holds (and delays by a visibility timeout) few batches. On the
+        # polling filesystem broker 4 with a 0.1 s poll drains ~1,000 messages/s; 1 does 20.
+        "worker_prefetch_multiplier": settings.worker_prefetch_multiplier,
+        "beat_schedule": beat_schedule_for(settings),
+    }
+
+
+_configured = from_settings(get_settings())
+
+# -- broker ---------------------------------------------------------------------------------
+broker_url: str = _configured["broker_url"]
+broker_transport_options: dict[str, Any] = _configured["broker_transport_options"]
+broker_connection_retry_on_startup = True
+broker_connection_timeout = REDIS_SOCKET_TIMEOUT
+
+# -- messages: JSON only, never pickle --------------------------------------------------------
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+event_serializer = "json"
+task_publish_retry = True
+task_publish_retry_policy = PUBLISH_RETRY_POLICY
+
+# -- delivery: at least once; the store's ledger makes it exactly once in effect -------------
+# Acknowledge after the batch is committed, and put the message back when a prefork child is
+# killed mid-task (acks_late alone acknowledges it then, and the batch is lost).
+task_acks_late = True
+task_reject_on_worker_lost = True
+# Nobody reads task results: ingest's effect is the database, sweeps log what they changed.
+task_ignore_result = True
+result_backend = None
+worker_prefetch_multiplier: int = _configured["worker_prefetch_multiplier"]
+
+# -- queues and routes ------------------------------------------------------------------------
+_exchange = Exchange("sessions", type="direct")  # type: ignore[no-untyped-call]
+task_queues = (
+    Queue(EVENTS_QUEUE, _exchange, routing_key=EVENTS_QUEUE),  # type: ignore[no-untyped-call]
+    Queue(MAINTENANCE_QUEUE, _exchange, routing_key=MAINTENANCE_QUEUE),  # type: ignore[no-untyped-call]
+)
+task_default_queue = EVENTS_QUEUE
+task_default_exchange = "sessions"
+task_default_routing_key = EVENTS_QUEUE
+task_routes = {
+    "sessions.ingest": {"queue": EVENTS_QUEUE, "routing_key": EVENTS_QUEUE},
+    "sessions.expire_idle": {"queue": MAINTENANCE_QUEUE, "routing_key": MAINTENANCE_QUEUE},
+    "sessions.expire_older_than": {"queue": MAINTENANCE_QUEUE, "routing_key": MAINTENANCE_QUEUE},
+    "sessions.sweep_health": {"queue": MAINTENANCE_QUEUE, "routing_key": MAINTENANCE_QUEUE},
+    "sessions.purge": {"queue": MAINTENANCE_QUEUE, "routing_key": MAINTENANCE_QUEUE},
+}
+
+# -- beat -------------------------------------------------------------------------------------
+beat_schedule: dict[str, dict[str, Any]] = _configured["beat_schedule"]
+timezone = "UTC"
+enable_utc = True
+
+# -- worker -----------------------------------------------------------------------------------
+# A worker is a process of its own: let Celery configure its root logger, so the store's
+# ``sessions.*`` loggers (dead letters, retried transactions) reach the worker's log.
+worker_hijack_root_logger = True
+worker_send_task_events = False
+worker_cancel_long_running_tasks_on_connection_loss = True
