@@ -1,0 +1,60 @@
+"""Handing a batch to the broker: the one place where ``sessions`` imports ``workers``.
+
+A publisher is any callable that takes a batch's wire form (:meth:`Batch.to_message`) and
+returns once the broker has it, or raises. :class:`CeleryPublisher` is the real one; tests
+pass a function instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sessions.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+#: Name of the worker task that applies one batch.
+INGEST_TASK = "sessions.ingest"
+
+#: Publishes one batch message; raises when the broker did not take it.
+Publisher = Callable[[dict[str, Any]], None]
+
+
+class CeleryPublisher:
+    """Sends each batch as one ``sessions.ingest`` message to the broker ``settings`` name.
+
+    The Celery app is made on first use, so importing the client costs nothing and an agent
+    that never records never touches Celery. Socket timeouts and a short retry policy come
+    from ``celeryconfig``: a broker that is down fails a publish in seconds, never hangs it.
+    """
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or get_settings()
+        self._app: Celery | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, message: dict[str, Any]) -> None:
+        self._celery().send_task(INGEST_TASK, args=[message])
+
+    def _celery(self) -> Celery:
+        with self._lock:
+            if self._app is None:
+                from workers.app import create_app
+
+                self._app = create_app(self.settings)
+            return self._app
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's app and connections without closing them."""
+        self._app = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the broker connections (a later publish opens new ones)."""
+        with self._lock:
+            app, self._app = self._app, None
+        if app is not None:
+            app.close()

@@ -1,0 +1,498 @@
+"""The agent-side client: recording costs microseconds, a background thread publishes.
+
+:meth:`SessionTracker.record` validates one event and appends it to an in-memory buffer; it
+does no I/O. A daemon thread cuts the buffer into immutable :class:`Batch` es (every
+``flush_interval`` or as soon as ``max_batch_events`` are waiting) and publishes each as one
+Celery message. A batch keeps its ``batch_id`` through every attempt, so a publish that timed
+out but did reach the broker is still applied once.
+
+A broker that is down never reaches the agent: a batch gets :data:`PUBLISH_ATTEMPTS` quick
+attempts, then it is counted as failed, logged, and handed to ``on_unsent`` (the seam where a
+durable local spool plugs in). While the broker stays down, further batches are set aside
+without trying, for a pause that doubles up to :data:`MAX_BROKER_DOWN_PAUSE`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, cast
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from sessions.errors import BrokerUnavailableError, FlushTimeoutError, StoreUnavailableError
+from sessions.events import Batch, CreateEvent, EndEvent, EndStatus, RecordEvent
+from sessions.publisher import CeleryPublisher, Publisher
+from sessions.settings import Settings, get_settings, mask_url
+from sessions.store import SessionStore
+
+log = logging.getLogger(__name__)
+
+Event = CreateEvent | RecordEvent | EndEvent
+#: Called with each batch that could not be published and the last error (the spool's seam).
+UnsentHandler = Callable[[Batch, BaseException], None]
+
+#: Attempts at publishing one batch before it is given up.
+PUBLISH_ATTEMPTS = 3
+#: Seconds to wait before the second and third attempt.
+PUBLISH_RETRY_DELAYS = (0.1, 0.5)
+#: After a batch is given up, later batches are set aside untried for this many seconds ...
+BROKER_DOWN_PAUSE = 1.0
+#: ... doubling with every batch given up in a row, up to this.
+MAX_BROKER_DOWN_PAUSE = 30.0
+#: The buffer holds at most this many batches' worth of events; ``record`` drops beyond it.
+MAX_BUFFERED_BATCHES = 100
+#: Published batches remembered for ``flush(wait=True)``; the oldest are forgotten beyond.
+MAX_UNCONFIRMED_BATCHES = 10_000
+#: Seconds between looks at the database's ledger in ``flush(wait=True)``.
+FLUSH_POLL_INTERVAL = 0.05
+#: Seconds ``close`` waits by default for the buffer to be published.
+CLOSE_TIMEOUT = 10.0
+#: Batch ids per ledger query.
+LEDGER_QUERY_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class TrackerStats:
+    """What a tracker has done so far, in events and batches."""
+
+    #: Events accepted by ``record``/``create``/``end``.
+    events_recorded: int = 0
+    #: Events refused without error: the buffer was full, or the tracker closed.
+    events_dropped: int = 0
+    #: Events accepted and not yet sent (nor given up).
+    events_pending: int = 0
+    batches_sent: int = 0
+    events_sent: int = 0
+    #: Batches (and their events) given up after the retry policy, or while the broker was down.
+    batches_failed: int = 0
+    events_failed: int = 0
+
+
+class SessionTracker:
+    """Records session events for the pipeline without ever blocking or failing the agent.
+
+    ``settings`` name the broker and database (default: the environment);
+    ``flush_interval`` (seconds, default ``settings.flush_interval_ms``) and
+    ``max_batch_events`` (default ``settings.batch_max_events``) decide when a batch is cut.
+    ``publisher`` replaces the Celery publisher (tests); ``store`` the database that
+    ``flush(wait=True)`` watches; ``on_unsent`` receives each batch that could not be sent.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        flush_interval: float | None = None,
+        max_batch_events: int | None = None,
+        publisher: Publisher | None = None,
+        store: SessionStore | None = None,
+        on_unsent: UnsentHandler | None = None,
+        max_buffered_events: int | None = None,
+    ) -> None:
+        self.settings = settings or get_settings()
+        interval = (
+            self.settings.flush_interval_ms / 1000 if flush_interval is None else flush_interval
+        )
+        if interval <= 0:
+            raise ValueError(f"flush_interval: must be > 0 seconds (got {interval})")
+        batch_size = (
+            self.settings.batch_max_events if max_batch_events is None else max_batch_events
+        )
+        if batch_size <= 0:
+            raise ValueError(f"max_batch_events: must be > 0 (got {batch_size})")
+        self.flush_interval = interval
+        self.max_batch_events = batch_size
+        self.max_buffered_events = max_buffered_events or batch_size * MAX_BUFFERED_BATCHES
+        self._owns_publisher = publisher is None
+        self._publisher: Publisher = publisher or CeleryPublisher(self.settings)
+        self._owns_store = store is None
+        self._store = store
+        self._on_unsent = on_unsent
+        self._reset_state()
+        _live_trackers.add(self)
+        self._start()
+
+    def _reset_state(self) -> None:
+        """Fresh buffer, counters and synchronisation (at start, and in a forked child)."""
+        self._lock = threading.Lock()
+        #: Signalled (under ``_lock``) whenever the publisher thread has handled more events.
+        self._progress = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._buffer: list[Event] = []
+        self._closed = False
+        self._flush_requested = False
+        self._dropped_warned = False
+        #: Events appended so far; each event's position in this sequence is its ``seq``.
+        self._appended = 0
+        #: Events handed to the publisher so far (``seq`` up to which batches are cut).
+        self._cut = 0
+        #: Events whose batch was published or given up so far.
+        self._handled = 0
+        #: Published batches not yet seen in the ledger: ``batch_id -> seq`` of its last event.
+        self._unconfirmed: dict[uuid.UUID, int] = {}
+        #: Batches given up and not yet reported by a ``flush(wait=True)``: (seq, events).
+        self._failed: list[tuple[int, int]] = []
+        self._dropped = 0
+        self._batches_sent = self._events_sent = 0
+        self._batches_failed = self._events_failed = 0
+        self._broker_down_until = 0.0
+        self._broker_down_pause = BROKER_DOWN_PAUSE
+        self._failing_since: int | None = None
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"sessions-tracker-{id(self):x}", daemon=True
+        )
+        self._thread.start()
+
+    # -- recording (the agent's hot path: validate, append, return) ------------------------
+
+    def record(
+        self,
+        session_id: str,
+        processing_time: float = 0.0,
+        error: bool = False,
+        user_id: str | None = None,
+        *,
+        counts_request: bool = True,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cost: float = 0.0,
+        at: datetime | None = None,
+    ) -> None:
+        """Record one request served in ``session_id`` (auto-creating the session).
+
+        Raises :class:`pydantic.ValidationError` (a ``ValueError``) naming the field when an
+        argument is invalid; never raises for broker or database trouble.
+        """
+        self._append(
+            RecordEvent(
+                session_id=session_id,
+                at=at or datetime.now(UTC),
+                user_id=user_id,
+                processing_time=processing_time,
+                error=error,
+                counts_request=counts_request,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cost=cost,
+            )
+        )
+
+    def create(
+        self,
+        session_id: str,
+        user_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        at: datetime | None = None,
+    ) -> None:
+        """Start ``session_id`` (or a new run of it, if it has ended) with owner and metadata."""
+        self._append(
+            CreateEvent(
+                session_id=session_id,
+                at=at or datetime.now(UTC),
+                user_id=user_id,
+                metadata=metadata,
+            )
+        )
+
+    def end(
+        self, session_id: str, status: str = "completed", *, at: datetime | None = None
+    ) -> None:
+        """End the current run of ``session_id`` as ``completed``, ``failed`` or ``expired``."""
+        # Any other status fails the model's validation, naming the field.
+        self._append(
+            EndEvent(
+                session_id=session_id, at=at or datetime.now(UTC), status=cast(EndStatus, status)
+            )
+        )
+
+    def _append(self, event: Event) -> None:
+        with self._lock:
+            if self._closed or len(self._buffer) >= self.max_buffered_events:
+                self._dropped += 1
+                warn, self._dropped_warned = not self._dropped_warned, True
+            else:
+                self._buffer.append(event)
+                self._appended += 1
+                if len(self._buffer) >= self.max_batch_events:
+                    self._wake.set()
+                return
+        if warn:
+            log.warning(
+                "session tracker dropped an event: %s (counted in stats.events_dropped)",
+                "it is closed" if self._closed else "its buffer is full, the publisher is stuck",
+            )
+
+    # -- flushing and closing ---------------------------------------------------------------
+
+    def flush(self, wait: bool = False, timeout: float = 30.0) -> None:
+        """Publish everything buffered now, without waiting for the flush interval.
+
+        With ``wait=False`` this only asks the background thread and returns at once. With
+        ``wait=True`` it returns once every event recorded before the call is applied in the
+        database, and raises :class:`BrokerUnavailableError` if some of them could not be
+        published, or :class:`FlushTimeoutError` after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            target = self._appended
+            self._flush_requested = True
+        self._wake.set()
+        if wait:
+            self._wait_published(target, deadline, timeout)
+            self._wait_applied(target, deadline, timeout)
+
+    def _wait_published(self, target: int, deadline: float, timeout: float) -> None:
+        with self._lock:
+            published = self._progress.wait_for(
+                lambda: self._handled >= target, max(0.0, deadline - time.monotonic())
+            )
+            if not published:
+                raise FlushTimeoutError(
+                    f"{target - self._handled} events were still not published after "
+                    f"{timeout:g} s (broker {mask_url(self.settings.broker_url)})"
+                )
+            failed = [item for item in self._failed if item[0] <= target]
+            self._failed = [item for item in self._failed if item[0] > target]
+        if failed:
+            raise BrokerUnavailableError(
+                f"{len(failed)} batches ({sum(n for _, n in failed)} events) could not be "
+                f"published to the broker at {mask_url(self.settings.broker_url)}"
+            )
+
+    def _wait_applied(self, target: int, deadline: float, timeout: float) -> None:
+        with self._lock:
+            pending = {bid for bid, seq in self._unconfirmed.items() if seq <= target}
+        last_error: Exception | None = None
+        while pending:
+            try:
+                applied = self._applied(pending)
+            except (SQLAlchemyError, StoreUnavailableError) as exc:
+                applied, last_error = set(), exc
+            if applied:
+                pending -= applied
+                with self._lock:
+                    for batch_id in applied:
+                        self._unconfirmed.pop(batch_id, None)
+            if not pending:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                cause = f"; last database error: {last_error}" if last_error else ""
+                raise FlushTimeoutError(
+                    f"{len(pending)} published batches were not applied in the database at "
+                    f"{mask_url(self.settings.database_url)} within {timeout:g} s{cause}"
+                )
+            time.sleep(min(FLUSH_POLL_INTERVAL, remaining))
+
+    def _applied(self, batch_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
+        if self._store is None:
+            self._store = SessionStore(self.settings.database_url, settings=self.settings)
+        wanted = list(batch_ids)
+        found: set[uuid.UUID] = set()
+        for start in range(0, len(wanted), LEDGER_QUERY_CHUNK):
+            found |= self._store.applied_batch_ids(wanted[start : start + LEDGER_QUERY_CHUNK])
+        return found
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Publish what is buffered and stop the background thread (waits up to ``timeout``).
+
+        Events recorded after ``close`` are dropped and counted; closing twice is harmless.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake.set()
+        self._thread.join(timeout)
+        _live_trackers.discard(self)
+        if self._thread.is_alive():
+            log.warning(
+                "session tracker closed with %d events not yet published after %g s",
+                self.stats.events_pending,
+                timeout,
+            )
+            return
+        if self._owns_publisher and isinstance(self._publisher, CeleryPublisher):
+            self._publisher.close()
+        if self._owns_store and self._store is not None:
+            self._store.dispose()
+
+    def __enter__(self) -> SessionTracker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def stats(self) -> TrackerStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            return TrackerStats(
+                events_recorded=self._appended,
+                events_dropped=self._dropped,
+                events_pending=self._appended - self._handled,
+                batches_sent=self._batches_sent,
+                events_sent=self._events_sent,
+                batches_failed=self._batches_failed,
+                events_failed=self._events_failed,
+            )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- the background thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        due = time.monotonic() + self.flush_interval
+        while True:
+            self._wake.wait(max(0.0, due - time.monotonic()))
+            self._wake.clear()
+            now = time.monotonic()
+            with self._lock:
+                closing = self._closed
+                cut_all = closing or self._flush_requested or now >= due
+                self._flush_requested = False
+            if cut_all:
+                due = now + self.flush_interval
+            while (taken := self._take(full_only=not cut_all)) is not None:
+                self._send(*taken)
+            if closing:
+                return
+
+    def _take(self, full_only: bool) -> tuple[tuple[Event, ...], int] | None:
+        """Cut the next batch off the buffer: a full one, or (unless ``full_only``) any."""
+        with self._lock:
+            waiting = len(self._buffer)
+            if waiting == 0 or (full_only and waiting < self.max_batch_events):
+                return None
+            if waiting <= self.max_batch_events:
+                events, self._buffer = self._buffer, []
+            else:
+                events = self._buffer[: self.max_batch_events]
+                del self._buffer[: self.max_batch_events]
+            self._cut += len(events)
+            return tuple(events), self._cut
+
+    def _send(self, events: tuple[Event, ...], seq: int) -> None:
+        batch = Batch(events=events)
+        error = self._publish(batch)
+        with self._lock:
+            if error is None:
+                self._batches_sent += 1
+                self._events_sent += len(events)
+                self._unconfirmed[batch.batch_id] = seq
+                if len(self._unconfirmed) > MAX_UNCONFIRMED_BATCHES:
+                    del self._unconfirmed[next(iter(self._unconfirmed))]
+            else:
+                self._batches_failed += 1
+                self._events_failed += len(events)
+                self._failed.append((seq, len(events)))
+                if len(self._failed) > MAX_UNCONFIRMED_BATCHES:
+                    del self._failed[0]
+            self._handled = seq
+            self._progress.notify_all()
+        if error is not None and self._on_unsent is not None:
+            try:
+                self._on_unsent(batch, error)
+            except Exception:
+                log.exception("the on_unsent handler failed for batch %s", batch.batch_id)
+
+    def _publish(self, batch: Batch) -> BaseException | None:
+        """Publish ``batch`` under the retry policy; the last error, or ``None`` when sent."""
+        if time.monotonic() < self._broker_down_until:
+            self._note_failure(batch, None)
+            return BrokerUnavailableError(
+                f"broker at {mask_url(self.settings.broker_url)} is down; batch not tried"
+            )
+        message = batch.to_message()
+        error: BaseException | None = None
+        for attempt in range(PUBLISH_ATTEMPTS):
+            if attempt:
+                time.sleep(PUBLISH_RETRY_DELAYS[min(attempt, len(PUBLISH_RETRY_DELAYS)) - 1])
+            try:
+                self._publisher(message)
+            except Exception as exc:
+                error = exc
+                log.debug("publishing batch %s failed (attempt %d)", batch.batch_id, attempt + 1)
+                continue
+            self._note_success()
+            return None
+        assert error is not None
+        self._note_failure(batch, error)
+        return error
+
+    def _note_failure(self, batch: Batch, error: BaseException | None) -> None:
+        if self._failing_since is None:
+            self._failing_since = self._batches_failed
+            log.warning(
+                "cannot publish to the broker at %s; batch %s (%d events) is set aside, and "
+                "so will be further batches until it answers: %s",
+                mask_url(self.settings.broker_url),
+                batch.batch_id,
+                len(batch.events),
+                error,
+            )
+        else:
+            log.debug("batch %s (%d events) set aside", batch.batch_id, len(batch.events))
+        if error is not None:
+            self._broker_down_until = time.monotonic() + self._broker_down_pause
+            self._broker_down_pause = min(MAX_BROKER_DOWN_PAUSE, self._broker_down_pause * 2)
+
+    def _note_success(self) -> None:
+        if self._failing_since is not None:
+            log.warning(
+                "the broker at %s answers again; %d batches could not be sent meanwhile",
+                mask_url(self.settings.broker_url),
+                self._batches_failed - self._failing_since,
+            )
+        self._failing_since = None
+        self._broker_down_pause = BROKER_DOWN_PAUSE
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child starts empty: the buffered events are the parent's to publish."""
+        closed = self._closed
+        self._reset_state()
+        self._closed = closed
+        if isinstance(self._publisher, CeleryPublisher):
+            self._publisher.forget_after_fork()
+        if self._store is not None:
+            self._store.engine.dispose(close=False)
+        if not closed:
+            self._start()
+
+
+#: Trackers not yet closed: closed at interpreter exit, restarted in a forked child.
+_live_trackers: weakref.WeakSet[SessionTracker] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for tracker in list(_live_trackers):
+        tracker.close()
+
+
+def _restart_in_child() -> None:
+    for tracker in list(_live_trackers):
+        tracker._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_restart_in_child)

@@ -1,0 +1,303 @@
+"""SessionTracker without a broker: batching, retries, never blocking, flushing and closing."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from sessions import tracker as tracker_module
+from sessions.errors import BrokerUnavailableError, FlushTimeoutError
+from sessions.events import Batch
+from sessions.settings import Settings
+from sessions.store import SessionStore
+from sessions.tracker import SessionTracker
+from tests.workers_harness import wait_until
+
+#: A flush interval no test waits for: batches are cut by size, flush or close only.
+NEVER = 3600.0
+
+
+class Recorder:
+    """A publisher that keeps every message, and can fail or hang on demand."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.calls: list[dict[str, Any]] = []
+        self.failures = failures
+        self.hang = threading.Event()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self, message: dict[str, Any]) -> None:
+        with self.lock:
+            self.calls.append(message)
+        if self.hang.is_set():
+            self.release.wait(30)
+        with self.lock:
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("broker down")
+            self.messages.append(message)
+
+    def events(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [event for message in self.messages for event in message["events"]]
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracker_module, "PUBLISH_RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(tracker_module, "BROKER_DOWN_PAUSE", 0.05)
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def make_tracker(recorder: Recorder) -> Iterator[Any]:
+    made: list[SessionTracker] = []
+
+    def make(**options: Any) -> SessionTracker:
+        options.setdefault("publisher", recorder)
+        options.setdefault("flush_interval", NEVER)
+        made.append(SessionTracker(Settings(), **options))
+        return made[-1]
+
+    yield make
+    for tracker in made:
+        recorder.release.set()
+        tracker.close(timeout=5)
+
+
+def test_a_full_buffer_is_published_at_once_in_batches_of_max_size(
+    make_tracker: Any, recorder: Recorder
+) -> None:
+    tracker = make_tracker(max_batch_events=10)
+    for index in range(25):
+        tracker.record("s-1", processing_time=index)
+
+    wait_until(lambda: len(recorder.messages) == 2, message="two full batches")
+    assert [len(m["events"]) for m in recorder.messages] == [10, 10]
+    assert tracker.stats.events_pending == 5  # the rest waits for the interval or a flush
+
+    tracker.flush()
+    wait_until(lambda: len(recorder.messages) == 3, message="the partial batch")
+    assert [e["processing_time"] for e in recorder.events()] == list(range(25))
+    assert len({m["batch_id"] for m in recorder.messages}) == 3
+
+
+def test_a_partial_batch_goes_out_after_the_flush_interval(
+    make_tracker: Any, recorder: Recorder
+) -> None:
+    tracker = make_tracker(flush_interval=0.05, max_batch_events=1000)
+    started = time.monotonic()
+    tracker.record("s-1")
+    tracker.create("s-2", user_id="u-2", metadata={"a": 1})
+    tracker.end("s-1", status="failed")
+
+    wait_until(lambda: recorder.messages, timeout=5, message="the interval flush")
+    assert time.monotonic() - started < 2
+    assert [e["kind"] for e in recorder.events()] == ["record", "create", "end"]
+    assert recorder.events()[1]["metadata"] == {"a": 1}
+    assert recorder.events()[2]["status"] == "failed"
+    stats = tracker.stats
+    assert (stats.events_recorded, stats.events_sent, stats.batches_sent) == (3, 3, 1)
+
+
+def test_a_retried_publish_keeps_its_batch_id(make_tracker: Any, recorder: Recorder) -> None:
+    recorder.failures = 2
+    tracker = make_tracker()
+    for _ in range(3):
+        tracker.record("s-1")
+    tracker.flush()
+
+    wait_until(lambda: recorder.messages, message="the third attempt")
+    assert len(recorder.calls) == 3
+    assert len({call["batch_id"] for call in recorder.calls}) == 1
+    assert recorder.calls[0] == recorder.calls[2]
+    stats = tracker.stats
+    assert (stats.batches_sent, stats.events_sent, stats.batches_failed) == (1, 3, 0)
+
+
+def test_record_never_raises_or_blocks_when_the_publisher_fails(
+    make_tracker: Any, recorder: Recorder
+) -> None:
+    recorder.failures = 10**9
+    unsent: list[tuple[Batch, BaseException]] = []
+    tracker = make_tracker(max_batch_events=50, on_unsent=lambda b, e: unsent.append((b, e)))
+
+    slowest = 0.0
+    for index in range(2000):
+        started = time.perf_counter()
+        tracker.record(f"s-{index % 7}")
+        slowest = max(slowest, time.perf_counter() - started)
+    started = time.monotonic()
+    tracker.flush()
+    assert time.monotonic() - started < 0.05
+    assert slowest < 0.05
+
+    wait_until(lambda: tracker.stats.events_pending == 0, message="every batch given up")
+    stats = tracker.stats
+    assert stats.events_failed == 2000 and stats.events_sent == 0
+    assert stats.batches_failed == 40 == len(unsent)
+    assert sum(len(batch.events) for batch, _ in unsent) == 2000
+    # Only the first batch of the outage (and one per pause) was actually tried.
+    assert len(recorder.calls) < 40 * tracker_module.PUBLISH_ATTEMPTS
+    with pytest.raises(BrokerUnavailableError, match="40 batches"):
+        tracker.flush(wait=True, timeout=5)
+
+
+def test_the_tracker_publishes_again_once_the_broker_is_back(
+    make_tracker: Any, recorder: Recorder
+) -> None:
+    recorder.failures = tracker_module.PUBLISH_ATTEMPTS  # the first batch is given up
+    tracker = make_tracker()
+    tracker.record("s-1")
+    tracker.flush()
+    wait_until(lambda: tracker.stats.batches_failed == 1, message="the first batch given up")
+
+    def sent_after_the_pause() -> bool:
+        tracker.record("s-2")
+        tracker.flush()
+        time.sleep(0.02)
+        return tracker.stats.batches_sent > 0
+
+    wait_until(sent_after_the_pause, timeout=5, message="a batch sent after the pause")
+    assert recorder.events()[-1]["session_id"] == "s-2"
+
+
+def test_record_never_blocks_when_the_publisher_hangs(
+    make_tracker: Any, recorder: Recorder
+) -> None:
+    recorder.hang.set()
+    tracker = make_tracker(max_batch_events=10, max_buffered_events=100)
+    tracker.record("s-1")
+    tracker.flush()
+    wait_until(lambda: recorder.calls, message="the publisher to be stuck")
+
+    started = time.monotonic()
+    for _ in range(1000):
+        tracker.record("s-1")
+    assert time.monotonic() - started < 0.5
+    stats = tracker.stats
+    assert stats.events_recorded == 101  # the one being published, and a full buffer
+    assert stats.events_dropped == 900
+
+    with pytest.raises(FlushTimeoutError, match="not published"):
+        tracker.flush(wait=True, timeout=0.2)
+    started = time.monotonic()
+    tracker.close(timeout=0.2)
+    assert time.monotonic() - started < 1
+    recorder.release.set()
+
+
+def test_close_publishes_what_is_buffered_and_drops_later_events(
+    make_tracker: Any, recorder: Recorder
+) -> None:
+    with make_tracker() as tracker:
+        for index in range(5):
+            tracker.record(f"s-{index}")
+    assert len(recorder.events()) == 5
+    assert tracker.closed
+    tracker.record("s-late")  # does not raise
+    tracker.close()  # closing twice is harmless
+    assert tracker.stats.events_dropped == 1
+    assert len(recorder.events()) == 5
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda t: t.record("has space"), "session_id"),
+        (lambda t: t.record("s", processing_time=-1), "processing_time"),
+        (lambda t: t.record("s", processing_time=float("nan")), "processing_time"),
+        (lambda t: t.record("s", error="yes"), "error"),
+        (lambda t: t.record("s", input_tokens=-3), "input_tokens"),
+        (lambda t: t.record("s", cost=float("inf")), "cost"),
+        (lambda t: t.record("s", user_id=""), "user_id"),
+        (lambda t: t.record("s", at=datetime(2024, 1, 1)), "at"),
+        (lambda t: t.record("s", at=datetime.now(UTC) + timedelta(hours=1)), "at"),
+        (lambda t: t.create("s", metadata={"x": "y" * 20_000}), "metadata"),
+        (lambda t: t.end("s", status="done"), "status"),
+    ],
+)
+def test_invalid_arguments_raise_naming_the_field(
+    make_tracker: Any, recorder: Recorder, call: Any, field: str
+) -> None:
+    tracker = make_tracker()
+    with pytest.raises(ValidationError, match=field):
+        call(tracker)
+    assert tracker.stats.events_recorded == 0
+
+
+def test_flush_wait_returns_once_every_batch_is_in_the_ledger(tmp_path: Path) -> None:
+    store = SessionStore(f"sqlite:///{tmp_path / 's.db'}", settings=Settings())
+    store.upgrade()
+    applying = threading.Event()
+
+    def apply_later(message: dict[str, Any]) -> None:
+        # A stand-in worker: applies each batch a moment after it was published.
+        def apply() -> None:
+            applying.wait(5)
+            store.apply(message)
+
+        threading.Thread(target=apply, daemon=True).start()
+
+    with SessionTracker(
+        Settings(), publisher=apply_later, store=store, max_batch_events=7
+    ) as tracker:
+        for index in range(50):
+            tracker.record(f"s-{index % 3}", error=index % 5 == 0)
+        with pytest.raises(FlushTimeoutError, match="not applied"):
+            tracker.flush(wait=True, timeout=0.3)
+        applying.set()
+        tracker.flush(wait=True, timeout=10)
+        totals = store.aggregate()
+        assert (totals.sessions, totals.request_count, totals.error_count) == (3, 50, 10)
+    store.dispose()
+
+
+def test_a_forked_child_starts_with_an_empty_buffer(make_tracker: Any, recorder: Recorder) -> None:
+    tracker = make_tracker()
+    for _ in range(3):
+        tracker.record("s-parent")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        ok = tracker.stats.events_recorded == 0
+        tracker.record("s-child")
+        tracker.flush()
+        deadline = time.monotonic() + 5
+        while tracker.stats.events_pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ok = ok and [e["session_id"] for e in recorder.events()] == ["s-child"]
+        os.write(write_end, b"ok" if ok else b"no")
+        os._exit(0)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read_end, 2) == b"ok" and os.waitstatus_to_exitcode(status) == 0
+    os.close(read_end)
+    tracker.close()
+    assert [e["session_id"] for e in recorder.events()] == ["s-parent"] * 3
+
+
+def test_batches_are_immutable_and_carry_a_uuid(make_tracker: Any, recorder: Recorder) -> None:
+    tracker = make_tracker()
+    tracker.record("s-1")
+    tracker.flush()
+    wait_until(lambda: recorder.messages, message="the batch")
+    batch = Batch.model_validate(recorder.messages[0])
+    assert isinstance(batch.batch_id, uuid.UUID)
+    with pytest.raises(ValidationError):
+        batch.batch_id = uuid.uuid4()  # type: ignore[misc]

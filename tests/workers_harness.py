@@ -1,0 +1,290 @@
+"""Running the pipeline for real in tests: Celery subprocesses, a Redis db, a cuttable TCP proxy.
+
+Everything here waits on conditions with deadlines (never a bare sleep) and cleans up after
+itself: every subprocess is stopped, every claimed Redis database flushed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from tests.services import REDIS_URL
+
+#: The repository root: Celery subprocesses run here, so ``celeryconfig`` and ``workers`` import.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: How long a test waits for a worker to start or for its effects to show.
+DEADLINE = 30.0
+#: Seconds between looks at a condition.
+POLL = 0.05
+
+
+def wait_until(
+    condition: Callable[[], object], timeout: float = DEADLINE, message: str = "condition"
+) -> None:
+    """Return once ``condition()`` is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
+        time.sleep(POLL)
+
+
+def service_environment(**values: str) -> dict[str, str]:
+    """This process's environment without any ``SESSIONS_*`` setting, plus ``values``."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONS_")}
+    environment["PYTHONUNBUFFERED"] = "1"
+    environment.update(values)
+    return environment
+
+
+class CeleryProcess:
+    """One ``celery -A workers <command>`` subprocess, logging to a file."""
+
+    def __init__(self, name: str, arguments: list[str], environment: Mapping[str, str], logs: Path):
+        self.name = name
+        self.log_path = logs / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers", *arguments],
+            cwd=REPO_ROOT,
+            env=dict(environment),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            # A group of its own, so that stopping it also reaches its prefork children.
+            start_new_session=True,
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def count(self, pattern: str) -> int:
+        return len(re.findall(pattern, self.log))
+
+    def wait_for_log(self, pattern: str, timeout: float = DEADLINE) -> None:
+        def seen() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited with {self.process.returncode}:\n{self.log[-3000:]}"
+                )
+            return re.search(pattern, self.log) is not None
+
+        try:
+            wait_until(seen, timeout, f"{pattern!r} in the {self.name} log")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- {self.name} log ---\n{self.log[-3000:]}") from None
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL to the whole group if it lingers."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=15)
+        with suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self._log.close()
+
+
+def start_worker(environment: Mapping[str, str], logs: Path, concurrency: int = 2) -> CeleryProcess:
+    """A prefork worker on both queues, ready to consume when this returns."""
+    worker = CeleryProcess(
+        "worker",
+        [
+            "worker",
+            "--loglevel=INFO",
+            f"--concurrency={concurrency}",
+            "--pool=prefork",
+            f"--hostname=test-{uuid.uuid4().hex[:8]}@%h",
+            "--without-mingle",
+            "--without-gossip",
+            "--without-heartbeat",
+        ],
+        environment,
+        logs,
+    )
+    try:
+        worker.wait_for_log(r"celery@\S+ ready\.")
+    except BaseException:
+        worker.stop()
+        raise
+    return worker
+
+
+def start_beat(environment: Mapping[str, str], logs: Path) -> CeleryProcess:
+    beat = CeleryProcess(
+        "beat",
+        [
+            "beat",
+            "--loglevel=INFO",
+            f"--schedule={logs / ('beat-schedule-' + uuid.uuid4().hex[:6])}",
+            "--max-interval=1",
+        ],
+        environment,
+        logs,
+    )
+    try:
+        beat.wait_for_log(r"beat: Starting")
+    except BaseException:
+        beat.stop()
+        raise
+    return beat
+
+
+@contextmanager
+def claimed_redis_db() -> Iterator[str]:
+    """The URL of an empty Redis database claimed for this test, flushed afterwards.
+
+    Databases 1-15 are tried in turn; a marker key taken with ``SET NX`` keeps two test runs
+    on the same Redis from sharing one.
+    """
+    import redis
+
+    marker = f"sessions-test-claim-{uuid.uuid4().hex}"
+    for number in range(15, 0, -1):
+        client = redis.Redis.from_url(f"{REDIS_URL}/{number}", socket_timeout=2)
+        if client.dbsize() == 0 and client.set("sessions-test-claim", marker, nx=True, ex=900):
+            try:
+                yield f"{REDIS_URL}/{number}"
+            finally:
+                client.flushdb()
+                client.close()
+            return
+        client.close()
+    raise AssertionError("no free Redis database among 1-15")
+
+
+class TcpProxy:
+    """A TCP relay to ``target`` on a local port, which a test can cut and restore.
+
+    Cutting closes every relayed connection and refuses new ones (accepted, then closed at
+    once), as a database server that went away would; restoring relays again.
+    """
+
+    def __init__(self, target_host: str, target_port: int):
+        self.target = (target_host, target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.setblocking(False)
+        self.port: int = self._listener.getsockname()[1]
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._peers: dict[socket.socket, socket.socket] = {}
+        self._lock = threading.Lock()
+        self._cut = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
+        self._thread.start()
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            for sock in list(self._peers):
+                self._close(sock)
+
+    def restore(self) -> None:
+        with self._lock:
+            self._cut = False
+
+    def close(self) -> None:
+        self._stopped = True
+        self._thread.join(5)
+        with self._lock:
+            for sock in list(self._peers):
+                self._close(sock)
+        self._selector.close()
+        self._listener.close()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            for key, _ in self._selector.select(timeout=0.05):
+                with self._lock:
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if sock is self._listener:
+                        self._accept()
+                    elif sock in self._peers:
+                        self._relay(sock)
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        if self._cut:
+            client.close()
+            return
+        try:
+            upstream = socket.create_connection(self.target, timeout=2)
+        except OSError:
+            client.close()
+            return
+        for sock in (client, upstream):
+            sock.setblocking(True)
+            sock.settimeout(5)
+            self._selector.register(sock, selectors.EVENT_READ)
+        self._peers[client], self._peers[upstream] = upstream, client
+
+    def _relay(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            data = b""
+        if data:
+            try:
+                self._peers[sock].sendall(data)
+                return
+            except OSError:
+                pass
+        self._close(sock)
+
+    def _close(self, sock: socket.socket) -> None:
+        other = self._peers.pop(sock, None)
+        for each in (sock, other):
+            if each is None:
+                continue
+            self._peers.pop(each, None)
+            with suppress(KeyError, ValueError):
+                self._selector.unregister(each)
+            with suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)
+            each.close()
+
+
+class SilentServer:
+    """Accepts TCP connections and never answers: a broker that hangs instead of refusing."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port: int = self._listener.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="silent-server", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            try:
+                connection, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            self._held.append(connection)
+
+    def close(self) -> None:
+        self._stopped = True
+        self._thread.join(5)
+        for connection in self._held:
+            connection.close()
+        self._listener.close()
