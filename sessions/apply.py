@@ -242,16 +242,21 @@ class SessionWalk:
             if self._belongs_to_live(event.at):
                 self.pending.touch(event.at)
                 self.pending.user_id = self.pending.user_id or event.user_id
-                self.pending.metadata = self.pending.metadata or event.metadata
+                if self.pending.metadata is None:  # not `or`: {} is metadata too
+                    self.pending.metadata = event.metadata
         elif self.live.ended_at is not None and event.at >= self.live.ended_at:
             self._start_new_run(event)
         # Otherwise the create is as old as the ended run: a redelivery, nothing to do.
 
     def _end(self, event: EndEvent) -> None:
         assert self.live is not None
-        if self.live.status != "active" or not self._belongs_to_live(event.at):
-            return  # the first end wins; an end older than the live run is for an earlier run
+        if not self._belongs_to_live(event.at):
+            return  # an end older than the live run is for an earlier run, ended already
+        # Activity of the live run even when it has ended, as a record after the end is:
+        # otherwise last_activity would depend on which of two ends arrived first.
         self.pending.touch(event.at)
+        if self.live.status != "active":
+            return  # the first end wins
         t = sessions_table.c
         self.connection.execute(
             sql_update(sessions_table)

@@ -1,0 +1,43 @@
+"""Fixtures of the store's integration tests beyond the shared ones in tests/conftest.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from sessions.settings import Settings
+from sessions.store import SessionStore
+from tests.integration.support import reset
+
+
+@pytest.fixture
+def pg_store(postgres_url: str, settings: Settings) -> Iterator[SessionStore]:
+    """An empty store on PostgreSQL only (for tests of real concurrent transactions)."""
+    store = SessionStore(postgres_url, settings=settings)
+    reset(store)
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
+def another_store(settings: Settings) -> Iterator[Callable[[SessionStore], SessionStore]]:
+    """Opens more stores (own engines, own connections) on the database of a given store."""
+    opened: list[SessionStore] = []
+
+    def open_store(store: SessionStore) -> SessionStore:
+        other = SessionStore(store.url, settings=settings)
+        opened.append(other)
+        return other
+
+    yield open_store
+    for other in opened:
+        other.dispose()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the PostgreSQL variants of tests parametrized over both backends as ``postgres``."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("database_url") == "postgresql":
+            item.add_marker(pytest.mark.postgres)

@@ -1,0 +1,199 @@
+"""Helpers shared by the store's integration tests: events, table snapshots, resets."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, event, select, text
+
+from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent
+from sessions.store import SessionStore
+from sessions.tables import Base, ledger_table, runs_table, sessions_table
+
+#: A fixed past instant the tests count event times from (events may not lie in the future).
+T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
+#: How long a test waits for a condition in another thread or process before failing.
+DEADLINE = 20.0
+
+
+def at(minutes: float) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def record(
+    session_id: str,
+    minutes: float = 0,
+    *,
+    processing_time: float = 0.5,
+    error: bool = False,
+    user_id: str | None = None,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+    cost: float = 0.0,
+    when: datetime | None = None,
+) -> RecordEvent:
+    return RecordEvent(
+        session_id=session_id,
+        at=when or at(minutes),
+        processing_time=processing_time,
+        error=error,
+        user_id=user_id,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost=cost,
+    )
+
+
+def create(
+    session_id: str,
+    minutes: float = 0,
+    *,
+    user_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    when: datetime | None = None,
+) -> CreateEvent:
+    return CreateEvent(
+        session_id=session_id, at=when or at(minutes), user_id=user_id, metadata=metadata
+    )
+
+
+def end(
+    session_id: str, minutes: float = 0, status: str = "completed", *, when: datetime | None = None
+) -> EndEvent:
+    return EndEvent.model_validate(
+        {"session_id": session_id, "at": when or at(minutes), "status": status}
+    )
+
+
+def batch(*events: CreateEvent | RecordEvent | EndEvent) -> Batch:
+    return Batch(events=events)
+
+
+def live_rows(store: SessionStore) -> dict[str, dict[str, Any]]:
+    """Every live row as a dict of its columns, by session id."""
+    with store.engine.connect() as connection:
+        rows = connection.execute(select(sessions_table)).mappings().all()
+    return {row["session_id"]: dict(row) for row in rows}
+
+
+def run_rows(store: SessionStore) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every archived run as a dict of its columns, by (session id, run)."""
+    with store.engine.connect() as connection:
+        rows = connection.execute(select(runs_table)).mappings().all()
+    return {(row["session_id"], row["run"]): dict(row) for row in rows}
+
+
+def ledger_ids(store: SessionStore) -> set[uuid.UUID]:
+    with store.engine.connect() as connection:
+        return set(connection.execute(select(ledger_table.c.batch_id)).scalars())
+
+
+def snapshot(store: SessionStore) -> dict[str, Any]:
+    """Everything apply can change, for before/after comparisons."""
+    return {
+        "live": live_rows(store),
+        "runs": run_rows(store),
+        "ledger": ledger_ids(store),
+        "dead_letters": [(d.batch_id, d.payload, d.reason) for d in store.dead_letters(1000)],
+    }
+
+
+def reset(store: SessionStore) -> None:
+    """Empty every table (a fresh database for one hypothesis example)."""
+    with store.engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            names = ", ".join(table.name for table in Base.metadata.sorted_tables)
+            connection.execute(text(f"TRUNCATE {names}"))
+        else:
+            for table in reversed(Base.metadata.sorted_tables):
+                connection.execute(delete(table))
+
+
+class CommitGate:
+    """Holds every transaction of ``store``'s engine just before its COMMIT until released.
+
+    ``reached`` is set once a transaction has done its work (and still holds its locks);
+    ``release()`` lets it commit. The transaction runs in another thread.
+    """
+
+    def __init__(self, store: SessionStore) -> None:
+        self.store = store
+        self.reached = threading.Event()
+        self._release = threading.Event()
+        event.listen(store.engine, "commit", self._on_commit)
+
+    def _on_commit(self, _connection: Any) -> None:
+        self.reached.set()
+        if not self._release.wait(DEADLINE):
+            raise AssertionError("the commit gate was never released")
+
+    def release(self) -> None:
+        self._release.set()
+
+    def close(self) -> None:
+        self._release.set()
+        event.remove(self.store.engine, "commit", self._on_commit)
+
+
+@contextmanager
+def commit_gate(store: SessionStore) -> Iterator[CommitGate]:
+    gate = CommitGate(store)
+    try:
+        yield gate
+    finally:
+        gate.close()
+
+
+class Worker(threading.Thread):
+    """A thread running ``work`` once, keeping its result or exception for the test."""
+
+    def __init__(self, work: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.work = work
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.work()
+        except BaseException as exc:
+            self.error = exc
+
+    def outcome(self) -> Any:
+        self.join(DEADLINE)
+        assert not self.is_alive(), "the worker thread did not finish in time"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def wait_until(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
+    """Poll ``condition`` until it holds, failing after ``deadline`` seconds."""
+    stop = threading.Event()
+    limit = datetime.now(UTC) + timedelta(seconds=deadline)
+    while not condition():
+        if datetime.now(UTC) > limit:
+            raise AssertionError(f"timed out waiting until {what}")
+        stop.wait(0.005)
+
+
+def blocked_on_lock(store: SessionStore, count: int = 1) -> Callable[[], bool]:
+    """A condition: at least ``count`` other backends of this database wait for a lock."""
+
+    def condition() -> bool:
+        with store.engine.connect() as connection:
+            waiting = connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock' "
+                    "AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+        return int(waiting) >= count
+
+    return condition

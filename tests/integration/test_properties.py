@@ -1,0 +1,148 @@
+"""Hypothesis properties: ``apply`` agrees with the plain-Python reference model.
+
+Any list of events, split into batches in any way, with any batches delivered again:
+
+* delivered in order, the store holds exactly the reference's sessions (live rows and
+  archived runs, every column), and every ``apply`` reports what the reference reports;
+* delivered in any order, per session and over all its runs, every counter sum and the
+  latest activity still equal the reference's.
+
+Times are whole minutes from a fixed instant (so ties, the boundary cases of the run
+rules, are frequent), and processing time and cost are multiples of 1/64, so every float
+sum is exact in any order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent
+from sessions.store import SessionStore
+from tests.integration.support import at, live_rows, reset, run_rows
+from tests.reference_model import ReferenceStore, session_totals
+
+Event = CreateEvent | RecordEvent | EndEvent
+
+SESSION_IDS = st.sampled_from(["user-1", "user-2", "temp-3"])
+USER_IDS = st.one_of(st.none(), st.sampled_from(["owner-a", "owner-b"]))
+MINUTES = st.integers(min_value=0, max_value=12)
+SIXTY_FOURTHS = st.integers(min_value=0, max_value=256).map(lambda n: n / 64)
+
+records = st.builds(
+    lambda session_id, minute, user_id, processing_time, error, counts, tokens, cost: RecordEvent(
+        session_id=session_id,
+        at=at(minute),
+        user_id=user_id,
+        processing_time=processing_time,
+        error=error,
+        counts_request=counts,
+        input_tokens=tokens[0],
+        output_tokens=tokens[1],
+        cost=cost,
+    ),
+    SESSION_IDS,
+    MINUTES,
+    USER_IDS,
+    SIXTY_FOURTHS,
+    st.booleans(),
+    st.sampled_from([True, True, True, False]),
+    st.tuples(st.integers(0, 50), st.integers(0, 50)),
+    SIXTY_FOURTHS,
+)
+creates = st.builds(
+    lambda session_id, minute, user_id, metadata: CreateEvent(
+        session_id=session_id, at=at(minute), user_id=user_id, metadata=metadata
+    ),
+    SESSION_IDS,
+    MINUTES,
+    USER_IDS,
+    st.one_of(st.none(), st.just({}), st.builds(lambda n: {"n": n}, st.integers(0, 3))),
+)
+ends = st.builds(
+    lambda session_id, minute, status: EndEvent(
+        session_id=session_id, at=at(minute), status=status
+    ),
+    SESSION_IDS,
+    MINUTES,
+    st.sampled_from(["completed", "failed", "expired"]),
+)
+events_lists = st.lists(st.one_of(records, records, creates, ends), max_size=24)
+
+PROPERTY_SETTINGS = settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> list[Batch]:
+    """``events`` cut into consecutive batches at arbitrary points."""
+    events = draw(events_lists)
+    result: list[Batch] = []
+    current: list[Event] = []
+    for event in events:
+        current.append(event)
+        if draw(st.booleans()):
+            result.append(Batch(events=tuple(current)))
+            current = []
+    if current:
+        result.append(Batch(events=tuple(current)))
+    return result
+
+
+@st.composite
+def in_order_deliveries(draw: st.DrawFn) -> list[Batch]:
+    """Every batch in order, and after any of them redeliveries of earlier ones."""
+    produced = draw(batches())
+    deliveries: list[Batch] = []
+    for index, batch in enumerate(produced):
+        deliveries.append(batch)
+        again = draw(st.lists(st.integers(0, index), max_size=2))
+        deliveries.extend(produced[i] for i in again)
+    return deliveries
+
+
+@st.composite
+def any_order_deliveries(draw: st.DrawFn) -> tuple[list[Batch], list[Batch]]:
+    """(batches in produced order, the same batches plus redeliveries in any order)."""
+    produced = draw(batches())
+    extra = draw(st.lists(st.sampled_from(produced), max_size=4)) if produced else []
+    return produced, draw(st.permutations([*produced, *extra]))
+
+
+def _applied(result: Any) -> tuple[int, int]:
+    assert result.rejected == 0
+    return result.applied, result.duplicate
+
+
+@PROPERTY_SETTINGS
+@given(deliveries=in_order_deliveries())
+def test_in_order_delivery_gives_exactly_the_reference_sessions(
+    store: SessionStore, deliveries: list[Batch]
+) -> None:
+    reset(store)
+    reference = ReferenceStore()
+    for batch in deliveries:
+        assert _applied(store.apply(batch)) == reference.apply(batch)
+    assert live_rows(store) == reference.live_rows()
+    assert run_rows(store) == reference.archived_rows()
+
+
+@PROPERTY_SETTINGS
+@given(plan=any_order_deliveries())
+def test_any_order_delivery_keeps_every_sum_and_the_latest_activity(
+    store: SessionStore, plan: tuple[list[Batch], list[Batch]]
+) -> None:
+    produced, deliveries = plan
+    reset(store)
+    reference = ReferenceStore()
+    reference.apply_all(produced)
+    results = [_applied(store.apply(batch)) for batch in deliveries]
+    stored = session_totals([*live_rows(store).values(), *run_rows(store).values()])
+    assert stored == reference.totals()
+    # Each batch applied once, whatever the order: the rest were duplicates.
+    assert sum(applied for applied, _ in results) == sum(len(b.events) for b in produced)

@@ -1,0 +1,96 @@
+"""Settings: the guide's defaults, the SESSIONS_ environment prefix, consistency checks."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pytest
+from pydantic import ValidationError
+
+from sessions.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defaults are checked against a process environment without any SESSIONS_ variable."""
+    for name in list(os.environ):
+        if name.startswith("SESSIONS_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_equal_the_guide() -> None:
+    settings = Settings()
+    assert settings.max_idle_seconds == 1800
+    assert settings.max_age == timedelta(days=7)
+    assert settings.health_warn_rate == 0.3
+    assert settings.health_fail_rate == 0.5
+    assert settings.session_limit_idle_seconds == 900
+    assert settings.max_active_sessions is None
+
+
+def test_default_database_is_a_sqlite_file_in_the_working_directory() -> None:
+    assert Settings().database_url == "sqlite:///sessions.db"
+
+
+def test_environment_prefix_is_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SESSIONS_MAX_IDLE_SECONDS", "60")
+    monkeypatch.setenv("SESSIONS_HEALTH_FAIL_RATE", "0.8")
+    monkeypatch.setenv("SESSIONS_MAX_ACTIVE_SESSIONS", "3")
+    monkeypatch.setenv("SESSIONS_DATABASE_URL", "postgresql+psycopg://db/sessions")
+    monkeypatch.setenv("MAX_IDLE_SECONDS", "5")  # no prefix: not ours
+    settings = Settings()
+    assert settings.max_idle_seconds == 60
+    assert settings.health_fail_rate == 0.8
+    assert settings.max_active_sessions == 3
+    assert settings.database_url == "postgresql+psycopg://db/sessions"
+
+
+def test_ledger_retention_shorter_than_the_redelivery_window_is_refused() -> None:
+    # spool 7 days + visibility 1 hour: 7 days of ledger is one hour too short.
+    with pytest.raises(ValidationError) as caught:
+        Settings(ledger_retention_days=7)
+    message = str(caught.value)
+    assert "ledger_retention_days must outlive" in message
+    assert "spool_max_age_days + visibility_timeout_seconds" in message
+    assert "counted twice" in message
+
+
+def test_ledger_retention_refused_from_the_environment_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SESSIONS_SPOOL_MAX_AGE_DAYS", "20")
+    with pytest.raises(ValidationError, match="ledger_retention_days must outlive"):
+        Settings()
+
+
+def test_ledger_retention_exactly_the_redelivery_window_is_accepted() -> None:
+    settings = Settings(
+        ledger_retention_days=2, spool_max_age_days=1, visibility_timeout_seconds=86_400
+    )
+    assert settings.ledger_retention == timedelta(days=2)
+
+
+def test_warn_rate_above_fail_rate_is_refused() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(health_warn_rate=0.6, health_fail_rate=0.5)
+    assert "health_warn_rate (0.6) must not exceed health_fail_rate (0.5)" in str(caught.value)
+
+
+def test_warn_rate_equal_to_fail_rate_is_accepted() -> None:
+    assert Settings(health_warn_rate=0.5, health_fail_rate=0.5).health_warn_rate == 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"max_idle_seconds": 0},
+        {"health_fail_rate": 1.5},
+        {"health_warn_rate": -0.1},
+        {"max_active_sessions": 0},
+        {"health_min_requests": 0},
+    ],
+)
+def test_out_of_range_values_are_refused(overrides: dict[str, float]) -> None:
+    with pytest.raises(ValidationError, match=next(iter(overrides))):
+        Settings(**overrides)  # type: ignore[arg-type]
