@@ -8,15 +8,20 @@ reader tries to become a writer.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from sessions.errors import StoreUnavailableError
 from sessions.settings import mask_url
+from sessions.tables import UTCDateTime
 
 #: Seconds a SQLite connection waits for another process's write lock.
 SQLITE_BUSY_TIMEOUT = 30.0
@@ -41,6 +46,9 @@ def _create_sqlite_engine(url: str, **kwargs: Any) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.create_function(
+            "sessions_add_seconds", 2, _sqlite_add_seconds, deterministic=True
+        )
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
@@ -52,6 +60,34 @@ def _create_sqlite_engine(url: str, **kwargs: Any) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _sqlite_add_seconds(value: str | None, seconds: float | None) -> str | None:
+    """``add_seconds`` for SQLite, whose timestamps are text in SQLAlchemy's storage format."""
+    if value is None or seconds is None:
+        return None
+    moment = datetime.fromisoformat(value) + timedelta(seconds=seconds)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+class add_seconds(FunctionElement[datetime]):
+    """``timestamp + seconds`` in SQL, on every backend."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "add_seconds"
+
+
+@compiles(add_seconds, "postgresql")
+def _add_seconds_postgresql(element: add_seconds, compiler: SQLCompiler, **kw: Any) -> str:
+    timestamp, seconds = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"({timestamp} + make_interval(secs => {seconds}))"
+
+
+@compiles(add_seconds, "sqlite")
+def _add_seconds_sqlite(element: add_seconds, compiler: SQLCompiler, **kw: Any) -> str:
+    timestamp, seconds = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"sessions_add_seconds({timestamp}, {seconds})"
 
 
 def upgrade_schema(url: str, revision: str = "head") -> None:

@@ -211,7 +211,6 @@ class SessionStore:
         warn_rate: float | None = None,
         fail_rate: float | None = None,
         min_requests: int | None = None,
-        now: datetime | None = None,
         *,
         dry_run: bool = False,
     ) -> SweepResult:
@@ -223,7 +222,6 @@ class SessionStore:
                 s.health_warn_rate if warn_rate is None else warn_rate,
                 s.health_fail_rate if fail_rate is None else fail_rate,
                 s.health_min_requests if min_requests is None else min_requests,
-                now or datetime.now(UTC),
             ),
             commit=not dry_run,
         )
@@ -377,23 +375,9 @@ class SessionStore:
         if record is not None and record.status == "active" and not record.is_expired(idle):
             return record
         if record is not None and record.status == "active":
-            self._transaction(lambda c: _expire_one(c, session_id, idle))
+            now = datetime.now(UTC)
+            self._transaction(lambda c: sweeps.expire_idle(c, idle, now, session_id=session_id))
         return self.create_session(session_id, user_id)
-
-
-def _expire_one(connection: Connection, session_id: str, max_idle_seconds: float) -> None:
-    """Expire one idle session, with the same condition the idle sweep uses."""
-    now = datetime.now(UTC)
-    t = sessions_table.c
-    connection.execute(
-        sessions_table.update()
-        .where(
-            t.session_id == session_id,
-            t.status == "active",
-            t.last_activity < now - timedelta(seconds=max_idle_seconds),
-        )
-        .values(status="expired", end_reason="idle", ended_at=now)
-    )
 
 
 def _record(row: RowMapping) -> SessionRecord:

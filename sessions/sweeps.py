@@ -4,6 +4,11 @@ Every sweep only touches ``active`` sessions and re-checks its condition in the 
 statement that changes the row, so two schedulers running it at once end each session once:
 the second statement finds the row no longer active (PostgreSQL re-evaluates the ``WHERE``
 of a row another transaction changed; SQLite runs one writer at a time).
+
+A swept session's ``ended_at`` is an *event* time, the moment the rule was broken
+(``last_activity + max_idle``, ``created_at + max_age``, or the last activity the health
+verdict saw), not the sweep's clock. So a ``create`` the guide's pool sends when it finds the
+session expired starts a new run even if the sweep's statement reaches the row first.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, Connection, delete, select, update
 
+from sessions.database import add_seconds
 from sessions.records import PurgeResult, SweepResult
 from sessions.tables import (
     AppliedBatch,
@@ -24,32 +30,43 @@ from sessions.tables import (
 
 
 def _end_active(
-    connection: Connection, condition: ColumnElement[bool], status: str, reason: str, now: datetime
+    connection: Connection,
+    condition: ColumnElement[bool],
+    status: str,
+    reason: str,
+    ended_at: ColumnElement[datetime],
 ) -> tuple[str, ...]:
     t = sessions_table.c
     statement = (
         update(sessions_table)
         .where(t.status == "active", condition)
-        .values(status=status, end_reason=reason, ended_at=now)
+        .values(status=status, end_reason=reason, ended_at=ended_at)
         .returning(t.session_id)
     )
     return tuple(sorted(connection.execute(statement).scalars()))
 
 
-def expire_idle(connection: Connection, max_idle_seconds: float, now: datetime) -> SweepResult:
+def expire_idle(
+    connection: Connection,
+    max_idle_seconds: float,
+    now: datetime,
+    session_id: str | None = None,
+) -> SweepResult:
     """Expire active sessions without activity (by event time) for ``max_idle_seconds``."""
-    cutoff = now - timedelta(seconds=max_idle_seconds)
-    changed = _end_active(
-        connection, sessions_table.c.last_activity < cutoff, "expired", "idle", now
-    )
+    t = sessions_table.c
+    condition = t.last_activity < now - timedelta(seconds=max_idle_seconds)
+    if session_id is not None:
+        condition = condition & (t.session_id == session_id)
+    expired_at = add_seconds(t.last_activity, max_idle_seconds)
+    changed = _end_active(connection, condition, "expired", "idle", expired_at)
     return SweepResult(sweep="expire_idle", changed=changed)
 
 
 def expire_older_than(connection: Connection, max_age: timedelta, now: datetime) -> SweepResult:
     """Expire active sessions created more than ``max_age`` ago (the guide's 7-day cleanup)."""
-    changed = _end_active(
-        connection, sessions_table.c.created_at < now - max_age, "expired", "age", now
-    )
+    t = sessions_table.c
+    expired_at = add_seconds(t.created_at, max_age.total_seconds())
+    changed = _end_active(connection, t.created_at < now - max_age, "expired", "age", expired_at)
     return SweepResult(sweep="expire_older_than", changed=changed)
 
 
@@ -60,11 +77,15 @@ def error_rate_above(rate: float, min_requests: int) -> ColumnElement[bool]:
 
 
 def sweep_health(
-    connection: Connection, warn_rate: float, fail_rate: float, min_requests: int, now: datetime
+    connection: Connection, warn_rate: float, fail_rate: float, min_requests: int
 ) -> SweepResult:
     """End active sessions above ``fail_rate`` as ``failed``; report those above ``warn_rate``."""
     failed = _end_active(
-        connection, error_rate_above(fail_rate, min_requests), "failed", "health", now
+        connection,
+        error_rate_above(fail_rate, min_requests),
+        "failed",
+        "health",
+        sessions_table.c.last_activity,
     )
     t = sessions_table.c
     warned = connection.execute(

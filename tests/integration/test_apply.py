@@ -209,7 +209,8 @@ def test_create_for_an_ended_session_begins_a_new_run(store: SessionStore) -> No
     runs = run_rows(store)
     assert set(runs) == {("user-1", 1)}
     old = runs[("user-1", 1)]
-    assert (old["status"], old["end_reason"], old["ended_at"]) == ("expired", "idle", at(10))
+    # Idle-expired as of last activity + 60 s, the moment the idle rule was broken.
+    assert (old["status"], old["end_reason"], old["ended_at"]) == ("expired", "idle", at(3))
     assert (old["request_count"], old["error_count"], old["total_processing_time"]) == (2, 1, 3.0)
     assert (old["input_tokens"], old["cost"], old["metadata"]) == (3, 0.25, {"n": 1})
     assert (old["created_at"], old["last_activity"]) == (at(0), at(2))

@@ -39,13 +39,27 @@ def test_expire_idle_expires_only_idle_active_sessions(store: SessionStore) -> N
     assert result.count == 1
     idle = store.get("idle")
     assert idle is not None
-    assert (idle.status, idle.end_reason, idle.ended_at) == ("expired", "idle", now)
+    # Ended at the event-time moment it became idle-expired, not at the sweep's clock.
+    assert (idle.status, idle.end_reason, idle.ended_at) == ("expired", "idle", at(30))
     assert idle.last_activity == at(0)
     assert idle.request_count == 1
     statuses = {sid: row["status"] for sid, row in live_rows(store).items()}
     assert statuses == {"idle": "expired", "busy": "active", "edge": "active", "done": "completed"}
     done = store.get("done")
     assert done is not None and done.end_reason == "explicit"
+
+
+def test_a_create_sent_after_the_idle_deadline_starts_a_new_run_even_if_the_sweep_ran_first(
+    store: SessionStore,
+) -> None:
+    """The guide's pool finds a session expired and re-creates it; the sweep wins the race."""
+    store.apply(batch(record("pooled", 0)))
+    assert store.expire_idle(1800, now=at(45)).changed == ("pooled",)
+    # Stamped at minute 40: after the idle deadline (minute 30), before the sweep ran.
+    store.apply(batch(create("pooled", 40), record("pooled", 41)))
+    pooled = store.get("pooled")
+    assert pooled is not None
+    assert (pooled.status, pooled.run, pooled.request_count) == ("active", 2, 1)
 
 
 def test_expire_idle_twice_changes_nothing_the_second_time(store: SessionStore) -> None:
@@ -79,7 +93,8 @@ def test_expire_older_than_uses_creation_not_activity(store: SessionStore) -> No
     assert result.changed == ("old",)
     old = store.get("old")
     assert old is not None
-    assert (old.status, old.end_reason, old.ended_at) == ("expired", "age", now)
+    assert (old.status, old.end_reason) == ("expired", "age")
+    assert old.ended_at == at(0) + timedelta(days=7)
     ended = store.get("old-ended")
     assert ended is not None and (ended.status, ended.end_reason) == ("completed", "explicit")
     before = snapshot(store)
@@ -110,14 +125,14 @@ def test_sweep_health_fails_above_fail_rate_and_warns_above_warn_rate(
     ]
     store.apply(batch(*events))
     store.apply(batch(end("ended", 30)))
-    now = at(60)
-    result = store.sweep_health(0.3, 0.5, 1, now=now)
+    result = store.sweep_health(0.3, 0.5, 1)
     assert result.sweep == "sweep_health"
     assert result.changed == ("failing",)
     assert result.warned == ("half", "warning")
     failing = store.get("failing")
     assert failing is not None
-    assert (failing.status, failing.end_reason, failing.ended_at) == ("failed", "health", now)
+    # Ended as of the last activity the verdict saw.
+    assert (failing.status, failing.end_reason, failing.ended_at) == ("failed", "health", at(3))
     for warned in result.warned:
         session = store.get(warned)
         assert session is not None and session.status == "active"
@@ -125,7 +140,7 @@ def test_sweep_health_fails_above_fail_rate_and_warns_above_warn_rate(
     assert ended is not None and ended.status == "completed"
 
     before = snapshot(store)
-    again = store.sweep_health(0.3, 0.5, 1, now=at(61))
+    again = store.sweep_health(0.3, 0.5, 1)
     assert again.changed == ()
     assert again.warned == ("half", "warning")  # still reported, never ended
     assert snapshot(store) == before
@@ -134,18 +149,18 @@ def test_sweep_health_fails_above_fail_rate_and_warns_above_warn_rate(
 def test_sweep_health_respects_min_requests(store: SessionStore) -> None:
     store.apply(batch(*_requests("one-bad", 1, 1), *_requests("three-bad", 3, 3)))
     store.apply(batch(create("no-requests", 0)))
-    result = store.sweep_health(0.3, 0.5, 3, now=at(10))
+    result = store.sweep_health(0.3, 0.5, 3)
     assert result.changed == ("three-bad",)
     assert result.warned == ()
     one = store.get("one-bad")
     assert one is not None and one.status == "active"
     # With the guide's threshold of any request, the single failed request counts.
-    assert store.sweep_health(0.3, 0.5, 1, now=at(11)).changed == ("one-bad",)
+    assert store.sweep_health(0.3, 0.5, 1).changed == ("one-bad",)
 
 
 def test_sweep_health_defaults_are_the_guides(store: SessionStore) -> None:
     store.apply(batch(*_requests("bad", 10, 6), *_requests("meh", 10, 4)))
-    result = store.sweep_health(now=at(20))
+    result = store.sweep_health()
     assert (result.changed, result.warned) == (("bad",), ("meh",))
 
 
@@ -274,7 +289,7 @@ def test_a_second_sweep_waiting_on_the_first_changes_nothing(
     calls = {
         "expire_idle": lambda s: s.expire_idle(1800, now=now),
         "expire_older_than": lambda s: s.expire_older_than(timedelta(days=7), now=now),
-        "sweep_health": lambda s: s.sweep_health(0.3, 0.5, 1, now=now),
+        "sweep_health": lambda s: s.sweep_health(0.3, 0.5, 1),
     }
     first, second = another_store(pg_store), another_store(pg_store)
     with commit_gate(first) as gate:
