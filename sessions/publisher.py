@@ -26,15 +26,19 @@ Publisher = Callable[[dict[str, Any]], None]
 class CeleryPublisher:
     """Sends each batch as one ``sessions.ingest`` message to the broker ``settings`` name.
 
-    The Celery app is made on first use, so importing the client costs nothing and an agent
-    that never records never touches Celery. Socket timeouts and a short retry policy come
-    from ``celeryconfig``: a broker that is down fails a publish in seconds, never hangs it.
+    Making one imports Celery and configures an app (no connection yet: that happens on the
+    first publish). Socket timeouts and a short retry policy come from ``celeryconfig``: a
+    broker that is down fails a publish in seconds, never hangs it.
     """
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or get_settings()
         self._app: Celery | None = None
         self._lock = threading.Lock()
+        # Import Celery and make the app now, in the caller's thread: done later in the
+        # tracker's background thread, the import would hold the GIL for tens of
+        # milliseconds while the agent is recording.
+        self._celery()
 
     def __call__(self, message: dict[str, Any]) -> None:
         self._celery().send_task(INGEST_TASK, args=[message])

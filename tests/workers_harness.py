@@ -116,7 +116,7 @@ def start_worker(environment: Mapping[str, str], logs: Path, concurrency: int = 
         logs,
     )
     try:
-        worker.wait_for_log(r"celery@\S+ ready\.")
+        worker.wait_for_log(r"@\S+ ready\.")
     except BaseException:
         worker.stop()
         raise

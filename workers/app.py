@@ -1,8 +1,11 @@
 """The Celery app, and the process signals that keep the store healthy around it.
 
-``worker_init`` and ``beat_init`` migrate the database once at start, so a worker pointed at
-an empty database just works; ``worker_process_init`` drops the connection pool a prefork
-child inherits from its parent (shared sockets break both ends).
+A worker and beat migrate the database once at start, so a worker pointed at an empty
+database just works: the worker in ``celeryd_after_setup`` (like ``worker_init`` it runs in the
+main process before the pool forks and before anything is consumed, but after logging is set
+up, so the outcome is in the worker's log), beat in ``beat_init``. ``worker_process_init``
+drops the connection pool a prefork child inherits from its parent (shared sockets break both
+ends).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import time
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, worker_init, worker_process_init
+from celery.signals import beat_init, celeryd_after_setup, worker_process_init
 from sqlalchemy.exc import SQLAlchemyError
 
 from sessions.errors import StoreUnavailableError
@@ -70,7 +73,7 @@ def migrate_store(settings: Settings | None = None) -> None:
             store.dispose()
 
 
-@worker_init.connect  # type: ignore[untyped-decorator]
+@celeryd_after_setup.connect  # type: ignore[untyped-decorator]
 def _prepare_worker(**_: Any) -> None:
     _prepare()
 
