@@ -24,6 +24,9 @@ from tests.workers_harness import wait_until
 
 #: A flush interval no test waits for: batches are cut by size, flush or close only.
 NEVER = 3600.0
+#: A call slower than this was blocked on I/O (one refused publish attempt alone takes
+#: ~0.5 s, a silent broker 2 s); below it, a garbage-collector pause is all it can be.
+BLOCKED = 0.25
 
 
 class Recorder:
@@ -144,8 +147,8 @@ def test_record_never_raises_or_blocks_when_the_publisher_fails(
         slowest = max(slowest, time.perf_counter() - started)
     started = time.monotonic()
     tracker.flush()
-    assert time.monotonic() - started < 0.05
-    assert slowest < 0.05
+    assert time.monotonic() - started < BLOCKED
+    assert slowest < BLOCKED
 
     wait_until(lambda: tracker.stats.events_pending == 0, message="every batch given up")
     stats = tracker.stats
@@ -301,3 +304,15 @@ def test_batches_are_immutable_and_carry_a_uuid(make_tracker: Any, recorder: Rec
     assert isinstance(batch.batch_id, uuid.UUID)
     with pytest.raises(ValidationError):
         batch.batch_id = uuid.uuid4()  # type: ignore[misc]
+
+
+def test_record_costs_microseconds(make_tracker: Any) -> None:
+    tracker = make_tracker(max_batch_events=500)
+    samples = []
+    for _ in range(20_000):
+        started = time.perf_counter_ns()
+        tracker.record("user-123-device-789", 0.25, False, "user-123")
+        samples.append(time.perf_counter_ns() - started)
+    samples.sort()
+    # ~5 us here; the bound only catches a regression to I/O or heavy work on the hot path.
+    assert samples[len(samples) // 2] < 50_000
