@@ -26,6 +26,7 @@ from sessions.events import Batch, CreateEvent, DecodedBatch, RejectedEvent, dec
 from sessions.records import Aggregate, ApplyResult, PurgeResult, SessionRecord, SweepResult
 from sessions.settings import Settings, get_settings, mask_url
 from sessions.tables import (
+    ERROR_RATE,
     AppliedBatch,
     DeadLetter,
     dead_letters_table,
@@ -318,8 +319,8 @@ class SessionStore:
         t = sessions_table.c
         query = (
             select(sessions_table)
-            .where(t.status == "active", sweeps.error_rate_above(rate, minimum))
-            .order_by((t.error_count * 1.0 / t.request_count).desc(), t.session_id)
+            .where(sweeps.error_rate_above(rate, minimum))
+            .order_by(ERROR_RATE.desc(), t.session_id)
             .limit(limit)
         )
         with self.engine.connect() as connection:

@@ -11,6 +11,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import sqlalchemy as sa
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -22,9 +23,12 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
+    func,
+    literal_column,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnClause
 from sqlalchemy.types import DateTime, TypeDecorator
 
 #: Longest session or user id (the events module enforces the same bound).
@@ -135,6 +139,22 @@ class DeadLetter(Base):
     reason: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
+
+#: ``status = 'active'`` with the constant inlined, so that partial indexes on active sessions
+#: can be proven usable (a bound parameter cannot, on SQLite or in a generic plan).
+ACTIVE: ColumnClause[str] = literal_column("'active'")
+#: A session's error rate in SQL; NULL without requests (never a division by zero).
+ERROR_RATE = sa.cast(SessionRow.error_count, Double) / sa.cast(
+    func.nullif(SessionRow.request_count, literal_column("0")), Double
+)
+
+# The health sweep's scan: only active sessions, ordered by error rate.
+Index(
+    "ix_sessions_active_error_rate",
+    ERROR_RATE,
+    postgresql_where=SessionRow.status == ACTIVE,
+    sqlite_where=SessionRow.status == ACTIVE,
+)
 
 #: The tables as Core objects, for the set-based statements of the store.
 sessions_table = cast(Table, SessionRow.__table__)

@@ -59,3 +59,18 @@ def test_a_difference_would_be_reported(store: SessionStore) -> None:
         ("add_index", "ix_sessions_user_id_status")
     ]
     assert _differences(store) == []
+
+
+def test_the_health_index_is_created_with_the_queries_expression(store: SessionStore) -> None:
+    """Expression indexes escape compare_metadata; check its definition directly."""
+    with store.engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            definition = connection.exec_driver_sql(
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_sessions_active_error_rate'"
+            ).scalar_one()
+        else:
+            definition = connection.exec_driver_sql(
+                "SELECT sql FROM sqlite_master WHERE name = 'ix_sessions_active_error_rate'"
+            ).scalar_one()
+    assert "error_count" in definition and "nullif(request_count, 0)" in definition.lower()
+    assert "'active'" in definition
