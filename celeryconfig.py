@@ -71,6 +71,13 @@ def prepare_broker(settings: Settings) -> None:
             folder.mkdir(parents=True, exist_ok=True)
 
 
+def _broker_url(settings: Settings) -> str:
+    # kombu warns on every connection to a filesystem:// URL without a host; name it.
+    if settings.broker_url in ("filesystem://", "filesystem:///"):
+        return "filesystem://localhost//"
+    return settings.broker_url
+
+
 def _is_filesystem(settings: Settings) -> bool:
     return settings.broker_url.startswith("filesystem:")
 
@@ -124,7 +131,7 @@ def from_settings(settings: Settings) -> dict[str, Any]:
     other settings (a test, the demo) applies it to its own app.
     """
     return {
-        "broker_url": settings.broker_url,
+        "broker_url": _broker_url(settings),
         "broker_transport_options": transport_options(settings),
         # Messages a worker process reserves ahead of the one it runs. Each message carries
         # up to batch_max_events events, so a small multiplier already keeps a process busy,

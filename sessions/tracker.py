@@ -298,12 +298,14 @@ class SessionTracker:
             time.sleep(min(FLUSH_POLL_INTERVAL, remaining))
 
     def _applied(self, batch_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
-        if self._store is None:
-            self._store = SessionStore(self.settings.database_url, settings=self.settings)
+        with self._lock:  # several threads may flush at once; one store (one pool) for all
+            if self._store is None:
+                self._store = SessionStore(self.settings.database_url, settings=self.settings)
+            store = self._store
         wanted = list(batch_ids)
         found: set[uuid.UUID] = set()
         for start in range(0, len(wanted), LEDGER_QUERY_CHUNK):
-            found |= self._store.applied_batch_ids(wanted[start : start + LEDGER_QUERY_CHUNK])
+            found |= store.applied_batch_ids(wanted[start : start + LEDGER_QUERY_CHUNK])
         return found
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
@@ -393,12 +395,18 @@ class SessionTracker:
             return tuple(events), self._cut
 
     def _send(self, events: tuple[Event, ...], seq: int) -> None:
-        batch = Batch(events=events)
-        error = self._publish(batch)
+        batch: Batch | None = None
+        try:
+            batch = Batch(events=events)
+            error = self._publish(batch)
+        except Exception as exc:  # a bug, not the broker; it must not kill the thread
+            log.exception("could not form or publish a batch of %d events", len(events))
+            error = exc
         with self._lock:
             if error is None:
                 self._batches_sent += 1
                 self._events_sent += len(events)
+                assert batch is not None
                 self._unconfirmed[batch.batch_id] = seq
                 if len(self._unconfirmed) > MAX_UNCONFIRMED_BATCHES:
                     del self._unconfirmed[next(iter(self._unconfirmed))]
@@ -410,7 +418,7 @@ class SessionTracker:
                     del self._failed[0]
             self._handled = seq
             self._progress.notify_all()
-        if error is not None and self._on_unsent is not None:
+        if error is not None and batch is not None and self._on_unsent is not None:
             try:
                 self._on_unsent(batch, error)
             except Exception:
