@@ -21,7 +21,7 @@ EVENTS_QUEUE = "sessions.events"
 MAINTENANCE_QUEUE = "sessions.maintenance"
 #: Seconds a Redis socket may wait to connect or for a reply before the publish fails.
 REDIS_SOCKET_TIMEOUT = 2.0
-#: Short, bounded publish retries: a broker that is down costs a publisher about a second.
+#: Short, bounded publish retries: a refusing broker fails a publish in about half a second.
 PUBLISH_RETRY_POLICY = {
     "max_retries": 2,
     "interval_start": 0.1,
@@ -136,7 +136,8 @@ def from_settings(settings: Settings) -> dict[str, Any]:
         # Messages a worker process reserves ahead of the one it runs. Each message carries
         # up to batch_max_events events, so a small multiplier already keeps a process busy,
         # while a killed worker holds (and delays by a visibility timeout) few batches. On the
-        # polling filesystem broker 4 with a 0.1 s poll drains ~1,000 messages/s; 1 does 20.
+        # polling filesystem broker, 4 with a 0.1 s poll drains ~1,000 messages/s where 1 with
+        # the default 1 s poll drains ~20 (measured, see DESIGN.md).
         "worker_prefetch_multiplier": settings.worker_prefetch_multiplier,
         "beat_schedule": beat_schedule_for(settings),
     }
@@ -195,4 +196,6 @@ enable_utc = True
 # ``sessions.*`` loggers (dead letters, retried transactions) reach the worker's log.
 worker_hijack_root_logger = True
 worker_send_task_events = False
+# A task still running when the broker connection drops is redelivered (acks_late): cancel
+# it rather than let it run alongside its redelivery (the ledger would drop one, but why work).
 worker_cancel_long_running_tasks_on_connection_loss = True
