@@ -238,15 +238,17 @@ class SessionWalk:
 
     def _create(self, event: CreateEvent) -> None:
         assert self.live is not None
-        if self.live.status == "active":
-            if self._belongs_to_live(event.at):
-                self.pending.touch(event.at)
-                self.pending.user_id = self.pending.user_id or event.user_id
-                if self.pending.metadata is None:  # not `or`: {} is metadata too
-                    self.pending.metadata = event.metadata
-        elif self.live.ended_at is not None and event.at >= self.live.ended_at:
+        ended_at = self.live.ended_at
+        if self.live.status != "active" and ended_at is not None and event.at >= ended_at:
             self._start_new_run(event)
-        # Otherwise the create is as old as the ended run: a redelivery, nothing to do.
+        elif self._belongs_to_live(event.at):
+            # The live run's own create, possibly arriving after its end (batches of one
+            # session applied out of order): it still names the owner and metadata.
+            self.pending.touch(event.at)
+            self.pending.user_id = self.pending.user_id or event.user_id
+            if self.pending.metadata is None:  # not `or`: {} is metadata too
+                self.pending.metadata = event.metadata
+        # Otherwise the create is older than the live run: an earlier run's, nothing to do.
 
     def _end(self, event: EndEvent) -> None:
         assert self.live is not None

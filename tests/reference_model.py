@@ -155,17 +155,14 @@ class ReferenceStore:
         self.live[event.session_id] = run
 
     def _create(self, live: Run, event: CreateEvent) -> None:
-        if live.status == "active":
+        if live.status == "active" or (live.ended_at is not None and event.at < live.ended_at):
             if self._belongs_to_live(live, event.at):
                 live.touch(event.at)
                 if live.user_id is None:
                     live.user_id = event.user_id
                 if live.metadata is None:
                     live.metadata = event.metadata
-            return
-        assert live.ended_at is not None
-        if event.at < live.ended_at:
-            return  # as old as the ended run: a late or redelivered create
+            return  # otherwise an earlier run's create: nothing to do
         self.archived[(live.session_id, live.run)] = replace(live)
         self.live[live.session_id] = Run(
             session_id=live.session_id,

@@ -250,6 +250,19 @@ def test_create_older_than_the_end_does_not_restart(store: SessionStore) -> None
     assert run_rows(store) == {}
 
 
+def test_a_runs_own_create_applied_after_its_end_still_names_owner_and_metadata(
+    store: SessionStore,
+) -> None:
+    """One session's batches applied out of order by two workers: the create comes last."""
+    store.apply(batch(record("s", 2), end("s", 3)))
+    store.apply(batch(create("s", 0, user_id="u", metadata={"m": 1}), record("s", 1)))
+    session = store.get("s")
+    assert session is not None
+    assert (session.run, session.status, session.request_count) == (1, "completed", 2)
+    assert (session.user_id, session.metadata, session.created_at) == ("u", {"m": 1}, at(0))
+    assert run_rows(store) == {}
+
+
 def test_event_older_than_the_live_run_goes_to_the_earlier_run(store: SessionStore) -> None:
     store.apply(batch(create("s", 0), record("s", 1), end("s", 5)))
     store.apply(batch(create("s", 10), record("s", 11)))
