@@ -24,9 +24,6 @@ from tests.workers_harness import wait_until
 
 #: A flush interval no test waits for: batches are cut by size, flush or close only.
 NEVER = 3600.0
-#: A call slower than this was blocked on I/O (one refused publish attempt alone takes
-#: ~0.5 s, a silent broker 2 s); below it, a garbage-collector pause is all it can be.
-BLOCKED = 0.25
 
 
 class Recorder:
@@ -39,10 +36,13 @@ class Recorder:
         self.hang = threading.Event()
         self.release = threading.Event()
         self.lock = threading.Lock()
+        #: Threads that called the publisher: the agent's own thread must never be one.
+        self.threads: set[int] = set()
 
     def __call__(self, message: dict[str, Any]) -> None:
         with self.lock:
             self.calls.append(message)
+            self.threads.add(threading.get_ident())
         if self.hang.is_set():
             self.release.wait(30)
         with self.lock:
@@ -104,13 +104,11 @@ def test_a_partial_batch_goes_out_after_the_flush_interval(
     make_tracker: Any, recorder: Recorder
 ) -> None:
     tracker = make_tracker(flush_interval=0.05, max_batch_events=1000)
-    started = time.monotonic()
     tracker.record("s-1")
     tracker.create("s-2", user_id="u-2", metadata={"a": 1})
     tracker.end("s-1", status="failed")
 
     wait_until(lambda: recorder.messages, timeout=5, message="the interval flush")
-    assert time.monotonic() - started < 2
     assert [e["kind"] for e in recorder.events()] == ["record", "create", "end"]
     assert recorder.events()[1]["metadata"] == {"a": 1}
     assert recorder.events()[2]["status"] == "failed"
@@ -140,20 +138,16 @@ def test_record_never_raises_or_blocks_when_the_publisher_fails(
     unsent: list[tuple[Batch, BaseException]] = []
     tracker = make_tracker(max_batch_events=50, on_unsent=lambda b, e: unsent.append((b, e)))
 
-    slowest = 0.0
     for index in range(2000):
-        started = time.perf_counter()
         tracker.record(f"s-{index % 7}")
-        slowest = max(slowest, time.perf_counter() - started)
-    started = time.monotonic()
     tracker.flush()
-    assert time.monotonic() - started < BLOCKED
-    assert slowest < BLOCKED
 
     wait_until(lambda: tracker.stats.events_pending == 0, message="every batch given up")
     stats = tracker.stats
     assert stats.events_failed == 2000 and stats.events_sent == 0
     assert stats.batches_failed == 40 == len(unsent)
+    # Every publish attempt ran on the tracker's thread, never on the recording one.
+    assert recorder.threads and threading.get_ident() not in recorder.threads
     assert sum(len(batch.events) for batch, _ in unsent) == 2000
     # Only the first batch of the outage (and one per pause) was actually tried.
     assert len(recorder.calls) < 40 * tracker_module.PUBLISH_ATTEMPTS
@@ -189,19 +183,19 @@ def test_record_never_blocks_when_the_publisher_hangs(
     tracker.flush()
     wait_until(lambda: recorder.calls, message="the publisher to be stuck")
 
-    started = time.monotonic()
+    # The publisher now waits forever (until released): a record that published, or waited
+    # for the publisher, would never return.
     for _ in range(1000):
         tracker.record("s-1")
-    assert time.monotonic() - started < 0.5
+    assert threading.get_ident() not in recorder.threads
     stats = tracker.stats
     assert stats.events_recorded == 101  # the one being published, and a full buffer
     assert stats.events_dropped == 900
 
     with pytest.raises(FlushTimeoutError, match="not published"):
         tracker.flush(wait=True, timeout=0.2)
-    started = time.monotonic()
-    tracker.close(timeout=0.2)
-    assert time.monotonic() - started < 1
+    tracker.close(timeout=0.2)  # returns although the publisher is still stuck
+    assert not recorder.release.is_set()
     recorder.release.set()
 
 
