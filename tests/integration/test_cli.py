@@ -1,0 +1,148 @@
+"""The `sessions` command against a real database (both backends), as an operator runs it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from sessions import cli
+from sessions.cli import app
+from sessions.settings import get_settings
+from sessions.store import SessionStore
+from tests.integration.support import batch, create, end, record
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables as wide as they need, so no cell is cut in the captured output."""
+    monkeypatch.setattr(cli, "console", Console(width=200))
+    monkeypatch.setattr(cli, "errors", Console(stderr=True, width=200))
+
+
+@pytest.fixture
+def seeded(store: SessionStore, monkeypatch: pytest.MonkeyPatch) -> Iterator[SessionStore]:
+    """Three sessions of two users, the CLI pointed at the same database."""
+    store.apply(
+        batch(
+            create("user-456-device-1", 0, user_id="user-456"),
+            *[record("user-456-device-1", n, processing_time=0.5, error=n < 3) for n in range(4)],
+            create("user-456-device-2", 0, user_id="user-456"),
+            *[record("user-456-device-2", n, processing_time=1.0) for n in range(6)],
+            end("user-456-device-2", 7),
+            record("user-789", 1, user_id="user-789", processing_time=2.0),
+        )
+    )
+    monkeypatch.setenv("SESSIONS_DATABASE_URL", store.url)
+    get_settings.cache_clear()
+    yield store
+    get_settings.cache_clear()
+
+
+def _json(*arguments: str) -> object:
+    result = runner.invoke(app, [*arguments, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_list_filters_by_user_and_status(seeded: SessionStore) -> None:
+    listed = _json("list", "--user", "user-456")
+    assert isinstance(listed, list)
+    assert [s["session_id"] for s in listed] == ["user-456-device-1", "user-456-device-2"]
+    active = _json("list", "--user", "user-456", "--status", "active")
+    assert isinstance(active, list) and [s["session_id"] for s in active] == ["user-456-device-1"]
+    table = runner.invoke(app, ["list"])
+    assert table.exit_code == 0 and "user-789" in table.output and "3 sessions" in table.output
+
+
+def test_show_prints_every_field_and_fails_for_an_unknown_id(seeded: SessionStore) -> None:
+    shown = _json("show", "user-456-device-1")
+    assert isinstance(shown, dict)
+    assert (shown["request_count"], shown["error_count"], shown["error_rate"]) == (4, 3, 0.75)
+    missing = runner.invoke(app, ["show", "nobody"])
+    assert missing.exit_code == 1 and "no session 'nobody'" in missing.output
+
+
+def test_stats_equal_the_stores_aggregate(seeded: SessionStore) -> None:
+    stats = _json("stats", "--user", "user-456")
+    assert isinstance(stats, dict)
+    expected = seeded.aggregate(user_id="user-456")
+    assert stats["sessions"] == expected.sessions == 2
+    assert stats["request_count"] == expected.request_count == 10
+    assert stats["error_count"] == expected.error_count == 3
+    assert stats["total_processing_time"] == pytest.approx(8.0)
+
+
+def test_health_lists_sessions_above_the_warn_rate(seeded: SessionStore) -> None:
+    unhealthy = _json("health")
+    assert isinstance(unhealthy, list)
+    assert [s["session_id"] for s in unhealthy] == ["user-456-device-1"]
+    table = runner.invoke(app, ["health"])
+    assert table.exit_code == 0 and "FAIL" in table.output
+
+
+def test_cleanup_dry_run_changes_nothing_then_cleanup_expires(seeded: SessionStore) -> None:
+    dry = runner.invoke(app, ["cleanup", "--idle", "60", "--dry-run"])
+    assert dry.exit_code == 0 and "would expire 2 sessions" in dry.output
+    assert seeded.count_active() == 2
+    done = runner.invoke(app, ["cleanup", "--idle", "60"])
+    assert done.exit_code == 0 and "expired 2 sessions" in done.output
+    assert seeded.count_active() == 0
+
+
+def test_cleanup_by_age(seeded: SessionStore) -> None:
+    result = runner.invoke(app, ["cleanup", "--age", "7"])
+    assert result.exit_code == 0 and "expired 2 sessions (older than 7 days)" in result.output
+
+
+def test_an_unreachable_database_is_a_clear_error_with_the_password_masked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "SESSIONS_DATABASE_URL", "postgresql+psycopg://agent:s3cret@127.0.0.1:1/sessions"
+    )
+    get_settings.cache_clear()
+    try:
+        result = runner.invoke(app, ["stats"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2
+    assert "cannot reach the database at postgresql+psycopg://agent:***@127.0.0.1:1" in (
+        result.output
+    )
+    assert "s3cret" not in result.output
+
+
+def test_an_unmigrated_database_says_to_upgrade(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SESSIONS_DATABASE_URL", f"sqlite:///{tmp_path}/empty.db")
+    get_settings.cache_clear()
+    try:
+        result = runner.invoke(app, ["list"])
+        assert result.exit_code == 2 and "sessions db upgrade" in result.output
+        upgraded = runner.invoke(app, ["db", "upgrade"])
+        assert upgraded.exit_code == 0 and "up to date" in upgraded.output
+        assert runner.invoke(app, ["list"]).exit_code == 0
+    finally:
+        get_settings.cache_clear()
+
+
+def test_worker_refuses_to_start_without_a_broker(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SESSIONS_DATABASE_URL", f"sqlite:///{tmp_path}/w.db")
+    monkeypatch.setenv("SESSIONS_BROKER_URL", "redis://:hunter2@127.0.0.1:1/0")
+    get_settings.cache_clear()
+    try:
+        result = runner.invoke(app, ["worker"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2
+    assert "cannot reach the broker at redis://:***@127.0.0.1:1/0" in result.output
+    assert "hunter2" not in result.output
