@@ -69,11 +69,15 @@ def open_store(settings: Settings | None = None) -> Iterator[SessionStore]:
 
 
 def check_broker(settings: Settings) -> None:
-    """Fail fast, with the masked URL, when the broker does not answer."""
-    from workers.app import app as celery_app
+    """Fail fast, with the masked URL, when the broker does not answer.
+
+    The app is built for ``settings``: the process-wide one may have been configured
+    before the environment was.
+    """
+    from workers.app import create_app
 
     try:
-        with celery_app.connection_for_write() as connection:
+        with create_app(settings).connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, interval_start=0, timeout=5)
     except Exception as exc:
         raise BrokerUnavailableError(

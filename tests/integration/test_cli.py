@@ -133,9 +133,17 @@ def test_an_unmigrated_database_says_to_upgrade(
         get_settings.cache_clear()
 
 
+def _refuse_exec(*arguments: object) -> None:
+    raise AssertionError(f"the CLI tried to replace the test process with {arguments}")
+
+
 def test_worker_refuses_to_start_without_a_broker(
     tmp_path: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import workers  # configured for another broker before this test's environment
+
+    assert workers.app.conf.broker_url != "redis://:hunter2@127.0.0.1:1/0"
+    monkeypatch.setattr(cli.os, "execv", _refuse_exec)
     monkeypatch.setenv("SESSIONS_DATABASE_URL", f"sqlite:///{tmp_path}/w.db")
     monkeypatch.setenv("SESSIONS_BROKER_URL", "redis://:hunter2@127.0.0.1:1/0")
     get_settings.cache_clear()
