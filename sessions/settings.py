@@ -7,6 +7,7 @@ and are masked whenever a URL is shown (:func:`mask_url`).
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -14,6 +15,12 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
+
+
+def default_spool_dir() -> Path:
+    """``$XDG_CACHE_HOME/agent-sessions/spool`` (``~/.cache/...``): per user, survives restarts."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "agent-sessions" / "spool"
 
 
 class Settings(BaseSettings):
@@ -47,8 +54,14 @@ class Settings(BaseSettings):
     ended_retention_days: float = Field(30.0, gt=0)
     #: Applied-batch ids are kept this long to recognise redelivered batches.
     ledger_retention_days: float = Field(14.0, gt=0)
+    #: Where a client keeps batches it could not publish (one SQLite file, shared per user).
+    spool_dir: Path = Field(default_factory=default_spool_dir)
     #: Longest time a client keeps an unsent batch in its local spool before giving up.
     spool_max_age_days: float = Field(7.0, gt=0)
+    #: Most batches the spool holds; beyond, new batches are refused (counted, logged).
+    spool_max_batches: int = Field(20_000, gt=0)
+    #: Most megabytes the spool holds; beyond, new batches are refused (counted, logged).
+    spool_max_megabytes: int = Field(256, gt=0)
     #: Redis visibility timeout: an unacknowledged message is redelivered after this long.
     visibility_timeout_seconds: int = Field(3600, gt=0)
 
