@@ -5,7 +5,9 @@ unsent batch here, whole and with its ``batch_id``, and replays the spool oldest
 the broker answers again (also after the agent restarts). The ledger makes a replayed batch
 count once even if its first publish did reach the broker.
 
-The spool is one SQLite file (WAL, so several agent processes on a machine can share it):
+The spool is one SQLite file per broker (WAL, so several agent processes on a machine can
+share it; keyed by the broker's URL, so a batch is only ever replayed to the broker it was
+meant for):
 a batch is stored in one transaction and removed only after it was published, so a crash
 in between costs a redundant replay, never an event. When the spool is full the *oldest*
 data is kept and the new batch is refused, counted, and logged at ERROR: an agent that has
@@ -27,8 +29,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: File name of the spool inside ``SESSIONS_SPOOL_DIR``.
-SPOOL_FILE = "spool.sqlite3"
+#: File name of a spool inside ``SESSIONS_SPOOL_DIR``; ``{key}`` tells brokers apart.
+SPOOL_FILE = "spool-{key}.sqlite3"
 #: Seconds a spool connection waits for another process's write.
 BUSY_TIMEOUT = 10.0
 
@@ -71,12 +73,13 @@ class BatchSpool:
         self,
         directory: Path,
         *,
+        key: str = "default",
         max_batches: int,
         max_bytes: int,
         max_age_seconds: float,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / SPOOL_FILE
+        self.path = directory / SPOOL_FILE.format(key=key)
         self.max_batches = max_batches
         self.max_bytes = max_bytes
         self.max_age_seconds = max_age_seconds

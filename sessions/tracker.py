@@ -7,16 +7,25 @@ Celery message. A batch keeps its ``batch_id`` through every attempt, so a publi
 out but did reach the broker is still applied once.
 
 A broker that is down never reaches the agent: a batch gets :data:`PUBLISH_ATTEMPTS` quick
-attempts, then it is counted as failed, logged, and handed to ``on_unsent`` (the seam where a
-durable local spool plugs in). While the broker stays down, further batches are set aside
-without trying, for a pause that doubles up to :data:`MAX_BROKER_DOWN_PAUSE`.
+attempts, then it is written, whole and with its ``batch_id``, to the durable local spool
+(:mod:`sessions.spool`) and handed to ``on_unsent``. While the broker stays down, further
+batches go to the spool without trying, for a pause that doubles up to
+:data:`MAX_BROKER_DOWN_PAUSE`. Once a publish succeeds again (or when a tracker starts and
+finds batches of an earlier run), the spool is replayed oldest first, before newer batches.
+
+On SIGTERM (when the application has not installed a handler of its own) and at normal
+interpreter exit the buffer is flushed, to the broker or to the spool. A SIGKILL loses at
+most what was recorded since the last cut: one flush interval, or one batch.
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import os
+import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -33,6 +42,7 @@ from sessions.errors import BrokerUnavailableError, FlushTimeoutError, StoreUnav
 from sessions.events import Batch, CreateEvent, EndEvent, EndStatus, RecordEvent
 from sessions.publisher import CeleryPublisher, Publisher
 from sessions.settings import Settings, get_settings, mask_url
+from sessions.spool import BatchSpool
 from sessions.store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -59,6 +69,12 @@ FLUSH_POLL_INTERVAL = 0.05
 CLOSE_TIMEOUT = 10.0
 #: Batch ids per ledger query.
 LEDGER_QUERY_CHUNK = 1000
+#: Spooled batches replayed per turn of the background thread (new batches wait meanwhile).
+REPLAY_CHUNK = 50
+#: While the spool holds batches, the thread tries to replay at least this often (seconds).
+REPLAY_INTERVAL = 1.0
+#: ``spool`` argument meaning "the spool the settings name".
+DEFAULT_SPOOL: Any = object()
 
 
 @dataclass(frozen=True)
@@ -73,9 +89,16 @@ class TrackerStats:
     events_pending: int = 0
     batches_sent: int = 0
     events_sent: int = 0
-    #: Batches (and their events) given up after the retry policy, or while the broker was down.
+    #: Batches (and their events) not published when first tried: broker down or failing.
     batches_failed: int = 0
     events_failed: int = 0
+    #: Of those, the ones kept in the spool for replay ...
+    events_spooled: int = 0
+    #: ... and the ones lost: no spool, or the spool was full (logged at ERROR each time).
+    events_lost: int = 0
+    #: Spooled batches (and events) published later, by this tracker.
+    batches_replayed: int = 0
+    events_replayed: int = 0
 
 
 class SessionTracker:
@@ -85,7 +108,9 @@ class SessionTracker:
     ``flush_interval`` (seconds, default ``settings.flush_interval_ms``) and
     ``max_batch_events`` (default ``settings.batch_max_events``) decide when a batch is cut.
     ``publisher`` replaces the Celery publisher (tests); ``store`` the database that
-    ``flush(wait=True)`` watches; ``on_unsent`` receives each batch that could not be sent.
+    ``flush(wait=True)`` watches; ``spool`` keeps unsent batches (default: the one in
+    ``settings.spool_dir``; ``None``: no spool, unsent batches are lost and counted);
+    ``on_unsent`` receives each batch that could not be sent when first tried.
     """
 
     def __init__(
@@ -98,6 +123,7 @@ class SessionTracker:
         store: SessionStore | None = None,
         on_unsent: UnsentHandler | None = None,
         max_buffered_events: int | None = None,
+        spool: BatchSpool | None = DEFAULT_SPOOL,
     ) -> None:
         self.settings = settings or get_settings()
         interval = (
@@ -118,8 +144,11 @@ class SessionTracker:
         self._owns_store = store is None
         self._store = store
         self._on_unsent = on_unsent
+        self._owns_spool = spool is DEFAULT_SPOOL
+        self._spool: BatchSpool | None = open_spool(self.settings) if self._owns_spool else spool
         self._reset_state()
         _live_trackers.add(self)
+        _install_sigterm_handler()
         self._start()
 
     def _reset_state(self) -> None:
@@ -145,6 +174,10 @@ class SessionTracker:
         self._dropped = 0
         self._batches_sent = self._events_sent = 0
         self._batches_failed = self._events_failed = 0
+        self._events_spooled = self._events_lost = 0
+        self._batches_replayed = self._events_replayed = 0
+        #: Whether the spool may hold batches to replay (it may, at start: an earlier run's).
+        self._spool_pending = self._spool is not None
         self._broker_down_until = 0.0
         self._broker_down_pause = BROKER_DOWN_PAUSE
         self._failing_since: int | None = None
@@ -331,6 +364,8 @@ class SessionTracker:
             self._publisher.close()
         if self._owns_store and self._store is not None:
             self._store.dispose()
+        if self._owns_spool and self._spool is not None:
+            self._spool.close()
 
     def __enter__(self) -> SessionTracker:
         return self
@@ -355,6 +390,10 @@ class SessionTracker:
                 events_sent=self._events_sent,
                 batches_failed=self._batches_failed,
                 events_failed=self._events_failed,
+                events_spooled=self._events_spooled,
+                events_lost=self._events_lost,
+                batches_replayed=self._batches_replayed,
+                events_replayed=self._events_replayed,
             )
 
     @property
@@ -365,8 +404,12 @@ class SessionTracker:
 
     def _run(self) -> None:
         due = time.monotonic() + self.flush_interval
+        self._replay_spool()  # what an earlier run could not send goes first
         while True:
-            self._wake.wait(max(0.0, due - time.monotonic()))
+            timeout = due - time.monotonic()
+            if self._spool_pending:
+                timeout = min(timeout, REPLAY_INTERVAL)
+            self._wake.wait(max(0.0, timeout))
             self._wake.clear()
             now = time.monotonic()
             with self._lock:
@@ -375,6 +418,7 @@ class SessionTracker:
                 self._flush_requested = False
             if cut_all:
                 due = now + self.flush_interval
+            self._replay_spool()
             while (taken := self._take(full_only=not cut_all)) is not None:
                 self._send(*taken)
             if closing:
@@ -402,6 +446,9 @@ class SessionTracker:
         except Exception as exc:  # a bug, not the broker; it must not kill the thread
             log.exception("could not form or publish a batch of %d events", len(events))
             error = exc
+        spooled = False
+        if error is not None and batch is not None:
+            spooled = self._keep_in_spool(batch)
         with self._lock:
             if error is None:
                 self._batches_sent += 1
@@ -413,6 +460,11 @@ class SessionTracker:
             else:
                 self._batches_failed += 1
                 self._events_failed += len(events)
+                if spooled:
+                    self._events_spooled += len(events)
+                    self._spool_pending = True
+                else:
+                    self._events_lost += len(events)
                 self._failed.append((seq, len(events)))
                 if len(self._failed) > MAX_UNCONFIRMED_BATCHES:
                     del self._failed[0]
@@ -424,14 +476,58 @@ class SessionTracker:
             except Exception:
                 log.exception("the on_unsent handler failed for batch %s", batch.batch_id)
 
+    def _keep_in_spool(self, batch: Batch) -> bool:
+        if self._spool is None:
+            log.error(
+                "batch %s (%d events) could not be published and there is no spool: lost",
+                batch.batch_id,
+                len(batch.events),
+            )
+            return False
+        try:
+            return self._spool.put(batch.to_message())
+        except Exception:
+            log.exception("could not write batch %s to the spool: lost", batch.batch_id)
+            return False
+
+    def _replay_spool(self) -> None:
+        """Publish spooled batches oldest first, while the broker takes them."""
+        if self._spool is None or not self._spool_pending:
+            return
+        if time.monotonic() < self._broker_down_until:
+            return
+        try:
+            waiting = self._spool.oldest(REPLAY_CHUNK)
+        except Exception:
+            log.exception("could not read the spool at %s", self._spool.path)
+            return
+        if not waiting:
+            with self._lock:
+                self._spool_pending = False
+            return
+        for spooled in waiting:
+            if self._publish_message(spooled.message, spooled.batch_id) is not None:
+                return  # the broker is down again: keep the rest for later
+            self._spool.remove(spooled.seq)
+            with self._lock:
+                self._batches_replayed += 1
+                self._events_replayed += len(spooled.message.get("events", ()))
+        log.info("replayed %d spooled batches", len(waiting))
+
     def _publish(self, batch: Batch) -> BaseException | None:
         """Publish ``batch`` under the retry policy; the last error, or ``None`` when sent."""
+        return self._publish_message(batch.to_message(), str(batch.batch_id), len(batch.events))
+
+    def _publish_message(
+        self, message: dict[str, Any], batch_id: str, events: int | None = None
+    ) -> BaseException | None:
+        if events is None:
+            events = len(message.get("events", ()))
         if time.monotonic() < self._broker_down_until:
-            self._note_failure(batch, None)
+            self._note_failure(batch_id, events, None)
             return BrokerUnavailableError(
                 f"broker at {mask_url(self.settings.broker_url)} is down; batch not tried"
             )
-        message = batch.to_message()
         error: BaseException | None = None
         for attempt in range(PUBLISH_ATTEMPTS):
             if attempt:
@@ -440,27 +536,27 @@ class SessionTracker:
                 self._publisher(message)
             except Exception as exc:
                 error = exc
-                log.debug("publishing batch %s failed (attempt %d)", batch.batch_id, attempt + 1)
+                log.debug("publishing batch %s failed (attempt %d)", batch_id, attempt + 1)
                 continue
             self._note_success()
             return None
         assert error is not None
-        self._note_failure(batch, error)
+        self._note_failure(batch_id, events, error)
         return error
 
-    def _note_failure(self, batch: Batch, error: BaseException | None) -> None:
+    def _note_failure(self, batch_id: str, events: int, error: BaseException | None) -> None:
         if self._failing_since is None:
             self._failing_since = self._batches_failed
             log.warning(
                 "cannot publish to the broker at %s; batch %s (%d events) is set aside, and "
                 "so will be further batches until it answers: %s",
                 mask_url(self.settings.broker_url),
-                batch.batch_id,
-                len(batch.events),
+                batch_id,
+                events,
                 error,
             )
         else:
-            log.debug("batch %s (%d events) set aside", batch.batch_id, len(batch.events))
+            log.debug("batch %s (%d events) set aside", batch_id, events)
         if error is not None:
             self._broker_down_until = time.monotonic() + self._broker_down_pause
             self._broker_down_pause = min(MAX_BROKER_DOWN_PAUSE, self._broker_down_pause * 2)
@@ -486,6 +582,45 @@ class SessionTracker:
             self._store.engine.dispose(close=False)
         if not closed:
             self._start()
+
+
+def open_spool(settings: Settings) -> BatchSpool | None:
+    """The spool ``settings`` name, or ``None`` (logged) when its folder cannot be used."""
+    try:
+        return BatchSpool(
+            settings.spool_dir,
+            key=hashlib.sha256(settings.broker_url.encode()).hexdigest()[:16],
+            max_batches=settings.spool_max_batches,
+            max_bytes=settings.spool_max_megabytes * 1024 * 1024,
+            max_age_seconds=settings.spool_max_age.total_seconds(),
+        )
+    except (OSError, sqlite3.Error) as exc:
+        log.error("no spool at %s (%s): unsent batches will be lost", settings.spool_dir, exc)
+        return None
+
+
+_sigterm_installed = False
+
+
+def _install_sigterm_handler() -> None:
+    """On SIGTERM, flush every tracker (to the broker or the spool), then die as asked.
+
+    Only where nobody else handles SIGTERM: an application with its own handler (Celery,
+    uvicorn, ...) should call ``tracker.close()`` from it.
+    """
+    global _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    _sigterm_installed = True
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def _on_sigterm(signum: int, _frame: object) -> None:
+        _close_at_exit()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 #: Trackers not yet closed: closed at interpreter exit, restarted in a forked child.

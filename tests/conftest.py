@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from sessions.settings import Settings
+from sessions.settings import Settings, get_settings
 from sessions.store import SessionStore
 from sessions.tables import Base
 from tests.services import require_postgres, temporary_postgres_database
@@ -18,6 +18,15 @@ from tests.services import require_postgres, temporary_postgres_database
 pytest_plugins = ("celery.contrib.pytest",)
 
 BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(autouse=True)
+def private_spool(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each test's trackers spool into a folder of its own, never the user's cache."""
+    monkeypatch.setenv("SESSIONS_SPOOL_DIR", str(tmp_path_factory.mktemp("spool")))
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -42,9 +42,14 @@ def wait_until(
 
 
 def service_environment(**values: str) -> dict[str, str]:
-    """This process's environment without any ``SESSIONS_*`` setting, plus ``values``."""
+    """This process's environment without any ``SESSIONS_*`` setting, plus ``values``.
+
+    The test's private spool folder is kept, so no subprocess touches the user's own spool.
+    """
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONS_")}
     environment["PYTHONUNBUFFERED"] = "1"
+    if "SESSIONS_SPOOL_DIR" in os.environ:
+        environment["SESSIONS_SPOOL_DIR"] = os.environ["SESSIONS_SPOOL_DIR"]
     environment.update(values)
     return environment
 
