@@ -79,6 +79,7 @@ class BatchSpool:
         max_age_seconds: float,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        self.directory, self.key = directory, key
         self.path = directory / SPOOL_FILE.format(key=key)
         self.max_batches = max_batches
         self.max_bytes = max_bytes
@@ -176,6 +177,11 @@ class BatchSpool:
 
     def _drop_expired(self) -> None:
         cutoff = time.time() - self.max_age_seconds
+        with self._lock:
+            oldest = self._connection.execute("SELECT min(spooled_at) FROM spooled_batches")
+            first = oldest.fetchone()[0]
+        if first is None or first >= cutoff:
+            return
         with self._transaction() as connection:
             expired = connection.execute(
                 "DELETE FROM spooled_batches WHERE spooled_at < ? RETURNING batch_id", (cutoff,)
@@ -189,6 +195,16 @@ class BatchSpool:
                 self.path,
                 self.max_age_seconds,
             )
+
+    def reopen_after_fork(self) -> BatchSpool:
+        """The same spool for a forked child: SQLite connections must not cross a fork."""
+        return BatchSpool(
+            self.directory,
+            key=self.key,
+            max_batches=self.max_batches,
+            max_bytes=self.max_bytes,
+            max_age_seconds=self.max_age_seconds,
+        )
 
     def close(self) -> None:
         with self._lock:

@@ -574,7 +574,11 @@ class SessionTracker:
     def _after_fork_in_child(self) -> None:
         """A forked child starts empty: the buffered events are the parent's to publish."""
         closed = self._closed
+        if self._spool is not None:
+            self._spool = self._spool.reopen_after_fork()
         self._reset_state()
+        # Replaying what is already spooled is the parent's job; the child only adds to it.
+        self._spool_pending = False
         self._closed = closed
         if isinstance(self._publisher, CeleryPublisher):
             self._publisher.forget_after_fork()
