@@ -1,0 +1,274 @@
+"""Scenario 1: a worker SIGKILLed mid-ingest, again and again, restarted each time.
+
+A producer keeps recording through a real tracker while the test kills at many different
+moments: after a varying number of applied batches, aimed at a moment when a pool process of the
+worker has a transaction open (found through ``pg_stat_activity`` and the socket it owns).
+
+* **Pool processes.** The pool process holding the open transaction is SIGKILLed; Celery forks a
+  replacement and, with ``task_reject_on_worker_lost``, puts the message back. Exact counts.
+* **Whole worker, or its main process alone.** The worker is restarted each time; messages it
+  held come back through Redis's visibility timeout (2 s here). Killing the main process alone
+  orphans its pool processes, which may still commit what they were applying, unacknowledged.
+  Nothing may be counted twice. A batch may be lost only in one known way, which the test
+  tells apart and reports: kombu's Redis transport takes a message off the queue (``BRPOP``)
+  *before* it records it as unacknowledged, so a consumer killed in between takes the message
+  with it -- no worker ever logs it as received. Any other loss fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from sessions.settings import Settings
+from sessions.tracker import SessionTracker
+from tests.faults.harness import (
+    CorrelatingPublisher,
+    Fleet,
+    Monitor,
+    Outcome,
+    Producer,
+    Recorder,
+    Reference,
+    alive,
+    children,
+    compare,
+    kill_group,
+    locate_batches,
+    owner_of_local_port,
+    received_by_a_worker,
+    record_outcome,
+    service_environment,
+    settle,
+    unconfirmed_batches,
+    wait_until,
+)
+from tests.faults.report import Row, scaled
+from tests.faults.servers import PrivateRedis
+from tests.workers_harness import CeleryProcess
+
+pytestmark = [pytest.mark.slow]
+
+VISIBILITY_TIMEOUT = 2
+CONCURRENCY = 2
+#: Seconds between looks for an open transaction to aim a kill at.
+AIM_POLL = 0.003
+
+
+def _aim(monitor: Monitor, worker: CeleryProcess, timeout: float = 3.0) -> tuple[int | None, str]:
+    """A pool process of ``worker`` with a transaction open right now, and that state.
+
+    ``(None, "between transactions")`` when none was caught within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pool = children(worker.process.pid)
+        for backend in monitor.in_transaction():
+            if backend.client_port is None:
+                continue
+            owner = owner_of_local_port(backend.client_port, pool)
+            if owner is not None:
+                return owner, f"in transaction ({backend.state})"
+        time.sleep(AIM_POLL)
+    return None, "between transactions"
+
+
+def _unacked_restorable(redis_server: PrivateRedis) -> bool:
+    """Every message a dead worker held is older than the visibility timeout (restorable)."""
+    entries = redis_server.client().zrange("unacked_index", 0, -1, withscores=True)  # type: ignore[attr-defined]
+    return all(score < time.time() - VISIBILITY_TIMEOUT - 0.5 for _, score in entries)
+
+
+@dataclass
+class KillRun:
+    outcome: Outcome
+    row: Row
+    problem: str | None
+    moments: list[str]
+    #: Batches never applied: where the broker has them, and whether a worker received them.
+    unapplied: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    statuses: dict[str, object] = field(default_factory=dict)
+
+
+def _run(
+    scenario: str,
+    kinds: tuple[str, ...],
+    tmp_path: Path,
+    url: str,
+    redis_server: PrivateRedis,
+) -> KillRun:
+    began = time.monotonic()
+    kills = scaled(10, minimum=10)
+    broker = redis_server.url
+    environment = service_environment(
+        SESSIONS_BROKER_URL=broker,
+        SESSIONS_DATABASE_URL=url,
+        SESSIONS_VISIBILITY_TIMEOUT_SECONDS=str(VISIBILITY_TIMEOUT),
+    )
+    settings = Settings(
+        broker_url=broker, database_url=url, visibility_timeout_seconds=VISIBILITY_TIMEOUT
+    )
+    sessions = [f"kill-{n}" for n in range(30)]
+    reference = Reference()
+    moments: list[str] = []
+    with Fleet(environment, tmp_path) as fleet, Monitor(url) as monitor:
+        worker = fleet.worker(CONCURRENCY)
+        publisher = CorrelatingPublisher(settings)
+        tracker = SessionTracker(
+            settings, max_batch_events=40, flush_interval=0.02, publisher=publisher
+        )
+        recorder = Recorder(tracker, reference)
+        for session_id in sessions:
+            tracker.create(session_id, user_id="kill-user")
+        producer = Producer(recorder, sessions, rate=800)
+        producer.start()
+        try:
+            for number in range(kills):
+                kind = kinds[number % len(kinds)]
+                target = monitor.ledger_count() + 1 + number % 4
+                wait_until(
+                    lambda target=target: monitor.ledger_count() >= target,  # type: ignore[misc]
+                    timeout=60,
+                    message=f"kill point {number}: {target} batches applied",
+                )
+                victim, state = _aim(monitor, worker)
+                applied = monitor.ledger_count()
+                if kind == "pool process":
+                    victim = victim if victim is not None else children(worker.process.pid)[0]
+                    os.kill(victim, signal.SIGKILL)
+                    wait_until(lambda v=victim: not alive(v), message="the pool process to die")  # type: ignore[misc]
+                elif kind == "main process":
+                    os.kill(worker.process.pid, signal.SIGKILL)
+                    worker.process.wait()
+                    worker = fleet.worker(CONCURRENCY)
+                else:
+                    kill_group(worker)
+                    worker = fleet.worker(CONCURRENCY)
+                moments.append(f"{kind} after {applied} batches, {state}")
+        finally:
+            producer.stop()
+        # Everything recorded is published before the last worker goes away (a kill while a
+        # message is on its way to a consumer is the one loss scenario 1b measures).
+        tracker.flush()
+        wait_until(lambda: tracker.stats.events_pending == 0, message="the last batches sent")
+        stuck_batches = 0
+        if "pool process" in kinds:
+            wait_until(
+                lambda: len(children(worker.process.pid)) == CONCURRENCY,
+                message="the worker to replace its killed pool processes",
+            )
+            assert alive(worker.process.pid), "killing pool processes killed the worker"
+            # A killed pool process's message must come back by itself, the worker living on.
+            stuck = settle(tracker, redis_server.client(), timeout=10)
+            stuck_batches = len(unconfirmed_batches(tracker)) if stuck else 0
+        # A warm shutdown hands back what the last worker still holds; once every message the
+        # dead workers held is past the visibility timeout, a fresh worker restores them all.
+        worker.stop()
+        wait_until(
+            lambda: _unacked_restorable(redis_server),
+            message="unacknowledged messages to pass the visibility timeout",
+        )
+        # A worker killed while restoring leaves Redis's restore lock behind for 5 minutes.
+        stale_mutex = bool(redis_server.client().delete("unacked_mutex"))  # type: ignore[attr-defined]
+        fleet.worker(CONCURRENCY)
+        problem = settle(tracker, redis_server.client())
+        unapplied: dict[str, tuple[str, bool]] = {}
+        if problem is not None:
+            logs = fleet.logs_of("worker")
+            missing = unconfirmed_batches(tracker)
+            places = locate_batches(redis_server.client(), missing)
+            unapplied = {
+                batch_id: (place, received_by_a_worker(logs, batch_id))
+                for batch_id, place in places.items()
+            }
+        for session_id in sessions:
+            tracker.end(session_id, status="completed")
+        ending = settle(tracker, redis_server.client(), timeout=30)
+        tracker.close()
+        publisher.close()
+
+        outcome = compare(reference, url)
+        worker_logs = fleet.logs_of("worker")
+        duplicates = len(re.findall(r"events applied, [1-9]\d* duplicate", worker_logs))
+        row = record_outcome(scenario, outcome, began, recorder)
+        row.dead_lettered = monitor.dead_letter_count()
+        aimed = sum("in transaction" in moment for moment in moments)
+        kinds_seen = ", ".join(f"{sum(m.startswith(k) for m in moments)} {k}" for k in kinds)
+        row.notes.append(
+            f"{kills} kills ({kinds_seen}), {aimed} with a transaction open; "
+            f"{duplicates} redelivered batches dropped by the ledger"
+            + ("; cleared a killed worker's stale unacked_mutex" if stale_mutex else "")
+        )
+        if stuck_batches:
+            row.notes.append(
+                f"{stuck_batches} batches of killed pool processes were not applied until the "
+                "worker was restarted"
+            )
+        if unapplied:
+            never_received = sum(not received for _, received in unapplied.values())
+            row.notes.append(
+                f"{len(unapplied)} batches never applied, {never_received} of them never "
+                "received by any worker (taken off the queue by a consumer that was then killed)"
+            )
+        statuses = {
+            session_id: monitor.scalar(
+                "SELECT status || '/' || run FROM sessions WHERE session_id = :id", id=session_id
+            )
+            for session_id in sessions
+        }
+    assert ending is None or problem is not None, ending
+    return KillRun(outcome, row, problem, moments, unapplied, statuses)
+
+
+def test_pool_processes_sigkilled_mid_transaction_lose_and_double_nothing(
+    tmp_path: Path, fault_database_url: str, redis_server: PrivateRedis
+) -> None:
+    run = _run(
+        "1a pool process SIGKILL", ("pool process",), tmp_path, fault_database_url, redis_server
+    )
+    assert run.problem is None, f"{run.problem}; unapplied batches: {run.unapplied}"
+    assert run.outcome.exact, run.outcome.describe()
+    assert run.row.dead_lettered == 0
+    assert set(run.statuses.values()) == {"completed/1"}, run.statuses
+    assert len(run.moments) >= 10
+    assert sum("in transaction" in moment for moment in run.moments) >= len(run.moments) // 2, (
+        f"too few kills hit an open transaction to test anything: {run.moments}"
+    )
+
+
+def test_whole_worker_sigkilled_and_restarted_counts_nothing_twice(
+    tmp_path: Path, fault_database_url: str, redis_server: PrivateRedis
+) -> None:
+    run = _run(
+        "1b worker SIGKILL + restart",
+        ("whole worker", "main process"),
+        tmp_path,
+        fault_database_url,
+        redis_server,
+    )
+    assert run.outcome.double == 0, run.outcome.describe()
+    assert run.row.dead_lettered == 0
+    assert set(run.statuses.values()) == {"completed/1"}, run.statuses
+    assert len(run.moments) >= 10
+    # The one loss the Redis transport allows (see the module's docstring) is reported in the
+    # table; a batch a worker did receive and that still never counted is a bug of ours.
+    received_then_lost = {
+        batch_id: place for batch_id, (place, received) in run.unapplied.items() if received
+    }
+    assert not received_then_lost, f"received by a worker and never applied: {received_then_lost}"
+    assert all(place == "nowhere in the broker" for place, _ in run.unapplied.values()), (
+        run.unapplied
+    )
+    if not run.outcome.exact:
+        pytest.xfail(
+            f"{run.outcome.lost} events in {len(run.unapplied)} batches lost: kombu's Redis "
+            "transport pops a message (BRPOP) before recording it as unacknowledged, and the "
+            "consumer was killed in between; only a producer that republishes batches the "
+            "ledger has not confirmed can close this gap"
+        )
