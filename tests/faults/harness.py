@@ -183,7 +183,9 @@ class Monitor:
 
     def __init__(self, url: str):
         self.url = url
-        self.engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_size=2)
+        self.engine = create_engine(
+            url, isolation_level="AUTOCOMMIT", pool_size=2, pool_pre_ping=True
+        )
 
     def __enter__(self) -> Monitor:
         return self
