@@ -65,12 +65,10 @@ def _wave(number: int, size: int) -> tuple[Batch, list[str]]:
 
 
 def _waiting_sweeps(monitor: Monitor) -> dict[str, int]:
-    waiting = {kind: 0 for kind in SWEEP_KINDS}
+    waiting = dict.fromkeys([*SWEEP_KINDS, "other"], 0)
     for backend in monitor.waiting_on_locks(SWEEP_UPDATE):
-        for kind, marker in SWEEP_KINDS.items():
-            if marker in backend.query:
-                waiting[kind] += 1
-                break
+        kind = next((k for k, marker in SWEEP_KINDS.items() if marker in backend.query), "other")
+        waiting[kind] += 1
     return waiting
 
 
