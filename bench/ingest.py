@@ -1,0 +1,955 @@
+"""Ingest throughput and latency, end to end, against the naive design (not a test).
+
+P producer processes each call ``SessionTracker.record`` N times over K sessions (10% errors);
+one ``celery -A workers worker`` (default pool and concurrency) applies the batches through
+Redis into PostgreSQL. Measured, each as the median of ``--repeat`` runs:
+
+* **end to end**: events per second from the first ``record`` until the database holds every
+  event. The final per-session sums are checked; a run that is not exact is a failure.
+* **record()**: latency p50 / p99 / max in microseconds, timed inside the producers around
+  each call, during the throughput run (the worst case: every core is busy).
+* **event to commit**: p50 / p99 at a fixed offered load (default 10,000 events/s). A trigger
+  on ``applied_batches`` (in the bench's own database) sends ``pg_notify(batch_id)``, which
+  PostgreSQL delivers at commit; the bench LISTENs, and each event's latency is the
+  notification's arrival minus the event's ``at``, remembered by the producer per batch.
+* **worker peak RSS**: ``VmHWM`` summed over the worker's process tree (main + pool children).
+
+The naive baseline runs in the same invocation, on the same Redis and PostgreSQL: one Celery
+task per update (``bench/naive.py``, ``celery -A bench.naive worker``), each applying one
+atomic ``UPDATE`` in its own transaction. Our figures are reported as ratios against it. A
+scale row compares the worker with 1 and 2 pool processes, and ``store.apply`` alone (no
+broker) shows what one database connection takes.
+
+Producers are closed-loop: ``record`` never blocks, so a producer that outruns the pipeline
+would only fill its buffer until events are dropped (which the exactness check would catch);
+instead each producer pauses (outside the timed calls) while more than
+``--max-pending`` of its events wait to be published::
+
+    python -m bench.ingest                       # P=2, N=100,000, K=1,000, 3 repeats
+    python -m bench.ingest --quick               # a smoke run, one repeat, small N
+    python -m bench.ingest --producers 4 --events 50000 --sessions 10000 --repeat 5
+
+Prints a markdown table and writes ``bench/results/ingest-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import queue
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from array import array
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Every ``ERROR_EVERY``-th update of a producer is an error (10%).
+ERROR_EVERY = 10
+#: Seconds without progress in the database before a run is declared stuck (a failure).
+STALL_TIMEOUT = 60.0
+#: Seconds between looks at the database while waiting for a run to complete.
+POLL = 0.01
+NOTIFY_CHANNEL = "bench_applied"
+NOTIFY_TRIGGER = f"""
+CREATE OR REPLACE FUNCTION bench_notify_applied() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', NEW.batch_id::text);
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS bench_applied ON applied_batches;
+CREATE TRIGGER bench_applied AFTER INSERT ON applied_batches
+    FOR EACH ROW EXECUTE FUNCTION bench_notify_applied();
+"""
+DROP_TRIGGER = "DROP TRIGGER IF EXISTS bench_applied ON applied_batches"
+
+
+# -- the workload -------------------------------------------------------------------------
+
+
+def plan(producer: int, events: int, sessions: int) -> tuple[list[str], list[float], list[bool]]:
+    """Producer ``producer``'s updates: session ids, processing times and error flags.
+
+    Deterministic, so the parent computes the exact expected sums. Processing times are
+    multiples of 1/64, exact in binary floating point: their sums do not depend on the
+    order in which the database adds them, so the check can demand equality.
+    """
+    rng = random.Random(1_000_003 * producer + 17)
+    ids = [f"bench-{rng.randrange(sessions)}" for _ in range(events)]
+    times = [(i % 64) / 64 for i in range(events)]
+    errors = [i % ERROR_EVERY == producer % ERROR_EVERY for i in range(events)]
+    return ids, times, errors
+
+
+def expected_totals(
+    producers: int, events: int, sessions: int
+) -> dict[str, tuple[int, int, float]]:
+    totals: dict[str, list[Any]] = {}
+    for producer in range(producers):
+        for sid, seconds, error in zip(*plan(producer, events, sessions), strict=True):
+            entry = totals.setdefault(sid, [0, 0, 0.0])
+            entry[0] += 1
+            entry[1] += error
+            entry[2] += seconds
+    return {sid: (n, e, t) for sid, (n, e, t) in totals.items()}
+
+
+# -- producer processes -------------------------------------------------------------------
+
+
+@dataclass
+class ProducerJob:
+    kind: str  # "ours" or "naive"
+    index: int
+    events: int
+    sessions: int
+    broker_url: str
+    database_url: str
+    spool_dir: str
+    #: Events per second this producer offers; 0 = as fast as the pipeline takes them.
+    rate: float = 0.0
+    #: Closed loop: pause while more than this many events wait to be published.
+    max_pending: int = 20_000
+
+
+class RememberingPublisher:
+    """Wraps the real publisher; remembers each sent batch's event times (latency runs)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.sent: dict[str, list[str]] = {}
+
+    def __call__(self, message: dict[str, Any]) -> None:
+        self.inner(message)
+        self.sent[str(message["batch_id"])] = [event["at"] for event in message["events"]]
+
+
+def producer_main(job: ProducerJob, barrier: Any, results: Any) -> None:
+    """One producer process: record the planned updates, then report what it measured."""
+    os.environ["SESSIONS_BROKER_URL"] = job.broker_url
+    os.environ["SESSIONS_DATABASE_URL"] = job.database_url
+    os.environ["SESSIONS_SPOOL_DIR"] = job.spool_dir
+    ids, times, errors = plan(job.index, job.events, job.sessions)
+    latencies = array("q", bytes(8 * job.events))
+    clock = time.perf_counter_ns
+    tracker: Any = None
+    remembering: RememberingPublisher | None = None
+    if job.kind == "ours":
+        from sessions.publisher import CeleryPublisher
+        from sessions.settings import Settings
+        from sessions.tracker import SessionTracker
+
+        settings = Settings()
+        publisher = CeleryPublisher(settings)
+        remembering = RememberingPublisher(publisher) if job.rate else None
+        tracker = SessionTracker(settings, publisher=remembering or publisher, spool=None)
+        record = tracker.record
+    else:
+        from bench import naive
+
+        def record(session_id: str, processing_time: float, error: bool) -> None:
+            naive.send(session_id, processing_time, error, datetime.now(UTC).isoformat())
+
+    barrier.wait()
+    started = time.time()
+    start_clock = time.perf_counter()
+    paused = 0.0
+    for i in range(job.events):
+        if job.rate:
+            delay = start_clock + i / job.rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        elif tracker is not None and not i & 1023:
+            while tracker.stats.events_pending > job.max_pending:
+                time.sleep(0.0005)
+                paused += 0.0005
+        before = clock()
+        record(ids[i], times[i], errors[i])
+        latencies[i] = clock() - before
+    recorded = time.time()
+    stats: dict[str, int] = {}
+    if tracker is not None:
+        tracker.close(timeout=300)
+        publisher.close()
+        stats = asdict(tracker.stats)
+    results.put(
+        {
+            "index": job.index,
+            "started": started,
+            "recorded": recorded,
+            "closed": time.time(),
+            "paused": paused,
+            "latencies_ns": latencies.tobytes(),
+            "stats": stats,
+            "sent": remembering.sent if remembering else {},
+        }
+    )
+
+
+# -- worker processes ---------------------------------------------------------------------
+
+
+class Worker:
+    """A ``celery -A <app> worker`` subprocess in a process group of its own."""
+
+    def __init__(self, app: str, environment: dict[str, str], log: Path, *extra: str):
+        self.log_path = log
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                app,
+                "worker",
+                "--loglevel=INFO",
+                f"--hostname=bench-{uuid.uuid4().hex[:8]}@%h",
+                "--without-mingle",
+                "--without-gossip",
+                "--without-heartbeat",
+                *extra,
+            ],
+            cwd=REPO_ROOT,
+            env=environment,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while not re.search(r"@\S+ ready\.", log.read_text(errors="replace")):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"worker did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def peak_rss_mb(self) -> tuple[float, float]:
+        """(sum, largest) of ``VmHWM`` over the process tree, in MiB."""
+        peaks = [_vm_hwm_kb(pid) for pid in _process_tree(self.process.pid)]
+        return sum(peaks) / 1024, max(peaks, default=0) / 1024
+
+    def pool_size(self) -> int:
+        return len(_process_tree(self.process.pid)) - 1
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=20)
+        with suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self._log.close()
+
+
+def _process_tree(pid: int) -> list[int]:
+    found = [pid]
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with suppress(OSError):
+            for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+                found.extend(_process_tree(int(child)))
+    return found
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    with suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+# -- one run ------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    kind: str
+    label: str
+    producers: int
+    events_per_producer: int
+    exact: bool = False
+    problem: str = ""
+    seconds: float = 0.0
+    events_per_second: float = 0.0
+    record_us: dict[str, float] = field(default_factory=dict)
+    commit_ms: dict[str, float] = field(default_factory=dict)
+    worker_rss_mb: float = 0.0
+    worker_rss_largest_mb: float = 0.0
+    worker_processes: int = 0
+    paused_seconds: float = 0.0
+    batches: int = 0
+    offered_rate: float = 0.0
+
+
+@dataclass
+class Bench:
+    producers: int
+    events: int
+    sessions: int
+    naive_events: int
+    latency_rate: float
+    latency_seconds: float
+    latency_warmup: float
+    max_pending: int
+    broker_url: str
+    ours_url: str
+    naive_url: str
+    workdir: Path
+    #: Where py-spy writes profiles of the first throughput run (``--profile``), or None.
+    profile_dir: Path | None = None
+    runs: list[Run] = field(default_factory=list)
+
+    # -- database helpers
+
+    def _engine(self, url: str) -> Any:
+        from sqlalchemy import create_engine
+
+        return create_engine(url, pool_size=1, isolation_level="AUTOCOMMIT")
+
+    def reset_ours(self) -> None:
+        from sqlalchemy import text
+
+        engine = self._engine(self.ours_url)
+        with engine.connect() as c:
+            c.execute(text("TRUNCATE sessions, session_runs, applied_batches, dead_letters"))
+            c.execute(text(DROP_TRIGGER))
+        engine.dispose()
+
+    def reset_naive(self) -> None:
+        from sqlalchemy import text
+
+        engine = self._engine(self.naive_url)
+        with engine.connect() as c:
+            c.execute(text("TRUNCATE sessions"))
+            c.execute(
+                text(
+                    "INSERT INTO sessions (session_id, status, run, created_at, last_activity) "
+                    "SELECT 'bench-' || n, 'active', 1, now(), now() - interval '1 day' "
+                    "FROM generate_series(0, :k - 1) AS n"
+                ),
+                {"k": self.sessions},
+            )
+        engine.dispose()
+
+    def wait_for_total(self, url: str, total: int) -> tuple[float, int]:
+        """Poll until the sessions hold ``total`` requests; (wall time seen, requests)."""
+        from sqlalchemy import text
+
+        engine = self._engine(url)
+        last, last_change = -1, time.monotonic()
+        with engine.connect() as c:
+            while True:
+                seen = int(
+                    c.execute(
+                        text("SELECT coalesce(sum(request_count), 0) FROM sessions")
+                    ).scalar_one()
+                )
+                now = time.time()
+                if seen >= total:
+                    engine.dispose()
+                    return now, seen
+                if seen != last:
+                    last, last_change = seen, time.monotonic()
+                elif time.monotonic() - last_change > STALL_TIMEOUT or self.producers_failed():
+                    engine.dispose()
+                    return now, seen
+                time.sleep(POLL)
+
+    def check_exact(self, url: str, producers: int, events: int) -> str:
+        """Empty when every session's sums are exactly the planned ones, else the problem."""
+        from sqlalchemy import text
+
+        expected = expected_totals(producers, events, self.sessions)
+        engine = self._engine(url)
+        with engine.connect() as c:
+            rows = c.execute(
+                text(
+                    "SELECT session_id, request_count, error_count, total_processing_time "
+                    "FROM sessions"
+                )
+            ).all()
+            dead = (
+                c.execute(text("SELECT count(*) FROM dead_letters")).scalar_one()
+                if url == self.ours_url
+                else 0
+            )
+        engine.dispose()
+        actual = {r[0]: (r[1], r[2], r[3]) for r in rows if r[1] or r[0] in expected}
+        wrong = [
+            sid for sid in expected.keys() | actual.keys() if expected.get(sid) != actual.get(sid)
+        ]
+        problems = []
+        if wrong:
+            sample = ", ".join(
+                f"{s}: want {expected.get(s)} got {actual.get(s)}" for s in sorted(wrong)[:3]
+            )
+            problems.append(f"{len(wrong)} sessions with wrong sums ({sample})")
+        if dead:
+            problems.append(f"{dead} dead letters")
+        return "; ".join(problems)
+
+    # -- processes
+
+    def environment(self, database_url: str) -> dict[str, str]:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONS_")}
+        environment.update(
+            PYTHONUNBUFFERED="1",
+            SESSIONS_BROKER_URL=self.broker_url,
+            SESSIONS_DATABASE_URL=database_url,
+            SESSIONS_SPOOL_DIR=str(self.workdir / "spool"),
+        )
+        return environment
+
+    def start_worker(self, kind: str, concurrency: int | None) -> Worker:
+        extra = [f"--concurrency={concurrency}"] if concurrency else []
+        if kind == "ours":
+            return Worker(
+                "workers",
+                self.environment(self.ours_url),
+                self.workdir / f"worker-{uuid.uuid4().hex[:6]}.log",
+                *extra,
+            )
+        return Worker(
+            "bench.naive",
+            self.environment(self.naive_url),
+            self.workdir / f"naive-{uuid.uuid4().hex[:6]}.log",
+            "-Q",
+            "bench.naive",
+            *extra,
+        )
+
+    def start_producers(self, kind: str, events: int, rate: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        # Kept on self: the children unpickle them after this returns.
+        self._barrier = barrier = context.Barrier(self.producers)
+        self._results = results = context.Queue()
+        url = self.ours_url if kind == "ours" else self.naive_url
+        processes = [
+            context.Process(
+                target=producer_main,
+                args=(
+                    ProducerJob(
+                        kind,
+                        index,
+                        events,
+                        self.sessions,
+                        self.broker_url,
+                        url,
+                        str(self.workdir / "spool"),
+                        rate / self.producers if rate else 0,
+                        self.max_pending,
+                    ),
+                    barrier,
+                    results,
+                ),
+            )
+            for index in range(self.producers)
+        ]
+        for process in processes:
+            process.start()
+        self._producers = processes
+
+    def producers_failed(self) -> bool:
+        return any(p.exitcode not in (None, 0) for p in self._producers)
+
+    def collect(self) -> list[dict[str, Any]]:
+        collected: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 600
+        while len(collected) < len(self._producers):
+            try:
+                collected.append(self._results.get(timeout=1))
+            except queue.Empty:
+                if self.producers_failed() or time.monotonic() > deadline:
+                    codes = [p.exitcode for p in self._producers]
+                    raise RuntimeError(f"producers failed (exit codes {codes})") from None
+        for process in self._producers:
+            process.join(60)
+        return sorted(collected, key=lambda r: r["index"])
+
+    def _profile_path(self, kind: str, role: str) -> Path:
+        assert self.profile_dir is not None
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        return self.profile_dir / f"{kind}-{role}.txt"
+
+    # -- scenarios
+
+    def throughput(self, kind: str, concurrency: int | None = None) -> Run:
+        events = self.events if kind == "ours" else self.naive_events
+        label = kind if concurrency is None else f"{kind}, --concurrency={concurrency}"
+        run = Run(kind, label, self.producers, events)
+        self.reset_ours() if kind == "ours" else self.reset_naive()
+        worker = self.start_worker(kind, concurrency)
+        profilers: list[subprocess.Popen[bytes]] = []
+        try:
+            run.worker_processes = worker.pool_size()
+            total = self.producers * events
+            profile = self.profile_dir is not None and not any(r.kind == kind for r in self.runs)
+            if profile:
+                profilers.append(py_spy(worker.process.pid, self._profile_path(kind, "worker")))
+            self.start_producers(kind, events, rate=0)
+            if profile:
+                profilers.append(
+                    py_spy(self._producers[0].pid, self._profile_path(kind, "producer"))  # type: ignore[arg-type]
+                )
+            url = self.ours_url if kind == "ours" else self.naive_url
+            done, seen = self.wait_for_total(url, total)
+            results = self.collect()
+            run.worker_rss_mb, run.worker_rss_largest_mb = worker.peak_rss_mb()
+        finally:
+            for profiler in profilers:
+                profiler.send_signal(signal.SIGINT)
+            for profiler in profilers:
+                profiler.wait(60)
+            worker.stop()
+        started = min(r["started"] for r in results)
+        run.seconds = done - started
+        run.record_us = latency_summary(results)
+        run.paused_seconds = max(r["paused"] for r in results)
+        run.batches = sum(r["stats"].get("batches_sent", 0) for r in results)
+        problems = []
+        if seen != total:
+            problems.append(f"database holds {seen} of {total} requests")
+        for r in results:
+            lost = {
+                k: v
+                for k, v in r["stats"].items()
+                if k in ("events_dropped", "events_failed", "events_lost") and v
+            }
+            if lost:
+                problems.append(f"producer {r['index']}: {lost}")
+        problems.append(self.check_exact(url, self.producers, events))
+        run.problem = "; ".join(p for p in problems if p)
+        run.exact = not run.problem
+        run.events_per_second = total / run.seconds if run.exact else 0.0
+        self.runs.append(run)
+        return run
+
+    def latency(self) -> Run:
+        """Event-to-commit latency at a fixed offered load (our pipeline only)."""
+        from sqlalchemy import text
+
+        warmup_events = int(self.latency_rate * self.latency_warmup / self.producers)
+        events = warmup_events + int(self.latency_rate * self.latency_seconds / self.producers)
+        run = Run(
+            "ours",
+            f"ours at {self.latency_rate:,.0f} events/s",
+            self.producers,
+            events,
+            offered_rate=self.latency_rate,
+        )
+        self.reset_ours()
+        engine = self._engine(self.ours_url)
+        with engine.connect() as c:
+            c.exec_driver_sql(NOTIFY_TRIGGER)
+        engine.dispose()
+        worker = self.start_worker("ours", None)
+        arrivals: dict[str, float] = {}
+        with listening(self.ours_url, arrivals) as stop:
+            try:
+                run.worker_processes = worker.pool_size()
+                self.start_producers("ours", events, rate=self.latency_rate)
+                done, _ = self.wait_for_total(self.ours_url, self.producers * events)
+                results = self.collect()
+                time.sleep(0.2)  # the last notifications
+                run.worker_rss_mb, run.worker_rss_largest_mb = worker.peak_rss_mb()
+            finally:
+                worker.stop()
+                stop.set()
+        engine = self._engine(self.ours_url)
+        with engine.connect() as c:
+            c.execute(text(DROP_TRIGGER))
+        engine.dispose()
+        run.problem = self.check_exact(self.ours_url, self.producers, events)
+        started = min(r["started"] for r in results)
+        measured_from = started + self.latency_warmup
+        delays: list[float] = []
+        missing = 0
+        for r in results:
+            for batch_id, stamps in r["sent"].items():
+                arrived = arrivals.get(batch_id)
+                if arrived is None:
+                    missing += 1
+                    continue
+                for stamp in stamps:
+                    at = datetime.fromisoformat(stamp).timestamp()
+                    if at >= measured_from:
+                        delays.append(arrived - at)
+        if missing:
+            run.problem = "; ".join(
+                p for p in (run.problem, f"{missing} batches not notified") if p
+            )
+        run.exact = not run.problem
+        delays.sort()
+        run.commit_ms = {
+            "p50": percentile(delays, 0.50) * 1000,
+            "p99": percentile(delays, 0.99) * 1000,
+            "max": delays[-1] * 1000 if delays else 0.0,
+            "events": len(delays),
+        }
+        run.record_us = latency_summary(results)
+        run.seconds = done - started
+        run.batches = sum(len(r["sent"]) for r in results)
+        self.runs.append(run)
+        return run
+
+
+def py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of ``pid`` and its children, collapsed stacks (``pip install py-spy``)."""
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            "--format",
+            "raw",
+            "--rate",
+            "250",
+            "--nonblocking",
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@contextmanager
+def listening(url: str, arrivals: dict[str, float]) -> Iterator[threading.Event]:
+    """LISTEN for the trigger's notifications in a thread; arrival time per batch id."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    stop = threading.Event()
+    ready = threading.Event()
+
+    def listen() -> None:
+        with psycopg.connect(conninfo, autocommit=True) as connection:
+            connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            ready.set()
+            while not stop.is_set():
+                for notify in connection.notifies(timeout=0.1):
+                    arrivals[notify.payload] = time.time()
+
+    thread = threading.Thread(target=listen, name="bench-listen", daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield stop
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def latency_summary(results: list[dict[str, Any]]) -> dict[str, float]:
+    merged: list[int] = []
+    for r in results:
+        values = array("q")
+        values.frombytes(r["latencies_ns"])
+        merged.extend(values)
+    merged.sort()
+    return {
+        "p50": percentile(merged, 0.50) / 1000,  # type: ignore[arg-type]
+        "p99": percentile(merged, 0.99) / 1000,  # type: ignore[arg-type]
+        "max": merged[-1] / 1000 if merged else 0.0,
+    }
+
+
+# -- the store alone ----------------------------------------------------------------------
+
+
+def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> dict[str, float]:
+    """``SessionStore.apply`` of ready wire-form batches in this process: no broker, one
+    connection. The ceiling of one worker process, split into decoding and the transaction."""
+    from sqlalchemy import text
+
+    from sessions.events import Batch, RecordEvent, decode_batch
+    from sessions.settings import Settings
+    from sessions.store import SessionStore
+
+    store = SessionStore(url, settings=Settings())
+    with store.engine.begin() as c:
+        c.execute(text("TRUNCATE sessions, session_runs, applied_batches, dead_letters"))
+    ids, times, errors = plan(0, batches * batch_size, sessions)
+    now = datetime.now(UTC)
+    messages = [
+        Batch(
+            events=tuple(
+                RecordEvent(session_id=ids[j], at=now, processing_time=times[j], error=errors[j])
+                for j in range(b * batch_size, (b + 1) * batch_size)
+            )
+        ).to_message()
+        for b in range(batches)
+    ]
+    store.apply(messages[0])  # connect, warm caches
+    started = time.perf_counter()
+    for message in messages[1:]:
+        store.apply(message)
+    elapsed = time.perf_counter() - started
+    decode_started = time.perf_counter()
+    for message in messages[1:]:
+        decode_batch(message, 10_000)
+    decode = time.perf_counter() - decode_started
+    store.dispose()
+    events = (batches - 1) * batch_size
+    return {
+        "events_per_second": events / elapsed,
+        "decode_us_per_event": decode / events * 1e6,
+        "apply_us_per_event": elapsed / events * 1e6,
+    }
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def summarize(bench: Bench, repeat: int, ceiling: dict[str, float] | None) -> dict[str, Any]:
+    def runs(label: str) -> list[Run]:
+        return [r for r in bench.runs if r.label == label]
+
+    ours, naive = runs("ours"), runs("naive")
+    latency = [r for r in bench.runs if r.offered_rate]
+    failed = [r for r in bench.runs if not r.exact]
+    summary: dict[str, Any] = {
+        "ours_events_per_second": median([r.events_per_second for r in ours if r.exact]),
+        "naive_events_per_second": median([r.events_per_second for r in naive if r.exact]),
+        "record_us": {q: median([r.record_us[q] for r in ours]) for q in ("p50", "p99", "max")},
+        "naive_record_us": {
+            q: median([r.record_us[q] for r in naive]) for q in ("p50", "p99", "max")
+        },
+        "commit_ms": {q: median([r.commit_ms[q] for r in latency]) for q in ("p50", "p99")},
+        "worker_rss_mb": median([r.worker_rss_mb for r in ours]),
+        "worker_rss_largest_mb": median([r.worker_rss_largest_mb for r in ours]),
+        "naive_worker_rss_mb": median([r.worker_rss_mb for r in naive]),
+        "worker_processes": max((r.worker_processes for r in ours), default=0),
+        "scale": {
+            r.label: median([x.events_per_second for x in runs(r.label) if x.exact])
+            for r in bench.runs
+            if r.kind == "ours" and not r.offered_rate
+        },
+        "apply_only": ceiling,
+        "failures": [f"{r.label}: {r.problem}" for r in failed],
+        "repeat": repeat,
+    }
+    naive_rate = summary["naive_events_per_second"]
+    summary["ratio"] = summary["ours_events_per_second"] / naive_rate if naive_rate else 0.0
+    return summary
+
+
+def report(bench: Bench, s: dict[str, Any], machine: dict[str, str]) -> str:
+    def mark(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
+    ours, naive, ratio = s["ours_events_per_second"], s["naive_events_per_second"], s["ratio"]
+    rec, nrec, commit = s["record_us"], s["naive_record_us"], s["commit_ms"]
+    lines = [
+        f"Ingest, median of {s['repeat']}: P={bench.producers} producers x "
+        f"N={bench.events:,} records over K={bench.sessions:,} sessions (naive: N="
+        f"{bench.naive_events:,}), one worker ({s['worker_processes']} pool processes), "
+        f"{machine['cpus']} cores, {machine['cpu']}",
+        "",
+        "| measure | ours | naive | ours / naive | target | met |",
+        "|---|---:|---:|---:|---|---|",
+        f"| end to end, events/s (exact) | {ours:,.0f} | {naive:,.0f} | {ratio:,.1f}x "
+        f"| >= 50,000 and >= 50x | {mark(ours >= 50_000 and ratio >= 50)} |",
+        f"| record() p50, us | {rec['p50']:.1f} | {nrec['p50']:.0f} | "
+        f"{nrec['p50'] / rec['p50'] if rec['p50'] else 0:,.0f}x faster | <= 10 "
+        f"| {mark(rec['p50'] <= 10)} |",
+        f"| record() p99, us | {rec['p99']:.1f} | {nrec['p99']:.0f} | "
+        f"{nrec['p99'] / rec['p99'] if rec['p99'] else 0:,.0f}x faster | <= 100 "
+        f"| {mark(rec['p99'] <= 100)} |",
+        f"| record() max, us | {rec['max']:,.0f} | {nrec['max']:,.0f} | | | |",
+        f"| event to commit p50 at {bench.latency_rate:,.0f}/s, ms | {commit['p50']:.0f} "
+        f"| n/a | | | |",
+        f"| event to commit p99 at {bench.latency_rate:,.0f}/s, ms | {commit['p99']:.0f} "
+        f"| n/a | | <= 500 | {mark(0 < commit['p99'] <= 500)} |",
+        f"| worker peak RSS (VmHWM, process tree), MB | {s['worker_rss_mb']:.0f} | "
+        f"{s['naive_worker_rss_mb']:.0f} | | <= 200 | {mark(s['worker_rss_mb'] <= 200)} |",
+        f"| largest single worker process, MB | {s['worker_rss_largest_mb']:.0f} | | | | |",
+    ]
+    if len(s["scale"]) > 1 or s["apply_only"]:
+        lines += ["", "| scale | events/s |", "|---|---:|"]
+        lines += [f"| {label} | {rate:,.0f} |" for label, rate in s["scale"].items()]
+        if s["apply_only"]:
+            a = s["apply_only"]
+            lines.append(
+                f"| store.apply alone, 1 process, no broker | {a['events_per_second']:,.0f} "
+                f"(decode {a['decode_us_per_event']:.1f} us/event of "
+                f"{a['apply_us_per_event']:.1f}) |"
+            )
+    if s["failures"]:
+        lines += ["", "FAILED runs (not counted):"] + [f"- {f}" for f in s["failures"]]
+    return "\n".join(lines)
+
+
+def progress(run: Run) -> str:
+    what = (
+        f"commit p50 {run.commit_ms['p50']:.0f} ms p99 {run.commit_ms['p99']:.0f} ms"
+        if run.offered_rate
+        else f"{run.events_per_second:,.0f} events/s"
+    )
+    return (
+        f"{run.label}: {what}, record p50 {run.record_us['p50']:.1f} us p99 "
+        f"{run.record_us['p99']:.1f} us, worker RSS {run.worker_rss_mb:.0f} MB"
+        + ("" if run.exact else f" FAILED: {run.problem}")
+    )
+
+
+def machine_info(broker_url: str, database_url: str) -> dict[str, str]:
+    import celery
+    import kombu
+    import redis
+    from sqlalchemy import create_engine, text
+
+    cpu = "unknown"
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    engine = create_engine(database_url, pool_size=1)
+    with engine.connect() as c:
+        postgres = c.execute(text("SHOW server_version")).scalar_one()
+    engine.dispose()
+    client = redis.Redis.from_url(broker_url)
+    redis_version = client.info("server")["redis_version"]
+    client.close()
+    return {
+        "cpus": str(os.cpu_count()),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "postgresql": str(postgres),
+        "redis": str(redis_version),
+        "celery": celery.__version__,
+        "kombu": kombu.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--producers", "-P", type=int, default=2)
+    parser.add_argument("--events", "-N", type=int, default=100_000, help="per producer")
+    parser.add_argument("--sessions", "-K", type=int, default=1_000)
+    parser.add_argument("--naive-events", type=int, default=2_500, help="per producer")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--latency-rate", type=float, default=10_000, help="events/s offered")
+    parser.add_argument("--latency-seconds", type=float, default=5.0)
+    parser.add_argument("--max-pending", type=int, default=20_000)
+    parser.add_argument("--no-scale", action="store_true", help="skip the --concurrency=1 runs")
+    parser.add_argument("--only-ours", action="store_true", help="skip the naive baseline")
+    parser.add_argument("--quick", action="store_true", help="small N, one repeat, no scale")
+    parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="py-spy the worker and a producer in the first runs, into DIR",
+    )
+    arguments = parser.parse_args()
+    if arguments.quick:
+        arguments.events = min(arguments.events, 20_000)
+        arguments.naive_events = min(arguments.naive_events, 300)
+        arguments.repeat = 1
+        arguments.latency_seconds = 2.0
+        arguments.no_scale = True
+
+    from tests.services import temporary_postgres_database
+    from tests.workers_harness import claimed_redis_db
+
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-ingest-") as workdir,
+        claimed_redis_db() as broker_url,
+        temporary_postgres_database("sessions_bench_ours") as ours_url,
+        temporary_postgres_database("sessions_bench_naive") as naive_url,
+    ):
+        from sessions.settings import Settings
+        from sessions.store import SessionStore
+
+        for url in (ours_url, naive_url):
+            store = SessionStore(url, settings=Settings())
+            store.upgrade()
+            store.dispose()
+        machine = machine_info(broker_url, ours_url)
+        bench = Bench(
+            arguments.producers,
+            arguments.events,
+            arguments.sessions,
+            arguments.naive_events,
+            arguments.latency_rate,
+            arguments.latency_seconds,
+            0.5,
+            arguments.max_pending,
+            broker_url,
+            ours_url,
+            naive_url,
+            Path(workdir),
+            arguments.profile,
+        )
+        scenarios: list[Callable[[], Run]] = [lambda: bench.throughput("ours")]
+        if not arguments.only_ours:
+            scenarios.append(lambda: bench.throughput("naive"))
+        scenarios.append(bench.latency)
+        if not arguments.no_scale:
+            scenarios.append(lambda: bench.throughput("ours", 1))
+        for attempt in range(arguments.repeat):
+            for action in scenarios:
+                run = action()
+                print(
+                    f"[{attempt + 1}/{arguments.repeat}] {progress(run)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        ceiling = None if arguments.quick else apply_only(ours_url, arguments.sessions, 200)
+        summary = summarize(bench, arguments.repeat, ceiling)
+    print(report(bench, summary, machine))
+    if not arguments.no_save:
+        RESULTS.mkdir(exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        path = RESULTS / f"ingest-{stamp}.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "command": " ".join(["python -m bench.ingest", *sys.argv[1:]]),
+                    "machine": machine,
+                    "config": {k: v for k, v in vars(arguments).items()},
+                    "summary": summary,
+                    "runs": [asdict(r) for r in bench.runs],
+                },
+                indent=2,
+            )
+        )
+        print(f"\n(wrote {path.relative_to(REPO_ROOT)})")
+    if summary["failures"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
