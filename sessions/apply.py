@@ -30,7 +30,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, bindparam, case, func, insert, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy import update as sql_update
 
 from sessions.database import upsert_into
@@ -139,6 +150,8 @@ def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]
     """
     if not deltas:
         return set()
+    if connection.dialect.name == "postgresql":
+        return _upsert_records_postgresql(connection, deltas)
     rows = [
         {
             "session_id": session_id,
@@ -163,6 +176,59 @@ def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]
         ),
     ).returning(sessions_table.c.session_id)
     return set(connection.execute(statement).scalars())
+
+
+#: The fast path on PostgreSQL: the same upsert as :func:`upsert_records` builds, but fed
+#: with one array per column through ``unnest``. Its text never changes, so SQLAlchemy
+#: compiles it once and psycopg prepares it once, whatever the number of rows; the
+#: multi-row ``VALUES`` form costs a compilation and a parse of thousands of placeholders
+#: on every batch (measured: ~75% of the worker's time at 500-event batches). The rules
+#: are :func:`_additive_set`'s, spelled in SQL; the store tests run both forms.
+_PG_UPSERT = text(
+    """
+    INSERT INTO sessions AS s (session_id, user_id, status, run, created_at, last_activity,
+                               request_count, error_count, total_processing_time,
+                               input_tokens, output_tokens, cost)
+    SELECT d.session_id, d.user_id, 'active', 1, d.created_at, d.last_activity,
+           d.request_count, d.error_count, d.total_processing_time,
+           d.input_tokens, d.output_tokens, d.cost
+      FROM unnest(CAST(:session_id AS varchar[]), CAST(:user_id AS varchar[]),
+                  CAST(:created_at AS timestamptz[]), CAST(:last_activity AS timestamptz[]),
+                  CAST(:request_count AS bigint[]), CAST(:error_count AS bigint[]),
+                  CAST(:total_processing_time AS float8[]), CAST(:input_tokens AS bigint[]),
+                  CAST(:output_tokens AS bigint[]), CAST(:cost AS float8[]))
+        AS d(session_id, user_id, created_at, last_activity, request_count, error_count,
+             total_processing_time, input_tokens, output_tokens, cost)
+    ON CONFLICT (session_id) DO UPDATE SET
+        request_count = s.request_count + excluded.request_count,
+        error_count = s.error_count + excluded.error_count,
+        total_processing_time = s.total_processing_time + excluded.total_processing_time,
+        input_tokens = s.input_tokens + excluded.input_tokens,
+        output_tokens = s.output_tokens + excluded.output_tokens,
+        cost = s.cost + excluded.cost,
+        last_activity = CASE WHEN excluded.last_activity > s.last_activity
+                             THEN excluded.last_activity ELSE s.last_activity END,
+        created_at = CASE WHEN s.run = 1 AND excluded.created_at < s.created_at
+                          THEN excluded.created_at ELSE s.created_at END,
+        user_id = coalesce(s.user_id, excluded.user_id)
+    WHERE s.run = 1 OR s.created_at <= excluded.created_at
+    RETURNING s.session_id
+    """
+)
+
+
+def _upsert_records_postgresql(connection: Connection, deltas: dict[str, Delta]) -> set[str]:
+    ordered = sorted(deltas.items())  # concurrent batches lock shared rows in the same order
+    deltas_in_order = [delta for _, delta in ordered]
+    parameters: dict[str, list[Any]] = {
+        "session_id": [session_id for session_id, _ in ordered],
+        "user_id": [delta.user_id for delta in deltas_in_order],
+        "created_at": [delta.first_at for delta in deltas_in_order],
+        "last_activity": [delta.last_at for delta in deltas_in_order],
+    }
+    for name in COUNTERS:
+        parameters[name] = [getattr(delta, name) for delta in deltas_in_order]
+    return set(connection.execute(_PG_UPSERT, parameters).scalars())
 
 
 @dataclass(slots=True)
