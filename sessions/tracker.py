@@ -416,19 +416,25 @@ class SessionTracker:
                 closing = self._closed
                 cut_all = closing or self._flush_requested or now >= due
                 self._flush_requested = False
+                # A flush, the interval or closing sends what is buffered *now*, even a
+                # partial batch. Events recorded while those are published wait for the
+                # next turn unless they fill a batch: cutting whatever arrived meanwhile
+                # would, under a steady load, degrade into one message per few events.
+                mark = self._appended if cut_all else self._cut
             if cut_all:
                 due = now + self.flush_interval
             self._replay_spool()
-            while (taken := self._take(full_only=not cut_all)) is not None:
+            while (taken := self._take(mark)) is not None:
                 self._send(*taken)
             if closing:
                 return
 
-    def _take(self, full_only: bool) -> tuple[tuple[Event, ...], int] | None:
-        """Cut the next batch off the buffer: a full one, or (unless ``full_only``) any."""
+    def _take(self, mark: int) -> tuple[tuple[Event, ...], int] | None:
+        """Cut the next batch off the buffer: a full one, or any while events up to the
+        ``mark``-th are still uncut."""
         with self._lock:
             waiting = len(self._buffer)
-            if waiting == 0 or (full_only and waiting < self.max_batch_events):
+            if waiting == 0 or (waiting < self.max_batch_events and self._cut >= mark):
                 return None
             if waiting <= self.max_batch_events:
                 events, self._buffer = self._buffer, []
