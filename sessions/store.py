@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, RowMapping, func, insert, select
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from sessions import sweeps
 from sessions.apply import apply_events
@@ -44,6 +44,10 @@ MAX_DEAD_LETTER_BYTES = 64 * 1024
 RETRYABLE_SQLSTATES = frozenset({"40P01", "40001", "23505"})
 #: Attempts at one batch before a retryable error is raised to the caller.
 MAX_ATTEMPTS = 5
+#: A value the database refuses although the event model accepted it: out of range for its
+#: column (PostgreSQL ``DataError``; SQLite's driver raises ``OverflowError``) or not storable
+#: (a NUL character in JSON). It fails the same way on every attempt.
+REFUSED_VALUES = (DataError, OverflowError)
 #: Default page size of :meth:`SessionStore.list`.
 DEFAULT_PAGE_SIZE = 100
 
@@ -92,7 +96,19 @@ class SessionStore:
         """
         decoded = decode_batch(batch, self.settings.store_max_batch_events)
         now = now or datetime.now(UTC)
-        return self._transaction(lambda connection: self._apply(connection, decoded, now))
+        try:
+            return self._transaction(lambda connection: self._apply(connection, decoded, now))
+        except REFUSED_VALUES as exc:
+            if decoded.batch_id is None or not decoded.events:
+                raise
+            # An event passed validation but holds a value the database refuses (an integer
+            # beyond BIGINT, a NUL character in JSON): set that event aside, not the batch.
+            log.warning(
+                "batch %s: the database refused a value (%s); applying its events one by one",
+                decoded.batch_id,
+                _first_line(exc),
+            )
+            return self._transaction(lambda connection: self._apply_each(connection, decoded, now))
 
     def _apply(self, connection: Connection, decoded: DecodedBatch, now: datetime) -> ApplyResult:
         if decoded.batch_id is None:
@@ -103,6 +119,32 @@ class SessionStore:
         self._dead_letter(connection, decoded.batch_id, decoded.rejected, now)
         apply_events(connection, decoded.events)
         return ApplyResult(applied=len(decoded.events), rejected=len(decoded.rejected))
+
+    def _apply_each(
+        self, connection: Connection, decoded: DecodedBatch, now: datetime
+    ) -> ApplyResult:
+        """``_apply`` one event at a time, each in a savepoint; refused events are dead-lettered."""
+        assert decoded.batch_id is not None
+        if not self._claim(connection, decoded.batch_id, now):
+            return ApplyResult(duplicate=len(decoded.events) + len(decoded.rejected))
+        refused: list[RejectedEvent] = []
+        for event in decoded.events:
+            try:
+                with connection.begin_nested():
+                    apply_events(connection, (event,))
+            except REFUSED_VALUES as exc:
+                reason = f"{event.kind} of {event.session_id}: refused by the database: "
+                refused.append(
+                    RejectedEvent(
+                        payload=event.model_dump(mode="json"),
+                        reason=reason + _first_line(getattr(exc, "orig", None) or exc),
+                    )
+                )
+        self._dead_letter(connection, decoded.batch_id, [*decoded.rejected, *refused], now)
+        return ApplyResult(
+            applied=len(decoded.events) - len(refused),
+            rejected=len(decoded.rejected) + len(refused),
+        )
 
     def _claim(self, connection: Connection, batch_id: uuid.UUID, now: datetime) -> bool:
         """Insert ``batch_id`` into the ledger; ``False`` if some transaction already did."""
@@ -131,7 +173,7 @@ class SessionStore:
                 {
                     "batch_id": str(batch_id) if batch_id else None,
                     "payload": _payload_text(item.payload),
-                    "reason": item.reason,
+                    "reason": _storable(item.reason),
                     "received_at": now,
                 }
                 for item in rejected
@@ -390,8 +432,18 @@ def _payload_text(payload: Any) -> str:
         text = json.dumps(payload, default=repr, ensure_ascii=False)
     except (TypeError, ValueError):
         text = repr(payload)
-    encoded = text.encode("utf-8", "replace")
+    encoded = _storable(text).encode("utf-8")
     if len(encoded) > MAX_DEAD_LETTER_BYTES:
         cut = encoded[:MAX_DEAD_LETTER_BYTES].decode("utf-8", "ignore")
         return f"{cut}... [cut at {MAX_DEAD_LETTER_BYTES} of {len(encoded)} bytes]"
-    return text
+    return encoded.decode("utf-8")
+
+
+def _storable(text: str) -> str:
+    """``text`` as a database text column takes it: no NUL, no lone surrogate (escaped)."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
