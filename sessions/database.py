@@ -116,6 +116,9 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 def upsert_into(connection: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
     """An ``INSERT`` with ``ON CONFLICT`` support in the connection's dialect."""
-    if connection.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
+    return upsert_into_table(table, connection.dialect.name)
+
+
+def upsert_into_table(table: Table, dialect: str) -> postgresql.Insert | sqlite.Insert:
+    """An ``INSERT`` with ``ON CONFLICT`` support in ``dialect`` (PostgreSQL or SQLite)."""
+    return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)

@@ -114,4 +114,5 @@ class PurgeResult(BaseModel):
     sessions: int
     runs: int
     ledger: int
+    redeliveries: int = 0
     dead_letters: int = 0

@@ -85,15 +85,27 @@ class BatchSpool:
         self.max_bytes = max_bytes
         self.max_age_seconds = max_age_seconds
         self._lock = threading.Lock()
-        self._connection = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-        )
-        self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.execute("PRAGMA synchronous=NORMAL")
-        self._connection.execute(_SCHEMA)
+        self._opened: sqlite3.Connection | None = None
         self._overflowed_batches = 0
         self._overflowed_events = 0
         self._expired_batches = 0
+
+    @property
+    def _connection(self) -> sqlite3.Connection:
+        """The file, opened on first use (call with ``_lock`` held).
+
+        Lazily, so that a forked child which never needs its spool never touches SQLite:
+        a library lock held by another thread at the fork would hang it.
+        """
+        if self._opened is None:
+            connection = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(_SCHEMA)
+            self._opened = connection
+        return self._opened
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -208,4 +220,6 @@ class BatchSpool:
 
     def close(self) -> None:
         with self._lock:
-            self._connection.close()
+            if self._opened is not None:
+                self._opened.close()
+                self._opened = None

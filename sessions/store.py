@@ -20,7 +20,12 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from sessions import sweeps
 from sessions.apply import apply_events
-from sessions.database import create_store_engine, upgrade_schema, upsert_into
+from sessions.database import (
+    create_store_engine,
+    upgrade_schema,
+    upsert_into,
+    upsert_into_table,
+)
 from sessions.errors import SessionLimitError, StoreUnavailableError
 from sessions.events import Batch, CreateEvent, DecodedBatch, RejectedEvent, decode_batch
 from sessions.records import Aggregate, ApplyResult, PurgeResult, SessionRecord, SweepResult
@@ -31,6 +36,7 @@ from sessions.tables import (
     DeadLetter,
     dead_letters_table,
     ledger_table,
+    redeliveries_table,
     sessions_table,
 )
 
@@ -185,6 +191,25 @@ class SessionStore:
         rejected = [RejectedEvent(payload=payload, reason=reason)]
         now = datetime.now(UTC)
         self._transaction(lambda c: self._dead_letter(c, None, rejected, now))
+
+    def count_redelivery(self, message_id: str, now: datetime | None = None) -> int:
+        """Note that ``message_id`` came back unfinished once more; how often it has, in all.
+
+        Committed at once, before the message is worked on: if handling it kills the worker
+        again, the count survives, and after ``max_redeliveries`` the worker sets it aside.
+        """
+        moment = now or datetime.now(UTC)
+        upsert = upsert_into_table(redeliveries_table, self.engine.dialect.name).values(
+            message_id=message_id, redeliveries=1, last_redelivered_at=moment
+        )
+        statement = upsert.on_conflict_do_update(
+            index_elements=["message_id"],
+            set_={
+                "redeliveries": redeliveries_table.c.redeliveries + 1,
+                "last_redelivered_at": upsert.excluded.last_redelivered_at,
+            },
+        ).returning(redeliveries_table.c.redeliveries)
+        return self._transaction(lambda c: int(c.execute(statement).scalar_one()))
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The newest dead-lettered payloads, newest first."""

@@ -26,6 +26,7 @@ from sessions.tables import (
     DeadLetter,
     dead_letters_table,
     ledger_table,
+    redeliveries_table,
     runs_table,
     sessions_table,
 )
@@ -117,9 +118,14 @@ def purge(
     ledger = connection.execute(
         delete(ledger_table).where(AppliedBatch.applied_at < ledger_before)
     ).rowcount
+    redeliveries = connection.execute(
+        delete(redeliveries_table).where(redeliveries_table.c.last_redelivered_at < ledger_before)
+    ).rowcount
     dead = 0
     if dead_letters_before is not None:
         dead = connection.execute(
             delete(dead_letters_table).where(DeadLetter.received_at < dead_letters_before)
         ).rowcount
-    return PurgeResult(sessions=sessions, runs=runs, ledger=ledger, dead_letters=dead)
+    return PurgeResult(
+        sessions=sessions, runs=runs, ledger=ledger, redeliveries=redeliveries, dead_letters=dead
+    )

@@ -128,6 +128,20 @@ class AppliedBatch(Base):
     applied_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
+class Redelivery(Base):
+    """How often a message came back unfinished: a worker died handling it, or it timed out.
+
+    Keyed by the message's id (Celery's task id, the same on every redelivery), so even a
+    payload without a usable ``batch_id`` can be recognised as poison and set aside.
+    """
+
+    __tablename__ = "redeliveries"
+
+    message_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    redeliveries: Mapped[int] = mapped_column(Integer)
+    last_redelivered_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
 class DeadLetter(Base):
     """An event or payload that could not be applied, kept with the reason."""
 
@@ -161,3 +175,4 @@ sessions_table = cast(Table, SessionRow.__table__)
 runs_table = cast(Table, SessionRunRow.__table__)
 ledger_table = cast(Table, AppliedBatch.__table__)
 dead_letters_table = cast(Table, DeadLetter.__table__)
+redeliveries_table = cast(Table, Redelivery.__table__)

@@ -23,6 +23,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from sessions.errors import StoreUnavailableError
+from sessions.events import peek_batch_id
 from sessions.settings import get_settings
 from sessions.store import SessionStore
 from workers.app import app
@@ -80,8 +81,12 @@ def ingest(self: Task, batch: Any) -> dict[str, int]:
     A database outage retries the same message (same ``batch_id``) with exponential backoff,
     forever; a payload that can never be applied is dead-lettered with its reason.
     """
-    batch_id = batch.get("batch_id") if isinstance(batch, dict) else None
+    batch_id = peek_batch_id(batch)
     try:
+        if self.request.delivery_info and self.request.delivery_info.get("redelivered"):
+            poison = _poison_reason(self.request.id)
+            if poison:
+                return _dead_letter(self, batch, poison)
         result = get_store().apply(batch)
     except OUTAGE_ERRORS as exc:
         countdown = backoff(self.request.retries)
@@ -110,6 +115,23 @@ def ingest(self: Task, batch: Any) -> dict[str, int]:
         result.rejected,
     )
     return result.model_dump()
+
+
+def _poison_reason(message_id: str) -> str | None:
+    """Why a redelivered message should be set aside, or ``None`` to handle it again.
+
+    With ``task_reject_on_worker_lost`` a message whose handling kills the worker process
+    comes back forever; counting its redeliveries (committed before each attempt) bounds that.
+    """
+    redeliveries = get_store().count_redelivery(message_id)
+    limit = get_settings().max_redeliveries
+    if redeliveries <= limit:
+        log.warning("message %s redelivered unfinished (%d of %d)", message_id, redeliveries, limit)
+        return None
+    return (
+        f"redelivered unfinished {redeliveries} times (more than max_redeliveries={limit}): "
+        "handling it kills the worker"
+    )
 
 
 def _dead_letter(task: Task, batch: Any, reason: str) -> dict[str, int]:

@@ -12,6 +12,16 @@ from tests.integration.support import reset
 
 
 @pytest.fixture
+def task_store(store: SessionStore, monkeypatch: pytest.MonkeyPatch) -> SessionStore:
+    """The store the worker's tasks use, run in this process (retries without waiting)."""
+    from workers import tasks
+
+    monkeypatch.setattr(tasks, "_store", store)
+    monkeypatch.setattr(tasks, "RETRY_BACKOFF_BASE", 0.0)
+    return store
+
+
+@pytest.fixture
 def pg_store(postgres_url: str, settings: Settings) -> Iterator[SessionStore]:
     """An empty store on PostgreSQL only (for tests of real concurrent transactions)."""
     store = SessionStore(postgres_url, settings=settings)

@@ -197,3 +197,11 @@ def blocked_on_lock(store: SessionStore, count: int = 1) -> Callable[[], bool]:
         return int(waiting) >= count
 
     return condition
+
+
+def record_message(session_id: str = "s-1", events: int = 3) -> dict[str, Any]:
+    """The wire form of a batch of ``events`` records for ``session_id``, stamped now."""
+    now = datetime.now(UTC)
+    return Batch(
+        events=tuple(RecordEvent(session_id=session_id, at=now) for _ in range(events))
+    ).to_message()

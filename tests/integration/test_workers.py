@@ -27,6 +27,7 @@ from sessions.publisher import CeleryPublisher
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
+from tests.integration.support import record_message
 from tests.services import (
     POSTGRES_ADMIN_URL,
     require_postgres,
@@ -332,18 +333,8 @@ def test_beat_runs_every_sweep_on_its_schedule(tmp_path: Path) -> None:
 # -- the ingest task in-process: what is retried, what is dead-lettered ----------------------
 
 
-@pytest.fixture
-def task_store(store: SessionStore, monkeypatch: pytest.MonkeyPatch) -> SessionStore:
-    monkeypatch.setattr(tasks, "_store", store)
-    monkeypatch.setattr(tasks, "RETRY_BACKOFF_BASE", 0.0)
-    return store
-
-
 def _message(session_id: str = "s-1", events: int = 3) -> dict[str, Any]:
-    now = datetime.now(UTC)
-    return Batch(
-        events=tuple(RecordEvent(session_id=session_id, at=now) for _ in range(events))
-    ).to_message()
+    return record_message(session_id, events)
 
 
 def test_ingest_retries_a_database_outage_until_the_batch_is_applied(
