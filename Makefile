@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest faults bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The fault suite (tests/faults) at a larger scale than `make test` runs it; prints its table.
+FAULTS_SCALE ?= 5
+faults: $(STAMP)
+	SESSIONS_FAULTS_SCALE=$(FAULTS_SCALE) $(BIN)/pytest tests/faults --timeout=1800 -rxX $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest
