@@ -1,8 +1,9 @@
 """Handing a batch to the broker: the one place where ``sessions`` imports ``workers``.
 
-A publisher is any callable that takes a batch's wire form (:meth:`Batch.to_message`) and
-returns once the broker has it, or raises. :class:`CeleryPublisher` is the real one; tests
-pass a function instead.
+A publisher is any callable that takes a batch's message (:meth:`Batch.to_message`) and
+returns once the broker has it, or raises. :class:`CeleryPublisher` is the real one: it sends
+the message as one JSON text (:func:`sessions.events.encode_message`), which the worker
+validates in one call. Tests pass a function instead.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sessions.events import encode_message
 from sessions.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -41,7 +43,8 @@ class CeleryPublisher:
         self._celery()
 
     def __call__(self, message: dict[str, Any]) -> None:
-        self._celery().send_task(INGEST_TASK, args=[message])
+        # One JSON text, not the message's objects: see sessions.events.encode_message.
+        self._celery().send_task(INGEST_TASK, args=[encode_message(message)])
 
     def _celery(self) -> Celery:
         with self._lock:
