@@ -25,9 +25,10 @@ added there, so late and redelivered batches never end, restart or inflate the w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -109,16 +110,6 @@ def group_by_session(events: Iterable[Event]) -> dict[str, list[Event]]:
     return groups
 
 
-def coalesce_records(events: Sequence[Event]) -> Delta | None:
-    """One delta for a session's events if they are all ``record``s, else ``None``."""
-    delta = Delta()
-    for event in events:
-        if not isinstance(event, RecordEvent):
-            return None
-        delta.add(event)
-    return delta
-
-
 def _later(column: Any, value: Any) -> ColumnElement[Any]:
     """``max(column, value)`` in portable SQL (``GREATEST`` is not SQLite)."""
     return case((value > column, value), else_=column)
@@ -184,20 +175,29 @@ def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]
 #: multi-row ``VALUES`` form costs a compilation and a parse of thousands of placeholders
 #: on every batch (measured: ~75% of the worker's time at 500-event batches). The rules
 #: are :func:`_additive_set`'s, spelled in SQL; the store tests run both forms.
+#:
+#: Each array travels as one text parameter, an array literal made by :func:`_array_literal`
+#: (psycopg adapts a list item by item in Python, some 5 us per row of a batch here). Times
+#: travel as integer microseconds since the epoch (``n * interval '1 microsecond'`` is exact
+#: below 2**53 us, some 285 years), and a column that is zero (or NULL) in every row travels
+#: as an empty array: ``unnest`` pads it with NULLs, read back as 0 (or NULL).
 _PG_UPSERT = text(
     """
     INSERT INTO sessions AS s (session_id, user_id, status, run, created_at, last_activity,
                                request_count, error_count, total_processing_time,
                                input_tokens, output_tokens, cost)
-    SELECT d.session_id, d.user_id, 'active', 1, d.created_at, d.last_activity,
-           d.request_count, d.error_count, d.total_processing_time,
-           d.input_tokens, d.output_tokens, d.cost
+    SELECT d.session_id, d.user_id, 'active', 1,
+           TIMESTAMPTZ 'epoch' + d.created_us * INTERVAL '1 microsecond',
+           TIMESTAMPTZ 'epoch' + d.last_us * INTERVAL '1 microsecond',
+           coalesce(d.request_count, 0), coalesce(d.error_count, 0),
+           coalesce(d.total_processing_time, 0), coalesce(d.input_tokens, 0),
+           coalesce(d.output_tokens, 0), coalesce(d.cost, 0)
       FROM unnest(CAST(:session_id AS varchar[]), CAST(:user_id AS varchar[]),
-                  CAST(:created_at AS timestamptz[]), CAST(:last_activity AS timestamptz[]),
+                  CAST(:created_us AS bigint[]), CAST(:last_us AS bigint[]),
                   CAST(:request_count AS bigint[]), CAST(:error_count AS bigint[]),
                   CAST(:total_processing_time AS float8[]), CAST(:input_tokens AS bigint[]),
                   CAST(:output_tokens AS bigint[]), CAST(:cost AS float8[]))
-        AS d(session_id, user_id, created_at, last_activity, request_count, error_count,
+        AS d(session_id, user_id, created_us, last_us, request_count, error_count,
              total_processing_time, input_tokens, output_tokens, cost)
     ON CONFLICT (session_id) DO UPDATE SET
         request_count = s.request_count + excluded.request_count,
@@ -212,23 +212,80 @@ _PG_UPSERT = text(
                           THEN excluded.created_at ELSE s.created_at END,
         user_id = coalesce(s.user_id, excluded.user_id)
     WHERE s.run = 1 OR s.created_at <= excluded.created_at
-    RETURNING s.session_id
     """
 )
+#: After :data:`_PG_UPSERT` wrote fewer rows than it was given: the ones it left alone (it
+#: locked them all the same). Those had a later run than some of their events; a row it
+#: wrote has ``run = 1`` or a start at or before its first event, so it is never listed.
+_PG_SKIPPED = text(
+    """
+    SELECT d.session_id
+      FROM unnest(CAST(:session_id AS varchar[]), CAST(:created_us AS bigint[]))
+        AS d(session_id, created_us)
+      JOIN sessions AS s ON s.session_id = d.session_id
+     WHERE s.run > 1
+       AND s.created_at > TIMESTAMPTZ 'epoch' + d.created_us * INTERVAL '1 microsecond'
+    """
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _upsert_records_postgresql(connection: Connection, deltas: dict[str, Delta]) -> set[str]:
-    ordered = sorted(deltas.items())  # concurrent batches lock shared rows in the same order
-    deltas_in_order = [delta for _, delta in ordered]
-    parameters: dict[str, list[Any]] = {
-        "session_id": [session_id for session_id, _ in ordered],
-        "user_id": [delta.user_id for delta in deltas_in_order],
-        "created_at": [delta.first_at for delta in deltas_in_order],
-        "last_activity": [delta.last_at for delta in deltas_in_order],
+    ordered = sorted(deltas)  # concurrent batches lock shared rows in the same order
+    rows = [deltas[session_id] for session_id in ordered]
+    columns: dict[str, list[Any]] = {
+        "session_id": ordered,
+        "user_id": [delta.user_id for delta in rows],
+        "created_us": [_micros(delta.first_at) for delta in rows],
+        "last_us": [_micros(delta.last_at) for delta in rows],
+        **{name: [getattr(delta, name) for delta in rows] for name in COUNTERS},
     }
-    for name in COUNTERS:
-        parameters[name] = [getattr(delta, name) for delta in deltas_in_order]
-    return set(connection.execute(_PG_UPSERT, parameters).scalars())
+    parameters = {name: _array_literal(values) for name, values in columns.items()}
+    # The row count, not RETURNING: reading back hundreds of ids costs more than the rare
+    # second query when some row was left alone.
+    if connection.execute(_PG_UPSERT, parameters).rowcount == len(ordered):
+        return set(ordered)
+    skipped = connection.execute(
+        _PG_SKIPPED,
+        {"session_id": parameters["session_id"], "created_us": parameters["created_us"]},
+    ).scalars()
+    return set(ordered).difference(skipped)
+
+
+def _micros(at: datetime | None) -> int:
+    assert at is not None  # a delta in the fast path has seen at least one event
+    return (at - _EPOCH) // _MICROSECOND
+
+
+#: Characters that a string element of an array literal must have escaped.
+_ARRAY_SPECIAL = re.compile(r'["\\]')
+
+
+def _array_literal(values: list[Any]) -> str:
+    """``values`` as a PostgreSQL array literal; ``{}`` when each is 0, ``None`` (or False).
+
+    Elements are ints, floats (``repr`` round-trips exactly), ``None`` or strings, which are
+    always quoted (and ``"``, ``\\`` escaped), so no content can end an element early.
+    """
+    if not any(values):
+        return "{}"
+    if None not in values:
+        if not isinstance(values[0], str):
+            return "{" + ",".join(map(repr, values)) + "}"
+        if not _ARRAY_SPECIAL.search("".join(values)):
+            return '{"' + '","'.join(values) + '"}'
+    return "{" + ",".join(map(_array_element, values)) + "}"
+
+
+def _array_element(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        if _ARRAY_SPECIAL.search(value):
+            value = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{value}"'
+    return repr(value)
 
 
 @dataclass(slots=True)
@@ -426,16 +483,24 @@ def _delta_params(delta: Delta) -> dict[str, Any]:
 
 def apply_events(connection: Connection, events: Sequence[Event]) -> None:
     """Write ``events`` (already deduplicated and validated) in the open transaction."""
-    groups = group_by_session(events)
+    # One pass: a delta per session for as long as it only records (nearly always).
     fast: dict[str, Delta] = {}
-    slow: list[str] = []
-    for session_id, session_events in groups.items():
-        delta = coalesce_records(session_events)
-        if delta is None:
-            slow.append(session_id)
+    slow: set[str] = set()
+    for event in events:
+        session_id = event.session_id
+        if session_id in slow:
+            continue
+        if isinstance(event, RecordEvent):
+            delta = fast.get(session_id)
+            if delta is None:
+                delta = fast[session_id] = Delta()
+            delta.add(event)
         else:
-            fast[session_id] = delta
+            slow.add(session_id)
+            fast.pop(session_id, None)
     written = upsert_records(connection, fast)
-    slow.extend(session_id for session_id in fast if session_id not in written)
-    for session_id in sorted(slow):
-        SessionWalk(connection, session_id).run(groups[session_id])
+    slow.update(session_id for session_id in fast if session_id not in written)
+    if slow:
+        groups = group_by_session(event for event in events if event.session_id in slow)
+        for session_id in sorted(slow):
+            SessionWalk(connection, session_id).run(groups[session_id])

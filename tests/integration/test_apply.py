@@ -299,6 +299,25 @@ def test_old_record_goes_to_the_run_live_at_its_time(store: SessionStore) -> Non
     assert live is not None and (live.run, live.request_count) == (3, 1)
 
 
+def test_records_only_batch_splits_into_written_and_earlier_run_sessions(
+    store: SessionStore,
+) -> None:
+    """The fast path writes "t" and "u" and leaves "s" (older than its live run) alone."""
+    store.apply(batch(create("s", 0), end("s", 5)))
+    store.apply(batch(create("s", 10), record("s", 11)))
+    store.apply(batch(record("u", 1)))
+    result = store.apply(
+        batch(record("t", 4), record("s", 4, processing_time=2.0), record("u", 3), record("s", 12))
+    )
+    assert result == ApplyResult(applied=4)
+    assert run_rows(store)[("s", 1)]["request_count"] == 1
+    assert run_rows(store)[("s", 1)]["total_processing_time"] == 2.0
+    live = {s.session_id: s for s in store.list()}
+    assert (live["s"].run, live["s"].request_count, live["s"].last_activity) == (2, 2, at(12))
+    assert (live["t"].request_count, live["u"].request_count) == (1, 2)
+    assert (live["u"].created_at, live["u"].last_activity) == (at(1), at(3))
+
+
 def test_redelivered_batch_is_a_duplicate_and_changes_nothing(store: SessionStore) -> None:
     first = batch(create("s", 0, user_id="u"), record("s", 1), record("t", 2), end("s", 3))
     assert store.apply(first) == ApplyResult(applied=4)
