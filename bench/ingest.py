@@ -126,6 +126,8 @@ class ProducerJob:
     rate: float = 0.0
     #: Closed loop: pause while more than this many events wait to be published.
     max_pending: int = 20_000
+    #: The tracker's ``max_batch_events``; None = the settings' default.
+    batch_events: int | None = None
 
 
 class RememberingPublisher:
@@ -158,7 +160,12 @@ def producer_main(job: ProducerJob, barrier: Any, results: Any) -> None:
         settings = Settings()
         publisher = CeleryPublisher(settings)
         remembering = RememberingPublisher(publisher) if job.rate else None
-        tracker = SessionTracker(settings, publisher=remembering or publisher, spool=None)
+        tracker = SessionTracker(
+            settings,
+            publisher=remembering or publisher,
+            spool=None,
+            max_batch_events=job.batch_events,
+        )
         record = tracker.record
     else:
         from bench import naive
@@ -167,6 +174,7 @@ def producer_main(job: ProducerJob, barrier: Any, results: Any) -> None:
             naive.send(session_id, processing_time, error, datetime.now(UTC).isoformat())
 
     barrier.wait()
+    cpu_before = time.process_time()
     started = time.time()
     start_clock = time.perf_counter()
     paused = 0.0
@@ -195,6 +203,7 @@ def producer_main(job: ProducerJob, barrier: Any, results: Any) -> None:
             "recorded": recorded,
             "closed": time.time(),
             "paused": paused,
+            "cpu_seconds": time.process_time() - cpu_before,
             "latencies_ns": latencies.tobytes(),
             "stats": stats,
             "sent": remembering.sent if remembering else {},
@@ -247,6 +256,11 @@ class Worker:
     def pool_size(self) -> int:
         return len(_process_tree(self.process.pid)) - 1
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds (user + system) used so far by the main process and by its children."""
+        main, *children = _process_tree(self.process.pid)
+        return _cpu_seconds(main), sum(_cpu_seconds(pid) for pid in children)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -265,6 +279,13 @@ def _process_tree(pid: int) -> list[int]:
             for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
                 found.extend(_process_tree(int(child)))
     return found
+
+
+def _cpu_seconds(pid: int) -> float:
+    with suppress(OSError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 def _vm_hwm_kb(pid: int) -> int:
@@ -296,6 +317,8 @@ class Run:
     paused_seconds: float = 0.0
     batches: int = 0
     offered_rate: float = 0.0
+    #: CPU seconds by component during the run (where the time goes).
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -314,6 +337,10 @@ class Bench:
     workdir: Path
     #: Where py-spy writes profiles of the first throughput run (``--profile``), or None.
     profile_dir: Path | None = None
+    #: Extra command-line arguments for our worker (``--worker-arg``), e.g. another pool.
+    worker_args: list[str] = field(default_factory=list)
+    #: The producers' batch size (``--batch-events``); None = the settings' default.
+    batch_events: int | None = None
     runs: list[Run] = field(default_factory=list)
 
     # -- database helpers
@@ -405,6 +432,22 @@ class Bench:
             problems.append(f"{dead} dead letters")
         return "; ".join(problems)
 
+    def backend_cpu_seconds(self, url: str) -> float:
+        """CPU seconds of the PostgreSQL backends serving ``url``'s database (but this one)."""
+        from sqlalchemy import text
+
+        engine = self._engine(url)
+        with engine.connect() as c:
+            pids = c.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalars()
+            total = sum(_cpu_seconds(pid) for pid in pids)
+        engine.dispose()
+        return total
+
     # -- processes
 
     def environment(self, database_url: str) -> dict[str, str]:
@@ -420,6 +463,7 @@ class Bench:
     def start_worker(self, kind: str, concurrency: int | None) -> Worker:
         extra = [f"--concurrency={concurrency}"] if concurrency else []
         if kind == "ours":
+            extra += self.worker_args
             return Worker(
                 "workers",
                 self.environment(self.ours_url),
@@ -455,6 +499,7 @@ class Bench:
                         str(self.workdir / "spool"),
                         rate / self.producers if rate else 0,
                         self.max_pending,
+                        self.batch_events,
                     ),
                     barrier,
                     results,
@@ -503,6 +548,8 @@ class Bench:
             profile = self.profile_dir is not None and not any(r.kind == kind for r in self.runs)
             if profile:
                 profilers.append(py_spy(worker.process.pid, self._profile_path(kind, "worker")))
+            main_before, children_before = worker.cpu_seconds()
+            redis_before = redis_cpu_seconds(self.broker_url)
             self.start_producers(kind, events, rate=0)
             if profile:
                 profilers.append(
@@ -512,6 +559,14 @@ class Bench:
             done, seen = self.wait_for_total(url, total)
             results = self.collect()
             run.worker_rss_mb, run.worker_rss_largest_mb = worker.peak_rss_mb()
+            main_after, children_after = worker.cpu_seconds()
+            run.cpu_seconds = {
+                "producers": sum(r["cpu_seconds"] for r in results),
+                "worker main process": main_after - main_before,
+                "worker pool processes": children_after - children_before,
+                "postgresql backends": self.backend_cpu_seconds(url),
+                "redis": redis_cpu_seconds(self.broker_url) - redis_before,
+            }
         finally:
             for profiler in profilers:
                 profiler.send_signal(signal.SIGINT)
@@ -658,6 +713,16 @@ def listening(url: str, arrivals: dict[str, float]) -> Iterator[threading.Event]
     finally:
         stop.set()
         thread.join(10)
+
+
+def redis_cpu_seconds(url: str) -> float:
+    """CPU seconds the Redis server has used (it serves other clients too: a bound)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    info = client.info("cpu")
+    client.close()
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -820,6 +885,11 @@ def progress(run: Run) -> str:
         f"{run.label}: {what}, record p50 {run.record_us['p50']:.1f} us p99 "
         f"{run.record_us['p99']:.1f} us, worker RSS {run.worker_rss_mb:.0f} MB"
         + ("" if run.exact else f" FAILED: {run.problem}")
+        + (
+            "\n    CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in run.cpu_seconds.items())
+            if run.cpu_seconds
+            else ""
+        )
     )
 
 
@@ -865,6 +935,16 @@ def main() -> None:
     parser.add_argument("--max-pending", type=int, default=20_000)
     parser.add_argument("--no-scale", action="store_true", help="skip the --concurrency=1 runs")
     parser.add_argument("--only-ours", action="store_true", help="skip the naive baseline")
+    parser.add_argument(
+        "--worker-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for our worker, e.g. --worker-arg=--pool=threads (repeatable)",
+    )
+    parser.add_argument(
+        "--batch-events", type=int, help="producers' max_batch_events (default: the settings')"
+    )
     parser.add_argument("--quick", action="store_true", help="small N, one repeat, no scale")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     parser.add_argument(
@@ -912,6 +992,8 @@ def main() -> None:
             naive_url,
             Path(workdir),
             arguments.profile,
+            arguments.worker_arg,
+            arguments.batch_events,
         )
         scenarios: list[Callable[[], Run]] = [lambda: bench.throughput("ours")]
         if not arguments.only_ours:
