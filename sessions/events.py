@@ -14,6 +14,7 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -42,9 +43,10 @@ MAX_CLOCK_SKEW = timedelta(minutes=5)
 EndStatus = Literal["completed", "failed", "expired"]
 
 
-#: Ids that passed :func:`_check_id` lately: agents record into the same few sessions over
-#: and over, and a set lookup costs a fraction of the pattern match (bounded: cleared when full).
-_valid_ids: set[str] = set()
+#: Ids that passed :func:`_check_id` lately, each with its JSON form: agents record into the
+#: same few sessions over and over, and a lookup costs a fraction of the pattern match
+#: (bounded: forgotten all at once when full).
+_valid_ids: dict[str, str] = {}
 VALID_IDS_REMEMBERED = 8192
 
 
@@ -55,7 +57,7 @@ def _check_id(value: str) -> str:
         raise ValueError("must be 1 to 255 printable ASCII characters without whitespace")
     if len(_valid_ids) >= VALID_IDS_REMEMBERED:
         _valid_ids.clear()
-    _valid_ids.add(value)
+    _valid_ids[value] = json.dumps(value)
     return value
 
 
@@ -192,6 +194,110 @@ def peek_batch_id(payload: Any) -> str | None:
         found = _BATCH_ID_PREFIX.match(payload)
         return found.group(1) if found else None
     return None
+
+
+#: A ``record`` event as the client keeps it until it is sent, already validated:
+#: ``(session_id, at, user_id, processing_time, error, counts_request, input_tokens,
+#: output_tokens, cost)``. A tuple of plain values costs the agent far less than a model
+#: (to make, and to the garbage collector while it waits in the buffer).
+RecordFields = tuple[str, datetime, str | None, float, bool, bool, int, int, float]
+
+
+def plain_record(
+    session_id: str,
+    processing_time: float,
+    error: bool,
+    user_id: str | None,
+    counts_request: bool,
+    input_tokens: int,
+    output_tokens: int,
+    cost: float,
+) -> RecordFields | None:
+    """The fields of a ``record`` event made now, if they are plainly valid; else ``None``.
+
+    "Plainly": ids seen valid lately, and values of exactly the types the model takes
+    without conversion, within its bounds. Anything else (a new id, a string for a number,
+    NaN, a bool for an int, ...) gets ``None``: the caller then builds a :class:`RecordEvent`,
+    which accepts or refuses it with the field and rule named. So this never accepts what
+    the model would refuse, and yields the values the model would hold.
+    """
+    if (
+        type(session_id) is str
+        and session_id in _valid_ids
+        and (user_id is None or (type(user_id) is str and user_id in _valid_ids))
+        and type(processing_time) in (float, int)
+        and 0 <= processing_time <= MAX_PROCESSING_TIME
+        and type(error) is bool
+        and type(counts_request) is bool
+        and type(input_tokens) is int
+        and input_tokens >= 0
+        and type(output_tokens) is int
+        and output_tokens >= 0
+        and type(cost) in (float, int)
+        and 0 <= cost < math.inf
+    ):
+        return (
+            session_id,
+            datetime.now(UTC),
+            user_id,
+            float(processing_time),
+            error,
+            counts_request,
+            input_tokens,
+            output_tokens,
+            float(cost),
+        )
+    return None
+
+
+def event_json(item: CreateEvent | RecordEvent | EndEvent | RecordFields) -> str:
+    """One event as compact JSON, as :func:`decode_batch` reads it.
+
+    Fields at their default are left out of a :data:`RecordFields` event (the model fills
+    them in), except ``processing_time`` and ``error``.
+    """
+    if not isinstance(item, tuple):
+        return item.model_dump_json()
+    session_id, at, user_id, seconds, error, counts_request, tokens_in, tokens_out, cost = item
+    text = (
+        f'{{"kind":"record","session_id":{_valid_ids.get(session_id) or json.dumps(session_id)}'
+        f',"at":"{at.isoformat()}","processing_time":{seconds!r}'
+        f',"error":{"true" if error else "false"}'
+    )
+    if user_id is not None:
+        text += f',"user_id":{_valid_ids.get(user_id) or json.dumps(user_id)}'
+    if not counts_request:
+        text += ',"counts_request":false'
+    if tokens_in:
+        text += f',"input_tokens":{tokens_in}'
+    if tokens_out:
+        text += f',"output_tokens":{tokens_out}'
+    if cost:
+        text += f',"cost":{cost!r}'
+    return text + "}"
+
+
+def batch_json(
+    batch_id: uuid.UUID, items: Sequence[CreateEvent | RecordEvent | EndEvent | RecordFields]
+) -> str:
+    """A batch's wire form (see :func:`encode_message`), made straight from its events."""
+    return f'{{"batch_id":"{batch_id}","events":[{",".join(map(event_json, items))}]}}'
+
+
+def record_event(fields: RecordFields) -> RecordEvent:
+    """The model of a :data:`RecordFields` event."""
+    session_id, at, user_id, seconds, error, counts_request, tokens_in, tokens_out, cost = fields
+    return RecordEvent(
+        session_id=session_id,
+        at=at,
+        user_id=user_id,
+        processing_time=seconds,
+        error=error,
+        counts_request=counts_request,
+        input_tokens=tokens_in,
+        output_tokens=tokens_out,
+        cost=cost,
+    )
 
 
 class RejectedEvent(BaseModel):

@@ -43,8 +43,14 @@ class CeleryPublisher:
         self._celery()
 
     def __call__(self, message: dict[str, Any]) -> None:
-        # One JSON text, not the message's objects: see sessions.events.encode_message.
-        self._celery().send_task(INGEST_TASK, args=[encode_message(message)])
+        self.publish_text(encode_message(message))
+
+    def publish_text(self, text: str) -> None:
+        """Send a batch's wire form, one JSON text (see :func:`sessions.events.encode_message`).
+
+        The tracker hands over text it made straight from its buffer, without a dict between.
+        """
+        self._celery().send_task(INGEST_TASK, args=[text])
 
     def _celery(self) -> Celery:
         with self._lock:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -39,7 +40,17 @@ from typing import Any, cast
 from sqlalchemy.exc import SQLAlchemyError
 
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError, StoreUnavailableError
-from sessions.events import Batch, CreateEvent, EndEvent, EndStatus, RecordEvent
+from sessions.events import (
+    Batch,
+    CreateEvent,
+    EndEvent,
+    EndStatus,
+    RecordEvent,
+    RecordFields,
+    batch_json,
+    plain_record,
+    record_event,
+)
 from sessions.publisher import CeleryPublisher, Publisher
 from sessions.settings import Settings, get_settings, mask_url
 from sessions.spool import BatchSpool
@@ -157,7 +168,7 @@ class SessionTracker:
         #: Signalled (under ``_lock``) whenever the publisher thread has handled more events.
         self._progress = threading.Condition(self._lock)
         self._wake = threading.Event()
-        self._buffer: list[Event] = []
+        self._buffer: list[Event | RecordFields] = []
         self._closed = False
         self._flush_requested = False
         self._dropped_warned = False
@@ -208,8 +219,25 @@ class SessionTracker:
         Raises :class:`pydantic.ValidationError` (a ``ValueError``) naming the field when an
         argument is invalid; never raises for broker or database trouble.
         """
+        # Plainly valid arguments (nearly always) are kept as they are; the rest go through
+        # the model, which converts them or refuses them with the field and rule named.
+        fields = (
+            plain_record(
+                session_id,
+                processing_time,
+                error,
+                user_id,
+                counts_request,
+                input_tokens,
+                output_tokens,
+                cost,
+            )
+            if at is None
+            else None
+        )
         self._append(
-            RecordEvent(
+            fields
+            or RecordEvent(
                 session_id=session_id,
                 at=at or datetime.now(UTC),
                 user_id=user_id,
@@ -251,7 +279,7 @@ class SessionTracker:
             )
         )
 
-    def _append(self, event: Event) -> None:
+    def _append(self, event: Event | RecordFields) -> None:
         with self._lock:
             if self._closed or len(self._buffer) >= self.max_buffered_events:
                 self._dropped += 1
@@ -429,7 +457,7 @@ class SessionTracker:
             if closing:
                 return
 
-    def _take(self, mark: int) -> tuple[tuple[Event, ...], int] | None:
+    def _take(self, mark: int) -> tuple[tuple[Event | RecordFields, ...], int] | None:
         """Cut the next batch off the buffer: a full one, or any while events up to the
         ``mark``-th are still uncut."""
         with self._lock:
@@ -444,24 +472,32 @@ class SessionTracker:
             self._cut += len(events)
             return tuple(events), self._cut
 
-    def _send(self, events: tuple[Event, ...], seq: int) -> None:
-        batch: Batch | None = None
+    def _send(self, events: tuple[Event | RecordFields, ...], seq: int) -> None:
+        batch_id = uuid.uuid4()
         try:
-            # The events were validated one by one when recorded: no need to check again.
-            batch = Batch.model_construct(events=events)
-            error = self._publish(batch)
+            error = self._publish_message(batch_json(batch_id, events), str(batch_id), len(events))
         except Exception as exc:  # a bug, not the broker; it must not kill the thread
             log.exception("could not form or publish a batch of %d events", len(events))
             error = exc
+        batch: Batch | None = None
         spooled = False
-        if error is not None and batch is not None:
-            spooled = self._keep_in_spool(batch)
+        if error is not None:
+            try:
+                batch = Batch(
+                    batch_id=batch_id,
+                    events=tuple(
+                        e if not isinstance(e, tuple) else record_event(e) for e in events
+                    ),
+                )
+            except Exception:
+                log.exception("could not form batch %s of %d events", batch_id, len(events))
+            else:
+                spooled = self._keep_in_spool(batch)
         with self._lock:
             if error is None:
                 self._batches_sent += 1
                 self._events_sent += len(events)
-                assert batch is not None
-                self._unconfirmed[batch.batch_id] = seq
+                self._unconfirmed[batch_id] = seq
                 if len(self._unconfirmed) > MAX_UNCONFIRMED_BATCHES:
                     del self._unconfirmed[next(iter(self._unconfirmed))]
             else:
@@ -521,15 +557,13 @@ class SessionTracker:
                 self._events_replayed += len(spooled.message.get("events", ()))
         log.info("replayed %d spooled batches", len(waiting))
 
-    def _publish(self, batch: Batch) -> BaseException | None:
-        """Publish ``batch`` under the retry policy; the last error, or ``None`` when sent."""
-        return self._publish_message(batch.to_message(), str(batch.batch_id), len(batch.events))
-
     def _publish_message(
-        self, message: dict[str, Any], batch_id: str, events: int | None = None
+        self, message: dict[str, Any] | str, batch_id: str, events: int | None = None
     ) -> BaseException | None:
+        """Publish ``message`` (or its JSON text) under the retry policy; the last error, or
+        ``None`` once sent."""
         if events is None:
-            events = len(message.get("events", ()))
+            events = len(message.get("events", ())) if isinstance(message, dict) else 0
         if time.monotonic() < self._broker_down_until:
             self._note_failure(batch_id, events, None)
             return BrokerUnavailableError(
@@ -540,7 +574,7 @@ class SessionTracker:
             if attempt:
                 time.sleep(PUBLISH_RETRY_DELAYS[min(attempt, len(PUBLISH_RETRY_DELAYS)) - 1])
             try:
-                self._publisher(message)
+                self._hand_over(message)
             except Exception as exc:
                 error = exc
                 log.debug("publishing batch %s failed (attempt %d)", batch_id, attempt + 1)
@@ -550,6 +584,18 @@ class SessionTracker:
         assert error is not None
         self._note_failure(batch_id, events, error)
         return error
+
+    def _hand_over(self, message: dict[str, Any] | str) -> None:
+        """Give ``message`` to the publisher: as text to one that takes text (``publish_text``,
+        as :class:`CeleryPublisher` does), else as the dict :meth:`Batch.to_message` makes."""
+        if isinstance(message, str):
+            publish_text = getattr(self._publisher, "publish_text", None)
+            if publish_text is not None:
+                publish_text(message)
+                return
+            message = json.loads(message)
+            assert isinstance(message, dict)
+        self._publisher(message)
 
     def _note_failure(self, batch_id: str, events: int, error: BaseException | None) -> None:
         if self._failing_since is None:

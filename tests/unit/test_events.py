@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from sessions.events import (
@@ -15,9 +19,15 @@ from sessions.events import (
     CreateEvent,
     EndEvent,
     RecordEvent,
+    batch_json,
     decode_batch,
     describe_error,
+    encode_message,
+    event_json,
     parse_event,
+    peek_batch_id,
+    plain_record,
+    record_event,
 )
 
 AT = "2024-01-01T12:00:00Z"
@@ -280,3 +290,77 @@ def test_a_batch_object_decodes_to_itself() -> None:
     batch = Batch(events=(parse_event(record()),))
     decoded = decode_batch(batch, max_events=10)
     assert decoded.batch_id == batch.batch_id and decoded.events == batch.events
+
+
+# -- the client's plain path and the wire text ----------------------------------------------
+
+_ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**20), max_value=10**20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["user-123", "s", "1.5", "", "has space", 'quo"te', "back\\slash"]),
+)
+
+
+def _mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Values of ``valid`` three times in four, anything else otherwise."""
+    return st.integers(0, 3).flatmap(lambda pick: valid if pick else _ANY_VALUE)
+
+
+@settings(max_examples=300)
+@given(
+    session_id=_mostly(st.sampled_from(["user-123", "s"])),
+    processing_time=_mostly(st.floats(0, 86_400) | st.integers(0, 86_400)),
+    error=_mostly(st.booleans()),
+    user_id=_mostly(st.sampled_from([None, "user-456"])),
+    counts_request=_mostly(st.booleans()),
+    input_tokens=_mostly(st.integers(0, 10**9)),
+    output_tokens=_mostly(st.integers(0, 10**9)),
+    cost=_mostly(st.floats(0, 1e9) | st.integers(0, 100)),
+)
+def test_the_plain_path_accepts_nothing_the_model_refuses_and_changes_no_value(
+    **arguments: Any,
+) -> None:
+    for value in (arguments["session_id"], arguments["user_id"]):
+        with contextlib.suppress(ValidationError):  # let some ids be known valid already
+            parse_event(record(session_id=value))
+    fields = plain_record(**arguments)
+    if fields is None:
+        return
+    model = RecordEvent(at=fields[1], **arguments)
+    assert record_event(fields) == model
+    assert parse_event(json.loads(event_json(fields))) == model
+
+
+def test_a_batch_made_from_plain_fields_and_models_decodes_to_the_same_events() -> None:
+    parse_event(record(session_id='quo"te\\x'))  # known valid, with characters JSON escapes
+    plain = plain_record('quo"te\\x', 0.25, True, None, False, 3, 0, 1.5)
+    assert plain is not None
+    created = parse_event({"kind": "create", "session_id": "s", "at": AT, "metadata": {"a": 1}})
+    batch_id = uuid.uuid4()
+    decoded = decode_batch(batch_json(batch_id, [created, plain]), max_events=10)
+    assert decoded.batch_id == batch_id and decoded.rejected == ()
+    assert decoded.events == (created, record_event(plain))
+
+
+def test_wire_text_with_a_bad_event_is_decoded_event_by_event() -> None:
+    good = record(session_id="a")
+    text = json.dumps({"batch_id": str(uuid.uuid4()), "events": [good, record(cost=-1)]})
+    decoded = decode_batch(text, max_events=10)
+    assert [event.session_id for event in decoded.events] == ["a"]
+    assert [r.reason for r in decoded.rejected] == [
+        "events[1]: record.cost: must be a finite number >= 0"
+    ]
+    assert (
+        decode_batch("not json", max_events=10)
+        .rejected[0]
+        .reason.startswith("batch: must be a JSON object, got str")
+    )
+
+
+def test_peek_batch_id_reads_the_id_without_decoding() -> None:
+    batch = Batch(events=(parse_event(record()),))
+    assert peek_batch_id(encode_message(batch.to_message())) == str(batch.batch_id)
+    assert peek_batch_id(batch.to_message()) == str(batch.batch_id)
+    assert peek_batch_id("[]") is None and peek_batch_id(3) is None
