@@ -29,6 +29,8 @@ from typing import Any
 from sqlalchemy import create_engine, text
 
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError
+from sessions.events import peek_batch_id
+from sessions.publisher import INGEST_TASK, CeleryPublisher
 from sessions.tracker import SessionTracker
 from tests.faults import report
 from tests.workers_harness import CeleryProcess, service_environment, wait_until
@@ -451,23 +453,15 @@ def broker_empty(redis_client: Any) -> bool:
     return int(redis_client.llen("sessions.events")) == 0 and int(redis_client.hlen("unacked")) == 0
 
 
-class CorrelatingPublisher:
+class CorrelatingPublisher(CeleryPublisher):
     """Publishes a batch exactly as :class:`CeleryPublisher` does, under the task id ``batch_id``.
 
     So the worker's ``Task sessions.ingest[<id>] received`` lines name the batch, and a test can
     tell a batch no worker ever received from one a worker received and then lost.
     """
 
-    def __init__(self, settings: Any):
-        from workers.app import create_app
-
-        self.app = create_app(settings)
-
-    def __call__(self, message: dict[str, Any]) -> None:
-        self.app.send_task("sessions.ingest", args=[message], task_id=message["batch_id"])
-
-    def close(self) -> None:
-        self.app.close()
+    def publish_text(self, text: str) -> None:
+        self._celery().send_task(INGEST_TASK, args=[text], task_id=peek_batch_id(text))
 
 
 def received_by_a_worker(log: str, batch_id: object) -> bool:
@@ -508,8 +502,10 @@ def _batch_id_of(raw: bytes | str) -> str | None:
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        return str(args[0]["batch_id"])
+        batch = json.loads(body)[0][0]
+        if isinstance(batch, str):  # the wire form is the batch's JSON text
+            batch = json.loads(batch)
+        return str(batch["batch_id"])
     return None
 
 

@@ -141,7 +141,7 @@ def test_activity_committed_while_the_idle_sweep_runs_keeps_sessions_alive(
         outcome = compare(reference, url)
         with monitor.engine.connect() as connection:
             statuses = dict(
-                connection.execute(text("SELECT session_id, status FROM sessions")).tuples().all()
+                connection.execute(text("SELECT session_id, status FROM sessions")).all()
             )
         wrongly_expired = [s for s in racing_all if statuses.get(s) != "active"]
         not_expired = [s for s in [*gates, *idle_all] if statuses.get(s) != "expired"]
