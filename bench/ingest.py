@@ -131,15 +131,24 @@ class ProducerJob:
 
 
 class RememberingPublisher:
-    """Wraps the real publisher; remembers each sent batch's event times (latency runs)."""
+    """Wraps the real publisher; remembers what it sent, for each batch's event times."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.sent: dict[str, list[str]] = {}
+        self.texts: list[str] = []
 
     def __call__(self, message: dict[str, Any]) -> None:
         self.inner(message)
-        self.sent[str(message["batch_id"])] = [event["at"] for event in message["events"]]
+        self.texts.append(json.dumps(message))
+
+    def publish_text(self, text: str) -> None:
+        self.inner.publish_text(text)
+        self.texts.append(text)
+
+    def sent(self) -> dict[str, list[str]]:
+        """``batch_id -> [at, ...]`` of every batch sent (parsed after the run)."""
+        batches = [json.loads(text) for text in self.texts]
+        return {str(b["batch_id"]): [event["at"] for event in b["events"]] for b in batches}
 
 
 def producer_main(job: ProducerJob, barrier: Any, results: Any) -> None:
@@ -206,7 +215,7 @@ def producer_main(job: ProducerJob, barrier: Any, results: Any) -> None:
             "cpu_seconds": time.process_time() - cpu_before,
             "latencies_ns": latencies.tobytes(),
             "stats": stats,
-            "sent": remembering.sent if remembering else {},
+            "sent": remembering.sent() if remembering else {},
         }
     )
 
@@ -934,6 +943,7 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=5.0)
     parser.add_argument("--max-pending", type=int, default=20_000)
     parser.add_argument("--no-scale", action="store_true", help="skip the --concurrency=1 runs")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency runs")
     parser.add_argument("--only-ours", action="store_true", help="skip the naive baseline")
     parser.add_argument(
         "--worker-arg",
@@ -998,7 +1008,8 @@ def main() -> None:
         scenarios: list[Callable[[], Run]] = [lambda: bench.throughput("ours")]
         if not arguments.only_ours:
             scenarios.append(lambda: bench.throughput("naive"))
-        scenarios.append(bench.latency)
+        if not arguments.no_latency:
+            scenarios.append(bench.latency)
         if not arguments.no_scale:
             scenarios.append(lambda: bench.throughput("ours", 1))
         for attempt in range(arguments.repeat):
