@@ -2,17 +2,23 @@
 
 The machine's PostgreSQL (5432) and Redis (6379) are shared with other users and must never be
 stopped, so every fault scenario runs on servers of its own: a throwaway PostgreSQL cluster
-(``initdb`` + ``pg_ctl``, trust authentication, its own port on 127.0.0.1, data under a temporary
-directory) and a ``redis-server`` without persistence. Both are stopped by pid and deleted when
-the test is done. When the binaries are missing the test is skipped with the reason, or fails
-under ``SESSIONS_REQUIRE_SERVICES=1``.
+(``initdb``, then ``postgres`` in the foreground; trust authentication, its own port on
+127.0.0.1, data under a temporary directory) and a ``redis-server`` without persistence.
 
-``initdb`` refuses to run as root; as root the cluster belongs to the ``postgres`` OS user.
+Both are child processes of the test process, stopped through their own process handle (a
+stop "mode" is the signal ``pg_ctl`` would send: SIGINT fast, SIGQUIT immediate) and deleted
+when the test is done; both also carry a parent-death signal, so even a test run that is killed
+outright leaves no server behind (and the next run deletes its stale files). When the binaries
+are missing the test is skipped with the reason, or fails under ``SESSIONS_REQUIRE_SERVICES=1``.
+
+``initdb`` and ``postgres`` refuse to run as root; as root the cluster belongs to the
+``postgres`` OS user.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import os
 import pwd
@@ -22,7 +28,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -33,6 +39,11 @@ from tests.services import missing_service
 POSTGRES_BIN_ENV = "SESSIONS_FAULTS_POSTGRES_BIN"
 #: How long a server may take to start or stop before the test fails.
 SERVER_DEADLINE = 30.0
+#: ``prctl`` option: the signal a process gets when its parent exits.
+PR_SET_PDEATHSIG = 1
+#: Temporary directories of the private servers.
+POSTGRES_PREFIX = "sessions-faults-pg-"
+REDIS_PREFIX = "sessions-faults-redis-"
 
 
 def free_port() -> int:
@@ -59,18 +70,18 @@ def _wait(condition: object, what: str, timeout: float = SERVER_DEADLINE) -> Non
         time.sleep(0.05)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); it is gone for our purposes.
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as stat:
-        if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
+def _remove_stale(prefix: str, max_age: float = 3600.0) -> None:
+    """Delete what killed test runs left under ``prefix`` (no live server, over an hour old)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), prefix + "*")):
+        with contextlib.suppress(OSError):
+            if time.time() - os.path.getmtime(path) < max_age:
+                continue
+            pid_file = Path(path) / "data" / "postmaster.pid"
+            if pid_file.exists():
+                pid = int(pid_file.read_text().splitlines()[0])
+                if Path(f"/proc/{pid}").exists():
+                    continue
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------
@@ -95,7 +106,12 @@ def postgres_bin_dir() -> Path | None:
 
 
 class PrivatePostgres:
-    """A PostgreSQL cluster of this test's own on 127.0.0.1:``port``; stop/start it freely."""
+    """A PostgreSQL cluster of this test's own on 127.0.0.1:``port``; stop/start it freely.
+
+    The postmaster runs in the foreground as a child of the test process (not daemonized by
+    ``pg_ctl``), with a parent-death signal: if the test process itself is killed, the server
+    goes with it instead of lingering on the shared machine.
+    """
 
     def __init__(self, bin_dir: Path, root: Path, owner: str | None):
         self.bin_dir = bin_dir
@@ -104,6 +120,7 @@ class PrivatePostgres:
         self.log_path = root / "postgres.log"
         self.owner = owner
         self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
 
     # The admin URL (database ``postgres``); databases for tests are created under it.
     @property
@@ -113,67 +130,50 @@ class PrivatePostgres:
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
-    def _run(self, *arguments: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        command = [str(self.bin_dir / arguments[0]), *arguments[1:]]
-        if self.owner is not None:
-            command = ["runuser", "-u", self.owner, "--", *command]
-        return subprocess.run(
-            command, capture_output=True, text=True, check=check, timeout=SERVER_DEADLINE * 2
-        )
-
     def initdb(self) -> None:
-        self._run(
-            "initdb",
-            "-D",
-            str(self.data),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        )
+        result = subprocess.run(
+            [str(self.bin_dir / "initdb"), "-D", str(self.data), "-A", "trust", "-U",
+             "postgres", "-E", "UTF8", "--no-sync"],
+            capture_output=True, text=True, timeout=SERVER_DEADLINE * 2,
+            preexec_fn=_child_setup(self.owner), cwd=self.root,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise AssertionError(f"initdb failed:\n{result.stdout}{result.stderr}")
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
-        options = " ".join(
-            [
-                f"-p {self.port}",
-                f"-k {self.root}",
-                "-c listen_addresses=127.0.0.1",
-                # Throwaway data: durability across an OS crash is not what is tested here
-                # (a stop, even an immediate one, keeps everything the OS was handed).
-                "-c fsync=off",
-                "-c full_page_writes=off",
-                "-c max_connections=200",
-            ]
-        )
-        result = self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-o", options, "-w",
-            "start", check=False,
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [str(self.bin_dir / "postgres"), "-D", str(self.data), "-p", str(self.port),
+             "-k", str(self.root), "-c", "listen_addresses=127.0.0.1",
+             # Throwaway data: durability across an OS crash is not what is tested here
+             # (a stop, even an immediate one, keeps everything the OS was handed).
+             "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200"],
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup(self.owner),
+            cwd=self.root,
         )  # fmt: skip
-        if result.returncode != 0:
-            raise AssertionError(
-                f"private PostgreSQL did not start:\n{result.stdout}{result.stderr}\n"
-                f"{self.log_tail()}"
-            )
-        _wait(self.accepting, "the private PostgreSQL to accept connections")
+        log.close()
+
+        def accepting() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"private PostgreSQL exited:\n{self.log_tail()}")
+            return self.accepting()
+
+        _wait(accepting, "the private PostgreSQL to accept connections")
 
     def stop(self, mode: str = "fast") -> None:
-        """Stop the server: ``fast`` (orderly) or ``immediate`` (as a crash would)."""
-        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
-        pid = self.pid()
-        if pid is not None and _pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        """Stop the server: ``fast`` (orderly, SIGINT) or ``immediate`` (as a crash, SIGQUIT)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT if mode == "immediate" else signal.SIGINT)
+            try:
+                self.process.wait(timeout=SERVER_DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
         _wait(lambda: not _port_open(self.port), "the private PostgreSQL to stop")
-
-    def pid(self) -> int | None:
-        """The postmaster's pid, from its pid file (``None`` when not running)."""
-        try:
-            return int((self.data / "postmaster.pid").read_text().splitlines()[0])
-        except (OSError, ValueError, IndexError):
-            return None
 
     def accepting(self) -> bool:
         engine = create_engine(self.admin_url, connect_args={"connect_timeout": 2})
@@ -202,15 +202,35 @@ class PrivatePostgres:
             return ""
 
     def destroy(self) -> None:
-        """Stop the server by pid if it still runs, then delete its files."""
-        pid = self.pid()
-        if pid is not None and _pid_alive(pid):
-            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
-            if _pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(AssertionError):
-                _wait(lambda: not _pid_alive(pid), "the private PostgreSQL to exit", 10)
+        """Stop the server (immediately) if it still runs, then delete its files."""
+        self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _child_setup(owner: str | None) -> Callable[[], None]:
+    """``preexec_fn`` of a server process: become ``owner``, and die with the test process."""
+    uid = gid = None
+    if owner is not None:
+        entry = pwd.getpwnam(owner)
+        uid, gid = entry.pw_uid, entry.pw_gid
+
+    def setup() -> None:
+        os.setsid()  # keep the server out of the test's terminal signals (Ctrl-C)
+        if gid is not None and uid is not None:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+        # After the change of user: a change of credentials clears the parent-death signal.
+        _die_with_parent()
+
+    return setup
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (a no-op elsewhere)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _postgres_owner() -> str | None:
@@ -221,8 +241,6 @@ def _postgres_owner() -> str | None:
         pwd.getpwnam("postgres")
     except KeyError:
         missing_service("running as root and there is no `postgres` OS user to own a cluster")
-    if shutil.which("runuser") is None:
-        missing_service("running as root and `runuser` is missing (initdb refuses root)")
     return "postgres"
 
 
@@ -237,7 +255,8 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         )
         raise AssertionError("unreachable")  # pragma: no cover
     owner = _postgres_owner()
-    root = Path(tempfile.mkdtemp(prefix="sessions-faults-pg-"))
+    _remove_stale(POSTGRES_PREFIX)
+    root = Path(tempfile.mkdtemp(prefix=POSTGRES_PREFIX))
     if owner is not None:
         shutil.chown(root, user=owner)
     server = PrivatePostgres(bin_dir, root, owner)
@@ -270,7 +289,7 @@ class PrivateRedis:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.root)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup(None),
         )  # fmt: skip
         log.close()
         _wait(self.answering, "the private Redis to answer")
@@ -309,7 +328,8 @@ def private_redis() -> Iterator[PrivateRedis]:
     if binary is None:
         missing_service("redis-server is not on PATH (needed for a private Redis server)")
         raise AssertionError("unreachable")  # pragma: no cover
-    root = Path(tempfile.mkdtemp(prefix="sessions-faults-redis-"))
+    _remove_stale(REDIS_PREFIX)
+    root = Path(tempfile.mkdtemp(prefix=REDIS_PREFIX))
     server = PrivateRedis(binary, root)
     try:
         server.start()
