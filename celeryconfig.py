@@ -197,15 +197,10 @@ timezone = "UTC"
 enable_utc = True
 
 # -- worker -----------------------------------------------------------------------------------
-# One process running tasks in two threads, not Celery's default of one forked process per
-# core. A batch spends about half its time waiting for PostgreSQL, with the GIL released, so
-# two threads keep a process busy, and the Python work per event is a few microseconds.
-# Measured with bench/ingest.py on 2 cores: the same throughput as a prefork pool of 2
-# (which also pickles every message over a pipe to a child), at a peak RSS of ~107 MB
-# instead of ~288 MB for three interpreters. Scale with more worker processes. `--pool
-# prefork` still works, and then task_reject_on_worker_lost (above) matters.
-worker_pool = "threads"
-worker_concurrency = 2
+# The pool is Celery's default, prefork (a process per core). `--pool threads -c 2` measures
+# the same throughput in bench/ingest.py with a third of the memory (README, Performance); it
+# is not set here because a configured worker_pool also overrides an explicit
+# `--pool=prefork` on the command line (Celery reads "prefork" there as "not given").
 # A worker is a process of its own: let Celery configure its root logger, so the store's
 # ``sessions.*`` loggers (dead letters, retried transactions) reach the worker's log.
 worker_hijack_root_logger = True
