@@ -44,12 +44,19 @@ SETTLE_DEADLINE = float(os.environ.get("SESSIONS_FAULTS_SETTLE", "120"))
 # -- processes --------------------------------------------------------------------------------
 
 
-def worker_arguments(concurrency: int, queues: str | None = None) -> list[str]:
+#: ``--pool`` value that really gets a prefork pool: Celery reads ``--pool=prefork`` as "no
+#: choice made" and then runs the configured ``worker_pool`` (threads) instead.
+PREFORK = "processes"
+
+
+def worker_arguments(
+    concurrency: int, queues: str | None = None, pool: str | None = None
+) -> list[str]:
+    """``celery worker`` arguments; ``pool`` ``None`` runs the configured (shipped) pool."""
     arguments = [
         "worker",
         "--loglevel=INFO",
         f"--concurrency={concurrency}",
-        "--pool=prefork",
         f"--hostname=faults-{uuid.uuid4().hex[:8]}@%h",
         "--without-mingle",
         "--without-gossip",
@@ -57,6 +64,8 @@ def worker_arguments(concurrency: int, queues: str | None = None) -> list[str]:
     ]
     if queues:
         arguments += ["-Q", queues]
+    if pool:
+        arguments.append(f"--pool={pool}")
     return arguments
 
 
@@ -77,12 +86,16 @@ class Fleet:
             process.stop()  # reaps it and closes its log
 
     def workers(
-        self, count: int = 1, concurrency: int = 2, queues: str | None = None
+        self,
+        count: int = 1,
+        concurrency: int = 2,
+        queues: str | None = None,
+        pool: str | None = None,
     ) -> list[CeleryProcess]:
         """``count`` workers started side by side; all are consuming when this returns."""
         started = [
             CeleryProcess(
-                "worker", worker_arguments(concurrency, queues), self.environment, self.logs
+                "worker", worker_arguments(concurrency, queues, pool), self.environment, self.logs
             )
             for _ in range(count)
         ]
@@ -91,8 +104,10 @@ class Fleet:
             worker.wait_for_log(r"@\S+ ready\.", timeout=60)
         return started
 
-    def worker(self, concurrency: int = 2, queues: str | None = None) -> CeleryProcess:
-        return self.workers(1, concurrency, queues)[0]
+    def worker(
+        self, concurrency: int = 2, queues: str | None = None, pool: str | None = None
+    ) -> CeleryProcess:
+        return self.workers(1, concurrency, queues, pool)[0]
 
     def beats(self, count: int = 1) -> list[CeleryProcess]:
         started = [

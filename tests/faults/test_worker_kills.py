@@ -6,9 +6,11 @@ worker has a transaction open (found through ``pg_stat_activity`` and the socket
 
 * **Pool processes.** The pool process holding the open transaction is SIGKILLed; Celery forks a
   replacement and, with ``task_reject_on_worker_lost``, puts the message back. Exact counts.
-* **Whole worker, or its main process alone.** The worker is restarted each time; messages it
-  held come back through Redis's visibility timeout (2 s here). Killing the main process alone
-  orphans its pool processes, which may still commit what they were applying, unacknowledged.
+* **Whole worker, or its main process alone.** The worker is restarted each time, alternately
+  running the pool the project configures (the whole process group is killed) and a prefork
+  pool (only the main process is killed, orphaning its pool processes, which may still commit
+  what they were applying, unacknowledged). Messages a killed worker held come back through Redis's
+  visibility timeout (2 s here).
   Nothing may be counted twice. Batches do get lost around these kills, and the test reports
   them (and marks itself xfail) rather than failing: kombu's Redis transport takes a message
   off the queue (``BRPOP``) *before* it records it as unacknowledged, so a consumer killed in
@@ -31,6 +33,7 @@ import pytest
 from sessions.settings import Settings
 from sessions.tracker import SessionTracker
 from tests.faults.harness import (
+    PREFORK,
     CorrelatingPublisher,
     Fleet,
     Monitor,
@@ -59,6 +62,9 @@ pytestmark = [pytest.mark.slow]
 
 VISIBILITY_TIMEOUT = 2
 CONCURRENCY = 2
+#: The pool each kind of kill needs: pool processes exist only in a prefork pool; a whole
+#: worker is killed running the pool the project configures (``None``).
+POOL_FOR = {"pool process": PREFORK, "main process": PREFORK, "whole worker": None}
 #: Seconds between looks for an open transaction to aim a kill at.
 AIM_POLL = 0.003
 
@@ -70,7 +76,7 @@ def _aim(monitor: Monitor, worker: CeleryProcess, timeout: float = 3.0) -> tuple
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pool = children(worker.process.pid)
+        pool = [worker.process.pid, *children(worker.process.pid)]
         for backend in monitor.in_transaction():
             if backend.client_port is None:
                 continue
@@ -122,7 +128,7 @@ def _run(
     moments: list[str] = []
     killed: list[CeleryProcess] = []
     with Fleet(environment, tmp_path) as fleet, Monitor(url) as monitor:
-        worker = fleet.worker(CONCURRENCY)
+        worker = fleet.worker(CONCURRENCY, pool=POOL_FOR[kinds[0]])
         publisher = CorrelatingPublisher(settings)
         tracker = SessionTracker(
             settings, max_batch_events=40, flush_interval=0.02, publisher=publisher
@@ -135,6 +141,7 @@ def _run(
         try:
             for number in range(kills):
                 kind = kinds[number % len(kinds)]
+                after = POOL_FOR[kinds[(number + 1) % len(kinds)]]  # the restarted worker's
                 target = monitor.ledger_count() + 1 + number % 4
                 wait_until(
                     lambda target=target: monitor.ledger_count() >= target,  # type: ignore[misc]
@@ -144,18 +151,19 @@ def _run(
                 victim, state = _aim(monitor, worker)
                 applied = monitor.ledger_count()
                 if kind == "pool process":
-                    victim = victim if victim is not None else children(worker.process.pid)[0]
+                    pool = children(worker.process.pid)
+                    victim = victim if victim in pool else pool[0]
                     os.kill(victim, signal.SIGKILL)
                     wait_until(lambda v=victim: not alive(v), message="the pool process to die")  # type: ignore[misc]
                 elif kind == "main process":
                     os.kill(worker.process.pid, signal.SIGKILL)
                     worker.process.wait()
                     killed.append(worker)
-                    worker = fleet.worker(CONCURRENCY)
+                    worker = fleet.worker(CONCURRENCY, pool=after)
                 else:
                     kill_group(worker)
                     killed.append(worker)
-                    worker = fleet.worker(CONCURRENCY)
+                    worker = fleet.worker(CONCURRENCY, pool=after)
                 moments.append(f"{kind} after {applied} batches, {state}")
         finally:
             producer.stop()
