@@ -720,6 +720,7 @@ def py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
             "--pid",
             str(pid),
             "--subprocesses",
+            "--gil",  # only samples holding the GIL: where the Python CPU goes, not waits
             "--format",
             "raw",
             "--rate",
