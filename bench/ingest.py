@@ -16,9 +16,10 @@ Redis into PostgreSQL. Measured, each as the median of ``--repeat`` runs:
 
 The naive baseline runs in the same invocation, on the same Redis and PostgreSQL: one Celery
 task per update (``bench/naive.py``, ``celery -A bench.naive worker``), each applying one
-atomic ``UPDATE`` in its own transaction. Our figures are reported as ratios against it. A
-scale row compares the worker with 1 and 2 pool processes, and ``store.apply`` alone (no
-broker) shows what one database connection takes.
+atomic ``UPDATE`` in its own transaction. Our figures are reported as ratios against it.
+Other worker set-ups run too (:data:`SCALE_CONFIGURATIONS`: one pool process, a threads pool,
+two workers), ``store.apply`` alone (no broker) shows what one database connection takes, and
+every run records the CPU seconds of producers, worker, PostgreSQL backends and Redis.
 
 Producers are closed-loop: ``record`` never blocks, so a producer that outruns the pipeline
 would only fill its buffer until events are dropped (which the exactness check would catch);
@@ -28,6 +29,8 @@ instead each producer pauses (outside the timed calls) while more than
     python -m bench.ingest                       # P=2, N=100,000, K=1,000, 3 repeats
     python -m bench.ingest --quick               # a smoke run, one repeat, small N
     python -m bench.ingest --producers 4 --events 50000 --sessions 10000 --repeat 5
+    python -m bench.ingest --batch-events 2000 --no-scale --only-ours
+    python -m bench.ingest --profile /tmp/prof   # py-spy the worker and a producer
 
 Prints a markdown table and writes ``bench/results/ingest-<time>.json``.
 """
