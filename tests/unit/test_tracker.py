@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import uuid
@@ -272,6 +273,12 @@ def test_a_forked_child_starts_with_an_empty_buffer(make_tracker: Any, recorder:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through its exit code
+        # Whatever happens, the child must not outlive the test nor hold its output open.
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(20)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         ok = tracker.stats.events_recorded == 0
         tracker.record("s-child")
         tracker.flush()
@@ -282,8 +289,20 @@ def test_a_forked_child_starts_with_an_empty_buffer(make_tracker: Any, recorder:
         os.write(write_end, b"ok" if ok else b"no")
         os._exit(0)
     os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    assert os.read(read_end, 2) == b"ok" and os.waitstatus_to_exitcode(status) == 0
+    status = None
+
+    def child_exited() -> bool:
+        nonlocal status
+        done, status = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+
+    try:
+        wait_until(child_exited, timeout=30, message="the forked child to finish")
+    except AssertionError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    assert os.read(read_end, 2) == b"ok" and os.waitstatus_to_exitcode(status or 0) == 0
     os.close(read_end)
     tracker.close()
     assert [e["session_id"] for e in recorder.events()] == ["s-parent"] * 3
