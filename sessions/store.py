@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, RowMapping, func, insert, select
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from sessions import sweeps
-from sessions.apply import apply_events
+from sessions.apply import COUNTERS, apply_events
 from sessions.database import (
     create_store_engine,
     upgrade_schema,
@@ -56,15 +56,6 @@ MAX_ATTEMPTS = 5
 REFUSED_VALUES = (DataError, OverflowError)
 #: Default page size of :meth:`SessionStore.list`.
 DEFAULT_PAGE_SIZE = 100
-
-_AGGREGATE_COLUMNS = (
-    "request_count",
-    "error_count",
-    "total_processing_time",
-    "input_tokens",
-    "output_tokens",
-    "cost",
-)
 
 
 class SessionStore:
@@ -366,7 +357,7 @@ class SessionStore:
         t = sessions_table.c
         query = select(
             func.count().label("sessions"),
-            *(func.coalesce(func.sum(t[name]), 0).label(name) for name in _AGGREGATE_COLUMNS),
+            *(func.coalesce(func.sum(t[name]), 0).label(name) for name in COUNTERS),
         )
         if user_id is not None:
             query = query.where(t.user_id == user_id)
