@@ -1,0 +1,232 @@
+"""Scenario 3: Redis stopped while agents keep recording, then started again.
+
+The broker is a private ``redis-server`` of this test's own. Producer threads record through a
+real :class:`SessionTracker` (its spool in a folder under ``tmp_path``) before, during and after
+an outage of several seconds. ``record`` must never raise (its worst latency during the outage
+is measured and reported, never asserted); the batches that could not be published go to the
+spool and are replayed once Redis answers again; the database ends with exactly the events
+sent. The server is shut down as an operator would (``SHUTDOWN SAVE``) so that the messages it
+had already accepted survive the restart: what is under test is the client, not Redis's
+durability (a server without persistence that is killed loses its queue, whatever any client
+does).
+
+A second case closes a tracker during the outage: its unsent batches stay in the spool, and a
+new tracker (same spool folder, same broker URL: the same spool file) replays them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import pytest
+
+from sessions.settings import Settings
+from sessions.tracker import SessionTracker
+from tests.faults.harness import (
+    Fleet,
+    Monitor,
+    Producer,
+    Recorder,
+    Reference,
+    compare,
+    deadline_passed,
+    record_outcome,
+    service_environment,
+    settle,
+    wait_until,
+)
+from tests.faults.report import scaled
+from tests.faults.servers import PrivateRedis
+
+pytestmark = [pytest.mark.slow]
+
+#: How long the broker stays down at least (it also stays down until batches were spooled).
+OUTAGE_SECONDS = 5.0
+#: Redis visibility timeout for the worker: a message it took before the outage and could not
+#: acknowledge over the lost connection comes back this soon (the ledger drops a second copy).
+VISIBILITY_SECONDS = 5
+
+
+def stop_redis(server: PrivateRedis) -> None:
+    """Shut the server down as an operator would: what it accepted is saved for the restart."""
+    client = server.client()
+    with contextlib.suppress(Exception):  # the connection drops as the server exits
+        client.shutdown(save=True)  # type: ignore[attr-defined]
+    assert server.process is not None
+    server.process.wait(timeout=30)
+    server.process = None
+
+
+def _settings(url: str, broker: str, spool: Path) -> Settings:
+    return Settings(
+        broker_url=broker,
+        database_url=url,
+        spool_dir=spool,
+        visibility_timeout_seconds=VISIBILITY_SECONDS,
+    )
+
+
+def test_redis_down_while_agents_record_is_spooled_and_replayed_to_exact_counts(
+    tmp_path: Path, fault_database_url: str, redis_server: PrivateRedis
+) -> None:
+    began = time.monotonic()
+    url, broker = fault_database_url, redis_server.url
+    spool = tmp_path / "spool"
+    environment = service_environment(
+        SESSIONS_BROKER_URL=broker,
+        SESSIONS_DATABASE_URL=url,
+        SESSIONS_SPOOL_DIR=str(tmp_path / "worker-spool"),
+        SESSIONS_VISIBILITY_TIMEOUT_SECONDS=str(VISIBILITY_SECONDS),
+    )
+    settings = _settings(url, broker, spool)
+    reference = Reference()
+    outages = scaled(1)
+    sessions = [f"broker-outage-{n}" for n in range(20)]
+    with Fleet(environment, tmp_path) as fleet, Monitor(url) as monitor:
+        worker = fleet.worker(concurrency=2)
+        tracker = SessionTracker(settings, max_batch_events=50, flush_interval=0.02)
+        recorders = [Recorder(tracker, reference) for _ in range(2)]
+        producers = [
+            Producer(recorder, sessions[number::2], rate=250)
+            for number, recorder in enumerate(recorders)
+        ]
+        for producer in producers:
+            producer.start()
+        outage_worst = 0.0
+        spooled_in_outages = 0
+        #: Seconds from Redis answering again to the first replayed batch / an empty spool.
+        first_replay: list[float] = []
+        drained: list[float] = []
+        try:
+            for _ in range(outages):
+                applied = monitor.ledger_count()
+                wait_until(
+                    lambda applied=applied: monitor.ledger_count() >= applied + 5,  # type: ignore[misc]
+                    message="batches being applied before the outage",
+                )
+                spooled = tracker.stats.events_spooled
+                for recorder in recorders:
+                    recorder.worst = 0.0  # from here on: the outage's worst call
+                stop_redis(redis_server)
+                stopped = time.monotonic()
+                wait_until(
+                    lambda spooled=spooled, stopped=stopped: (  # type: ignore[misc]
+                        tracker.stats.events_spooled > spooled
+                        and deadline_passed(stopped, OUTAGE_SECONDS)
+                    ),
+                    timeout=60,
+                    message="batches spooled during the outage",
+                )
+                replayed = tracker.stats.events_replayed
+                redis_server.start()
+                restarted = time.monotonic()
+                outage_worst = max(outage_worst, *(r.worst for r in recorders))
+                spooled_in_outages += tracker.stats.events_spooled - spooled
+                wait_until(
+                    lambda replayed=replayed: tracker.stats.events_replayed > replayed,  # type: ignore[misc]
+                    timeout=60,
+                    message="the first replay after the outage",
+                )
+                first_replay.append(time.monotonic() - restarted)
+                wait_until(
+                    lambda: tracker.stats.events_replayed >= tracker.stats.events_spooled,
+                    timeout=60,
+                    message="the spool replayed after the outage",
+                )
+                drained.append(time.monotonic() - restarted)
+        finally:
+            for producer in producers:
+                producer.stop()  # raises if record() ever raised
+        problem = settle(tracker, redis_server.client())
+        tracker.close()
+        stats = tracker.stats
+
+        outcome = compare(reference, url)
+        row = record_outcome("3a Redis down while recording", outcome, began)
+        row.worst_record_us = outage_worst * 1e6
+        row.dead_lettered = monitor.dead_letter_count()
+        overall = max(recorder.worst for recorder in recorders)
+        row.notes.append(
+            f"{outages} outage(s) of >= {OUTAGE_SECONDS:g} s; {stats.events_spooled} events "
+            f"spooled ({stats.batches_failed} batches), {stats.events_replayed} replayed, "
+            f"{stats.events_lost} lost by the client, {stats.events_dropped} dropped; worst "
+            f"record() after the outage began {overall * 1e6:,.0f} us; first replay "
+            f"{', '.join(f'{t:.1f}' for t in first_replay)} s and spool empty "
+            f"{', '.join(f'{t:.1f}' for t in drained)} s after Redis answered again"
+        )
+
+        assert worker.process.poll() is None, f"the worker exited:\n{worker.log[-3000:]}"
+        assert problem is None, problem
+        assert spooled_in_outages > 0
+        assert stats.events_lost == 0 and stats.events_dropped == 0, stats
+        assert stats.events_replayed == stats.events_spooled, stats
+        assert outcome.exact, outcome.describe()
+        assert row.dead_lettered == 0
+
+
+def test_a_tracker_closed_in_the_outage_leaves_its_batches_for_the_next_one(
+    tmp_path: Path, fault_database_url: str, redis_server: PrivateRedis
+) -> None:
+    began = time.monotonic()
+    url, broker = fault_database_url, redis_server.url
+    spool = tmp_path / "spool"
+    environment = service_environment(
+        SESSIONS_BROKER_URL=broker,
+        SESSIONS_DATABASE_URL=url,
+        SESSIONS_SPOOL_DIR=str(tmp_path / "worker-spool"),
+        SESSIONS_VISIBILITY_TIMEOUT_SECONDS=str(VISIBILITY_SECONDS),
+    )
+    settings = _settings(url, broker, spool)
+    reference = Reference()
+    events = scaled(1000)
+    sessions = [f"broker-restart-{n}" for n in range(10)]
+    with Fleet(environment, tmp_path) as fleet, Monitor(url) as monitor:
+        worker = fleet.worker(concurrency=2)
+        stop_redis(redis_server)
+        first = SessionTracker(settings, max_batch_events=50, flush_interval=0.02)
+        recorder = Recorder(first, reference)
+        for index in range(events):
+            recorder.record(sessions[index % len(sessions)], index)
+        first.close(timeout=30)
+        left = first.stats
+        spool_files = sorted(path.name for path in spool.glob("*"))
+        redis_server.start()
+
+        second = SessionTracker(settings, max_batch_events=50, flush_interval=0.02)
+        try:
+            wait_until(
+                lambda: second.stats.events_replayed >= left.events_spooled,
+                timeout=60,
+                message="the new tracker to replay the spool of the closed one",
+            )
+            replayed = second.stats
+            problem = settle(second, redis_server.client())
+        finally:
+            second.close()
+        # flush(wait=True) watches only the batches the tracker itself published: the
+        # replayed ones are awaited in the database directly.
+        wait_until(
+            lambda: compare(reference, url).applied >= reference.sent,
+            timeout=60,
+            message="the replayed events applied",
+        )
+
+        outcome = compare(reference, url)
+        row = record_outcome("3b tracker closed in outage, restarted", outcome, began, recorder)
+        row.dead_lettered = monitor.dead_letter_count()
+        row.notes.append(
+            f"closed tracker spooled {left.events_spooled} events in {left.batches_failed} "
+            f"batches ({spool_files}); the next one replayed {replayed.events_replayed} in "
+            f"{replayed.batches_replayed} batches"
+        )
+
+        assert worker.process.poll() is None, f"the worker exited:\n{worker.log[-3000:]}"
+        assert problem is None, problem
+        assert left.events_recorded == events and left.events_pending == 0, left
+        assert left.events_sent == 0 and left.events_spooled == events, left
+        assert left.events_lost == 0 and left.events_dropped == 0, left
+        assert replayed.events_replayed == events, replayed
+        assert outcome.exact, outcome.describe()
+        assert row.dead_lettered == 0
