@@ -27,7 +27,14 @@ from sessions.database import (
     upsert_into_table,
 )
 from sessions.errors import SessionLimitError, StoreUnavailableError
-from sessions.events import Batch, CreateEvent, DecodedBatch, RejectedEvent, decode_batch
+from sessions.events import (
+    Batch,
+    CreateEvent,
+    DecodedBatch,
+    RejectedEvent,
+    decode_batch,
+    peek_batch_id,
+)
 from sessions.records import Aggregate, ApplyResult, PurgeResult, SessionRecord, SweepResult
 from sessions.settings import Settings, get_settings, mask_url
 from sessions.tables import (
@@ -156,7 +163,7 @@ class SessionStore:
     def _dead_letter(
         self,
         connection: Connection,
-        batch_id: uuid.UUID | None,
+        batch_id: uuid.UUID | str | None,
         rejected: Sequence[RejectedEvent],
         now: datetime,
     ) -> None:
@@ -178,10 +185,15 @@ class SessionStore:
         )
 
     def dead_letter(self, payload: Any, reason: str) -> None:
-        """Set aside a payload that cannot be applied (used by the worker for poison messages)."""
+        """Set aside a whole payload that cannot be applied (the worker's poison messages).
+
+        The ``batch_id`` it claims is kept in its own column, so it can be found by id.
+        """
         rejected = [RejectedEvent(payload=payload, reason=reason)]
+        claimed = peek_batch_id(payload)
+        batch_id = claimed[:64] if claimed else None
         now = datetime.now(UTC)
-        self._transaction(lambda c: self._dead_letter(c, None, rejected, now))
+        self._transaction(lambda c: self._dead_letter(c, batch_id, rejected, now))
 
     def count_redelivery(self, message_id: str, now: datetime | None = None) -> int:
         """Note that ``message_id`` came back unfinished once more; how often it has, in all.

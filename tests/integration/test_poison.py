@@ -43,6 +43,7 @@ def test_a_message_redelivered_past_the_limit_is_dead_lettered(
     (letter,) = task_store.dead_letters()
     assert f"redelivered unfinished {limit + 1} times" in letter.reason
     assert message["batch_id"] in letter.payload
+    assert letter.batch_id == message["batch_id"]  # findable by id, not only in the text
 
 
 def test_a_first_delivery_is_never_counted(task_store: SessionStore) -> None:
