@@ -59,6 +59,17 @@ def stop_redis(server: PrivateRedis) -> None:
     server.process = None
 
 
+def _configuration(tmp_path: Path, url: str, broker: str) -> tuple[dict[str, str], Settings]:
+    """The workers' environment and the agents' settings: same broker and database."""
+    environment = service_environment(
+        SESSIONS_BROKER_URL=broker,
+        SESSIONS_DATABASE_URL=url,
+        SESSIONS_SPOOL_DIR=str(tmp_path / "worker-spool"),
+        SESSIONS_VISIBILITY_TIMEOUT_SECONDS=str(VISIBILITY_SECONDS),
+    )
+    return environment, _settings(url, broker, tmp_path / "spool")
+
+
 def _settings(url: str, broker: str, spool: Path) -> Settings:
     return Settings(
         broker_url=broker,
@@ -72,15 +83,8 @@ def test_redis_down_while_agents_record_is_spooled_and_replayed_to_exact_counts(
     tmp_path: Path, fault_database_url: str, redis_server: PrivateRedis
 ) -> None:
     began = time.monotonic()
-    url, broker = fault_database_url, redis_server.url
-    spool = tmp_path / "spool"
-    environment = service_environment(
-        SESSIONS_BROKER_URL=broker,
-        SESSIONS_DATABASE_URL=url,
-        SESSIONS_SPOOL_DIR=str(tmp_path / "worker-spool"),
-        SESSIONS_VISIBILITY_TIMEOUT_SECONDS=str(VISIBILITY_SECONDS),
-    )
-    settings = _settings(url, broker, spool)
+    url = fault_database_url
+    environment, settings = _configuration(tmp_path, url, redis_server.url)
     reference = Reference()
     outages = scaled(1)
     sessions = [f"broker-outage-{n}" for n in range(20)]
@@ -198,15 +202,8 @@ def test_a_tracker_closed_in_the_outage_leaves_its_batches_for_the_next_one(
     tmp_path: Path, fault_database_url: str, redis_server: PrivateRedis
 ) -> None:
     began = time.monotonic()
-    url, broker = fault_database_url, redis_server.url
-    spool = tmp_path / "spool"
-    environment = service_environment(
-        SESSIONS_BROKER_URL=broker,
-        SESSIONS_DATABASE_URL=url,
-        SESSIONS_SPOOL_DIR=str(tmp_path / "worker-spool"),
-        SESSIONS_VISIBILITY_TIMEOUT_SECONDS=str(VISIBILITY_SECONDS),
-    )
-    settings = _settings(url, broker, spool)
+    url = fault_database_url
+    environment, settings = _configuration(tmp_path, url, redis_server.url)
     reference = Reference()
     events = scaled(1000)
     sessions = [f"broker-restart-{n}" for n in range(10)]
@@ -219,7 +216,7 @@ def test_a_tracker_closed_in_the_outage_leaves_its_batches_for_the_next_one(
             recorder.record(sessions[index % len(sessions)], index)
         first.close(timeout=30)
         left = first.stats
-        spool_files = sorted(path.name for path in spool.glob("*"))
+        spool_files = sorted(path.name for path in settings.spool_dir.glob("*"))
         redis_server.start()
 
         second = SessionTracker(settings, max_batch_events=50, flush_interval=0.02)
