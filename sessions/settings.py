@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     spool_max_batches: int = Field(20_000, gt=0)
     #: Most megabytes the spool holds; beyond, new batches are refused (counted, logged).
     spool_max_megabytes: int = Field(256, gt=0)
+    #: A published batch the ledger does not list this many seconds later is published again
+    #: (the wait doubles each time); 0 turns it off, for agents without database access.
+    confirm_timeout_seconds: float = Field(60.0, ge=0)
     #: A message redelivered unfinished this many times (it kills the worker) is dead-lettered.
     max_redeliveries: int = Field(5, ge=1)
     #: Redis visibility timeout: an unacknowledged message is redelivered after this long.

@@ -15,9 +15,18 @@ batches go to the spool without trying, for a pause that doubles up to
 :data:`MAX_BROKER_DOWN_PAUSE`. Once a publish succeeds again (or when a tracker starts and
 finds batches of an earlier run), the spool is replayed oldest first, before newer batches.
 
+A published batch is not forgotten yet: it waits in the :mod:`~sessions.outbox` until a second
+thread sees its ``batch_id`` in the database's ledger, and is published again if it is still
+missing ``confirm_timeout_seconds`` later (then after twice that, and so on). A worker that dies
+holding a message the broker no longer has (kombu's Redis transport pops before it records
+the message as unacknowledged) costs a delay, not the events. Agents without read access to
+the database turn this off with ``SESSIONS_CONFIRM_TIMEOUT_SECONDS=0``.
+
 On SIGTERM (when the application has not installed a handler of its own) and at normal
-interpreter exit the buffer is flushed, to the broker or to the spool. A SIGKILL loses at
-most what was recorded since the last cut: one flush interval, or one batch.
+interpreter exit the buffer is flushed, to the broker or to the spool, and batches still
+unconfirmed go to the spool too, for the next process to publish again. A SIGKILL loses at
+most what was recorded since the last cut (one flush interval, or one batch), plus any
+published batch that a worker lost in the same moment.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ from sessions.events import (
     plain_record,
     record_event,
 )
+from sessions.outbox import Outbox, Unconfirmed
 from sessions.publisher import CeleryPublisher, Publisher
 from sessions.settings import Settings, get_settings, mask_url
 from sessions.spool import BatchSpool
@@ -74,8 +84,14 @@ BROKER_DOWN_PAUSE = 1.0
 MAX_BROKER_DOWN_PAUSE = 30.0
 #: The buffer holds at most this many batches' worth of events; ``record`` drops beyond it.
 MAX_BUFFERED_BATCHES = 100
-#: Published batches remembered for ``flush(wait=True)``; the oldest are forgotten beyond.
+#: Published batches kept until the ledger confirms them; the oldest are forgotten beyond ...
 MAX_UNCONFIRMED_BATCHES = 10_000
+#: ... or beyond this many bytes of their wire text.
+MAX_UNCONFIRMED_BYTES = 64 * 1024 * 1024
+#: Seconds between the confirming thread's looks at the ledger ...
+CONFIRM_POLL_INTERVAL = 1.0
+#: ... for batches published at least this long ago (younger ones are rarely applied yet).
+CONFIRM_MIN_AGE = 0.5
 #: Seconds between looks at the database's ledger in ``flush(wait=True)``.
 FLUSH_POLL_INTERVAL = 0.05
 #: Seconds ``close`` waits by default for the buffer to be published.
@@ -112,6 +128,13 @@ class TrackerStats:
     #: Spooled batches (and events) published later, by this tracker.
     batches_replayed: int = 0
     events_replayed: int = 0
+    #: Published batches not yet seen in the ledger.
+    batches_unconfirmed: int = 0
+    #: Batches published again because the ledger still lacked them after the confirm timeout.
+    batches_republished: int = 0
+    events_republished: int = 0
+    #: Unconfirmed batches forgotten at the outbox's bounds (published, but never seen applied).
+    batches_unverified: int = 0
 
 
 class SessionTracker:
@@ -180,8 +203,14 @@ class SessionTracker:
         self._cut = 0
         #: Events whose batch was published or given up so far.
         self._handled = 0
-        #: Published batches not yet seen in the ledger: ``batch_id -> seq`` of its last event.
-        self._unconfirmed: dict[uuid.UUID, int] = {}
+        #: Published batches not yet seen in the ledger, with their text for republishing.
+        self._outbox = Outbox(
+            self.settings.confirm_timeout_seconds, MAX_UNCONFIRMED_BATCHES, MAX_UNCONFIRMED_BYTES
+        )
+        #: Outbox entries the latest ledger check found missing (candidates to republish).
+        self._missing: set[uuid.UUID] = set()
+        self._ledger_failing = False
+        self._stop_confirming = threading.Event()
         #: Batches given up and not yet reported by a ``flush(wait=True)``: (seq, events).
         self._failed: list[tuple[int, int]] = []
         self._dropped = 0
@@ -189,6 +218,7 @@ class SessionTracker:
         self._batches_failed = self._events_failed = 0
         self._events_spooled = self._events_lost = 0
         self._batches_replayed = self._events_replayed = 0
+        self._batches_republished = self._events_republished = 0
         #: Whether the spool may hold batches to replay (it may, at start: an earlier run's).
         self._spool_pending = self._spool is not None
         self._broker_down_until = 0.0
@@ -200,6 +230,12 @@ class SessionTracker:
             target=self._run, name=f"sessions-tracker-{id(self):x}", daemon=True
         )
         self._thread.start()
+        self._confirmer: threading.Thread | None = None
+        if self._outbox.republishing:
+            self._confirmer = threading.Thread(
+                target=self._confirm_loop, name=f"sessions-confirm-{id(self):x}", daemon=True
+            )
+            self._confirmer.start()
 
     # -- recording (the agent's hot path: validate, append, return) ------------------------
 
@@ -337,7 +373,7 @@ class SessionTracker:
 
     def _wait_applied(self, target: int, deadline: float, timeout: float) -> None:
         with self._lock:
-            pending = {bid for bid, seq in self._unconfirmed.items() if seq <= target}
+            pending = self._outbox.ids_up_to(target)
         last_error: Exception | None = None
         while pending:
             try:
@@ -347,8 +383,7 @@ class SessionTracker:
             if applied:
                 pending -= applied
                 with self._lock:
-                    for batch_id in applied:
-                        self._unconfirmed.pop(batch_id, None)
+                    self._outbox.confirm(applied)
             if not pending:
                 return
             remaining = deadline - time.monotonic()
@@ -390,6 +425,10 @@ class SessionTracker:
                 timeout,
             )
             return
+        self._stop_confirming.set()
+        if self._confirmer is not None:
+            self._confirmer.join(timeout)
+        self._keep_unconfirmed_in_spool()
         if self._owns_publisher and isinstance(self._publisher, CeleryPublisher):
             self._publisher.close()
         if self._owns_store and self._store is not None:
@@ -424,6 +463,10 @@ class SessionTracker:
                 events_lost=self._events_lost,
                 batches_replayed=self._batches_replayed,
                 events_replayed=self._events_replayed,
+                batches_unconfirmed=len(self._outbox),
+                batches_republished=self._batches_republished,
+                events_republished=self._events_republished,
+                batches_unverified=self._outbox.forgotten,
             )
 
     @property
@@ -454,6 +497,7 @@ class SessionTracker:
             if cut_all:
                 due = now + self.flush_interval
             self._replay_spool()
+            self._republish_overdue()
             while (taken := self._take(mark)) is not None:
                 self._send(*taken)
             if closing:
@@ -476,8 +520,10 @@ class SessionTracker:
 
     def _send(self, events: tuple[Event | RecordFields, ...], seq: int) -> None:
         batch_id = uuid.uuid4()
+        text = ""
         try:
-            error = self._publish_message(batch_json(batch_id, events), str(batch_id), len(events))
+            text = batch_json(batch_id, events)
+            error = self._publish_message(text, str(batch_id), len(events))
         except Exception as exc:  # a bug, not the broker; it must not kill the thread
             log.exception("could not form or publish a batch of %d events", len(events))
             error = exc
@@ -499,9 +545,7 @@ class SessionTracker:
             if error is None:
                 self._batches_sent += 1
                 self._events_sent += len(events)
-                self._unconfirmed[batch_id] = seq
-                if len(self._unconfirmed) > MAX_UNCONFIRMED_BATCHES:
-                    del self._unconfirmed[next(iter(self._unconfirmed))]
+                self._keep_unconfirmed(batch_id, seq, text, len(events))
             else:
                 self._batches_failed += 1
                 self._events_failed += len(events)
@@ -554,10 +598,121 @@ class SessionTracker:
             if self._publish_message(spooled.message, spooled.batch_id) is not None:
                 return  # the broker is down again: keep the rest for later
             self._spool.remove(spooled.seq)
+            events = len(spooled.message.get("events", ()))
             with self._lock:
                 self._batches_replayed += 1
-                self._events_replayed += len(spooled.message.get("events", ()))
+                self._events_replayed += events
+                # Replayed batches hold events recorded before any of this run's: ``seq`` 0.
+                self._keep_unconfirmed(uuid.UUID(spooled.batch_id), 0, spooled.message, events)
         log.info("replayed %d spooled batches", len(waiting))
+
+    # -- confirming published batches against the ledger -----------------------------------
+
+    def _keep_unconfirmed(
+        self, batch_id: uuid.UUID, seq: int, message: str | dict[str, Any], events: int
+    ) -> None:
+        """Hold a batch just published until the ledger lists it (call under ``_lock``)."""
+        size = len(message) if isinstance(message, str) else len(json.dumps(message))
+        entry = Unconfirmed(batch_id, seq, message, events, size, time.monotonic())
+        if self._outbox.add(entry) and self._outbox.forgotten == 1:
+            log.warning(
+                "more than %d published batches (or %d MB) are waiting for the ledger at %s; "
+                "the oldest are no longer kept for republishing (counted in "
+                "stats.batches_unverified)",
+                self._outbox.max_batches,
+                self._outbox.max_bytes // (1024 * 1024),
+                mask_url(self.settings.database_url),
+            )
+
+    def _confirm_loop(self) -> None:
+        while not self._stop_confirming.wait(CONFIRM_POLL_INTERVAL):
+            self._check_ledger()
+
+    def _check_ledger(self, min_age: float = CONFIRM_MIN_AGE) -> None:
+        """Drop the batches (published ``min_age`` ago) the ledger lists; note the missing
+        ones, waking the publisher thread when some are due to be published again."""
+        with self._lock:
+            asked = self._outbox.published_before(time.monotonic() - min_age)
+        if not asked:
+            return
+        try:
+            applied = self._applied(asked)
+        except Exception as exc:  # the agent's database access is best effort, never fatal
+            if not self._ledger_failing:
+                log.warning(
+                    "cannot read the ledger at %s to confirm published batches (%s); they are "
+                    "kept and not republished until it answers",
+                    mask_url(self.settings.database_url),
+                    exc,
+                )
+            self._ledger_failing = True
+            return
+        if self._ledger_failing:
+            log.warning("the ledger at %s answers again", mask_url(self.settings.database_url))
+        self._ledger_failing = False
+        with self._lock:
+            self._outbox.confirm(applied)
+            self._missing = set(asked) - applied
+            due = bool(self._outbox.overdue(self._missing, time.monotonic()))
+        if due:
+            self._wake.set()
+
+    def _republish_overdue(self) -> None:
+        """Publish again the batches the ledger still lacks after their confirm timeout."""
+        with self._lock:
+            due = self._outbox.overdue(self._missing, time.monotonic())
+            self._missing.difference_update(entry.batch_id for entry in due)
+        for entry in due:
+            assert entry.message is not None  # kept whenever republishing is on
+            if self._publish_message(entry.message, str(entry.batch_id), entry.events) is not None:
+                # The broker is down again: the spool keeps the batch from here on.
+                with self._lock:
+                    self._outbox.remove(entry.batch_id)
+                self._spool_unconfirmed(entry)
+                continue
+            log.warning(
+                "batch %s (%d events) was not applied %.0f s after it was published; "
+                "published it again (the ledger makes a second copy harmless)",
+                entry.batch_id,
+                entry.events,
+                time.monotonic() - entry.published_at,
+            )
+            with self._lock:
+                self._outbox.republished(entry, time.monotonic())
+                self._batches_republished += 1
+                self._events_republished += entry.events
+
+    def _keep_unconfirmed_in_spool(self) -> None:
+        """At close: batches the ledger has not confirmed go to the spool, for the next
+        process to publish again (one last look at the ledger first)."""
+        if not self._outbox.republishing or not len(self._outbox):
+            return
+        if not self._ledger_failing:
+            self._check_ledger(min_age=-1.0)
+        with self._lock:
+            left = self._outbox.drain()
+        for entry in left:
+            self._spool_unconfirmed(entry)
+        if left:
+            log.info(
+                "closing with %d published batches not yet seen in the ledger; kept them in "
+                "the spool for the next run to publish again",
+                len(left),
+            )
+
+    def _spool_unconfirmed(self, entry: Unconfirmed) -> None:
+        if self._spool is None or entry.message is None:
+            return
+        message = json.loads(entry.message) if isinstance(entry.message, str) else entry.message
+        try:
+            kept = self._spool.put(message)
+        except Exception:
+            log.exception("could not write batch %s to the spool", entry.batch_id)
+            return
+        if kept:
+            with self._lock:
+                self._events_spooled += entry.events
+                self._spool_pending = True
 
     def _publish_message(
         self, message: dict[str, Any] | str, batch_id: str, events: int | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +25,13 @@ BACKENDS = ("sqlite", "postgresql")
 def private_spool(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each test's trackers spool into a folder of its own, never the user's cache."""
+    """Each test's trackers spool into a folder of its own, never the user's cache, and a
+    tracker built from default settings confirms its batches against a private database file,
+    never a ``sessions.db`` in the working directory."""
     monkeypatch.setenv("SESSIONS_SPOOL_DIR", str(tmp_path_factory.mktemp("spool")))
+    if "SESSIONS_DATABASE_URL" not in os.environ:
+        private = tmp_path_factory.mktemp("default-db") / "sessions.db"
+        monkeypatch.setenv("SESSIONS_DATABASE_URL", f"sqlite:///{private}")
     get_settings.cache_clear()
 
 

@@ -1,0 +1,218 @@
+"""The tracker keeps each published batch until the ledger lists it, and publishes it again
+when a worker lost it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sessions import tracker as tracker_module
+from sessions.outbox import Outbox, Unconfirmed
+from sessions.settings import Settings
+from sessions.store import SessionStore
+from sessions.tracker import SessionTracker, open_spool
+from tests.unit.test_tracker import NEVER
+from tests.workers_harness import wait_until
+
+CONFIRM_TIMEOUT = 0.3
+
+
+@pytest.fixture(autouse=True)
+def quick_confirmations(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracker_module, "CONFIRM_POLL_INTERVAL", 0.02)
+    monkeypatch.setattr(tracker_module, "CONFIRM_MIN_AGE", 0.0)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SessionStore]:
+    store = SessionStore(f"sqlite:///{tmp_path / 'ledger.db'}", settings=Settings())
+    store.upgrade()
+    yield store
+    store.dispose()
+
+
+class LossyWorkers:
+    """A stand-in broker and worker fleet: applies every message at once, except that the
+    first delivery of each batch id in ``lose`` vanishes (a worker SIGKILLed holding it)."""
+
+    def __init__(self, store: SessionStore, lose: int = 0) -> None:
+        self.store = store
+        self.lose = lose
+        self.lost: list[str] = []
+        self.published: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, message: dict[str, Any]) -> None:
+        with self.lock:
+            self.published.append(message["batch_id"])
+            if len(self.lost) < self.lose and message["batch_id"] not in self.lost:
+                self.lost.append(message["batch_id"])
+                return
+        self.store.apply(message)
+
+
+def _settings(**overrides: Any) -> Settings:
+    overrides.setdefault("confirm_timeout_seconds", CONFIRM_TIMEOUT)
+    return Settings(**overrides)
+
+
+def test_a_batch_a_worker_lost_is_published_again_and_counted_once(
+    store: SessionStore,
+) -> None:
+    workers = LossyWorkers(store, lose=1)
+    with SessionTracker(
+        _settings(), publisher=workers, store=store, flush_interval=NEVER, max_batch_events=10
+    ) as tracker:
+        for index in range(30):
+            tracker.record(f"s-{index % 3}", processing_time=0.01, error=index % 10 == 0)
+        tracker.flush(wait=True, timeout=10)
+
+        totals = store.aggregate()
+        assert (totals.request_count, totals.error_count) == (30, 3)
+        stats = tracker.stats
+        assert (stats.batches_republished, stats.events_republished) == (1, 10)
+        assert stats.batches_unconfirmed == 0
+        # The copy went out under the same batch id as the lost one.
+        assert workers.published.count(workers.lost[0]) == 2
+
+
+def test_a_copy_of_an_applied_batch_changes_nothing(store: SessionStore) -> None:
+    """A slow worker applies the first copy after the second went out: the ledger drops one."""
+    held: list[dict[str, Any]] = []
+    release = threading.Event()
+
+    def slow_then_fast(message: dict[str, Any]) -> None:
+        if not held:
+            held.append(message)
+            return
+        store.apply(message)
+        release.set()
+
+    with SessionTracker(
+        _settings(), publisher=slow_then_fast, store=store, flush_interval=NEVER
+    ) as tracker:
+        for _ in range(5):
+            tracker.record("s-1", processing_time=0.5)
+        tracker.flush(wait=True, timeout=10)
+        assert release.is_set()
+        store.apply(held[0])  # the first copy, late
+
+    record = store.get("s-1")
+    assert record is not None and record.request_count == 5
+
+
+def test_unconfirmed_batches_go_to_the_spool_at_close_and_the_next_run_sends_them(
+    store: SessionStore,
+) -> None:
+    nowhere: list[dict[str, Any]] = []  # published, then lost with the worker
+    first = SessionTracker(
+        _settings(confirm_timeout_seconds=3600),
+        publisher=nowhere.append,
+        store=store,
+        flush_interval=NEVER,
+        max_batch_events=4,
+    )
+    for index in range(8):
+        first.record("s-1", processing_time=index / 100)
+    first.flush()
+    wait_until(lambda: len(nowhere) == 2, message="two batches published")
+    first.close()
+    spool = open_spool(Settings())
+    assert spool is not None
+    assert sorted(b.batch_id for b in spool.oldest()) == sorted(m["batch_id"] for m in nowhere)
+
+    workers = LossyWorkers(store)
+    with SessionTracker(_settings(), publisher=workers, store=store) as second:
+        wait_until(lambda: second.stats.batches_replayed == 2, message="the replay")
+        second.flush(wait=True, timeout=10)
+    record = store.get("s-1")
+    assert record is not None and record.request_count == 8
+    assert len(spool) == 0
+
+
+def test_without_the_ledger_nothing_is_republished_and_recording_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    unreachable = Settings(
+        confirm_timeout_seconds=CONFIRM_TIMEOUT,
+        database_url=f"sqlite:///{tmp_path / 'missing' / 'no.db'}",
+    )
+    published: list[dict[str, Any]] = []
+    with caplog.at_level(logging.WARNING, logger="sessions.tracker"):
+        tracker = SessionTracker(
+            unreachable, publisher=published.append, flush_interval=NEVER, max_batch_events=5
+        )
+        for index in range(10):
+            tracker.record("s-1", processing_time=index)
+        wait_until(lambda: "cannot read the ledger" in caplog.text, message="the ledger warning")
+        # Past the confirm timeout, still only the two original publishes.
+        wait_until(
+            lambda: (
+                caplog.text.count("cannot read the ledger") == 1
+                and tracker.stats.batches_unconfirmed == 2
+            ),
+            message="two unconfirmed batches",
+        )
+        assert tracker.stats.batches_republished == 0 and len(published) == 2
+        tracker.close()
+
+
+def test_confirm_timeout_zero_keeps_no_batch_text(store: SessionStore) -> None:
+    published: list[dict[str, Any]] = []
+    with SessionTracker(
+        _settings(confirm_timeout_seconds=0),
+        publisher=published.append,
+        store=store,
+        flush_interval=NEVER,
+    ) as tracker:
+        tracker.record("s-1")
+        tracker.flush()
+        wait_until(lambda: len(published) == 1, message="the publish")
+        assert tracker._confirmer is None
+        assert all(entry.message is None for entry in tracker._outbox.drain())
+
+
+# -- the outbox on its own --------------------------------------------------------------------
+
+
+def _entry(size: int = 10, seq: int = 1, at: float = 0.0) -> Unconfirmed:
+    return Unconfirmed(uuid.uuid4(), seq, json.dumps({"x": size}), 5, size, at)
+
+
+def test_the_outbox_forgets_the_oldest_beyond_its_count_and_byte_bounds() -> None:
+    outbox = Outbox(republish_after=1.0, max_batches=3, max_bytes=100)
+    entries = [_entry() for _ in range(4)]
+    evicted = [outbox.add(entry) for entry in entries]
+    assert evicted[:3] == [[], [], []] and evicted[3] == [entries[0]]
+    assert list(outbox) == [e.batch_id for e in entries[1:]]
+    big = _entry(size=95)
+    assert outbox.add(big) == entries[1:4]  # the byte bound; the newest is always kept
+    assert (list(outbox), outbox.forgotten) == ([big.batch_id], 4)
+
+
+def test_the_wait_before_publishing_again_doubles() -> None:
+    outbox = Outbox(republish_after=10.0, max_batches=10, max_bytes=10**6)
+    entry = _entry(at=100.0)
+    outbox.add(entry)
+    assert outbox.overdue([entry.batch_id], now=109.0) == []
+    assert outbox.overdue([entry.batch_id], now=110.0) == [entry]
+    outbox.republished(entry, now=110.0)
+    assert outbox.overdue([entry.batch_id], now=129.0) == []
+    assert outbox.overdue([entry.batch_id], now=130.0) == [entry]
+    outbox.confirm([entry.batch_id])
+    assert outbox.overdue([entry.batch_id], now=1e9) == [] and len(outbox) == 0
+
+
+def test_flush_waits_for_batches_up_to_its_sequence_and_replayed_ones() -> None:
+    outbox = Outbox(republish_after=1.0, max_batches=10, max_bytes=10**6)
+    replayed, early, late = _entry(seq=0), _entry(seq=5), _entry(seq=9)
+    for entry in (replayed, early, late):
+        outbox.add(entry)
+    assert outbox.ids_up_to(5) == {replayed.batch_id, early.batch_id}
