@@ -22,8 +22,10 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StrictBool,
     StrictInt,
     TypeAdapter,
@@ -35,6 +37,9 @@ from pydantic_core import to_json
 ID_PATTERN = re.compile(r"[!-~]{1,255}")
 #: Longest accepted processing time for one request (one day).
 MAX_PROCESSING_TIME = 86_400.0
+#: Largest accepted cost of one request: far above any real one, and small enough that no
+#: sum of them in a session can overflow to infinity.
+MAX_COST = 1e9
 #: Largest accepted metadata object, serialized as compact JSON.
 MAX_METADATA_BYTES = 16 * 1024
 #: How far in the future an event's ``at`` may lie (producer clocks drift a little).
@@ -84,8 +89,16 @@ def _check_processing_time(value: float) -> float:
 
 
 def _check_cost(value: float) -> float:
-    if not math.isfinite(value) or value < 0:
-        raise ValueError("must be a finite number >= 0")
+    if not math.isfinite(value) or value < 0 or value > MAX_COST:
+        raise ValueError(f"must be a finite number from 0 to {MAX_COST:g}")
+    return value
+
+
+def _refuse_numbers(value: Any) -> Any:
+    """An event time is ISO 8601 text or a datetime: a bare number is ambiguous (seconds or
+    milliseconds since when?) and is refused rather than guessed."""
+    if isinstance(value, int | float):
+        raise ValueError("must be an ISO 8601 date-time with a timezone, not a number")
     return value
 
 
@@ -100,9 +113,10 @@ def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
 
 
 SessionId = Annotated[str, AfterValidator(_check_id)]
-EventTime = Annotated[AwareDatetime, AfterValidator(_check_at)]
-ProcessingTime = Annotated[float, AfterValidator(_check_processing_time)]
-Cost = Annotated[float, AfterValidator(_check_cost)]
+EventTime = Annotated[AwareDatetime, BeforeValidator(_refuse_numbers), AfterValidator(_check_at)]
+#: Numbers must be numbers: a numeric string is refused, not converted (``Strict``).
+ProcessingTime = Annotated[float, Strict(), AfterValidator(_check_processing_time)]
+Cost = Annotated[float, Strict(), AfterValidator(_check_cost)]
 TokenCount = Annotated[StrictInt, Field(ge=0)]
 Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
 
@@ -234,7 +248,7 @@ def plain_record(
         and type(output_tokens) is int
         and output_tokens >= 0
         and type(cost) in (float, int)
-        and 0 <= cost < math.inf
+        and 0 <= cost <= MAX_COST
     ):
         return (
             session_id,

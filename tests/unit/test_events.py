@@ -88,12 +88,32 @@ def test_processing_time_within_bounds_is_accepted(value: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", [-0.001, -1, 86_400.001, 10**9, float("nan"), float("inf"), float("-inf"), "inf"]
+    "value", [-0.001, -1, 86_400.001, 10**9, float("nan"), float("inf"), float("-inf")]
 )
 def test_processing_time_out_of_bounds_is_refused(value: Any) -> None:
     message = rejection(record(processing_time=value))
     assert "processing_time" in message
     assert "finite number of seconds from 0 to 86400" in message
+
+
+@pytest.mark.parametrize("field", ["processing_time", "cost"])
+@pytest.mark.parametrize("value", ["1.5", "inf", "0", True])
+def test_numbers_given_as_strings_or_bools_are_refused_not_converted(
+    field: str, value: Any
+) -> None:
+    assert rejection(record(**{field: value})) == f"record.{field}: Input should be a valid number"
+
+
+@pytest.mark.parametrize("value", [1_700_000_000, 1_700_000_000.5, 1_700_000_000_000])
+def test_an_event_time_given_as_a_number_is_refused_not_guessed(value: Any) -> None:
+    message = rejection(record(at=value))
+    assert message.startswith("record.at: ")
+    assert message == "record.at: must be an ISO 8601 date-time with a timezone, not a number"
+
+
+@pytest.mark.parametrize("value", [1e9 + 1, 1e308])
+def test_a_cost_beyond_the_bound_is_refused_so_sums_stay_finite(value: float) -> None:
+    assert rejection(record(cost=value)) == "record.cost: must be a finite number from 0 to 1e+09"
 
 
 @pytest.mark.parametrize("status", ["completed", "failed", "expired"])
@@ -189,8 +209,8 @@ def test_missing_kind_is_refused() -> None:
         ("counts_request", 1, "valid boolean"),
         ("input_tokens", -1, "greater than or equal to 0"),
         ("output_tokens", 1.5, "valid integer"),
-        ("cost", -0.01, "finite number >= 0"),
-        ("cost", float("inf"), "finite number >= 0"),
+        ("cost", -0.01, "finite number from 0 to 1e+09"),
+        ("cost", float("inf"), "finite number from 0 to 1e+09"),
     ],
 )
 def test_record_counters_are_validated(field: str, value: Any, rule: str) -> None:
@@ -350,7 +370,7 @@ def test_wire_text_with_a_bad_event_is_decoded_event_by_event() -> None:
     decoded = decode_batch(text, max_events=10)
     assert [event.session_id for event in decoded.events] == ["a"]
     assert [r.reason for r in decoded.rejected] == [
-        "events[1]: record.cost: must be a finite number >= 0"
+        "events[1]: record.cost: must be a finite number from 0 to 1e+09"
     ]
     assert (
         decode_batch("not json", max_events=10)
