@@ -443,7 +443,8 @@ def settle(
 
     With ``redis_client`` it stops early once the broker has been empty (nothing queued,
     nothing unacknowledged, which includes retries waiting for their countdown) across a
-    whole round of waiting: whatever is still unapplied then will never be.
+    whole round of waiting: whatever is still unapplied then will never be, unless the
+    tracker publishes unconfirmed batches again (then it waits to the deadline).
     """
     deadline = time.monotonic() + timeout
     drained_before = False
@@ -456,7 +457,7 @@ def settle(
             problem = f"{type(exc).__name__}: {exc}"
         if remaining <= 3.0:
             return problem
-        if redis_client is not None:
+        if redis_client is not None and not tracker._outbox.republishing:
             drained = broker_empty(redis_client)
             if drained and drained_before:
                 return f"{problem} (and the broker has nothing left to deliver)"
@@ -541,4 +542,4 @@ def locate_batches(redis_client: Any, batch_ids: Iterable[object]) -> dict[str, 
 
 def unconfirmed_batches(tracker: SessionTracker) -> list[object]:
     """Batches the tracker published that it has not yet seen in the ledger."""
-    return list(tracker._unconfirmed)
+    return list(tracker._outbox)
