@@ -8,10 +8,15 @@ persistence forgets its queue. Neither redelivers anything.
 So the tracker keeps each published batch here, with its wire text and ``batch_id``, until
 the ledger (:meth:`SessionStore.applied_batch_ids`) lists it. A batch still missing
 :attr:`Outbox.republish_after` seconds after it was published is published again, and again
-after twice that, and so on: the ledger makes a second copy change nothing, and the doubling
-keeps a slow or stopped fleet of workers from being flooded with copies. Entries are kept in
-memory only, bounded by count and bytes; beyond the bounds the oldest are forgotten (counted:
-they were published, just not yet seen applied).
+after twice that, and so on; the ledger makes a second copy change nothing.
+
+A batch that is merely late must not be copied: workers that fall behind would get a copy of
+everything in their backlog, fall further behind, and get more copies. The queue is first in,
+first out, so the evidence of a *lost* batch is that a batch published after it has been
+applied while it has not. Only such a batch is republished, or the newest one (nothing was
+published after it to tell; copying one batch costs nothing). Entries are kept in memory only,
+bounded by count and bytes; beyond the bounds the oldest are forgotten (counted: they were
+published, just not yet seen applied).
 
 This module knows nothing of threads or brokers; :class:`~sessions.tracker.SessionTracker`
 drives it under its own lock.
@@ -40,6 +45,8 @@ class Unconfirmed:
     published_at: float
     #: Times it was published again.
     republished: int = 0
+    #: Position of its latest publish among all the outbox has seen (set by the outbox).
+    order: int = 0
 
     def due_at(self, republish_after: float) -> float:
         """When a batch still unconfirmed is published again: the wait doubles each time."""
@@ -60,6 +67,9 @@ class Outbox:
         self._bytes = 0
         #: Batches forgotten at the bounds before the ledger confirmed them.
         self.forgotten = 0
+        #: ``order`` of the latest publish, and of the latest publish the ledger confirmed.
+        self._published = 0
+        self._newest_confirmed = 0
 
     @property
     def republishing(self) -> bool:
@@ -78,6 +88,8 @@ class Outbox:
         old = self._entries.pop(entry.batch_id, None)
         if old is not None:
             self._bytes -= old.size
+        self._published += 1
+        entry.order = self._published
         self._entries[entry.batch_id] = entry
         self._bytes += entry.size
         evicted: list[Unconfirmed] = []
@@ -96,6 +108,7 @@ class Outbox:
             entry = self._entries.pop(batch_id, None)
             if entry is not None:
                 self._bytes -= entry.size
+                self._newest_confirmed = max(self._newest_confirmed, entry.order)
 
     def ids_up_to(self, seq: int) -> set[uuid.UUID]:
         """Batches holding events recorded up to ``seq`` (replayed ones included)."""
@@ -107,19 +120,25 @@ class Outbox:
 
     def overdue(self, batch_ids: Iterable[uuid.UUID], now: float) -> list[Unconfirmed]:
         """Of ``batch_ids`` (just found missing from the ledger), those due to be published
-        again."""
+        again: past their wait, and overtaken by a later batch or the newest one."""
         if not self.republishing:
             return []
         due = []
         for batch_id in batch_ids:
             entry = self._entries.get(batch_id)
-            if entry is not None and entry.due_at(self.republish_after) <= now:
+            if (
+                entry is not None
+                and entry.due_at(self.republish_after) <= now
+                and (entry.order < self._newest_confirmed or entry.order == self._published)
+            ):
                 due.append(entry)
         return due
 
     def republished(self, entry: Unconfirmed, now: float) -> None:
         """``entry`` went out again at ``now``; the next wait is twice as long."""
         if entry.batch_id in self._entries:
+            self._published += 1
+            entry.order = self._published
             entry.published_at = now
             entry.republished += 1
 

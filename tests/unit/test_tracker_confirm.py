@@ -210,6 +210,24 @@ def test_the_wait_before_publishing_again_doubles() -> None:
     assert outbox.overdue([entry.batch_id], now=1e9) == [] and len(outbox) == 0
 
 
+def test_only_a_batch_overtaken_by_a_later_one_or_the_newest_is_republished() -> None:
+    """Workers behind by more than the timeout get no copies: nothing later was applied."""
+    outbox = Outbox(republish_after=1.0, max_batches=10, max_bytes=10**6)
+    older, lost, later, newest = (_entry(at=0.0) for _ in range(4))
+    for entry in (older, lost, later, newest):
+        outbox.add(entry)
+    missing = [older.batch_id, lost.batch_id, later.batch_id, newest.batch_id]
+    # A fleet that is behind: nothing confirmed; only the newest may be copied.
+    assert outbox.overdue(missing, now=5.0) == [newest]
+    # ``later`` was applied: everything published before it and still missing was lost.
+    outbox.confirm([later.batch_id])
+    missing.remove(later.batch_id)
+    assert outbox.overdue(missing, now=5.0) == [older, lost, newest]
+    # The copy is the newest publish now; ``newest``, overtaken by nothing applied, waits.
+    outbox.republished(lost, now=5.0)
+    assert outbox.overdue(missing, now=100.0) == [older, lost]
+
+
 def test_flush_waits_for_batches_up_to_its_sequence_and_replayed_ones() -> None:
     outbox = Outbox(republish_after=1.0, max_batches=10, max_bytes=10**6)
     replayed, early, late = _entry(seq=0), _entry(seq=5), _entry(seq=9)
