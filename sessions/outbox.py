@@ -14,7 +14,10 @@ A batch that is merely late must not be copied: workers that fall behind would g
 everything in their backlog, fall further behind, and get more copies. The queue is first in,
 first out, so the evidence of a *lost* batch is that a batch published after it has been
 applied while it has not. Only such a batch is republished, or the newest one (nothing was
-published after it to tell; copying one batch costs nothing). Entries are kept in memory only,
+published after it to tell; copying one batch costs nothing); and the tracker also holds back
+while the broker's queue still has messages no worker took (:meth:`CeleryPublisher.
+queued_messages`), since a worker killed holding reserved messages breaks the order until
+they are restored. Entries are kept in memory only,
 bounded by count and bytes; beyond the bounds the oldest are forgotten (counted: they were
 published, just not yet seen applied).
 

@@ -52,6 +52,26 @@ class CeleryPublisher:
         """
         self._celery().send_task(INGEST_TASK, args=[text])
 
+    def queued_messages(self) -> int:
+        """Messages waiting in the ingest queue, taken by no worker yet (raises when the broker
+        cannot say).
+
+        The tracker asks before it republishes a batch the ledger lacks: while workers have a
+        backlog, a missing batch is most likely just waiting in it.
+        """
+        from kombu.exceptions import ChannelError
+
+        import celeryconfig
+
+        with self._celery().connection_for_read() as connection:
+            try:
+                declared = connection.default_channel.queue_declare(
+                    queue=celeryconfig.EVENTS_QUEUE, passive=True
+                )
+            except ChannelError:  # "NOT_FOUND": Redis keeps no empty list
+                return 0
+        return int(declared.message_count)
+
     def _celery(self) -> Celery:
         with self._lock:
             if self._app is None:

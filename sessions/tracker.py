@@ -662,6 +662,8 @@ class SessionTracker:
         with self._lock:
             due = self._outbox.overdue(self._missing, time.monotonic())
             self._missing.difference_update(entry.batch_id for entry in due)
+        if due and self._backlog_waiting():
+            return  # the next look at the ledger finds them missing again, if they still are
         for entry in due:
             assert entry.message is not None  # kept whenever republishing is on
             if self._publish_message(entry.message, str(entry.batch_id), entry.events) is not None:
@@ -681,6 +683,21 @@ class SessionTracker:
                 self._outbox.republished(entry, time.monotonic())
                 self._batches_republished += 1
                 self._events_republished += entry.events
+
+    def _backlog_waiting(self) -> bool:
+        """Whether the ingest queue still holds messages no worker has taken: then a missing
+        batch is most likely among them, and a copy would only lengthen the backlog. A
+        publisher that cannot tell counts as "no"; a broker that does not answer as "yes" (a
+        republish would fail anyway)."""
+        queued_messages = getattr(self._publisher, "queued_messages", None)
+        if queued_messages is None:
+            return False
+        try:
+            waiting = int(queued_messages())
+        except Exception as exc:
+            log.debug("could not read the ingest queue's length: %s", exc)
+            return True  # the broker is away: a republish would fail anyway
+        return waiting > 0
 
     def _keep_unconfirmed_in_spool(self) -> None:
         """At close: batches the ledger has not confirmed go to the spool, for the next

@@ -83,6 +83,41 @@ def test_a_batch_a_worker_lost_is_published_again_and_counted_once(
         assert workers.published.count(workers.lost[0]) == 2
 
 
+def test_nothing_is_republished_while_the_queue_holds_a_backlog(store: SessionStore) -> None:
+    workers = LossyWorkers(store, lose=1)
+    backlog = [5]
+    asked: list[int] = []
+
+    class QueueAwarePublisher:
+        def __call__(self, message: dict[str, Any]) -> None:
+            workers(message)
+
+        def queued_messages(self) -> int:
+            asked.append(backlog[0])
+            return backlog[0]
+
+    with SessionTracker(
+        _settings(),
+        publisher=QueueAwarePublisher(),
+        store=store,
+        flush_interval=NEVER,
+        max_batch_events=10,
+    ) as tracker:
+        for _ in range(20):
+            tracker.record("s-1")
+        tracker.flush()
+        wait_until(
+            lambda: tracker.stats.batches_unconfirmed == 1 and len(workers.published) == 2,
+            message="the lost batch, the only one unconfirmed",
+        )
+        # Overdue three times over, held back each time by the backlog: no copy.
+        wait_until(lambda: len(asked) >= 3, message="three looks at the queue")
+        assert tracker.stats.batches_republished == 0
+        backlog[0] = 0  # the workers caught up
+        tracker.flush(wait=True, timeout=10)
+        assert tracker.stats.batches_republished == 1
+
+
 def test_a_copy_of_an_applied_batch_changes_nothing(store: SessionStore) -> None:
     """A slow worker applies the first copy after the second went out: the ledger drops one."""
     held: list[dict[str, Any]] = []
