@@ -9,12 +9,26 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 #: Every state a session can be in; only ``active`` is not final.
 Status = Literal["active", "completed", "failed", "expired"]
 #: Why a session ended: an ``end`` event, or one of the housekeeping sweeps.
 EndReason = Literal["explicit", "idle", "age", "health"]
+#: Why something was dead-lettered, as a small fixed set (the stored reason text says more):
+#: the store sets aside ``invalid_event`` (refused by the event model), ``refused_by_database``
+#: (accepted by the model, refused by a column) and ``malformed_batch`` (no usable envelope:
+#: not an object, no UUID, too many events); the worker sets aside whole messages that are
+#: ``poison`` (redelivered unfinished too often), that it ``cannot_apply`` (a permanent error)
+#: or that kept failing with an ``unexpected_error``.
+DeadLetterReason = Literal[
+    "invalid_event",
+    "refused_by_database",
+    "malformed_batch",
+    "poison",
+    "cannot_apply",
+    "unexpected_error",
+]
 
 
 class SessionRecord(BaseModel):
@@ -90,6 +104,14 @@ class ApplyResult(BaseModel):
     applied: int = 0
     duplicate: int = 0
     rejected: int = 0
+    #: This apply inserted the batch id into the ledger: the batch now counts. ``False`` for
+    #: a duplicate and for a payload without a usable id (nothing to dedupe by).
+    claimed: bool = False
+    #: ``rejected`` split by why each was dead-lettered (reasons with none left out).
+    rejected_by_reason: dict[DeadLetterReason, int] = Field(default_factory=dict)
+    #: Event time of the oldest applied event (``None`` when none was applied): the worker's
+    #: event-to-commit lag is measured from it, once per batch.
+    oldest_event_at: datetime | None = None
 
 
 class SweepResult(BaseModel):

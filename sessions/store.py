@@ -35,7 +35,14 @@ from sessions.events import (
     decode_batch,
     peek_batch_id,
 )
-from sessions.records import Aggregate, ApplyResult, PurgeResult, SessionRecord, SweepResult
+from sessions.records import (
+    Aggregate,
+    ApplyResult,
+    DeadLetterReason,
+    PurgeResult,
+    SessionRecord,
+    SweepResult,
+)
 from sessions.settings import Settings, get_settings, mask_url
 from sessions.tables import (
     ERROR_RATE,
@@ -117,12 +124,21 @@ class SessionStore:
     def _apply(self, connection: Connection, decoded: DecodedBatch, now: datetime) -> ApplyResult:
         if decoded.batch_id is None:
             self._dead_letter(connection, None, decoded.rejected, now)
-            return ApplyResult(rejected=len(decoded.rejected))
+            return ApplyResult(
+                rejected=len(decoded.rejected),
+                rejected_by_reason=_by_reason(malformed_batch=len(decoded.rejected)),
+            )
         if not self._claim(connection, decoded.batch_id, now):
             return ApplyResult(duplicate=len(decoded.events) + len(decoded.rejected))
         self._dead_letter(connection, decoded.batch_id, decoded.rejected, now)
         apply_events(connection, decoded.events)
-        return ApplyResult(applied=len(decoded.events), rejected=len(decoded.rejected))
+        return ApplyResult(
+            applied=len(decoded.events),
+            rejected=len(decoded.rejected),
+            claimed=True,
+            rejected_by_reason=_by_reason(invalid_event=len(decoded.rejected)),
+            oldest_event_at=min((event.at for event in decoded.events), default=None),
+        )
 
     def _apply_each(
         self, connection: Connection, decoded: DecodedBatch, now: datetime
@@ -132,10 +148,12 @@ class SessionStore:
         if not self._claim(connection, decoded.batch_id, now):
             return ApplyResult(duplicate=len(decoded.events) + len(decoded.rejected))
         refused: list[RejectedEvent] = []
+        oldest: datetime | None = None
         for event in decoded.events:
             try:
                 with connection.begin_nested():
                     apply_events(connection, (event,))
+                oldest = event.at if oldest is None else min(oldest, event.at)
             except REFUSED_VALUES as exc:
                 reason = f"{event.kind} of {event.session_id}: refused by the database: "
                 refused.append(
@@ -148,6 +166,11 @@ class SessionStore:
         return ApplyResult(
             applied=len(decoded.events) - len(refused),
             rejected=len(decoded.rejected) + len(refused),
+            claimed=True,
+            rejected_by_reason=_by_reason(
+                invalid_event=len(decoded.rejected), refused_by_database=len(refused)
+            ),
+            oldest_event_at=oldest,
         )
 
     def _claim(self, connection: Connection, batch_id: uuid.UUID, now: datetime) -> bool:
@@ -449,6 +472,18 @@ class SessionStore:
             now = datetime.now(UTC)
             self._transaction(lambda c: sweeps.expire_idle(c, idle, now, session_id=session_id))
         return self.create_session(session_id, user_id)
+
+
+def _by_reason(
+    *, invalid_event: int = 0, refused_by_database: int = 0, malformed_batch: int = 0
+) -> dict[DeadLetterReason, int]:
+    """``ApplyResult.rejected_by_reason`` for the store's own reasons, without the zeros."""
+    counts: dict[DeadLetterReason, int] = {
+        "invalid_event": invalid_event,
+        "refused_by_database": refused_by_database,
+        "malformed_batch": malformed_batch,
+    }
+    return {reason: n for reason, n in counts.items() if n}
 
 
 def _record(row: RowMapping) -> SessionRecord:

@@ -35,7 +35,7 @@ def test_record_for_an_unknown_session_creates_it_active(store: SessionStore) ->
             record("user-123", 3, processing_time=1.25, error=True, output_tokens=2, cost=0.5),
         )
     )
-    assert result == ApplyResult(applied=2)
+    assert result == ApplyResult(applied=2, claimed=True, oldest_event_at=at(1))
     session = store.get("user-123")
     assert session is not None
     assert (session.status, session.end_reason, session.run) == ("active", None, 1)
@@ -270,7 +270,7 @@ def test_event_older_than_the_live_run_goes_to_the_earlier_run(store: SessionSto
     late = store.apply(
         batch(record("s", 4, processing_time=3.0, error=True, cost=1.5), end("s", 6, "failed"))
     )
-    assert late == ApplyResult(applied=2)
+    assert late == ApplyResult(applied=2, claimed=True, oldest_event_at=at(4))
     first = run_rows(store)[("s", 1)]
     assert (first["request_count"], first["error_count"]) == (2, 1)
     assert (first["total_processing_time"], first["cost"]) == (3.5, 1.5)
@@ -309,7 +309,7 @@ def test_records_only_batch_splits_into_written_and_earlier_run_sessions(
     result = store.apply(
         batch(record("t", 4), record("s", 4, processing_time=2.0), record("u", 3), record("s", 12))
     )
-    assert result == ApplyResult(applied=4)
+    assert result == ApplyResult(applied=4, claimed=True, oldest_event_at=at(3))
     assert run_rows(store)[("s", 1)]["request_count"] == 1
     assert run_rows(store)[("s", 1)]["total_processing_time"] == 2.0
     live = {s.session_id: s for s in store.list()}
@@ -320,7 +320,7 @@ def test_records_only_batch_splits_into_written_and_earlier_run_sessions(
 
 def test_redelivered_batch_is_a_duplicate_and_changes_nothing(store: SessionStore) -> None:
     first = batch(create("s", 0, user_id="u"), record("s", 1), record("t", 2), end("s", 3))
-    assert store.apply(first) == ApplyResult(applied=4)
+    assert store.apply(first) == ApplyResult(applied=4, claimed=True, oldest_event_at=at(0))
     before = snapshot(store)
     assert store.apply(first) == ApplyResult(duplicate=4)
     assert store.apply(first.to_message()) == ApplyResult(duplicate=4)
@@ -342,7 +342,13 @@ def test_one_bad_event_is_dead_lettered_and_the_others_applied(store: SessionSto
     bad = {**message["events"][1], "processing_time": -5}
     message["events"].insert(1, bad)
     result = store.apply(message)
-    assert result == ApplyResult(applied=3, rejected=1)
+    assert result == ApplyResult(
+        applied=3,
+        rejected=1,
+        claimed=True,
+        rejected_by_reason={"invalid_event": 1},
+        oldest_event_at=at(1),
+    )
     a, b = store.get("a"), store.get("b")
     assert a is not None and a.request_count == 2
     assert b is not None and b.request_count == 1
@@ -358,7 +364,9 @@ def test_one_bad_event_is_dead_lettered_and_the_others_applied(store: SessionSto
 
 def test_bad_envelope_is_dead_lettered_whole_and_nothing_applied(store: SessionStore) -> None:
     payload = {"batch_id": "nope", "events": [record("s", 1).model_dump(mode="json")]}
-    assert store.apply(payload) == ApplyResult(rejected=1)
+    assert store.apply(payload) == ApplyResult(
+        rejected=1, rejected_by_reason={"malformed_batch": 1}
+    )
     assert store.get("s") is None
     assert ledger_ids(store) == set()
     [letter] = store.dead_letters()
@@ -371,7 +379,9 @@ def test_oversized_batch_is_dead_lettered_whole(store: SessionStore) -> None:
         "batch_id": str(uuid.uuid4()),
         "events": [record("s", 1).model_dump(mode="json")] * (limit + 1),
     }
-    assert store.apply(payload) == ApplyResult(rejected=1)
+    assert store.apply(payload) == ApplyResult(
+        rejected=1, rejected_by_reason={"malformed_batch": 1}
+    )
     assert store.get("s") is None
     [letter] = store.dead_letters()
     assert letter.reason == f"events: at most {limit} events per batch (got {limit + 1})"
@@ -380,7 +390,8 @@ def test_oversized_batch_is_dead_lettered_whole(store: SessionStore) -> None:
 
 def test_one_batch_touches_many_sessions_at_once(store: SessionStore) -> None:
     events = [record(f"user-{n % 7}", n, processing_time=0.25) for n in range(70)]
-    assert store.apply(Batch(events=tuple(events))) == ApplyResult(applied=70)
+    result = store.apply(Batch(events=tuple(events)))
+    assert result == ApplyResult(applied=70, claimed=True, oldest_event_at=at(0))
     rows = live_rows(store)
     assert sorted(rows) == [f"user-{n}" for n in range(7)]
     assert all(row["request_count"] == 10 for row in rows.values())

@@ -44,6 +44,7 @@ def test_an_event_the_database_refuses_is_dead_lettered_alone(
         ],
     }
     result = store.apply(message)
+    assert result.claimed
     good = store.get("good-1")
     assert good is not None and good.request_count == 2
     letters = store.dead_letters()
@@ -52,10 +53,14 @@ def test_an_event_the_database_refuses_is_dead_lettered_alone(
     assert any(reason.startswith("events[2]: record.processing_time") for reason in reasons)
     if store.engine.dialect.name == "postgresql" or case == "tokens beyond bigint":
         assert (result.applied, result.rejected) == (2, 2)
+        assert result.rejected_by_reason == {"invalid_event": 1, "refused_by_database": 1}
+        assert result.oldest_event_at == datetime.fromisoformat(message["events"][0]["at"])
         assert any("refused by the database" in reason for reason in reasons), reasons
         assert store.get("refused-1") is None
     else:  # SQLite stores any JSON text
         assert (result.applied, result.rejected) == (3, 1)
+        assert result.rejected_by_reason == {"invalid_event": 1}
+        assert result.oldest_event_at == datetime.fromisoformat(refused["at"])  # made first
     for letter in letters:
         assert "\x00" not in letter.reason + letter.payload
         letter.payload.encode("utf-8")  # no lone surrogate left
