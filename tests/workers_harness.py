@@ -17,10 +17,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
-from tests.services import REDIS_URL
+from sessions.settings import Settings
+from sessions.store import SessionStore
+from tests.services import (
+    REDIS_URL,
+    require_postgres,
+    require_redis,
+    temporary_postgres_database,
+)
 
 #: The repository root: Celery subprocesses run here, so ``celeryconfig`` and ``workers`` import.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +154,48 @@ def start_beat(environment: Mapping[str, str], logs: Path) -> CeleryProcess:
         beat.stop()
         raise
     return beat
+
+
+@dataclass
+class Pipeline:
+    """A running worker (and maybe beat) with the settings a client uses to reach it."""
+
+    settings: Settings
+    store: SessionStore
+    worker: CeleryProcess
+    beat: CeleryProcess | None = None
+
+
+@contextmanager
+def running_pipeline(
+    logs: Path,
+    *,
+    beat: bool = False,
+    database_url: Callable[[str], str] = lambda url: url,
+    **environment: str,
+) -> Iterator[Pipeline]:
+    """A fresh PostgreSQL database, a claimed Redis database, a worker (and beat) on them.
+
+    ``database_url`` maps the database's URL to the one the worker is given (a proxy's).
+    """
+    require_postgres()
+    require_redis()
+    with ExitStack() as stack:
+        url = stack.enter_context(temporary_postgres_database("sessions_workers"))
+        broker = stack.enter_context(claimed_redis_db())
+        env = service_environment(
+            SESSIONS_BROKER_URL=broker, SESSIONS_DATABASE_URL=database_url(url), **environment
+        )
+        worker = start_worker(env, logs)
+        stack.callback(worker.stop)
+        scheduler = None
+        if beat:
+            scheduler = start_beat(env, logs)
+            stack.callback(scheduler.stop)
+        settings = Settings(broker_url=broker, database_url=url)
+        store = SessionStore(url, settings=settings)
+        stack.callback(store.dispose)
+        yield Pipeline(settings, store, worker, scheduler)
 
 
 @contextmanager

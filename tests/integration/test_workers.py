@@ -10,9 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,65 +26,15 @@ from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
 from tests.integration.support import record_message
-from tests.services import (
-    POSTGRES_ADMIN_URL,
-    require_postgres,
-    require_redis,
-    temporary_postgres_database,
-)
+from tests.services import POSTGRES_ADMIN_URL
 from tests.workers_harness import (
-    CeleryProcess,
+    Pipeline,
     SilentServer,
     TcpProxy,
-    claimed_redis_db,
-    service_environment,
-    start_beat,
-    start_worker,
+    running_pipeline,
     wait_until,
 )
 from workers import tasks
-
-
-@dataclass
-class Pipeline:
-    """A running worker (and maybe beat) with the settings a client uses to reach it."""
-
-    settings: Settings
-    store: SessionStore
-    worker: CeleryProcess
-    beat: CeleryProcess | None = None
-
-
-@contextmanager
-def running_pipeline(
-    logs: Path,
-    *,
-    beat: bool = False,
-    database_url: Callable[[str], str] = lambda url: url,
-    **environment: str,
-) -> Iterator[Pipeline]:
-    """A fresh PostgreSQL database, a claimed Redis database, a worker (and beat) on them.
-
-    ``database_url`` maps the database's URL to the one the worker is given (a proxy's).
-    """
-    require_postgres()
-    require_redis()
-    with ExitStack() as stack:
-        url = stack.enter_context(temporary_postgres_database("sessions_workers"))
-        broker = stack.enter_context(claimed_redis_db())
-        env = service_environment(
-            SESSIONS_BROKER_URL=broker, SESSIONS_DATABASE_URL=database_url(url), **environment
-        )
-        worker = start_worker(env, logs)
-        stack.callback(worker.stop)
-        scheduler = None
-        if beat:
-            scheduler = start_beat(env, logs)
-            stack.callback(scheduler.stop)
-        settings = Settings(broker_url=broker, database_url=url)
-        store = SessionStore(url, settings=settings)
-        stack.callback(store.dispose)
-        yield Pipeline(settings, store, worker, scheduler)
 
 
 @pytest.fixture(scope="module")
