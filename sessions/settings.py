@@ -88,6 +88,15 @@ class Settings(BaseSettings):
     #: Seconds between polls of a polling broker (filesystem, SQLAlchemy transports).
     broker_polling_interval: float = Field(0.1, gt=0)
 
+    #: Port of a worker's Prometheus endpoint (``/metrics``, served by its main process);
+    #: 0 = no endpoint and no metrics kept. Each worker on a host needs a port of its own.
+    metrics_port: int = Field(0, ge=0, le=65535)
+    #: Address the endpoint binds: loopback unless a scraper elsewhere must reach it.
+    metrics_host: str = "127.0.0.1"
+    #: Folder of prometheus-client's per-process files (``PROMETHEUS_MULTIPROC_DIR``), one
+    #: per worker, emptied of them at start; ``None`` = a fresh private temporary folder.
+    metrics_dir: Path | None = None
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         if self.health_warn_rate > self.health_fail_rate:

@@ -1,4 +1,5 @@
-"""Running the pipeline for real in tests: Celery subprocesses, a Redis db, a cuttable TCP proxy.
+"""Running the pipeline for real in tests: Celery subprocesses, a Redis db, a cuttable TCP proxy,
+and reading a worker's Prometheus endpoint.
 
 Everything here waits on conditions with deadlines (never a bare sleep) and cleans up after
 itself: every subprocess is stopped, every claimed Redis database flushed.
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
@@ -343,3 +345,39 @@ class SilentServer:
         for connection in self._held:
             connection.close()
         self._listener.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a worker's endpoint)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """One read of a Prometheus endpoint: every sample's value by name and labels."""
+
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
+    #: The response's ``Content-Type``.
+    content_type: str
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The sample ``name`` with exactly ``labels``, or ``None`` if it is not exported."""
+        return self.samples.get((name, frozenset(labels.items())))
+
+
+def scrape_metrics(port: int, host: str = "127.0.0.1") -> Scrape:
+    """GET ``/metrics`` over HTTP and parse it with prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+        content_type = response.headers.get("Content-Type", "")
+    samples = {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    return Scrape(samples, content_type)

@@ -6,6 +6,11 @@ main process before the pool forks and before anything is consumed, but after lo
 up, so the outcome is in the worker's log), beat in ``beat_init``. ``worker_process_init``
 drops the connection pool a prefork child inherits from its parent (shared sockets break both
 ends).
+
+Metrics (:mod:`workers.metrics`) start in the main process with the worker, before the pool
+forks (so pool processes inherit multiprocess mode); a pool process lets go of the endpoint's
+socket when it starts and does prometheus-client's bookkeeping for a dead process when it
+exits; the main process closes the endpoint at shutdown.
 """
 
 from __future__ import annotations
@@ -15,12 +20,19 @@ import time
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, celeryd_after_setup, worker_process_init
+from celery.signals import (
+    beat_init,
+    celeryd_after_setup,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from sessions.errors import StoreUnavailableError
 from sessions.settings import Settings, get_settings, mask_url
 from sessions.store import SessionStore
+from workers import metrics
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +88,12 @@ def migrate_store(settings: Settings | None = None) -> None:
 @celeryd_after_setup.connect  # type: ignore[untyped-decorator]
 def _prepare_worker(**_: Any) -> None:
     _prepare()
+    metrics.start(get_settings())
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _stop_worker(**_: Any) -> None:
+    metrics.stop()
 
 
 @beat_init.connect  # type: ignore[untyped-decorator]
@@ -92,7 +110,13 @@ def _prepare() -> None:
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
-def _forget_inherited_store(**_: Any) -> None:
+def _forget_inherited_state(**_: Any) -> None:
     from workers.tasks import reset_store_after_fork
 
     reset_store_after_fork()
+    metrics.after_fork()
+
+
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _pool_process_exits(**_: Any) -> None:
+    metrics.process_exit()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -24,8 +25,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from sessions.errors import StoreUnavailableError
 from sessions.events import peek_batch_id
+from sessions.records import DeadLetterReason
 from sessions.settings import get_settings
 from sessions.store import SessionStore
+from workers import metrics
 from workers.app import app
 
 log = logging.getLogger(__name__)
@@ -86,8 +89,10 @@ def ingest(self: Task, batch: Any) -> dict[str, int]:
         if self.request.delivery_info and self.request.delivery_info.get("redelivered"):
             poison = _poison_reason(self.request.id)
             if poison:
-                return _dead_letter(self, batch, poison)
+                return _dead_letter(self, batch, poison, "poison")
+        started = time.perf_counter()
         result = get_store().apply(batch)
+        seconds = time.perf_counter() - started
     except OUTAGE_ERRORS as exc:
         countdown = backoff(self.request.retries)
         log.warning(
@@ -99,14 +104,18 @@ def ingest(self: Task, batch: Any) -> dict[str, int]:
         )
         raise self.retry(exc=exc, countdown=countdown) from exc
     except PERMANENT_ERRORS as exc:
-        return _dead_letter(self, batch, f"cannot be applied: {_short(exc)}")
+        return _dead_letter(self, batch, f"cannot be applied: {_short(exc)}", "cannot_apply")
     except Exception as exc:
         if self.request.retries >= UNEXPECTED_ERROR_RETRIES:
             return _dead_letter(
-                self, batch, f"failed {self.request.retries + 1} times: {_short(exc)}"
+                self,
+                batch,
+                f"failed {self.request.retries + 1} times: {_short(exc)}",
+                "unexpected_error",
             )
         log.exception("batch %s: unexpected error; will retry", batch_id)
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
+    metrics.record_apply(result, seconds)
     log.info(
         "batch %s: %d events applied, %d duplicate, %d dead-lettered",
         batch_id,
@@ -114,7 +123,7 @@ def ingest(self: Task, batch: Any) -> dict[str, int]:
         result.duplicate,
         result.rejected,
     )
-    return result.model_dump()
+    return {"applied": result.applied, "duplicate": result.duplicate, "rejected": result.rejected}
 
 
 def _poison_reason(message_id: str) -> str | None:
@@ -134,12 +143,13 @@ def _poison_reason(message_id: str) -> str | None:
     )
 
 
-def _dead_letter(task: Task, batch: Any, reason: str) -> dict[str, int]:
-    """Set ``batch`` aside with ``reason``; retried like ingest if the database is away."""
+def _dead_letter(task: Task, batch: Any, reason: str, kind: DeadLetterReason) -> dict[str, int]:
+    """Set ``batch`` aside with ``reason``, counted as ``kind``; retried if the database is away."""
     try:
         get_store().dead_letter(batch, reason)
     except OUTAGE_ERRORS as exc:
         raise task.retry(exc=exc, countdown=backoff(task.request.retries)) from exc
+    metrics.record_dead_letter(kind)
     log.error("dead-lettered a batch: %s", reason)
     return {"applied": 0, "duplicate": 0, "rejected": 1}
 
@@ -149,6 +159,7 @@ def expire_idle(max_idle_seconds: float | None = None) -> list[str]:
     """End as ``expired`` every active session idle longer than ``max_idle_seconds``."""
     result = get_store().expire_idle(max_idle_seconds)
     _log_sweep("idle sweep expired", result.changed)
+    metrics.record_sweep(result, get_store().count_active)
     return list(result.changed)
 
 
@@ -158,6 +169,7 @@ def expire_older_than(max_age_days: float | None = None) -> list[str]:
     max_age = None if max_age_days is None else timedelta(days=max_age_days)
     result = get_store().expire_older_than(max_age)
     _log_sweep("age sweep expired", result.changed)
+    metrics.record_sweep(result, get_store().count_active)
     return list(result.changed)
 
 
@@ -176,6 +188,7 @@ def sweep_health(
             len(result.warned),
             _sample(result.warned),
         )
+    metrics.record_sweep(result, get_store().count_active)
     return {"failed": list(result.changed), "warned": list(result.warned)}
 
 
