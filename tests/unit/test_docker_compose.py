@@ -82,3 +82,20 @@ def test_workers_reach_the_services_by_their_compose_names(compose: dict[str, An
         database_url=environment["SESSIONS_DATABASE_URL"],
         broker_url=environment["SESSIONS_BROKER_URL"],
     )
+
+
+def test_the_workers_metrics_port_is_published_on_the_hosts_loopback_only(
+    compose: dict[str, Any],
+) -> None:
+    worker = compose["services"]["worker"]
+    settings = Settings(
+        **{
+            key.removeprefix("SESSIONS_").lower(): value
+            for key, value in worker["environment"].items()
+            if key.startswith("SESSIONS_METRICS_")
+        }
+    )
+    assert settings.metrics_port != 0
+    # Inside the container the endpoint must not bind loopback, or the published port is dead.
+    assert settings.metrics_host == "0.0.0.0"
+    assert f"127.0.0.1:{settings.metrics_port}:{settings.metrics_port}" in worker["ports"]
