@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
@@ -63,54 +64,48 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
-        self.events_applied = Counter(
+        counter = partial(Counter, registry=registry)
+        histogram = partial(Histogram, registry=registry)
+        self.events_applied = counter(
             "sessions_events_applied",
             "Events applied: counted into their sessions, in a batch this worker claimed.",
-            registry=registry,
         )
-        self.events_duplicate = Counter(
+        self.events_duplicate = counter(
             "sessions_events_duplicate",
             "Events skipped because their batch was already in the ledger (a redelivery).",
-            registry=registry,
         )
-        self.dead_letters = Counter(
+        self.dead_letters = counter(
             "sessions_dead_letters",
             "Rows written to dead_letters: one per invalid event, one per whole payload set "
             "aside (malformed_batch, poison, cannot_apply, unexpected_error).",
             ["reason"],
-            registry=registry,
         )
-        self.batches_applied = Counter(
+        self.batches_applied = counter(
             "sessions_batches_applied",
             "Batches this worker claimed in the ledger (applied_batches rows it added).",
-            registry=registry,
         )
-        self.batches_duplicate = Counter(
+        self.batches_duplicate = counter(
             "sessions_batches_duplicate",
             "Batches whose id was already in the ledger: they changed nothing.",
-            registry=registry,
         )
-        self.apply_seconds = Histogram(
+        self.apply_seconds = histogram(
             "sessions_batch_apply_seconds",
             "Wall time of applying one batch this worker claimed: decoding, validation and "
             "its one transaction, up to the commit.",
             buckets=APPLY_SECONDS_BUCKETS,
-            registry=registry,
         )
-        self.commit_lag = Histogram(
+        self.commit_lag = histogram(
             "sessions_batch_commit_lag_seconds",
             "Once per applied batch: from the event time of its oldest applied event "
             "(producer clock) to the worker's clock after the commit; no event of the batch "
             "waited longer. Clocks ahead of the worker's count as 0.",
             buckets=LAG_SECONDS_BUCKETS,
-            registry=registry,
         )
-        self.swept = Counter(
+        self.swept = counter(
             "sessions_swept_sessions",
             "Sessions a sweep ended (result=ended), or found above the health warning rate "
             "(result=warned, counted again by every health sweep that finds them there).",
             ["sweep", "result"],
-            registry=registry,
         )
         # A count of the database's, not of a process: the newest value any process set
         # wins, and a pool process that died does not take it away. No value until a sweep.

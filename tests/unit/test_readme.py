@@ -22,3 +22,20 @@ def test_readme_documents_every_setting() -> None:
         if f"`SESSIONS_{name.upper()}`" not in text
     ]
     assert not missing, f"settings missing from the README's configuration table: {missing}"
+
+
+def test_readme_documents_every_worker_metric_and_dead_letter_reason() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from workers.metrics import DEAD_LETTER_REASONS, WorkerMetrics
+
+    registry = CollectorRegistry()
+    WorkerMetrics(registry)
+    names = [
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in registry.collect()
+    ]
+    text = README.read_text()
+    missing = [name for name in [*names, *DEAD_LETTER_REASONS] if f"`{name}`" not in text]
+    assert len(names) == 9
+    assert not missing, f"metrics or reasons missing from the README's Metrics section: {missing}"
