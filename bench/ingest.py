@@ -19,7 +19,10 @@ task per update (``bench/naive.py``, ``celery -A bench.naive worker``), each app
 atomic ``UPDATE`` in its own transaction. Our figures are reported as ratios against it.
 Other worker set-ups run too (:data:`SCALE_CONFIGURATIONS`: one pool process, a threads pool,
 two workers), ``store.apply`` alone (no broker) shows what one database connection takes, and
-every run records the CPU seconds of producers, worker, PostgreSQL backends and Redis.
+every run records the CPU seconds of producers, worker, PostgreSQL backends and Redis. With
+``--metrics`` each repeat also runs our worker with its Prometheus endpoint on (scraped every
+``--scrape-interval`` seconds; the scraped event count must equal the database's) next to the
+run without, before it every other repeat, and the report gives the ratio of the two.
 
 Producers are closed-loop: ``record`` never blocks, so a producer that outruns the pipeline
 would only fill its buffer until events are dropped (which the exactness check would catch);
@@ -31,6 +34,7 @@ instead each producer pauses (outside the timed calls) while more than
     python -m bench.ingest --producers 4 --events 50000 --sessions 10000 --repeat 5
     python -m bench.ingest --batch-events 2000 --no-scale --only-ours
     python -m bench.ingest --profile /tmp/prof   # py-spy the worker and a producer
+    python -m bench.ingest --metrics --only-ours --no-latency --no-scale   # metrics on vs off
 
 Prints a markdown table and writes ``bench/results/ingest-<time>.json``.
 """
@@ -88,6 +92,8 @@ CREATE TRIGGER bench_applied AFTER INSERT ON applied_batches
     FOR EACH ROW EXECUTE FUNCTION bench_notify_applied();
 """
 DROP_TRIGGER = "DROP TRIGGER IF EXISTS bench_applied ON applied_batches"
+#: Label of the runs with the worker's metrics endpoint on (``--metrics``).
+METRICS_LABEL = "ours, metrics on"
 
 
 # -- the workload -------------------------------------------------------------------------
@@ -381,6 +387,8 @@ class Bench:
     worker_args: list[str] = field(default_factory=list)
     #: The producers' batch size (``--batch-events``); None = the settings' default.
     batch_events: int | None = None
+    #: Seconds between scrapes of the worker's endpoint in the metrics runs.
+    scrape_interval: float = 1.0
     runs: list[Run] = field(default_factory=list)
 
     # -- database helpers
@@ -500,13 +508,17 @@ class Bench:
         )
         return environment
 
-    def start_worker(self, kind: str, worker_args: tuple[str, ...] = ()) -> Worker:
+    def start_worker(
+        self, kind: str, worker_args: tuple[str, ...] = (), metrics_port: int = 0
+    ) -> Worker:
         extra = list(worker_args)
         if kind == "ours":
             extra += self.worker_args
+            environment = self.environment(self.ours_url)
+            environment["SESSIONS_METRICS_PORT"] = str(metrics_port)
             return Worker(
                 "workers",
-                self.environment(self.ours_url),
+                environment,
                 self.workdir / f"worker-{uuid.uuid4().hex[:6]}.log",
                 *extra,
             )
@@ -576,17 +588,32 @@ class Bench:
     # -- scenarios
 
     def throughput(
-        self, kind: str, workers: int = 1, worker_args: tuple[str, ...] = (), label: str = ""
+        self,
+        kind: str,
+        workers: int = 1,
+        worker_args: tuple[str, ...] = (),
+        label: str = "",
+        metrics: bool = False,
     ) -> Run:
-        """End-to-end events/s with ``workers`` worker processes (extra ``worker_args``)."""
+        """End-to-end events/s with ``workers`` worker processes (extra ``worker_args``).
+
+        With ``metrics`` (one worker) its Prometheus endpoint is on and scraped throughout.
+        """
         events = self.events if kind == "ours" else self.naive_events
         run = Run(kind, label or kind, self.producers, events)
         self.reset_ours() if kind == "ours" else self.reset_naive()
         started_workers: list[Worker] = []
         profilers: list[subprocess.Popen[bytes]] = []
+        scraper: Scraper | None = None
         try:
+            from tests.workers_harness import free_port
+
+            assert workers == 1 or not metrics, "one metrics port: one worker"
+            port = free_port() if metrics else 0
             for _ in range(workers):
-                started_workers.append(self.start_worker(kind, worker_args))
+                started_workers.append(self.start_worker(kind, worker_args, port))
+            if metrics:
+                scraper = Scraper(port, self.scrape_interval)
             worker = started_workers[0]
             run.worker_processes = sum(1 + w.pool_size() for w in started_workers)
             total = self.producers * events
@@ -603,6 +630,8 @@ class Bench:
             url = self.ours_url if kind == "ours" else self.naive_url
             done, seen = self.wait_for_total(url, total)
             results = self.collect()
+            if scraper is not None:
+                run.problem = scraper.finish(total)
             peaks = [w.peak_rss_mb() for w in started_workers]
             run.worker_rss_mb = sum(total for total, _ in peaks)
             run.worker_rss_largest_mb = max(largest for _, largest in peaks)
@@ -616,6 +645,8 @@ class Bench:
                 "redis": redis_cpu_seconds(self.broker_url) - redis_before,
             }
         finally:
+            if scraper is not None:
+                scraper.stop()
             for profiler in profilers:
                 profiler.send_signal(signal.SIGINT)
             for profiler in profilers:
@@ -627,7 +658,7 @@ class Bench:
         run.record_us = latency_summary(results)
         run.paused_seconds = max(r["paused"] for r in results)
         run.batches = sum(r["stats"].get("batches_sent", 0) for r in results)
-        problems = []
+        problems = [run.problem]
         if seen != total:
             problems.append(f"database holds {seen} of {total} requests")
         for r in results:
@@ -712,6 +743,48 @@ class Bench:
         run.batches = sum(len(r["sent"]) for r in results)
         self.runs.append(run)
         return run
+
+
+class Scraper:
+    """Reads a worker's metrics endpoint every ``interval`` seconds, as Prometheus would."""
+
+    def __init__(self, port: int, interval: float) -> None:
+        self.port = port
+        self.scrapes = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(interval,), name="bench-scrape", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        from tests.workers_harness import scrape_metrics
+
+        while not self._stop.wait(interval):
+            try:
+                scrape_metrics(self.port)
+                self.scrapes += 1
+            except OSError as exc:
+                self.failures.append(repr(exc))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def finish(self, total: int) -> str:
+        """Stop scraping; empty when the endpoint counts ``total`` applied events, else why."""
+        from tests.workers_harness import scrape_metrics
+
+        self.stop()
+        deadline = time.monotonic() + 30
+        counted = None
+        while time.monotonic() < deadline:
+            counted = scrape_metrics(self.port).value("sessions_events_applied_total")
+            if counted == total:
+                return "; ".join(self.failures)
+            time.sleep(0.05)
+        return "; ".join([*self.failures, f"endpoint counts {counted} of {total} events"])
 
 
 def py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
@@ -888,6 +961,11 @@ def summarize(bench: Bench, repeat: int, ceiling: dict[str, float] | None) -> di
     }
     naive_rate = summary["naive_events_per_second"]
     summary["ratio"] = summary["ours_events_per_second"] / naive_rate if naive_rate else 0.0
+    with_metrics = runs(METRICS_LABEL)
+    if with_metrics and ours:
+        summary["metrics_ratio"] = median([r.events_per_second for r in with_metrics]) / median(
+            [r.events_per_second for r in ours]
+        )
     return summary
 
 
@@ -954,6 +1032,12 @@ def report(bench: Bench, s: dict[str, Any], machine: dict[str, str]) -> str:
             f"{a['events_per_second']:,.0f} | | | - / {a['client_us_per_event']:.1f} / "
             f"{a['postgresql_us_per_event']:.1f} / - |"
         )
+    if "metrics_ratio" in s:
+        lines += [
+            "",
+            f"Metrics on (endpoint scraped every {bench.scrape_interval:g} s) vs off, end to end: "
+            f"{s['metrics_ratio']:.3f} (median events/s of each, runs interleaved).",
+        ]
     if s["failures"]:
         lines += ["", "FAILED runs (not counted):"] + [f"- {f}" for f in s["failures"]]
     return "\n".join(lines)
@@ -1032,6 +1116,14 @@ def main() -> None:
     parser.add_argument(
         "--batch-events", type=int, help="producers' max_batch_events (default: the settings')"
     )
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also run our worker with its Prometheus endpoint on, next to each run without",
+    )
+    parser.add_argument(
+        "--scrape-interval", type=float, default=1.0, help="seconds between scrapes (--metrics)"
+    )
     parser.add_argument("--quick", action="store_true", help="small N, one repeat, no scale")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     parser.add_argument(
@@ -1081,8 +1173,11 @@ def main() -> None:
             arguments.profile,
             arguments.worker_arg,
             arguments.batch_events,
+            arguments.scrape_interval,
         )
         scenarios: list[Callable[[], Run]] = [lambda: bench.throughput("ours")]
+        if arguments.metrics:
+            scenarios.append(lambda: bench.throughput("ours", label=METRICS_LABEL, metrics=True))
         if not arguments.only_ours:
             scenarios.append(lambda: bench.throughput("naive"))
         if not arguments.no_latency:
@@ -1093,7 +1188,11 @@ def main() -> None:
                 for label, workers, extra in SCALE_CONFIGURATIONS
             ]
         for attempt in range(arguments.repeat):
-            for action in scenarios:
+            order = list(scenarios)
+            if arguments.metrics and attempt % 2:
+                # Metrics on first every other repeat: neither side always runs second.
+                order[0], order[1] = order[1], order[0]
+            for action in order:
                 run = action()
                 print(
                     f"[{attempt + 1}/{arguments.repeat}] {progress(run)}",
