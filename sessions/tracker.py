@@ -398,7 +398,11 @@ class SessionTracker:
     def _applied(self, batch_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
         with self._lock:  # several threads may flush at once; one store (one pool) for all
             if self._store is None:
-                self._store = SessionStore(self.settings.database_url, settings=self.settings)
+                # Read-only: on SQLite a plain BEGIN, so looking at the ledger never takes
+                # the write lock the workers need.
+                self._store = SessionStore(
+                    self.settings.database_url, settings=self.settings, read_only=True
+                )
             store = self._store
         wanted = list(batch_ids)
         found: set[uuid.UUID] = set()
