@@ -114,5 +114,9 @@ class PurgeResult(BaseModel):
     sessions: int
     runs: int
     ledger: int
+    #: Histogram rows (``session_latency``) of the purged sessions and runs.
+    latency: int = 0
+    #: Rows of ``activity_minutes``.
+    minutes: int = 0
     redeliveries: int = 0
     dead_letters: int = 0

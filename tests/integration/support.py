@@ -13,7 +13,14 @@ from sqlalchemy import delete, event, select, text
 
 from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent
 from sessions.store import SessionStore
-from sessions.tables import Base, ledger_table, runs_table, sessions_table
+from sessions.tables import (
+    Base,
+    activity_table,
+    latency_table,
+    ledger_table,
+    runs_table,
+    sessions_table,
+)
 
 #: A fixed past instant the tests count event times from (events may not lie in the future).
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
@@ -88,6 +95,20 @@ def run_rows(store: SessionStore) -> dict[tuple[str, int], dict[str, Any]]:
     return {(row["session_id"], row["run"]): dict(row) for row in rows}
 
 
+def latency_rows(store: SessionStore) -> dict[tuple[str, int, int], int]:
+    """Every histogram row's count, by (session id, run, bucket)."""
+    with store.engine.connect() as connection:
+        rows = connection.execute(select(latency_table)).tuples().all()
+    return {(session_id, run, bucket): count for session_id, run, bucket, count in rows}
+
+
+def activity_rows(store: SessionStore) -> dict[datetime, tuple[int, int, int]]:
+    """Every stored minute's (events, requests, errors), by minute."""
+    with store.engine.connect() as connection:
+        rows = connection.execute(select(activity_table)).all()
+    return {row.minute: (row.events, row.requests, row.errors) for row in rows}
+
+
 def ledger_ids(store: SessionStore) -> set[uuid.UUID]:
     with store.engine.connect() as connection:
         return set(connection.execute(select(ledger_table.c.batch_id)).scalars())
@@ -98,6 +119,8 @@ def snapshot(store: SessionStore) -> dict[str, Any]:
     return {
         "live": live_rows(store),
         "runs": run_rows(store),
+        "latency": latency_rows(store),
+        "activity": activity_rows(store),
         "ledger": ledger_ids(store),
         "dead_letters": [(d.batch_id, d.payload, d.reason) for d in store.dead_letters(1000)],
     }
