@@ -90,6 +90,27 @@ def _add_seconds_sqlite(element: add_seconds, compiler: SQLCompiler, **kw: Any) 
     return f"sessions_add_seconds({timestamp}, {seconds})"
 
 
+class minute_of(FunctionElement[datetime]):
+    """A timestamp rounded down to the start of its minute (UTC), on every backend."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "minute_of"
+
+
+@compiles(minute_of, "postgresql")
+def _minute_of_postgresql(element: minute_of, compiler: SQLCompiler, **kw: Any) -> str:
+    (timestamp,) = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"date_trunc('minute', {timestamp}, 'UTC')"
+
+
+@compiles(minute_of, "sqlite")
+def _minute_of_sqlite(element: minute_of, compiler: SQLCompiler, **kw: Any) -> str:
+    (timestamp,) = (compiler.process(clause, **kw) for clause in element.clauses)
+    # The text form UTCDateTime stores, so it compares and converts like a stored time.
+    return f"strftime('%Y-%m-%d %H:%M:00.000000', {timestamp})"
+
+
 def upgrade_schema(url: str, revision: str = "head") -> None:
     """Apply the Alembic migrations to ``url`` (idempotent; safe at every start)."""
     from alembic import command
