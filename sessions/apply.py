@@ -596,27 +596,34 @@ class MinuteCounts:
             current[2] += event.error
 
 
-def add_activity(connection: Connection, minutes: MinuteCounts) -> None:
-    """Add a batch's per-minute counts to ``activity_minutes``."""
+def add_activity(connection: Connection, events: Iterable[Event]) -> None:
+    """Count applied ``events`` in ``activity_minutes``, by the minute of their time.
+
+    Call it last in the transaction: every concurrent batch adds to the same few minutes,
+    and a row lock taken last is held for the shortest time (until the commit), after every
+    session lock the transaction needs, so it never waits for one while holding a minute.
+    """
+    minutes = MinuteCounts()
+    for event in events:
+        minutes.add(event)
     if minutes.counts:
         connection.execute(
             _adding_upsert(activity_table, connection.dialect.name),
             [
-                {"minute": minute, "events": events, "requests": requests, "errors": errors}
+                {"minute": minute, "events": seen, "requests": requests, "errors": errors}
                 # Sorted: concurrent batches lock shared minutes in the same order.
-                for minute, (events, requests, errors) in sorted(minutes.counts.items())
+                for minute, (seen, requests, errors) in sorted(minutes.counts.items())
             ],
         )
 
 
 def apply_events(connection: Connection, events: Sequence[Event]) -> None:
-    """Write ``events`` (already deduplicated and validated) in the open transaction."""
+    """Write ``events`` (already deduplicated and validated) to their sessions and their
+    runs' histograms, in the open transaction; :func:`add_activity` counts them after."""
     # One pass: a delta per session for as long as it only records (nearly always).
     fast: dict[str, Delta] = {}
     slow: set[str] = set()
-    minutes = MinuteCounts()
     for event in events:
-        minutes.add(event)
         session_id = event.session_id
         if session_id in slow:
             continue
@@ -634,6 +641,3 @@ def apply_events(connection: Connection, events: Sequence[Event]) -> None:
         groups = group_by_session(event for event in events if event.session_id in slow)
         for session_id in sorted(slow):
             SessionWalk(connection, session_id).run(groups[session_id])
-    # Last: every concurrent batch adds to the same few minutes, and a row lock taken last is
-    # held for the shortest time (until the commit).
-    add_activity(connection, minutes)

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine, Row, Select, func, insert, select
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from sessions import queries, sweeps
-from sessions.apply import apply_events
+from sessions.apply import Event, add_activity, apply_events
 from sessions.database import (
     create_store_engine,
     upgrade_schema,
@@ -136,6 +136,7 @@ class SessionStore:
             return ApplyResult(duplicate=len(decoded.events) + len(decoded.rejected))
         self._dead_letter(connection, decoded.batch_id, decoded.rejected, now)
         apply_events(connection, decoded.events)
+        add_activity(connection, decoded.events)
         return ApplyResult(applied=len(decoded.events), rejected=len(decoded.rejected))
 
     def _apply_each(
@@ -146,10 +147,12 @@ class SessionStore:
         if not self._claim(connection, decoded.batch_id, now):
             return ApplyResult(duplicate=len(decoded.events) + len(decoded.rejected))
         refused: list[RejectedEvent] = []
+        applied: list[Event] = []
         for event in decoded.events:
             try:
                 with connection.begin_nested():
                     apply_events(connection, (event,))
+                applied.append(event)
             except REFUSED_VALUES as exc:
                 reason = f"{event.kind} of {event.session_id}: refused by the database: "
                 refused.append(
@@ -159,6 +162,7 @@ class SessionStore:
                     )
                 )
         self._dead_letter(connection, decoded.batch_id, [*decoded.rejected, *refused], now)
+        add_activity(connection, applied)
         return ApplyResult(
             applied=len(decoded.events) - len(refused),
             rejected=len(decoded.rejected) + len(refused),
