@@ -88,6 +88,11 @@ CREATE TRIGGER bench_applied AFTER INSERT ON applied_batches
     FOR EACH ROW EXECUTE FUNCTION bench_notify_applied();
 """
 DROP_TRIGGER = "DROP TRIGGER IF EXISTS bench_applied ON applied_batches"
+#: Empties every table our apply writes, between runs.
+TRUNCATE_OURS = (
+    "TRUNCATE sessions, session_runs, session_latency, activity_minutes, applied_batches,"
+    " dead_letters"
+)
 
 
 # -- the workload -------------------------------------------------------------------------
@@ -395,7 +400,7 @@ class Bench:
 
         engine = self._engine(self.ours_url)
         with engine.connect() as c:
-            c.execute(text("TRUNCATE sessions, session_runs, applied_batches, dead_letters"))
+            c.execute(text(TRUNCATE_OURS))
             c.execute(text(DROP_TRIGGER))
         engine.dispose()
 
@@ -457,6 +462,18 @@ class Bench:
                 if url == self.ours_url
                 else 0
             )
+            # Ours also keeps a latency histogram per session: as many samples as requests.
+            unsampled = (
+                c.execute(
+                    text(
+                        "SELECT count(*) FROM sessions s WHERE request_count <> (SELECT"
+                        " coalesce(sum(count), 0) FROM session_latency l"
+                        " WHERE l.session_id = s.session_id AND l.run = s.run)"
+                    )
+                ).scalar_one()
+                if url == self.ours_url
+                else 0
+            )
         engine.dispose()
         actual = {r[0]: (r[1], r[2], r[3]) for r in rows if r[1] or r[0] in expected}
         wrong = [
@@ -470,6 +487,8 @@ class Bench:
             problems.append(f"{len(wrong)} sessions with wrong sums ({sample})")
         if dead:
             problems.append(f"{dead} dead letters")
+        if unsampled:
+            problems.append(f"{unsampled} sessions whose histogram misses requests")
         return "; ".join(problems)
 
     def backend_cpu_seconds(self, url: str) -> float:
@@ -809,7 +828,7 @@ def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> 
 
     store = SessionStore(url, settings=Settings())
     with store.engine.begin() as c:
-        c.execute(text("TRUNCATE sessions, session_runs, applied_batches, dead_letters"))
+        c.execute(text(TRUNCATE_OURS))
     ids, times, errors = plan(0, batches * batch_size, sessions)
     for session_id in set(ids):  # validated once, as a tracker would have
         RecordEvent(session_id=session_id, at=datetime.now(UTC))
