@@ -78,18 +78,6 @@ class add_seconds(FunctionElement[datetime]):
     name = "add_seconds"
 
 
-@compiles(add_seconds, "postgresql")
-def _add_seconds_postgresql(element: add_seconds, compiler: SQLCompiler, **kw: Any) -> str:
-    timestamp, seconds = (compiler.process(clause, **kw) for clause in element.clauses)
-    return f"({timestamp} + make_interval(secs => {seconds}))"
-
-
-@compiles(add_seconds, "sqlite")
-def _add_seconds_sqlite(element: add_seconds, compiler: SQLCompiler, **kw: Any) -> str:
-    timestamp, seconds = (compiler.process(clause, **kw) for clause in element.clauses)
-    return f"sessions_add_seconds({timestamp}, {seconds})"
-
-
 class minute_of(FunctionElement[datetime]):
     """A timestamp rounded down to the start of its minute (UTC), on every backend."""
 
@@ -98,17 +86,19 @@ class minute_of(FunctionElement[datetime]):
     name = "minute_of"
 
 
-@compiles(minute_of, "postgresql")
-def _minute_of_postgresql(element: minute_of, compiler: SQLCompiler, **kw: Any) -> str:
-    (timestamp,) = (compiler.process(clause, **kw) for clause in element.clauses)
-    return f"date_trunc('minute', {timestamp}, 'UTC')"
+def _compile_as(function: type[FunctionElement[Any]], dialect: str, template: str) -> None:
+    """Compile ``function`` for ``dialect`` as ``template`` filled with its SQL arguments."""
+
+    @compiles(function, dialect)
+    def _compile(element: FunctionElement[Any], compiler: SQLCompiler, **kw: Any) -> str:
+        return template.format(*(compiler.process(clause, **kw) for clause in element.clauses))
 
 
-@compiles(minute_of, "sqlite")
-def _minute_of_sqlite(element: minute_of, compiler: SQLCompiler, **kw: Any) -> str:
-    (timestamp,) = (compiler.process(clause, **kw) for clause in element.clauses)
-    # The text form UTCDateTime stores, so it compares and converts like a stored time.
-    return f"strftime('%Y-%m-%d %H:%M:00.000000', {timestamp})"
+_compile_as(add_seconds, "postgresql", "({} + make_interval(secs => {}))")
+_compile_as(add_seconds, "sqlite", "sessions_add_seconds({}, {})")
+_compile_as(minute_of, "postgresql", "date_trunc('minute', {}, 'UTC')")
+# SQLite keeps times as text in UTCDateTime's format: the result compares and reads as one.
+_compile_as(minute_of, "sqlite", "strftime('%Y-%m-%d %H:%M:00.000000', {})")
 
 
 def upgrade_schema(url: str, revision: str = "head") -> None:

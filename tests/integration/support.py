@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from hypothesis import strategies as st
 from sqlalchemy import delete, event, select, text
 
 from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent
@@ -79,6 +80,32 @@ def end(
 
 def batch(*events: CreateEvent | RecordEvent | EndEvent) -> Batch:
     return Batch(events=events)
+
+
+def cut_into_batches(
+    draw: st.DrawFn, events: Sequence[CreateEvent | RecordEvent | EndEvent]
+) -> list[Batch]:
+    """``events`` cut into consecutive batches at points hypothesis chooses."""
+    result: list[Batch] = []
+    current: list[CreateEvent | RecordEvent | EndEvent] = []
+    for one in events:
+        current.append(one)
+        if draw(st.booleans()):
+            result.append(Batch(events=tuple(current)))
+            current = []
+    if current:
+        result.append(Batch(events=tuple(current)))
+    return result
+
+
+def with_redeliveries(draw: st.DrawFn, produced: list[Batch]) -> list[Batch]:
+    """Every batch in order, and after any of them redeliveries of earlier ones."""
+    deliveries: list[Batch] = []
+    for index, produced_batch in enumerate(produced):
+        deliveries.append(produced_batch)
+        again = draw(st.lists(st.integers(0, index), max_size=2))
+        deliveries.extend(produced[i] for i in again)
+    return deliveries
 
 
 def live_rows(store: SessionStore) -> dict[str, dict[str, Any]]:

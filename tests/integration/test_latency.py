@@ -20,11 +20,13 @@ from tests.integration.support import (
     at,
     batch,
     create,
+    cut_into_batches,
     end,
     latency_rows,
     record,
     reset,
     snapshot,
+    with_redeliveries,
 )
 from tests.reference_model import exact_percentile
 
@@ -43,8 +45,8 @@ def assert_within_bound(estimate: float | None, samples: list[float], fraction: 
 def deliveries(draw: st.DrawFn) -> tuple[dict[str, list[float]], list[Batch]]:
     """Requests with random times over a few sessions, cut into batches, some delivered twice.
 
-    With ``lifecycle`` every session is created first and ended last, in the same batches as
-    some of its records.
+    Half the time every session is also created first and ended last, so the batches holding
+    those take the slow path and the others the fast one.
     """
     requests = draw(
         st.lists(st.tuples(st.sampled_from(SESSIONS), IN_RANGE), min_size=1, max_size=60)
@@ -62,20 +64,7 @@ def deliveries(draw: st.DrawFn) -> tuple[dict[str, list[float]], list[Batch]]:
             *events,
             *(end(session_id, 1) for session_id in samples),
         ]
-    batches: list[Batch] = []
-    current: list[CreateEvent | RecordEvent | EndEvent] = []
-    for event in events:
-        current.append(event)
-        if draw(st.booleans()):
-            batches.append(Batch(events=tuple(current)))
-            current = []
-    if current:
-        batches.append(Batch(events=tuple(current)))
-    delivered: list[Batch] = []
-    for index, produced in enumerate(batches):
-        delivered.append(produced)
-        delivered.extend(batches[i] for i in draw(st.lists(st.integers(0, index), max_size=2)))
-    return samples, delivered
+    return samples, with_redeliveries(draw, cut_into_batches(draw, events))
 
 
 @settings(

@@ -25,14 +25,14 @@ from sessions.store import SessionStore
 from tests.integration.support import (
     activity_rows,
     at,
+    cut_into_batches,
     latency_rows,
     live_rows,
     reset,
     run_rows,
+    with_redeliveries,
 )
 from tests.reference_model import ReferenceStore, session_totals
-
-Event = CreateEvent | RecordEvent | EndEvent
 
 SESSION_IDS = st.sampled_from(["user-1", "user-2", "temp-3"])
 USER_IDS = st.one_of(st.none(), st.sampled_from(["owner-a", "owner-b"]))
@@ -89,29 +89,13 @@ PROPERTY_SETTINGS = settings(
 @st.composite
 def batches(draw: st.DrawFn) -> list[Batch]:
     """``events`` cut into consecutive batches at arbitrary points."""
-    events = draw(events_lists)
-    result: list[Batch] = []
-    current: list[Event] = []
-    for event in events:
-        current.append(event)
-        if draw(st.booleans()):
-            result.append(Batch(events=tuple(current)))
-            current = []
-    if current:
-        result.append(Batch(events=tuple(current)))
-    return result
+    return cut_into_batches(draw, draw(events_lists))
 
 
 @st.composite
 def in_order_deliveries(draw: st.DrawFn) -> list[Batch]:
     """Every batch in order, and after any of them redeliveries of earlier ones."""
-    produced = draw(batches())
-    deliveries: list[Batch] = []
-    for index, batch in enumerate(produced):
-        deliveries.append(batch)
-        again = draw(st.lists(st.integers(0, index), max_size=2))
-        deliveries.extend(produced[i] for i in again)
-    return deliveries
+    return with_redeliveries(draw, draw(batches()))
 
 
 @st.composite
