@@ -94,6 +94,11 @@ CREATE TRIGGER bench_applied AFTER INSERT ON applied_batches
 DROP_TRIGGER = "DROP TRIGGER IF EXISTS bench_applied ON applied_batches"
 #: Label of the runs with the worker's metrics endpoint on (``--metrics``).
 METRICS_LABEL = "ours, metrics on"
+#: Empties every table our apply writes, between runs.
+TRUNCATE_OURS = (
+    "TRUNCATE sessions, session_runs, session_latency, activity_minutes, applied_batches,"
+    " dead_letters"
+)
 
 
 # -- the workload -------------------------------------------------------------------------
@@ -403,7 +408,7 @@ class Bench:
 
         engine = self._engine(self.ours_url)
         with engine.connect() as c:
-            c.execute(text("TRUNCATE sessions, session_runs, applied_batches, dead_letters"))
+            c.execute(text(TRUNCATE_OURS))
             c.execute(text(DROP_TRIGGER))
         engine.dispose()
 
@@ -465,6 +470,18 @@ class Bench:
                 if url == self.ours_url
                 else 0
             )
+            # Ours also keeps a latency histogram per session: as many samples as requests.
+            unsampled = (
+                c.execute(
+                    text(
+                        "SELECT count(*) FROM sessions s WHERE request_count <> (SELECT"
+                        " coalesce(sum(count), 0) FROM session_latency l"
+                        " WHERE l.session_id = s.session_id AND l.run = s.run)"
+                    )
+                ).scalar_one()
+                if url == self.ours_url
+                else 0
+            )
         engine.dispose()
         actual = {r[0]: (r[1], r[2], r[3]) for r in rows if r[1] or r[0] in expected}
         wrong = [
@@ -478,6 +495,8 @@ class Bench:
             problems.append(f"{len(wrong)} sessions with wrong sums ({sample})")
         if dead:
             problems.append(f"{dead} dead letters")
+        if unsampled:
+            problems.append(f"{unsampled} sessions whose histogram misses requests")
         return "; ".join(problems)
 
     def backend_cpu_seconds(self, url: str) -> float:
@@ -882,7 +901,7 @@ def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> 
 
     store = SessionStore(url, settings=Settings())
     with store.engine.begin() as c:
-        c.execute(text("TRUNCATE sessions, session_runs, applied_batches, dead_letters"))
+        c.execute(text(TRUNCATE_OURS))
     ids, times, errors = plan(0, batches * batch_size, sessions)
     for session_id in set(ids):  # validated once, as a tracker would have
         RecordEvent(session_id=session_id, at=datetime.now(UTC))

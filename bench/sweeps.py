@@ -1,10 +1,11 @@
 """Sweep and read cost on a large PostgreSQL store (not a test: timings are never asserted).
 
 Seeds N sessions (default 1,000,000) over 10,000 users in a fresh database, 10% idle past the
-cutoff, 5% above the health fail rate, 2% past the maximum age; then times each sweep and
-read and shows, from ``EXPLAIN``, which index each statement uses. Sweeps run as dry runs
-(the same statements in a transaction that is rolled back), so every repetition sees the
-same data::
+cutoff, 5% above the health fail rate, 2% past the maximum age, each with a latency
+histogram of its 20 requests over 10 buckets, one archived run for 10% of them and a week of
+per-minute activity; then times each sweep and read and shows, from ``EXPLAIN``, which index
+each statement uses. Sweeps run as dry runs (the same statements in a transaction that is
+rolled back), so every repetition sees the same data::
 
     python -m bench.sweeps                  # 1,000,000 sessions, 3 repetitions
     python -m bench.sweeps --sessions 100000 --repeat 5
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,27 @@ SELECT 'session-' || n,
        CASE WHEN n % 20 = 9 THEN 15 ELSE n % 3 END,
        20 * 0.25
 FROM generate_series(1, :sessions) AS n
+"""
+SEED_RUNS_SQL = """
+INSERT INTO session_runs (session_id, user_id, status, end_reason, run, created_at,
+                          last_activity, ended_at, request_count, error_count,
+                          total_processing_time)
+SELECT session_id, user_id, 'expired', 'idle', 1, created_at - interval '1 hour',
+       created_at - interval '40 minutes', created_at - interval '10 minutes', 20, 0, 5
+FROM sessions WHERE right(session_id, 1) = '7'
+"""
+SEED_LIVE_RUNS_SQL = "UPDATE sessions SET run = 2 WHERE right(session_id, 1) = '7'"
+#: Every run's 20 requests over 10 buckets (2 each), from about 0.1 s up to about 10 s.
+SEED_LATENCY_SQL = """
+INSERT INTO session_latency (session_id, run, bucket, count)
+SELECT r.session_id, r.run, 140 + (hashtext(r.session_id) & 7) + 8 * b, 2
+FROM (SELECT session_id, run FROM sessions UNION ALL SELECT session_id, run FROM session_runs)
+     AS r, generate_series(0, 9) AS b
+"""
+SEED_ACTIVITY_SQL = """
+INSERT INTO activity_minutes (minute, events, requests, errors)
+SELECT date_trunc('minute', now()) - m * interval '1 minute', 1000, 990, 99
+FROM generate_series(0, 7 * 24 * 60 - 1) AS m
 """
 
 
@@ -129,9 +151,15 @@ def run(sessions: int, repeat: int) -> list[Measurement]:
         started = time.perf_counter()
         with store.engine.begin() as connection:
             connection.execute(text(SEED_SQL), {"users": USERS, "sessions": sessions})
-            connection.execute(text("ANALYZE sessions"))
+            for statement in (SEED_RUNS_SQL, SEED_LIVE_RUNS_SQL, SEED_LATENCY_SQL):
+                connection.execute(text(statement))
+            connection.execute(text(SEED_ACTIVITY_SQL))
+        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(text("VACUUM ANALYZE"))
         print(f"seeded {sessions:,} sessions in {time.perf_counter() - started:.1f}s")
         user = "user-4242"
+        hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        minute_ago = datetime.now(UTC) - timedelta(minutes=1)
         operations: list[tuple[str, Callable[[], int]]] = [
             ("expire_idle", lambda: store.expire_idle(1800, dry_run=True).count),
             ("expire_older_than", lambda: store.expire_older_than(dry_run=True).count),
@@ -139,6 +167,17 @@ def run(sessions: int, repeat: int) -> list[Measurement]:
             ("aggregate(user_id)", lambda: store.aggregate(user_id=user).sessions),
             ("list(user_id) page of 100", lambda: len(store.list(user_id=user, limit=100))),
             ("count_active", store.count_active),
+            ("get(session_id)", lambda: int(store.get("session-4242") is not None)),
+            ("aggregate(), every session", lambda: store.aggregate().sessions),
+            ("aggregate(since=1 hour ago)", lambda: store.aggregate(since=hour_ago).sessions),
+            ("top_users('requests'), 10", lambda: len(store.top_users("requests"))),
+            ("top_users('p95'), 10", lambda: len(store.top_users("p95"))),
+            ("aggregate(since=1 minute ago)", lambda: store.aggregate(since=minute_ago).sessions),
+            (
+                "top_users('p95', since=1 minute ago), 10",
+                lambda: len(store.top_users("p95", since=minute_ago)),
+            ),
+            ("activity(since=1 hour ago)", lambda: len(store.activity(hour_ago))),
         ]
         results = [measure(store, name, operation, repeat) for name, operation in operations]
         store.dispose()

@@ -17,7 +17,15 @@ from sessions.errors import (
     StoreUnavailableError,
 )
 from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent, SessionEvent
-from sessions.records import Aggregate, ApplyResult, PurgeResult, SessionRecord, SweepResult
+from sessions.records import (
+    Aggregate,
+    ApplyResult,
+    MinuteActivity,
+    PurgeResult,
+    SessionRecord,
+    SweepResult,
+    UserAggregate,
+)
 from sessions.settings import Settings, get_settings
 from sessions.store import SessionStore
 
@@ -49,6 +57,7 @@ __all__ = [
     "EndEvent",
     "FlushTimeoutError",
     "GuideSession",
+    "MinuteActivity",
     "PurgeResult",
     "RecordEvent",
     "SessionEvent",
@@ -60,5 +69,6 @@ __all__ = [
     "Settings",
     "StoreUnavailableError",
     "SweepResult",
+    "UserAggregate",
     "get_settings",
 ]

@@ -1,15 +1,18 @@
 """Writing one batch of events into the session tables, inside the caller's transaction.
 
 Counters are only ever changed additively in SQL (``x = x + :delta``): nothing is read in
-Python and written back, so concurrent workers cannot lose each other's updates.
+Python and written back, so concurrent workers cannot lose each other's updates. The same
+holds for each run's latency histogram (``session_latency``: one more request in the bucket
+of its processing time) and for the per-minute activity (``activity_minutes``), written in
+the same transaction, so the ledger that dedupes the counters dedupes them too.
 
 Two paths, chosen per session:
 
 * **Fast path** (nearly every session of nearly every batch): the batch only *records*
   requests for it. Its events are coalesced into one delta, and all such sessions are
-  written by one multi-row ``INSERT .. ON CONFLICT DO UPDATE``. The conflict branch only
-  fires when the events belong to the live run (see below); sessions it leaves untouched
-  fall through to the slow path.
+  written by one multi-row ``INSERT .. ON CONFLICT DO UPDATE``, and their bucket counts by
+  one more. The conflict branch only fires when the events belong to the live run (see
+  below); sessions it leaves untouched fall through to the slow path.
 * **Slow path**: the batch creates or ends the session, or records events older than its
   live run. The live row is locked (``SELECT .. FOR UPDATE``; SQLite's write transaction
   already excludes other writers), its run boundaries are read, and the events are walked in
@@ -25,8 +28,9 @@ added there, so late and redelivered batches never end, restart or inflate the w
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,6 +38,8 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Insert,
+    Table,
     and_,
     bindparam,
     case,
@@ -45,9 +51,17 @@ from sqlalchemy import (
 )
 from sqlalchemy import update as sql_update
 
-from sessions.database import upsert_into
+from sessions.database import upsert_into, upsert_into_table
 from sessions.events import CreateEvent, EndEvent, RecordEvent
-from sessions.tables import JSONDocument, UTCDateTime, runs_table, sessions_table
+from sessions.histogram import bucket_of
+from sessions.tables import (
+    JSONDocument,
+    UTCDateTime,
+    activity_table,
+    latency_table,
+    runs_table,
+    sessions_table,
+)
 
 Event = CreateEvent | RecordEvent | EndEvent
 
@@ -76,6 +90,8 @@ class Delta:
     last_at: datetime | None = None
     user_id: str | None = None
     metadata: dict[str, Any] | None = None
+    #: Requests per processing-time bucket: what the run's histogram gains.
+    latency: dict[int, int] = field(default_factory=dict)
 
     def touch(self, at: datetime) -> None:
         if self.first_at is None or at < self.first_at:
@@ -90,6 +106,11 @@ class Delta:
         self.input_tokens += event.input_tokens
         self.output_tokens += event.output_tokens
         self.cost += event.cost
+        # A time without a request (the guide's ``increment_requests=False``) is no sample:
+        # a histogram holds as many samples as its run has requests.
+        if event.counts_request:
+            bucket = bucket_of(event.processing_time)
+            self.latency[bucket] = self.latency.get(bucket, 0) + 1
         self.touch(event.at)
         if self.user_id is None:
             self.user_id = event.user_id
@@ -133,8 +154,31 @@ def _additive_set(table: Any, source: Any) -> dict[str, Any]:
     }
 
 
+@functools.cache
+def _adding_upsert(table: Table, dialect: str) -> Insert:
+    """``INSERT`` into ``table``, or on its primary key add to every other column (``x + :x``)."""
+    upsert = upsert_into_table(table, dialect)
+    return upsert.on_conflict_do_update(
+        index_elements=list(table.primary_key),
+        set_={c.name: c + upsert.excluded[c.name] for c in table.columns if not c.primary_key},
+    )
+
+
+def _latency_rows(session_id: str, run: int, latency: Mapping[int, int]) -> list[dict[str, Any]]:
+    return [
+        {"session_id": session_id, "run": run, "bucket": bucket, "count": count}
+        for bucket, count in latency.items()
+    ]
+
+
+def add_latency(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """Add request counts to buckets of run histograms (rows of ``session_latency``)."""
+    if rows:
+        connection.execute(_adding_upsert(latency_table, connection.dialect.name), rows)
+
+
 def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]:
-    """The fast path: write every records-only session in one statement.
+    """The fast path: write every records-only session in one statement, its latency in one more.
 
     Returns the ids it wrote; the others had events older than their live run and must
     take the slow path.
@@ -165,8 +209,17 @@ def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]
             sessions_table.c.run == 1,
             sessions_table.c.created_at <= excluded.created_at,
         ),
-    ).returning(sessions_table.c.session_id)
-    return set(connection.execute(statement).scalars())
+    ).returning(sessions_table.c.session_id, sessions_table.c.run)
+    runs: dict[str, int] = dict(connection.execute(statement).tuples().all())
+    add_latency(
+        connection,
+        [
+            row
+            for session_id, run in runs.items()
+            for row in _latency_rows(session_id, run, deltas[session_id].latency)
+        ],
+    )
+    return set(runs)
 
 
 #: The fast path on PostgreSQL: the same upsert as :func:`upsert_records` builds, but fed
@@ -227,8 +280,23 @@ _PG_SKIPPED = text(
        AND s.created_at > TIMESTAMPTZ 'epoch' + d.created_us * INTERVAL '1 microsecond'
     """
 )
+#: The fast path's bucket counts on PostgreSQL, fed as :data:`_PG_UPSERT` is (one array per
+#: column: one prepared statement). Each row takes its run from the live row the upsert has
+#: just written and still locks: the run its events were added to. A batch whose requests
+#: all fell in bucket 0 sends ``bucket`` as an empty array, hence the ``coalesce``.
+_PG_LATENCY = text(
+    """
+    INSERT INTO session_latency AS l (session_id, run, bucket, count)
+    SELECT d.session_id, s.run, coalesce(d.bucket, 0), d.count
+      FROM unnest(CAST(:session_id AS varchar[]), CAST(:bucket AS smallint[]),
+                  CAST(:count AS bigint[])) AS d(session_id, bucket, count)
+      JOIN sessions AS s ON s.session_id = d.session_id
+    ON CONFLICT (session_id, run, bucket) DO UPDATE SET count = l.count + excluded.count
+    """
+)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+_MINUTE = timedelta(minutes=1)
 
 
 def _upsert_records_postgresql(connection: Connection, deltas: dict[str, Delta]) -> set[str]:
@@ -244,13 +312,31 @@ def _upsert_records_postgresql(connection: Connection, deltas: dict[str, Delta])
     parameters = {name: _array_literal(values) for name, values in columns.items()}
     # The row count, not RETURNING: reading back hundreds of ids costs more than the rare
     # second query when some row was left alone.
-    if connection.execute(_PG_UPSERT, parameters).rowcount == len(ordered):
-        return set(ordered)
-    skipped = connection.execute(
-        _PG_SKIPPED,
-        {"session_id": parameters["session_id"], "created_us": parameters["created_us"]},
-    ).scalars()
-    return set(ordered).difference(skipped)
+    written = ordered
+    if connection.execute(_PG_UPSERT, parameters).rowcount != len(ordered):
+        skipped = set(
+            connection.execute(
+                _PG_SKIPPED,
+                {"session_id": parameters["session_id"], "created_us": parameters["created_us"]},
+            ).scalars()
+        )
+        written = [session_id for session_id in ordered if session_id not in skipped]
+    _add_latency_postgresql(connection, written, deltas)
+    return set(written)
+
+
+def _add_latency_postgresql(
+    connection: Connection, written: list[str], deltas: dict[str, Delta]
+) -> None:
+    columns: dict[str, list[Any]] = {"session_id": [], "bucket": [], "count": []}
+    for session_id in written:
+        for bucket, count in deltas[session_id].latency.items():
+            columns["session_id"].append(session_id)
+            columns["bucket"].append(bucket)
+            columns["count"].append(count)
+    if columns["session_id"]:
+        parameters = {name: _array_literal(values) for name, values in columns.items()}
+        connection.execute(_PG_LATENCY, parameters)
 
 
 def _micros(at: datetime | None) -> int:
@@ -437,7 +523,7 @@ class SessionWalk:
             .scalar_subquery(),
         )
         params = _delta_params(delta)
-        result = self.connection.execute(
+        run = self.connection.execute(
             sql_update(runs_table)
             .where(r.session_id == self.session_id, r.run == run_at_event_time)
             .values(
@@ -447,15 +533,19 @@ class SessionWalk:
                     "user_id": func.coalesce(r.user_id, params["user_id"]),
                 }
             )
-        )
-        if result.rowcount == 0:
+            .returning(r.run)
+        ).scalar_one_or_none()
+        if run is None:
             # The earlier run was purged already: count it in the live run, never drop it.
             self.pending.add(event)
+        else:
+            add_latency(self.connection, _latency_rows(self.session_id, run, delta.latency))
 
     def _flush(self) -> None:
         delta = self.pending
         if delta.empty:
             return
+        assert self.live is not None  # the first event inserted the row if there was none
         params = _delta_params(delta)
         self.connection.execute(
             sql_update(sessions_table)
@@ -467,6 +557,7 @@ class SessionWalk:
                 }
             )
         )
+        add_latency(self.connection, _latency_rows(self.session_id, self.live.run, delta.latency))
         self.pending = Delta()
 
 
@@ -481,8 +572,54 @@ def _delta_params(delta: Delta) -> dict[str, Any]:
     }
 
 
+@dataclass(slots=True)
+class MinuteCounts:
+    """Events, requests and errors per minute of event time: what ``activity_minutes`` gains."""
+
+    counts: dict[datetime, list[int]] = field(default_factory=dict)
+    # The minute of the previous event. A batch's events nearly all share one, and comparing
+    # with its bounds costs a fifth of rounding each time down.
+    _start: datetime = _EPOCH
+    _end: datetime = _EPOCH
+    _current: list[int] = field(default_factory=list)
+
+    def add(self, event: Event) -> None:
+        at = event.at
+        if not self._start <= at < self._end:
+            self._start = at.replace(second=0, microsecond=0)
+            self._end = self._start + _MINUTE
+            self._current = self.counts.setdefault(self._start, [0, 0, 0])
+        current = self._current
+        current[0] += 1
+        if isinstance(event, RecordEvent):
+            current[1] += event.counts_request
+            current[2] += event.error
+
+
+def add_activity(connection: Connection, events: Iterable[Event]) -> None:
+    """Count applied ``events`` in ``activity_minutes``, by the minute of their time.
+
+    Call it last in the transaction: every concurrent batch adds to the same few minutes,
+    and a row lock taken last is held for the shortest time (until the commit), after every
+    session lock the transaction needs, so it never waits for one while holding a minute.
+    """
+    minutes = MinuteCounts()
+    for event in events:
+        minutes.add(event)
+    if minutes.counts:
+        connection.execute(
+            _adding_upsert(activity_table, connection.dialect.name),
+            [
+                {"minute": minute, "events": seen, "requests": requests, "errors": errors}
+                # Sorted: concurrent batches lock shared minutes in the same order.
+                for minute, (seen, requests, errors) in sorted(minutes.counts.items())
+            ],
+        )
+
+
 def apply_events(connection: Connection, events: Sequence[Event]) -> None:
-    """Write ``events`` (already deduplicated and validated) in the open transaction."""
+    """Write ``events`` (already deduplicated and validated) to their sessions and their
+    runs' histograms, in the open transaction; :func:`add_activity` counts them after."""
     # One pass: a delta per session for as long as it only records (nearly always).
     fast: dict[str, Delta] = {}
     slow: set[str] = set()

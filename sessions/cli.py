@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, NoReturn
 
 import typer
@@ -20,6 +21,7 @@ from rich.table import Table
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from sessions.errors import BrokerUnavailableError, StoreUnavailableError
+from sessions.histogram import LOWEST
 from sessions.records import Aggregate, SessionRecord
 from sessions.settings import Settings, get_settings, mask_url
 from sessions.store import SessionStore
@@ -39,6 +41,45 @@ errors = Console(stderr=True)
 ALL_QUEUES = "sessions.events,sessions.maintenance"
 StatusOption = Literal["active", "completed", "failed", "expired"]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+#: A duration ago as ``--since`` / ``--until`` take it: ``90s``, ``15m``, ``2h``, ``7d``, ``1h30m``.
+DURATION = re.compile(
+    r"(?:(?P<days>\d+)d)?(?:(?P<hours>\d+)h)?(?:(?P<minutes>\d+)m)?(?:(?P<seconds>\d+)s)?"
+)
+
+
+def parse_moment(text: str, now: datetime | None = None) -> datetime:
+    """A moment given as an ISO 8601 time (UTC unless it names another offset) or as a
+    duration before ``now`` (``90s``, ``15m``, ``2h``, ``7d``, ``1h30m``).
+
+    Raises ``ValueError`` saying which forms are accepted.
+    """
+    duration = DURATION.fullmatch(text.strip())
+    if duration is not None and any(duration.groupdict().values()):
+        parts = {unit: int(value or 0) for unit, value in duration.groupdict().items()}
+        try:
+            return (now or datetime.now(UTC)) - timedelta(**parts)
+        except OverflowError:
+            raise ValueError(f"{text!r} reaches back before the year 1") from None
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither an ISO 8601 time (2024-05-01T12:00:00Z) "
+            "nor a duration ago (90s, 15m, 2h, 7d, 1h30m)"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _moment_option(text: str) -> datetime:
+    """:func:`parse_moment` for an option: click names the option in the error."""
+    try:
+        return parse_moment(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+#: How ``--since`` / ``--until`` say what they take.
+MOMENT_HELP = "an ISO 8601 time (UTC unless it says otherwise) or a duration ago: 90s, 15m, 2h, 7d"
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -206,6 +247,13 @@ def show(session_id: str, as_json: JsonFlag = False) -> None:
     console.print(table)
 
 
+def _percentile(seconds: float | None) -> str:
+    """A percentile estimate as the table shows it: ``-`` without requests."""
+    if seconds is None:
+        return "-"
+    return f"< {LOWEST:.3f}s" if seconds < LOWEST else f"{seconds:.3f}s"
+
+
 def _aggregate_table(title: str, aggregate: Aggregate) -> Table:
     table = Table(title=title, show_header=False)
     table.add_column("metric")
@@ -217,6 +265,9 @@ def _aggregate_table(title: str, aggregate: Aggregate) -> Table:
         "error rate": f"{aggregate.error_rate:.1%}",
         "total processing time": f"{aggregate.total_processing_time:.3f}s",
         "average processing time": f"{aggregate.average_processing_time:.3f}s",
+        "p50 processing time": _percentile(aggregate.processing_time_p50),
+        "p95 processing time": _percentile(aggregate.processing_time_p95),
+        "p99 processing time": _percentile(aggregate.processing_time_p99),
         "input tokens": aggregate.input_tokens,
         "output tokens": aggregate.output_tokens,
         "cost": f"{aggregate.cost:.4f}",
@@ -226,21 +277,47 @@ def _aggregate_table(title: str, aggregate: Aggregate) -> Table:
     return table
 
 
+def _stats_title(
+    user: str | None, status: str | None, since: datetime | None, until: datetime | None
+) -> str:
+    """What the table covers, e.g. ``completed sessions of u-1, last active since .. UTC``."""
+    title = f"{status or 'all'} sessions" + (f" of {user}" if user else "")
+    bounds = [
+        f"{word} {moment.astimezone(UTC):%Y-%m-%d %H:%M:%S}"
+        for word, moment in (("since", since), ("before", until))
+        if moment is not None
+    ]
+    return title + (f", last active {' and '.join(bounds)} UTC" if bounds else "")
+
+
 @app.command()
 def stats(
-    user: Annotated[str | None, typer.Option("--user")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Only this user's sessions.")] = None,
     status: Annotated[StatusOption | None, typer.Option("--status")] = None,
+    since: Annotated[
+        datetime | None,
+        typer.Option(
+            parser=_moment_option, metavar="WHEN", help=f"Last active at or after {MOMENT_HELP}."
+        ),
+    ] = None,
+    until: Annotated[
+        datetime | None,
+        typer.Option(
+            parser=_moment_option, metavar="WHEN", help=f"Last active before {MOMENT_HELP}."
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Totals over sessions (all, or one user's), computed by the database."""
+    """Requests, errors, tokens, cost and p50/p95/p99 processing time over sessions (their
+    current runs), computed by the database; --since/--until select by last activity."""
+    if since is not None and until is not None and since >= until:
+        fail(f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})")
     with open_store() as store:
-        aggregate = store.aggregate(user_id=user, status=status)
+        aggregate = store.aggregate(user_id=user, status=status, since=since, until=until)
     if as_json:
         _print_json(aggregate.model_dump(mode="json"))
-    else:
-        console.print(
-            _aggregate_table(f"sessions of {user}" if user else "all sessions", aggregate)
-        )
+        return
+    console.print(_aggregate_table(_stats_title(user, status, since, until), aggregate))
 
 
 @app.command()

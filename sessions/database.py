@@ -96,16 +96,27 @@ class add_seconds(FunctionElement[datetime]):
     name = "add_seconds"
 
 
-@compiles(add_seconds, "postgresql")
-def _add_seconds_postgresql(element: add_seconds, compiler: SQLCompiler, **kw: Any) -> str:
-    timestamp, seconds = (compiler.process(clause, **kw) for clause in element.clauses)
-    return f"({timestamp} + make_interval(secs => {seconds}))"
+class minute_of(FunctionElement[datetime]):
+    """A timestamp rounded down to the start of its minute (UTC), on every backend."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "minute_of"
 
 
-@compiles(add_seconds, "sqlite")
-def _add_seconds_sqlite(element: add_seconds, compiler: SQLCompiler, **kw: Any) -> str:
-    timestamp, seconds = (compiler.process(clause, **kw) for clause in element.clauses)
-    return f"sessions_add_seconds({timestamp}, {seconds})"
+def _compile_as(function: type[FunctionElement[Any]], dialect: str, template: str) -> None:
+    """Compile ``function`` for ``dialect`` as ``template`` filled with its SQL arguments."""
+
+    @compiles(function, dialect)
+    def _compile(element: FunctionElement[Any], compiler: SQLCompiler, **kw: Any) -> str:
+        return template.format(*(compiler.process(clause, **kw) for clause in element.clauses))
+
+
+_compile_as(add_seconds, "postgresql", "({} + make_interval(secs => {}))")
+_compile_as(add_seconds, "sqlite", "sessions_add_seconds({}, {})")
+_compile_as(minute_of, "postgresql", "date_trunc('minute', {}, 'UTC')")
+# SQLite keeps times as text in UTCDateTime's format: the result compares and reads as one.
+_compile_as(minute_of, "sqlite", "strftime('%Y-%m-%d %H:%M:00.000000', {})")
 
 
 def upgrade_schema(url: str, revision: str = "head") -> None:

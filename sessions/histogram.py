@@ -16,6 +16,7 @@ bound: the events model caps one request at a day).
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 
 #: Lower edge of the first regular bucket, in seconds.
@@ -32,27 +33,27 @@ UNDERFLOW = 0
 OVERFLOW = REGULAR_BUCKETS + 1
 #: Worst relative error of an estimate for samples in [LOWEST, HIGHEST).
 RELATIVE_ERROR = math.sqrt(GROWTH) - 1
-_LOG_GROWTH = math.log(GROWTH)
-
-
-def bucket_of(seconds: float) -> int:
-    """The bucket a processing time falls in: 0 (underflow), 1..REGULAR_BUCKETS, OVERFLOW."""
-    if seconds < LOWEST:
-        return UNDERFLOW
-    if seconds >= HIGHEST:
-        return OVERFLOW
-    index = int(math.log(seconds / LOWEST) / _LOG_GROWTH) + 1
-    # Guard the edges against floating-point rounding of the logarithm.
-    if seconds < lower_edge(index):
-        index -= 1
-    elif index < REGULAR_BUCKETS and seconds >= lower_edge(index + 1):
-        index += 1
-    return min(index, REGULAR_BUCKETS)
 
 
 def lower_edge(bucket: int) -> float:
     """The smallest time in a regular ``bucket``."""
     return LOWEST * GROWTH ** (bucket - 1)
+
+
+#: The lower edge of every regular bucket, in order: bucket ``b`` holds the times from
+#: ``_EDGES[b - 1]`` up to (not including) ``_EDGES[b]``.
+_EDGES = tuple(lower_edge(bucket) for bucket in range(1, REGULAR_BUCKETS + 1))
+
+
+def bucket_of(seconds: float) -> int:
+    """The bucket a processing time falls in: 0 (underflow), 1..REGULAR_BUCKETS, OVERFLOW.
+
+    A binary search of the edges: exact at every edge (no rounding of a logarithm) and a
+    less than half its cost, which matters because every applied ``record`` pays it.
+    """
+    if seconds >= HIGHEST:
+        return OVERFLOW
+    return bisect_right(_EDGES, seconds)
 
 
 def representative(bucket: int) -> float:

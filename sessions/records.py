@@ -2,14 +2,21 @@
 
 These are plain frozen pydantic models, detached from any database session, so callers
 can keep them, serialize them (``model_dump(mode="json")``) and compare them freely.
+
+Processing-time percentiles (``processing_time_p50`` / ``_p95`` / ``_p99``, in seconds) are
+estimated from a latency histogram (``sessions.histogram``: within 2.47 % for times from
+1 ms to 1 hour) and are ``None`` where there is no request to estimate from.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from sessions.histogram import percentile
 
 #: Every state a session can be in; only ``active`` is not final.
 Status = Literal["active", "completed", "failed", "expired"]
@@ -29,6 +36,19 @@ DeadLetterReason = Literal[
     "cannot_apply",
     "unexpected_error",
 ]
+#: What ``top_users`` can rank users by: their requests, errors, cost or p95 processing time.
+UserRanking = Literal["requests", "errors", "cost", "p95"]
+#: The percentiles the read models carry, by field name.
+PERCENTILES = {
+    "processing_time_p50": 0.50,
+    "processing_time_p95": 0.95,
+    "processing_time_p99": 0.99,
+}
+
+
+def percentile_fields(histogram: Mapping[int, int]) -> dict[str, float | None]:
+    """The read models' percentile fields, estimated from one histogram (bucket -> count)."""
+    return {name: percentile(histogram, fraction) for name, fraction in PERCENTILES.items()}
 
 
 class SessionRecord(BaseModel):
@@ -50,6 +70,9 @@ class SessionRecord(BaseModel):
     input_tokens: int
     output_tokens: int
     cost: float
+    processing_time_p50: float | None = None
+    processing_time_p95: float | None = None
+    processing_time_p99: float | None = None
     metadata: dict[str, Any] | None
 
     @computed_field  # type: ignore[prop-decorator]
@@ -73,7 +96,7 @@ class SessionRecord(BaseModel):
 
 
 class Aggregate(BaseModel):
-    """Totals over a set of sessions, computed in SQL."""
+    """Totals over a set of sessions, computed in SQL; percentiles of their merged histograms."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -84,6 +107,9 @@ class Aggregate(BaseModel):
     input_tokens: int
     output_tokens: int
     cost: float
+    processing_time_p50: float | None = None
+    processing_time_p95: float | None = None
+    processing_time_p99: float | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -94,6 +120,26 @@ class Aggregate(BaseModel):
     @property
     def average_processing_time(self) -> float:
         return self.total_processing_time / self.request_count if self.request_count else 0.0
+
+
+class UserAggregate(Aggregate):
+    """One user's totals and percentiles over their sessions (``top_users``)."""
+
+    user_id: str
+
+
+class MinuteActivity(BaseModel):
+    """One minute (UTC, by event time) of the whole fleet: what happened, who was active."""
+
+    model_config = ConfigDict(frozen=True)
+
+    minute: datetime
+    events: int
+    requests: int
+    errors: int
+    #: Session runs active at some point in the minute: created before its end, and not
+    #: ended before its start.
+    active_sessions: int
 
 
 class ApplyResult(BaseModel):
@@ -136,5 +182,9 @@ class PurgeResult(BaseModel):
     sessions: int
     runs: int
     ledger: int
+    #: Histogram rows (``session_latency``) of the purged sessions and runs.
+    latency: int = 0
+    #: Rows of ``activity_minutes``.
+    minutes: int = 0
     redeliveries: int = 0
     dead_letters: int = 0

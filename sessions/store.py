@@ -12,14 +12,15 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, RowMapping, func, insert, select
+from sqlalchemy import Connection, Engine, Row, Select, func, insert, select
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
-from sessions import sweeps
-from sessions.apply import COUNTERS, apply_events
+from sessions import queries, sweeps
+from sessions.apply import Event, add_activity, apply_events
 from sessions.database import (
     create_store_engine,
     upgrade_schema,
@@ -39,9 +40,13 @@ from sessions.records import (
     Aggregate,
     ApplyResult,
     DeadLetterReason,
+    MinuteActivity,
     PurgeResult,
     SessionRecord,
     SweepResult,
+    UserAggregate,
+    UserRanking,
+    percentile_fields,
 )
 from sessions.settings import Settings, get_settings, mask_url
 from sessions.tables import (
@@ -70,6 +75,9 @@ MAX_ATTEMPTS = 5
 REFUSED_VALUES = (DataError, OverflowError)
 #: Default page size of :meth:`SessionStore.list`.
 DEFAULT_PAGE_SIZE = 100
+#: Longest window :meth:`SessionStore.activity` reports, in minutes (a week).
+MAX_ACTIVITY_MINUTES = 7 * 24 * 60
+_MINUTE = timedelta(minutes=1)
 
 
 class SessionStore:
@@ -132,6 +140,7 @@ class SessionStore:
             return ApplyResult(duplicate=len(decoded.events) + len(decoded.rejected))
         self._dead_letter(connection, decoded.batch_id, decoded.rejected, now)
         apply_events(connection, decoded.events)
+        add_activity(connection, decoded.events)
         return ApplyResult(
             applied=len(decoded.events),
             rejected=len(decoded.rejected),
@@ -148,12 +157,12 @@ class SessionStore:
         if not self._claim(connection, decoded.batch_id, now):
             return ApplyResult(duplicate=len(decoded.events) + len(decoded.rejected))
         refused: list[RejectedEvent] = []
-        oldest: datetime | None = None
+        applied: list[Event] = []
         for event in decoded.events:
             try:
                 with connection.begin_nested():
                     apply_events(connection, (event,))
-                oldest = event.at if oldest is None else min(oldest, event.at)
+                applied.append(event)
             except REFUSED_VALUES as exc:
                 reason = f"{event.kind} of {event.session_id}: refused by the database: "
                 refused.append(
@@ -163,6 +172,7 @@ class SessionStore:
                     )
                 )
         self._dead_letter(connection, decoded.batch_id, [*decoded.rejected, *refused], now)
+        add_activity(connection, applied)
         return ApplyResult(
             applied=len(decoded.events) - len(refused),
             rejected=len(decoded.rejected) + len(refused),
@@ -170,7 +180,7 @@ class SessionStore:
             rejected_by_reason=_by_reason(
                 invalid_event=len(decoded.rejected), refused_by_database=len(refused)
             ),
-            oldest_event_at=oldest,
+            oldest_event_at=min((event.at for event in applied), default=None),
         )
 
     def _claim(self, connection: Connection, batch_id: uuid.UUID, now: datetime) -> bool:
@@ -349,12 +359,37 @@ class SessionStore:
             ).scalars()
             return set(found)
 
-    def get(self, session_id: str) -> SessionRecord | None:
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """A connection whose statements read one snapshot, so that a read made of several
+        (a page and its percentiles, totals and their histogram) agrees with itself.
+
+        SQLite's transactions always do; PostgreSQL's do at ``REPEATABLE READ``.
+        """
         with self.engine.connect() as connection:
-            row = connection.execute(
-                select(sessions_table).where(sessions_table.c.session_id == session_id)
-            ).first()
-        return None if row is None else _record(row._mapping)
+            if connection.dialect.name == "postgresql":
+                connection.execution_options(isolation_level="REPEATABLE READ")
+            yield connection
+
+    def _records(self, query: Select[Any]) -> builtins.list[SessionRecord]:
+        """The sessions ``query`` selects, with their runs' percentiles (one more query)."""
+        with self._reading() as connection:
+            rows = connection.execute(query).mappings().all()
+            runs = [(row["session_id"], row["run"]) for row in rows]
+            latency = _by_key(connection.execute(queries.run_histograms(runs))) if runs else {}
+        return [
+            SessionRecord.model_validate(
+                {**row, **percentile_fields(latency.get(row["session_id"], {}))}
+            )
+            for row in rows
+        ]
+
+    def get(self, session_id: str) -> SessionRecord | None:
+        """The live run of ``session_id``; ``None`` for a session never heard of."""
+        found = self._records(
+            select(sessions_table).where(sessions_table.c.session_id == session_id)
+        )
+        return found[0] if found else None
 
     def list(
         self,
@@ -362,18 +397,18 @@ class SessionStore:
         status: str | None = None,
         limit: int = DEFAULT_PAGE_SIZE,
         after: str | None = None,
-    ) -> list[SessionRecord]:
+    ) -> builtins.list[SessionRecord]:
         """One page of sessions ordered by id; pass the last id as ``after`` for the next."""
         t = sessions_table.c
-        query = select(sessions_table).order_by(t.session_id).limit(limit)
-        if user_id is not None:
-            query = query.where(t.user_id == user_id)
-        if status is not None:
-            query = query.where(t.status == status)
+        query = (
+            select(sessions_table)
+            .where(*queries.session_filter(user_id, status))
+            .order_by(t.session_id)
+            .limit(limit)
+        )
         if after is not None:
             query = query.where(t.session_id > after)
-        with self.engine.connect() as connection:
-            return [_record(row._mapping) for row in connection.execute(query)]
+        return self._records(query)
 
     def iter_sessions(
         self, user_id: str | None = None, status: str | None = None, page_size: int = 500
@@ -387,20 +422,72 @@ class SessionStore:
                 return
             after = page[-1].session_id
 
-    def aggregate(self, user_id: str | None = None, status: str | None = None) -> Aggregate:
-        """Totals over the matching sessions (their live runs), computed by the database."""
-        t = sessions_table.c
-        query = select(
-            func.count().label("sessions"),
-            *(func.coalesce(func.sum(t[name]), 0).label(name) for name in COUNTERS),
-        )
-        if user_id is not None:
-            query = query.where(t.user_id == user_id)
-        if status is not None:
-            query = query.where(t.status == status)
-        with self.engine.connect() as connection:
-            row = connection.execute(query).one()
-        return Aggregate(**row._asdict())
+    def aggregate(
+        self,
+        user_id: str | None = None,
+        status: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Aggregate:
+        """Totals over the matching sessions (their live runs), computed by the database, and
+        the percentiles of their merged histograms.
+
+        ``since`` / ``until`` select sessions by last activity, ``since`` included.
+        """
+        where = queries.session_filter(user_id, status, since, until)
+        with self._reading() as connection:
+            totals = connection.execute(queries.totals(where)).one()
+            histogram = {b: int(n) for b, n in connection.execute(queries.histograms(where))}
+        return Aggregate(**totals._asdict(), **percentile_fields(histogram))
+
+    def top_users(
+        self,
+        by: UserRanking = "requests",
+        limit: int = 10,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> builtins.list[UserAggregate]:
+        """The ``limit`` users with the most requests, errors, cost or the highest p95
+        processing time over their sessions' live runs, highest first, ties by user id.
+
+        Sessions without a ``user_id`` are left out; ``since`` / ``until`` as in
+        :meth:`aggregate`.
+        """
+        where = queries.session_filter(since=since, until=until)
+        with self._reading() as connection:
+            users = builtins.list(
+                connection.execute(queries.rank_users(by, limit, where)).scalars()
+            )
+            if not users:
+                return []
+            theirs = [*where, sessions_table.c.user_id.in_(users)]
+            totals = {
+                row.user_id: row for row in connection.execute(queries.totals(theirs, by_user=True))
+            }
+            latency = _by_key(connection.execute(queries.histograms(theirs, by_user=True)))
+        return [
+            UserAggregate(**totals[user]._asdict(), **percentile_fields(latency.get(user, {})))
+            for user in users
+        ]
+
+    def activity(
+        self, since: datetime, until: datetime | None = None
+    ) -> builtins.list[MinuteActivity]:
+        """The fleet minute by minute (UTC, event time), from the minute of ``since`` until
+        ``until`` (now by default): events, requests, errors, and the session runs active.
+
+        Raises ``ValueError`` for a naive time or a window longer than
+        :data:`MAX_ACTIVITY_MINUTES`.
+        """
+        first, until = _minute_window(since, until or datetime.now(UTC))
+        with self._reading() as connection:
+            counts = {
+                row.minute: row
+                for row in connection.execute(queries.activity_minutes(first, until))
+            }
+            starts = dict(connection.execute(queries.run_starts(first, until)).tuples().all())
+            ends = dict(connection.execute(queries.run_ends(first, until)).tuples().all())
+        return _activity_series(first, until, counts, starts, ends)
 
     def unhealthy(
         self, warn_rate: float | None = None, min_requests: int | None = None, limit: int = 100
@@ -416,8 +503,7 @@ class SessionStore:
             .order_by(ERROR_RATE.desc(), t.session_id)
             .limit(limit)
         )
-        with self.engine.connect() as connection:
-            return [_record(row._mapping) for row in connection.execute(query)]
+        return self._records(query)
 
     def count_active(self) -> int:
         t = sessions_table.c
@@ -486,8 +572,51 @@ def _by_reason(
     return {reason: n for reason, n in counts.items() if n}
 
 
-def _record(row: RowMapping) -> SessionRecord:
-    return SessionRecord.model_validate(dict(row))
+def _by_key(rows: Iterable[Sequence[Any]]) -> dict[Any, dict[int, int]]:
+    """``(key, bucket, count)`` rows as one histogram per key."""
+    histograms: dict[Any, dict[int, int]] = {}
+    for key, bucket, count in rows:
+        histograms.setdefault(key, {})[bucket] = int(count)
+    return histograms
+
+
+def _minute_window(since: datetime, until: datetime) -> tuple[datetime, datetime]:
+    """``since`` rounded down to its minute (UTC), and ``until``; checked."""
+    if since.tzinfo is None or until.tzinfo is None:
+        raise ValueError("since, until: must be aware datetimes (UTC, say)")
+    first = since.astimezone(UTC).replace(second=0, microsecond=0)
+    if until - first > MAX_ACTIVITY_MINUTES * _MINUTE:
+        raise ValueError(f"since, until: at most {MAX_ACTIVITY_MINUTES} minutes apart")
+    return first, until
+
+
+def _activity_series(
+    first: datetime,
+    until: datetime,
+    counts: Mapping[datetime, Row[Any]],
+    starts: Mapping[datetime, int],
+    ends: Mapping[datetime, int],
+) -> list[MinuteActivity]:
+    """Every minute from ``first`` until ``until``, zero where nothing happened. The runs
+    active in a minute are those started in it or before, less those ended before it."""
+    series: list[MinuteActivity] = []
+    active = 0
+    minute = first
+    while minute < until:
+        active += starts.get(minute, 0)
+        row = counts.get(minute)
+        series.append(
+            MinuteActivity(
+                minute=minute,
+                events=row.events if row else 0,
+                requests=row.requests if row else 0,
+                errors=row.errors if row else 0,
+                active_sessions=active,
+            )
+        )
+        active -= ends.get(minute, 0)
+        minute += _MINUTE
+    return series
 
 
 def _payload_text(payload: Any) -> str:

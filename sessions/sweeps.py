@@ -13,9 +13,10 @@ session expired starts a new run even if the sweep's statement reaches the row f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Connection, delete, select, update
+from sqlalchemy import ColumnElement, Connection, delete, select, tuple_, update
 
 from sessions.database import add_seconds
 from sessions.records import PurgeResult, SweepResult
@@ -24,12 +25,17 @@ from sessions.tables import (
     ERROR_RATE,
     AppliedBatch,
     DeadLetter,
+    activity_table,
     dead_letters_table,
+    latency_table,
     ledger_table,
     redeliveries_table,
     runs_table,
     sessions_table,
 )
+
+#: Runs whose histograms one ``DELETE`` of :func:`purge` removes (so bound parameters stay few).
+PURGE_CHUNK = 500
 
 
 def _end_active(
@@ -107,13 +113,24 @@ def purge(
     ledger_before: datetime,
     dead_letters_before: datetime | None = None,
 ) -> PurgeResult:
-    """Delete sessions and past runs that ended before ``ended_before``, and old ledger rows."""
-    t = sessions_table.c
+    """Delete sessions and past runs that ended before ``ended_before``, with their latency
+    histograms, the activity minutes before it too, and old ledger rows.
+
+    Each run's row is deleted before its histogram, the order in which ``apply`` locks them,
+    so a purge and a late record for the same run wait for each other instead of deadlocking.
+    """
+    t, r = sessions_table.c, runs_table.c
     sessions = connection.execute(
-        delete(sessions_table).where(t.status != "active", t.ended_at < ended_before)
-    ).rowcount
+        delete(sessions_table)
+        .where(t.status != "active", t.ended_at < ended_before)
+        .returning(t.session_id, t.run)
+    ).all()
     runs = connection.execute(
-        delete(runs_table).where(runs_table.c.ended_at < ended_before)
+        delete(runs_table).where(r.ended_at < ended_before).returning(r.session_id, r.run)
+    ).all()
+    latency = _delete_histograms(connection, [*sessions, *runs])
+    minutes = connection.execute(
+        delete(activity_table).where(activity_table.c.minute < ended_before)
     ).rowcount
     ledger = connection.execute(
         delete(ledger_table).where(AppliedBatch.applied_at < ledger_before)
@@ -127,5 +144,21 @@ def purge(
             delete(dead_letters_table).where(DeadLetter.received_at < dead_letters_before)
         ).rowcount
     return PurgeResult(
-        sessions=sessions, runs=runs, ledger=ledger, redeliveries=redeliveries, dead_letters=dead
+        sessions=len(sessions),
+        runs=len(runs),
+        latency=latency,
+        minutes=minutes,
+        ledger=ledger,
+        redeliveries=redeliveries,
+        dead_letters=dead,
     )
+
+
+def _delete_histograms(connection: Connection, runs: Sequence[tuple[str, int]]) -> int:
+    """Delete the ``session_latency`` rows of ``runs`` (session id, run); how many."""
+    key = tuple_(latency_table.c.session_id, latency_table.c.run)
+    deleted = 0
+    for start in range(0, len(runs), PURGE_CHUNK):
+        chunk = [tuple(run) for run in runs[start : start + PURGE_CHUNK]]
+        deleted += connection.execute(delete(latency_table).where(key.in_(chunk))).rowcount
+    return deleted

@@ -2,7 +2,8 @@
 
 Indexes follow the queries: the sweeps scan ``(status, last_activity)`` and
 ``(status, created_at)``, per-user reads scan ``(user_id, status)``, purges scan
-``ended_at`` and ``applied_at``.
+``ended_at`` and ``applied_at``. A run's latency histogram is read by its primary key
+``(session_id, run, bucket)``, per-minute activity by ``minute``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Double,
     Index,
     Integer,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -119,6 +121,38 @@ class SessionRunRow(_SessionColumns, Base):
     )
 
 
+class SessionLatency(Base):
+    """One bucket of a run's processing-time histogram (the scheme is ``sessions.histogram``).
+
+    ``count`` requests of run ``run`` of ``session_id`` took a time in ``bucket``. Counts
+    only ever grow by deltas, under the same ledger as the counters, so the histogram is
+    exact in the way they are; no raw sample is kept. The live run's rows share its
+    ``run`` with ``sessions``, an archived run's with ``session_runs``.
+    """
+
+    __tablename__ = "session_latency"
+
+    session_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    run: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
+class ActivityMinute(Base):
+    """Events, requests and errors of all sessions in one minute of event time (UTC).
+
+    Additive like the counters; what the operators' per-minute chart reads.
+    """
+
+    __tablename__ = "activity_minutes"
+
+    #: The minute's start: an event at 12:34:56 counts in 12:34:00.
+    minute: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    events: Mapped[int] = mapped_column(BigInteger)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+
+
 class AppliedBatch(Base):
     """The dedupe ledger: one row per batch ever applied."""
 
@@ -176,3 +210,5 @@ runs_table = cast(Table, SessionRunRow.__table__)
 ledger_table = cast(Table, AppliedBatch.__table__)
 dead_letters_table = cast(Table, DeadLetter.__table__)
 redeliveries_table = cast(Table, Redelivery.__table__)
+latency_table = cast(Table, SessionLatency.__table__)
+activity_table = cast(Table, ActivityMinute.__table__)

@@ -20,11 +20,16 @@ in this model:
   its time, anything else is ignored;
 * ``last_activity`` is the latest event time of the run; while the first run is live, an
   older event moves its ``created_at`` back (a later run starts at its ``create``, and an
-  archived run keeps the ``created_at`` it had when it was archived).
+  archived run keeps the ``created_at`` it had when it was archived);
+* a ``record`` that counts a request adds one to the bucket of its processing time in the
+  histogram of the run it is added to (so a run's histogram holds ``request_count``
+  samples), and every applied event counts in the minute of its ``at``: one event, and a
+  record's request and error.
 """
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -32,6 +37,7 @@ from datetime import datetime
 from typing import Any
 
 from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent
+from sessions.histogram import bucket_of
 
 Event = CreateEvent | RecordEvent | EndEvent
 
@@ -65,6 +71,7 @@ class Run:
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float = 0.0
+    latency: dict[int, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +100,9 @@ class Run:
         self.input_tokens += event.input_tokens
         self.output_tokens += event.output_tokens
         self.cost += event.cost
+        if event.counts_request:
+            bucket = bucket_of(event.processing_time)
+            self.latency[bucket] = self.latency.get(bucket, 0) + 1
         if self.user_id is None:
             self.user_id = event.user_id
 
@@ -104,6 +114,8 @@ class ReferenceStore:
     live: dict[str, Run] = field(default_factory=dict)
     archived: dict[tuple[str, int], Run] = field(default_factory=dict)
     ledger: set[uuid.UUID] = field(default_factory=set)
+    #: (events, requests, errors) by minute of event time.
+    minutes: dict[datetime, tuple[int, int, int]] = field(default_factory=dict)
 
     def apply(self, batch: Batch) -> tuple[int, int]:
         """Apply ``batch``; returns ``(applied, duplicate)`` event counts like ``ApplyResult``."""
@@ -119,6 +131,7 @@ class ReferenceStore:
             self.apply(batch)
 
     def apply_event(self, event: Event) -> None:
+        self._count_minute(event)
         live = self.live.get(event.session_id)
         if live is None:
             self._insert_first(event)
@@ -132,6 +145,14 @@ class ReferenceStore:
             self._create(live, event)
         else:
             self._end(live, event)
+
+    def _count_minute(self, event: Event) -> None:
+        minute = event.at.replace(second=0, microsecond=0)
+        events, requests, errors = self.minutes.get(minute, (0, 0, 0))
+        if isinstance(event, RecordEvent):
+            requests += event.counts_request
+            errors += event.error
+        self.minutes[minute] = (events + 1, requests, errors)
 
     @staticmethod
     def _belongs_to_live(live: Run, at: datetime) -> bool:
@@ -204,9 +225,23 @@ class ReferenceStore:
     def archived_rows(self) -> dict[tuple[str, int], dict[str, Any]]:
         return {key: run.as_dict() for key, run in self.archived.items()}
 
+    def latency_rows(self) -> dict[tuple[str, int, int], int]:
+        """Every run's histogram as ``session_latency`` holds it: count by (id, run, bucket)."""
+        return {
+            (run.session_id, run.run, bucket): count
+            for run in [*self.live.values(), *self.archived.values()]
+            for bucket, count in run.latency.items()
+        }
+
     def totals(self) -> dict[str, dict[str, Any]]:
         """Per session, over all its runs: every counter summed and the latest activity."""
         return session_totals([*self.live_rows().values(), *self.archived_rows().values()])
+
+
+def exact_percentile(samples: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of raw samples: what ``histogram.percentile`` estimates."""
+    ordered = sorted(samples)
+    return ordered[math.ceil(fraction * len(ordered)) - 1]
 
 
 def session_totals(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from hypothesis import strategies as st
 from sqlalchemy import delete, event, select, text
 
 from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent
 from sessions.store import SessionStore
-from sessions.tables import Base, ledger_table, runs_table, sessions_table
+from sessions.tables import (
+    Base,
+    activity_table,
+    latency_table,
+    ledger_table,
+    runs_table,
+    sessions_table,
+)
 
 #: A fixed past instant the tests count event times from (events may not lie in the future).
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
@@ -74,6 +82,32 @@ def batch(*events: CreateEvent | RecordEvent | EndEvent) -> Batch:
     return Batch(events=events)
 
 
+def cut_into_batches(
+    draw: st.DrawFn, events: Sequence[CreateEvent | RecordEvent | EndEvent]
+) -> list[Batch]:
+    """``events`` cut into consecutive batches at points hypothesis chooses."""
+    result: list[Batch] = []
+    current: list[CreateEvent | RecordEvent | EndEvent] = []
+    for one in events:
+        current.append(one)
+        if draw(st.booleans()):
+            result.append(Batch(events=tuple(current)))
+            current = []
+    if current:
+        result.append(Batch(events=tuple(current)))
+    return result
+
+
+def with_redeliveries(draw: st.DrawFn, produced: list[Batch]) -> list[Batch]:
+    """Every batch in order, and after any of them redeliveries of earlier ones."""
+    deliveries: list[Batch] = []
+    for index, produced_batch in enumerate(produced):
+        deliveries.append(produced_batch)
+        again = draw(st.lists(st.integers(0, index), max_size=2))
+        deliveries.extend(produced[i] for i in again)
+    return deliveries
+
+
 def live_rows(store: SessionStore) -> dict[str, dict[str, Any]]:
     """Every live row as a dict of its columns, by session id."""
     with store.engine.connect() as connection:
@@ -88,6 +122,20 @@ def run_rows(store: SessionStore) -> dict[tuple[str, int], dict[str, Any]]:
     return {(row["session_id"], row["run"]): dict(row) for row in rows}
 
 
+def latency_rows(store: SessionStore) -> dict[tuple[str, int, int], int]:
+    """Every histogram row's count, by (session id, run, bucket)."""
+    with store.engine.connect() as connection:
+        rows = connection.execute(select(latency_table)).tuples().all()
+    return {(session_id, run, bucket): count for session_id, run, bucket, count in rows}
+
+
+def activity_rows(store: SessionStore) -> dict[datetime, tuple[int, int, int]]:
+    """Every stored minute's (events, requests, errors), by minute."""
+    with store.engine.connect() as connection:
+        rows = connection.execute(select(activity_table)).all()
+    return {row.minute: (row.events, row.requests, row.errors) for row in rows}
+
+
 def ledger_ids(store: SessionStore) -> set[uuid.UUID]:
     with store.engine.connect() as connection:
         return set(connection.execute(select(ledger_table.c.batch_id)).scalars())
@@ -98,6 +146,8 @@ def snapshot(store: SessionStore) -> dict[str, Any]:
     return {
         "live": live_rows(store),
         "runs": run_rows(store),
+        "latency": latency_rows(store),
+        "activity": activity_rows(store),
         "ledger": ledger_ids(store),
         "dead_letters": [(d.batch_id, d.payload, d.reason) for d in store.dead_letters(1000)],
     }

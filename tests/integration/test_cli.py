@@ -10,10 +10,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from sessions import cli
+from sessions import histogram as h
 from sessions.cli import app
 from sessions.settings import get_settings
 from sessions.store import SessionStore
-from tests.integration.support import batch, create, end, record
+from tests.integration.support import at, batch, create, end, record
 
 runner = CliRunner()
 
@@ -76,6 +77,55 @@ def test_stats_equal_the_stores_aggregate(seeded: SessionStore) -> None:
     assert stats["request_count"] == expected.request_count == 10
     assert stats["error_count"] == expected.error_count == 3
     assert stats["total_processing_time"] == pytest.approx(8.0)
+
+
+def test_stats_json_is_the_stores_aggregate_with_percentiles_in_a_window(
+    seeded: SessionStore,
+) -> None:
+    stats = _json(
+        "stats",
+        "--user",
+        "user-456",
+        "--since",
+        "2024-01-01T12:00:00Z",
+        "--until",
+        "2024-01-01T14:06:00+02:00",  # 12:06 UTC: device-1 (last active 12:03), not device-2
+    )
+    expected = seeded.aggregate(user_id="user-456", since=at(0), until=at(6))
+    assert stats == expected.model_dump(mode="json")
+    assert (expected.sessions, expected.request_count) == (1, 4)
+    assert stats["processing_time_p95"] == h.representative(h.bucket_of(0.5))  # type: ignore[index]
+    assert _json("stats", "--status", "completed", "--until", "1d") == (
+        seeded.aggregate(status="completed").model_dump(mode="json")
+    )
+
+
+def test_stats_table_shows_rates_tokens_cost_and_percentiles(seeded: SessionStore) -> None:
+    seeded.apply(batch(record("user-789", 2, input_tokens=7, output_tokens=3, cost=0.25)))
+    result = runner.invoke(app, ["stats", "--user", "user-789", "--since", "2024-01-01"])
+    assert result.exit_code == 0, result.output
+    rows = {" ".join(line.replace("│", " ").split()) for line in result.output.splitlines()}
+    assert {"requests 2", "error rate 0.0%", "input tokens 7", "cost 0.2500"} <= rows
+    # Estimates of 0.5 s and 2.0 s: the geometric middles of their buckets.
+    assert {"p50 processing time 0.503s", "p99 processing time 1.972s"} <= rows
+    title = " ".join(result.output.split())
+    assert "all sessions of user-789, last active since 2024-01-01 00:00:00 UTC" in title
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--since", "3 days"], "Invalid value for '--since'"),
+        (["--until", "soon"], "Invalid value for '--until'"),
+        (["--since", "2h", "--until", "3h"], "must be before --until"),
+    ],
+)
+def test_stats_refuses_a_bad_window_naming_the_option(
+    seeded: SessionStore, arguments: list[str], message: str
+) -> None:
+    result = runner.invoke(app, ["stats", *arguments])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.replace("│", " ").split())
 
 
 def test_health_lists_sessions_above_the_warn_rate(seeded: SessionStore) -> None:

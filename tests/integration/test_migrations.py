@@ -32,7 +32,14 @@ def test_migrated_schema_equals_the_models(store: SessionStore) -> None:
 def test_migrations_create_every_table_and_index(store: SessionStore) -> None:
     inspector = inspect(store.engine)
     tables = set(inspector.get_table_names())
-    assert {"sessions", "session_runs", "applied_batches", "dead_letters"} <= tables
+    assert {
+        "sessions",
+        "session_runs",
+        "applied_batches",
+        "dead_letters",
+        "session_latency",
+        "activity_minutes",
+    } <= tables
     indexes = {index["name"] for index in inspector.get_indexes("sessions")}
     assert {
         "ix_sessions_status_last_activity",

@@ -3,9 +3,10 @@
 Any list of events, split into batches in any way, with any batches delivered again:
 
 * delivered in order, the store holds exactly the reference's sessions (live rows and
-  archived runs, every column), and every ``apply`` reports what the reference reports;
-* delivered in any order, per session and over all its runs, every counter sum and the
-  latest activity still equal the reference's.
+  archived runs, every column, and every run's latency histogram) and per-minute activity,
+  and every ``apply`` reports what the reference reports;
+* delivered in any order, per session and over all its runs, every counter sum, bucket
+  count and the latest activity, and the per-minute activity, still equal the reference's.
 
 Times are whole minutes from a fixed instant (so ties, the boundary cases of the run
 rules, are frequent), and processing time and cost are multiples of 1/64, so every float
@@ -21,10 +22,17 @@ from hypothesis import strategies as st
 
 from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent
 from sessions.store import SessionStore
-from tests.integration.support import at, live_rows, reset, run_rows
+from tests.integration.support import (
+    activity_rows,
+    at,
+    cut_into_batches,
+    latency_rows,
+    live_rows,
+    reset,
+    run_rows,
+    with_redeliveries,
+)
 from tests.reference_model import ReferenceStore, session_totals
-
-Event = CreateEvent | RecordEvent | EndEvent
 
 SESSION_IDS = st.sampled_from(["user-1", "user-2", "temp-3"])
 USER_IDS = st.one_of(st.none(), st.sampled_from(["owner-a", "owner-b"]))
@@ -81,29 +89,13 @@ PROPERTY_SETTINGS = settings(
 @st.composite
 def batches(draw: st.DrawFn) -> list[Batch]:
     """``events`` cut into consecutive batches at arbitrary points."""
-    events = draw(events_lists)
-    result: list[Batch] = []
-    current: list[Event] = []
-    for event in events:
-        current.append(event)
-        if draw(st.booleans()):
-            result.append(Batch(events=tuple(current)))
-            current = []
-    if current:
-        result.append(Batch(events=tuple(current)))
-    return result
+    return cut_into_batches(draw, draw(events_lists))
 
 
 @st.composite
 def in_order_deliveries(draw: st.DrawFn) -> list[Batch]:
     """Every batch in order, and after any of them redeliveries of earlier ones."""
-    produced = draw(batches())
-    deliveries: list[Batch] = []
-    for index, batch in enumerate(produced):
-        deliveries.append(batch)
-        again = draw(st.lists(st.integers(0, index), max_size=2))
-        deliveries.extend(produced[i] for i in again)
-    return deliveries
+    return with_redeliveries(draw, draw(batches()))
 
 
 @st.composite
@@ -112,6 +104,14 @@ def any_order_deliveries(draw: st.DrawFn) -> tuple[list[Batch], list[Batch]]:
     produced = draw(batches())
     extra = draw(st.lists(st.sampled_from(produced), max_size=4)) if produced else []
     return produced, draw(st.permutations([*produced, *extra]))
+
+
+def _over_runs(latency: dict[tuple[str, int, int], int]) -> dict[tuple[str, int], int]:
+    """Bucket counts per (session id, bucket), summed over the session's runs."""
+    summed: dict[tuple[str, int], int] = {}
+    for (session_id, _, bucket), count in latency.items():
+        summed[session_id, bucket] = summed.get((session_id, bucket), 0) + count
+    return summed
 
 
 def _applied(result: Any) -> tuple[int, int]:
@@ -130,6 +130,8 @@ def test_in_order_delivery_gives_exactly_the_reference_sessions(
         assert _applied(store.apply(batch)) == reference.apply(batch)
     assert live_rows(store) == reference.live_rows()
     assert run_rows(store) == reference.archived_rows()
+    assert latency_rows(store) == reference.latency_rows()
+    assert activity_rows(store) == reference.minutes
 
 
 @PROPERTY_SETTINGS
@@ -144,5 +146,7 @@ def test_any_order_delivery_keeps_every_sum_and_the_latest_activity(
     results = [_applied(store.apply(batch)) for batch in deliveries]
     stored = session_totals([*live_rows(store).values(), *run_rows(store).values()])
     assert stored == reference.totals()
+    assert _over_runs(latency_rows(store)) == _over_runs(reference.latency_rows())
+    assert activity_rows(store) == reference.minutes
     # Each batch applied once, whatever the order: the rest were duplicates.
     assert sum(applied for applied, _ in results) == sum(len(b.events) for b in produced)

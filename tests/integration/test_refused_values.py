@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from sessions.store import SessionStore
+from tests.integration.support import activity_rows, latency_rows
 
 REFUSED = {
     "tokens beyond bigint": {"kind": "record", "input_tokens": 2**70},
@@ -61,6 +62,9 @@ def test_an_event_the_database_refuses_is_dead_lettered_alone(
         assert (result.applied, result.rejected) == (3, 1)
         assert result.rejected_by_reason == {"invalid_event": 1}
         assert result.oldest_event_at == datetime.fromisoformat(refused["at"])  # made first
+    # A refused event counts in no minute and no histogram either.
+    assert sum(seen for seen, _, _ in activity_rows(store).values()) == result.applied
+    assert latency_rows(store) == {("good-1", 1, 0): 2}  # the good records, under 1 ms
     for letter in letters:
         assert "\x00" not in letter.reason + letter.payload
         letter.payload.encode("utf-8")  # no lone surrogate left

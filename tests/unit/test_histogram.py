@@ -9,14 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sessions import histogram as h
+from tests.reference_model import exact_percentile
 
 in_range = st.floats(min_value=h.LOWEST, max_value=h.HIGHEST, exclude_max=True)
-
-
-def exact_percentile(samples: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of the raw samples."""
-    ordered = sorted(samples)
-    return ordered[math.ceil(fraction * len(ordered)) - 1]
 
 
 def test_the_scheme_spans_1_ms_to_1_hour_in_5_percent_steps() -> None:

@@ -1,0 +1,201 @@
+"""The read statements behind the operators' views: totals, latency histograms, rankings of
+users and per-minute activity. Each function builds one statement; the store runs them.
+
+Histograms are merged in SQL (bucket counts summed per bucket) and percentiles estimated
+from the merged counts in Python: a few hundred rows at most per group, whatever the number
+of sessions. Only live runs count, as in every aggregate of the store.
+
+A window (``since`` / ``until``) selects sessions by ``last_activity``, from ``since``
+included to ``until`` excluded. Without a status filter it still names every status, so
+that the ``(status, last_activity)`` index serves it (one range per status) instead of a
+scan of every session.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, get_args
+
+from sqlalchemy import (
+    ColumnElement,
+    Double,
+    Select,
+    and_,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    tuple_,
+    type_coerce,
+    union_all,
+)
+
+from sessions.apply import COUNTERS
+from sessions.database import minute_of
+from sessions.records import Status, UserRanking
+from sessions.tables import (
+    ACTIVE,
+    UTCDateTime,
+    activity_table,
+    latency_table,
+    runs_table,
+    sessions_table,
+)
+
+#: Every status a session can have.
+STATUSES = get_args(Status)
+#: Every measure users can be ranked by.
+RANKINGS = get_args(UserRanking)
+#: A live run joined with its histogram's rows.
+_LIVE_LATENCY = latency_table.join(
+    sessions_table,
+    and_(
+        sessions_table.c.session_id == latency_table.c.session_id,
+        sessions_table.c.run == latency_table.c.run,
+    ),
+)
+
+
+def session_filter(
+    user_id: str | None = None,
+    status: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[ColumnElement[bool]]:
+    """Conditions on ``sessions`` selecting a user's, a status's and a window's sessions."""
+    t = sessions_table.c
+    where: list[ColumnElement[bool]] = []
+    if user_id is not None:
+        where.append(t.user_id == user_id)
+    if status is not None:
+        where.append(t.status == status)
+    elif since is not None or until is not None:
+        where.append(t.status.in_(STATUSES))
+    if since is not None:
+        where.append(t.last_activity >= since)
+    if until is not None:
+        where.append(t.last_activity < until)
+    return where
+
+
+def totals(where: list[ColumnElement[bool]], *, by_user: bool = False) -> Select[Any]:
+    """Sessions and counter sums (0 over no session), in all or per user."""
+    t = sessions_table.c
+    query = select(
+        *([t.user_id] if by_user else []),
+        func.count().label("sessions"),
+        *(func.coalesce(func.sum(t[name]), 0).label(name) for name in COUNTERS),
+    ).where(*where)
+    return query.group_by(t.user_id) if by_user else query
+
+
+def histograms(where: list[ColumnElement[bool]], *, by_user: bool = False) -> Select[Any]:
+    """The merged histogram of the selected sessions: ``([user_id,] bucket, count)`` rows."""
+    group = [sessions_table.c.user_id] if by_user else []
+    group.append(latency_table.c.bucket)
+    return (
+        select(*group, func.sum(latency_table.c.count).label("count"))
+        .select_from(_LIVE_LATENCY)
+        .where(*where)
+        .group_by(*group)
+    )
+
+
+def run_histograms(runs: list[tuple[str, int]]) -> Select[Any]:
+    """The histograms of the given (session id, run) pairs: ``(session_id, bucket, count)``."""
+    l = latency_table.c  # noqa: E741 (l for latency, as s and r are sessions and runs)
+    return select(l.session_id, l.bucket, l.count).where(tuple_(l.session_id, l.run).in_(runs))
+
+
+def rank_users(by: UserRanking, limit: int, where: list[ColumnElement[bool]]) -> Select[str]:
+    """The ids of the ``limit`` users highest by ``by``, then by id; sessions without a user
+    are nobody's and left out. Raises ``ValueError`` for an unknown ``by`` or a ``limit``
+    below 1."""
+    if by not in RANKINGS:
+        raise ValueError(f"by: must be one of {', '.join(RANKINGS)}, got {by!r}")
+    if limit < 1:
+        raise ValueError(f"limit: must be at least 1, got {limit}")
+    t = sessions_table.c
+    where = [*where, t.user_id.is_not(None)]
+    if by == "p95":
+        return _rank_by_percentile(0.95, limit, where)
+    measure = {"requests": t.request_count, "errors": t.error_count, "cost": t.cost}[by]
+    return (
+        select(t.user_id)
+        .where(*where)
+        .group_by(t.user_id)
+        .order_by(func.sum(measure).desc(), t.user_id)
+        .limit(limit)
+    )
+
+
+def _rank_by_percentile(
+    fraction: float, limit: int, where: list[ColumnElement[bool]]
+) -> Select[str]:
+    """Users by the bucket holding their ``fraction`` percentile, highest first.
+
+    That bucket is the first whose running count reaches the nearest rank
+    ``ceil(fraction * total)``, i.e. ``fraction * total`` (the count is a whole number),
+    multiplied in double precision as ``histogram.percentile`` does. Buckets are ordered as
+    their estimates are, so ranking buckets ranks percentiles.
+    """
+    merged = histograms(where, by_user=True).subquery()
+    running = select(
+        merged.c.user_id,
+        merged.c.bucket,
+        func.sum(merged.c.count)
+        .over(partition_by=merged.c.user_id, order_by=merged.c.bucket)
+        .label("seen"),
+        func.sum(merged.c.count).over(partition_by=merged.c.user_id).label("total"),
+    ).subquery()
+    return (
+        select(running.c.user_id)
+        .where(running.c.seen >= literal(fraction, Double) * running.c.total)
+        .group_by(running.c.user_id)
+        .order_by(func.min(running.c.bucket).desc(), running.c.user_id)
+        .limit(limit)
+    )
+
+
+def activity_minutes(first: datetime, until: datetime) -> Select[Any]:
+    """The stored per-minute counts from minute ``first`` until ``until``."""
+    a = activity_table.c
+    return select(a.minute, a.events, a.requests, a.errors).where(
+        a.minute >= first, a.minute < until
+    )
+
+
+def run_starts(first: datetime, until: datetime) -> Select[datetime, int]:
+    """Runs (live and archived) active at some time from minute ``first`` until ``until``,
+    counted by the minute they became active in: ``first`` for those active before it.
+
+    A run is active from its ``created_at`` to its ``ended_at``, or on while it has none.
+    """
+    s, r = sessions_table.c, runs_table.c
+    live = select(s.created_at).where(
+        s.created_at < until, or_(s.status == ACTIVE, s.ended_at >= first)
+    )
+    past = select(r.created_at).where(r.created_at < until, r.ended_at >= first)
+    spans = union_all(live, past).subquery()
+    start = type_coerce(
+        case(
+            (spans.c.created_at < first, literal(first, UTCDateTime())),
+            else_=minute_of(spans.c.created_at),
+        ),
+        UTCDateTime(),
+    ).label("minute")
+    return select(start, func.count()).group_by(start)
+
+
+def run_ends(first: datetime, until: datetime) -> Select[datetime, int]:
+    """Runs that ended from minute ``first`` until ``until``, by the minute they ended in
+    (their last active minute)."""
+    ended = union_all(
+        *(
+            select(table.c.ended_at).where(table.c.ended_at >= first, table.c.ended_at < until)
+            for table in (sessions_table, runs_table)
+        )
+    ).subquery()
+    minute = minute_of(ended.c.ended_at).label("minute")
+    return select(minute, func.count()).group_by(minute)
