@@ -4,6 +4,11 @@ SQLite, the embedded default, is shared by a worker, beat and the CLI at once, s
 connection runs in WAL mode with a busy timeout, and write transactions take the write
 lock up front (``BEGIN IMMEDIATE``) instead of failing with ``database is locked`` when a
 reader tries to become a writer.
+
+A *read-only* engine (the dashboard's) refuses every write in the database itself: SQLite
+connections run with ``PRAGMA query_only`` and begin plain deferred transactions (a reader
+must not take the write lock), PostgreSQL sessions start with
+``default_transaction_read_only``.
 """
 
 from __future__ import annotations
@@ -28,16 +33,27 @@ SQLITE_BUSY_TIMEOUT = 30.0
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def create_store_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url`` with the backend's connection rules applied."""
+def create_store_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> Engine:
+    """An engine for ``url`` with the backend's connection rules applied.
+
+    With ``read_only`` the database refuses writes on every connection of the engine, so
+    a bug in a reader (or an injected statement) cannot change data.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return _create_sqlite_engine(url, **kwargs)
+        return _create_sqlite_engine(url, read_only=read_only, **kwargs)
     kwargs.setdefault("pool_pre_ping", True)
+    if read_only and parsed.get_backend_name() == "postgresql":
+        # A startup option, not a SET on connect: a SET inside the pool's first transaction
+        # would be rolled back with it.
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        options = connect_args.get("options", "")
+        connect_args["options"] = f"{options} -c default_transaction_read_only=on".strip()
+        kwargs["connect_args"] = connect_args
     return create_engine(url, **kwargs)
 
 
-def _create_sqlite_engine(url: str, **kwargs: Any) -> Engine:
+def _create_sqlite_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> Engine:
     connect_args = kwargs.pop("connect_args", {})
     connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT)
     # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin.
@@ -53,11 +69,13 @@ def _create_sqlite_engine(url: str, **kwargs: Any) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT * 1000)}")
+        if read_only:
+            cursor.execute("PRAGMA query_only=ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
