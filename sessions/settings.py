@@ -12,7 +12,7 @@ from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     worker_prefetch_multiplier: int = Field(4, gt=0)
     #: Seconds between polls of a polling broker (filesystem, SQLAlchemy transports).
     broker_polling_interval: float = Field(0.1, gt=0)
+
+    #: Address ``sessions dashboard`` binds; the loopback default keeps the page on this host.
+    dashboard_host: str = "127.0.0.1"
+    #: Port ``sessions dashboard`` listens on.
+    dashboard_port: int = Field(8750, ge=1, le=65535)
+    #: Bearer token the dashboard asks for; unset, it asks for none (loopback only).
+    dashboard_token: SecretStr | None = Field(None, min_length=16)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
