@@ -7,19 +7,19 @@ instead of silently showing the default page.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from sessions.events import ID_PATTERN
-from sessions.records import Status
+from sessions.records import Status, UserRanking
 
 #: Query parameters the authentication layer consumes; no page model sees them.
 RESERVED = frozenset({"token"})
 #: A session or user id as the events model allows it: 1-255 printable ASCII, no spaces.
 Id = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN.pattern}$")]
-#: What the top-users table can be ordered by (``p95`` is the user's 95th percentile).
-TopBy = Literal["requests", "errors", "cost", "p95"]
+#: What the top-users table can be ordered by: what ``store.top_users`` ranks by.
+TopBy = UserRanking
 
 M = TypeVar("M", bound="PageParams")
 

@@ -6,7 +6,7 @@ reads are synchronous and must not block the event loop.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import get_args
 
 from starlette.exceptions import HTTPException
@@ -14,19 +14,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
+from sessions.dashboard.chart import chart, minutes_between
 from sessions.dashboard.params import (
     OverviewParams,
     SessionListParams,
     SessionParams,
+    TopBy,
     parse_query,
 )
-from sessions.dashboard.reads import health_counts, health_level
-from sessions.records import Status
+from sessions.dashboard.reads import STATUSES, by_status, health_counts, health_level
 from sessions.settings import mask_url
 from sessions.store import SessionStore
-
-#: Every status, in the order the page lists them.
-STATUSES: tuple[Status, ...] = get_args(Status)
 
 
 def _store(request: Request) -> SessionStore:
@@ -50,18 +48,29 @@ def _render(request: Request, name: str, context: dict[str, object]) -> Response
 
 
 def overview(request: Request) -> Response:
-    """``GET /``: sessions by status, health, and the fleet's totals."""
+    """``GET /``: sessions by status, the last minutes' activity, top users, and health."""
     params = parse_query(OverviewParams, request.query_params.multi_items())
     store = _store(request)
-    by_status = {status: store.aggregate(status=status) for status in STATUSES}
+    now = datetime.now(UTC)
+    minutes = minutes_between(now - timedelta(minutes=params.minutes - 1), now)
+    activity = store.activity(minutes[0], now)
     unhealthy = store.unhealthy(limit=params.unhealthy)
+    breakdown = by_status(store)
     return _render(
         request,
         "overview.html",
         {
             "params": params,
-            "by_status": by_status,
-            "total": store.aggregate(),
+            "by_status": breakdown.by_status,
+            "total": breakdown.total,
+            "events_chart": chart(
+                "events per minute", "bars", minutes, {a.minute: a.events for a in activity}
+            ),
+            "active_chart": chart(
+                "active sessions", "line", minutes, {a.minute: a.active_sessions for a in activity}
+            ),
+            "top_users": store.top_users(by=params.by, limit=params.top),
+            "rankings": get_args(TopBy),
             "health": health_counts(store),
             "unhealthy": [(record, health_level(record, store.settings)) for record in unhealthy],
         },

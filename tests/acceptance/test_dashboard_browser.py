@@ -22,8 +22,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import Page, sync_playwright
 
 from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent
+from sessions.records import UserRanking
 from sessions.store import SessionStore
 from tests.services import missing_service
 from tests.workers_harness import service_environment, wait_until
@@ -52,24 +54,25 @@ USERS = ["acme-support", "billing-bot", "research-agent", "onboarding", "sales-a
 
 
 def seed(store: SessionStore, now: datetime) -> None:
-    """About forty sessions of six users over the last hour, as agents would record them."""
+    """About forty sessions of six users within the last hour, as agents would record them.
+
+    Every event lies between 55 and 1 minutes ago, so the page's 60-minute window and the
+    test's own reading of it hold the same events even when a minute turns in between.
+    """
     rng = random.Random(2024)
     events: list[CreateEvent | RecordEvent | EndEvent] = []
     for n in range(40):
         user = USERS[min(int(len(USERS) * rng.random() ** 1.6), len(USERS) - 1)]
         session_id = f"{user}-{n:03d}"
-        moment = now - timedelta(minutes=rng.uniform(2, 58))
+        started = now - timedelta(minutes=rng.uniform(5, 55))
+        span = (now - timedelta(minutes=1) - started) * rng.uniform(0.2, 1.0)
         error_rate = 0.7 if n % 13 == 5 else 0.4 if n % 11 == 3 else 0.03
+        metadata = {"model": rng.choice(["small", "large"]), "region": rng.choice(["eu", "us"])}
         events.append(
-            CreateEvent(
-                session_id=session_id,
-                user_id=user,
-                at=moment,
-                metadata={"model": rng.choice(["small", "large"]), "n": n},
-            )
+            CreateEvent(session_id=session_id, user_id=user, at=started, metadata=metadata)
         )
-        for _ in range(rng.randint(3, 60)):
-            moment = min(moment + timedelta(seconds=rng.uniform(1, 40)), now)
+        times = sorted(started + span * rng.random() for _ in range(rng.randint(3, 60)))
+        for moment in times:
             tokens_in, tokens_out = rng.randint(100, 3000), rng.randint(50, 900)
             events.append(
                 RecordEvent(
@@ -82,13 +85,14 @@ def seed(store: SessionStore, now: datetime) -> None:
                     cost=round((tokens_in * 3 + tokens_out * 15) / 1_000_000, 6),
                 )
             )
-        fate = n % 10
+        fate, ended = n % 10, times[-1]
         if fate in (0, 1, 2, 3):
-            events.append(EndEvent(session_id=session_id, at=moment, status="completed"))
+            events.append(EndEvent(session_id=session_id, at=ended, status="completed"))
         elif fate == 4:
-            events.append(EndEvent(session_id=session_id, at=moment, status="expired"))
+            events.append(EndEvent(session_id=session_id, at=ended, status="expired"))
         elif fate == 5 and error_rate < 0.1:
-            events.append(EndEvent(session_id=session_id, at=moment, status="failed"))
+            events.append(EndEvent(session_id=session_id, at=ended, status="failed"))
+    events.sort(key=lambda event: event.at)  # as a fleet would send them
     for start in range(0, len(events), 500):
         assert store.apply(Batch(events=tuple(events[start : start + 500]))).rejected == 0
 
@@ -144,11 +148,37 @@ def _number(text: str) -> float:
     return float(text.replace(",", "").split()[0])
 
 
+def _ms(text: str) -> float:
+    """A time the page shows (``949 ms``, ``12.3 ms``) in seconds."""
+    assert text.endswith(" ms"), text
+    return _number(text) / 1000
+
+
+def check_top_users(page: Page, store: SessionStore, by: UserRanking) -> None:
+    """The top-users table lists ``store.top_users(by)``, in its order, with its numbers."""
+    expected = store.top_users(by=by, limit=10)
+    rows = page.locator('[data-testid="top-user-row"]')
+    assert [rows.nth(i).get_attribute("data-user") for i in range(rows.count())] == [
+        user.user_id for user in expected
+    ]
+    for i, user in enumerate(expected):
+        row = rows.nth(i)
+        assert _number(row.get_by_test_id("sessions").inner_text()) == user.sessions
+        assert _number(row.get_by_test_id("requests").inner_text()) == user.request_count
+        assert _number(row.get_by_test_id("errors").inner_text()) == user.error_count
+        assert _number(row.get_by_test_id("cost").inner_text()) == pytest.approx(
+            user.cost, abs=5e-5
+        )
+        assert user.processing_time_p95 is not None
+        # Shown to the millisecond above 100 ms, to a tenth below.
+        assert _ms(row.get_by_test_id("p95").inner_text()) == pytest.approx(
+            user.processing_time_p95, abs=5e-4
+        )
+
+
 def test_the_page_shows_the_stores_numbers_in_chromium(
     chromium: str, dashboard: str, store: SessionStore, database_url: str
 ) -> None:
-    from playwright.sync_api import sync_playwright
-
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
@@ -181,6 +211,29 @@ def test_the_page_shows_the_stores_numbers_in_chromium(
                 store.count_active()
             )
 
+            # The chart's window: the events per minute the store counts.
+            since = datetime.now(UTC) - timedelta(minutes=59)
+            activity = store.activity(since)
+            assert _number(page.get_by_test_id("events-window").inner_text()) == sum(
+                minute.events for minute in activity
+            )
+            assert _number(page.get_by_test_id("active-peak").inner_text()) == max(
+                minute.active_sessions for minute in activity
+            )
+            assert page.get_by_test_id("events-chart").locator("rect.bar").count() == sum(
+                1 for minute in activity if minute.events
+            )
+
+            # Top users, by requests and then, after a click on its header, by p95.
+            check_top_users(page, store, "requests")
+            if database_url.startswith("sqlite"):
+                SCREENSHOT.parent.mkdir(exist_ok=True)
+                page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            page.get_by_test_id("sort-p95").click()
+            page.wait_for_url("**/?by=p95*")
+            check_top_users(page, store, "p95")
+
             # Health: the sessions listed are the store's unhealthy ones, worst first.
             listed = page.locator('[data-testid="unhealthy-row"]')
             unhealthy = store.unhealthy()
@@ -188,10 +241,6 @@ def test_the_page_shows_the_stores_numbers_in_chromium(
             assert [listed.nth(i).get_attribute("data-session") for i in range(listed.count())] == [
                 r.session_id for r in unhealthy
             ][: listed.count()]
-
-            if database_url.startswith("sqlite"):
-                SCREENSHOT.parent.mkdir(exist_ok=True)
-                page.screenshot(path=str(SCREENSHOT), full_page=True)
 
             # Click through to the worst session's detail page.
             worst = unhealthy[0]
@@ -207,6 +256,10 @@ def test_the_page_shows_the_stores_numbers_in_chromium(
             )
             assert _number(page.get_by_test_id("input-tokens").inner_text()) == (
                 stored.input_tokens
+            )
+            assert stored.processing_time_p95 is not None
+            assert _ms(page.get_by_test_id("p95").inner_text()) == pytest.approx(
+                stored.processing_time_p95, abs=5e-4
             )
             assert page.get_by_test_id("level").inner_text() == (
                 "fail" if stored.error_rate > store.settings.health_fail_rate else "warn"

@@ -21,7 +21,12 @@ from sqlalchemy.exc import DBAPIError
 from starlette.testclient import TestClient
 
 from sessions.dashboard.app import create_app
-from sessions.dashboard.reads import health_counts, health_level, open_read_only_store
+from sessions.dashboard.reads import (
+    by_status,
+    health_counts,
+    health_level,
+    open_read_only_store,
+)
 from sessions.dashboard.security import COOKIE
 from sessions.settings import Settings
 from sessions.store import SessionStore
@@ -105,6 +110,19 @@ def test_overview_shows_the_stores_numbers(client: TestClient, seeded: SessionSt
     assert _testid(page.text, "health-fail") == "1"
     listed = re.findall(r'data-testid="unhealthy-row" data-session="([^"]+)"', page.text)
     assert listed == [r.session_id for r in seeded.unhealthy()] == ["failing", "warned"]
+
+
+def test_sessions_by_status_are_the_stores_aggregates(seeded: SessionStore) -> None:
+    """The grouped read gives what ``aggregate(status=...)`` gives, percentiles included."""
+    reader = open_read_only_store(Settings(database_url=seeded.url))
+    breakdown = by_status(reader)
+    reader.dispose()
+    for status, aggregate in breakdown.by_status.items():
+        assert aggregate == seeded.aggregate(status=status), status
+    assert breakdown.by_status["expired"].sessions == 0
+    total = seeded.aggregate()
+    assert breakdown.total.model_dump(exclude={"cost"}) == total.model_dump(exclude={"cost"})
+    assert breakdown.total.cost == pytest.approx(total.cost)  # summed in another order
 
 
 def test_health_level_is_the_sweeps_rule(seeded: SessionStore) -> None:
@@ -341,3 +359,12 @@ def test_without_a_token_only_local_host_names_are_served(client: TestClient) ->
     """Otherwise a web page could read the dashboard by DNS rebinding."""
     assert client.get("/", headers={"Host": "localhost:8750"}).status_code == 200
     assert client.get("/", headers={"Host": "attacker.example"}).status_code == 400
+
+
+def test_a_database_without_the_schema_is_a_503_that_says_so(tmp_path: Path) -> None:
+    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'empty.db'}"))
+    with TestClient(app, base_url=LOCAL) as client:
+        response = client.get("/")
+    app.state.store.dispose()
+    assert response.status_code == 503
+    assert _message(response).endswith("empty.db has no schema yet.")
