@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
+import re
 
 import uvicorn
 
 from sessions.dashboard.app import create_app
 from sessions.settings import Settings
+
+#: ``token=...`` in a logged request line (a browser's first visit carries the token so).
+TOKEN_IN_QUERY = re.compile(r"([?&])token=[^&\s]*")
+
+
+class RedactToken(logging.Filter):
+    """Masks the token in uvicorn's access log lines: a log must not hold the credential."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                TOKEN_IN_QUERY.sub(r"\1token=***", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
 
 
 class DashboardConfigError(ValueError):
@@ -41,6 +58,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     config = uvicorn.Config(
         app, host=host, port=port, server_header=False, proxy_headers=False, log_level="info"
     )
+    logging.getLogger("uvicorn.access").addFilter(RedactToken())
     try:
         uvicorn.Server(config).run()
     finally:

@@ -142,6 +142,9 @@ def dashboard(store: SessionStore, database_url: str, tmp_path: Path) -> Iterato
         process.terminate()
         process.wait(30)
         log.close()
+    served = (tmp_path / "dashboard.log").read_text()
+    assert "GET /?token=*** " in served, served  # the access log has the visit ...
+    assert TOKEN not in served  # ... but not the credential
 
 
 def _number(text: str) -> float:

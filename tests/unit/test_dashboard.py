@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,7 +17,7 @@ from sessions.dashboard.params import (
     SessionParams,
     parse_query,
 )
-from sessions.dashboard.server import DashboardConfigError, is_loopback, serve
+from sessions.dashboard.server import DashboardConfigError, RedactToken, is_loopback, serve
 from sessions.settings import Settings
 
 NOW = datetime(2024, 1, 1, 12, 30, 15, tzinfo=UTC)
@@ -147,3 +148,19 @@ def test_a_short_token_is_refused_and_a_token_is_never_shown() -> None:
         Settings(dashboard_token="short")
     settings = Settings(dashboard_token="a-long-enough-secret-token")
     assert "a-long-enough-secret-token" not in repr(settings)
+
+
+def test_the_access_log_never_holds_the_token() -> None:
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/sessions?status=active&token=s3cret&limit=5", "1.1", 303),
+        None,
+    )
+    assert RedactToken().filter(record)
+    assert record.getMessage() == (
+        '127.0.0.1:5000 - "GET /sessions?status=active&token=***&limit=5 HTTP/1.1" 303'
+    )
