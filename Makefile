@@ -38,6 +38,7 @@ faults: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.sweeps
+	$(BIN)/python -m bench.dashboard
 
 clean:
 	rm -rf $(VENV) .sessions-broker sessions.db sessions.db-* .mypy_cache .ruff_cache
