@@ -12,6 +12,8 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# The dashboard's browser test drives Debian's chromium (CI runs as root on a fresh machine).
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -36,6 +38,7 @@ faults: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.sweeps
+	$(BIN)/python -m bench.dashboard
 
 clean:
 	rm -rf $(VENV) .sessions-broker sessions.db sessions.db-* .mypy_cache .ruff_cache

@@ -372,6 +372,22 @@ def cleanup(
             console.print(f"{verb} {result.count} sessions ({label})")
 
 
+@app.command()
+def dashboard(
+    host: Annotated[str | None, typer.Option(help="Address (SESSIONS_DASHBOARD_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (SESSIONS_DASHBOARD_PORT).")] = None,
+) -> None:
+    """Serve the read-only dashboard page (README: Dashboard)."""
+    from sessions.dashboard.server import DashboardConfigError, serve
+
+    with open_store() as store:
+        store.count_active()  # an unreachable or unmigrated database fails here, clearly
+    try:
+        serve(get_settings(), host=host, port=port)
+    except DashboardConfigError as exc:
+        fail(str(exc))
+
+
 def main() -> None:
     app()
 

@@ -12,7 +12,7 @@ from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     #: Folder of prometheus-client's per-process files (``PROMETHEUS_MULTIPROC_DIR``), one
     #: per worker, emptied of them at start; ``None`` = a fresh private temporary folder.
     metrics_dir: Path | None = None
+
+    #: Address ``sessions dashboard`` binds; the loopback default keeps the page on this host.
+    dashboard_host: str = "127.0.0.1"
+    #: Port ``sessions dashboard`` listens on.
+    dashboard_port: int = Field(8750, ge=1, le=65535)
+    #: Bearer token the dashboard asks for; unset, it asks for none (loopback only).
+    dashboard_token: SecretStr | None = Field(None, min_length=16)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
