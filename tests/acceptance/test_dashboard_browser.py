@@ -2,8 +2,10 @@
 
 ``sessions dashboard`` runs as an operator starts it (a subprocess, with a token in its
 environment) over a store seeded through ``store.apply``. The test reads the numbers the
-page shows and checks them against the store, clicks through to a session, and saves the
-screenshot the README shows (``docs/dashboard.png``, from the SQLite run).
+page shows and checks them against the store, clicks through to a session, and takes a
+screenshot (from the SQLite run): into the test's folder, or, with
+``SESSIONS_UPDATE_SCREENSHOT=1``, over ``docs/dashboard.png``, the one the README shows (so an
+ordinary test run leaves the work tree as it was).
 
 Playwright's own browser downloads are never used: ``executable_path`` points at the
 ``chromium`` package, which ``make`` installs when it is missing.
@@ -11,16 +13,18 @@ Playwright's own browser downloads are never used: ``executable_path`` points at
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import Page, sync_playwright
 
@@ -46,7 +50,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TOKEN = "browser-test-token-0123456789"
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
+README_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: Seconds the dashboard has to start answering.
 START_DEADLINE = 60.0
 
@@ -131,9 +136,12 @@ def dashboard(store: SessionStore, database_url: str, tmp_path: Path) -> Iterato
                 f"the dashboard exited: {(tmp_path / 'dashboard.log').read_text()}"
             )
         try:
-            return httpx.get(base + "/", timeout=2).status_code == 401
-        except httpx.TransportError:
-            return False
+            urllib.request.urlopen(base + "/", timeout=2)
+        except urllib.error.HTTPError as refused:
+            return refused.code == 401  # up, and asking for its token
+        except OSError:
+            return False  # not listening yet
+        return False
 
     try:
         wait_until(answers, START_DEADLINE, "the dashboard to answer")
@@ -180,8 +188,10 @@ def check_top_users(page: Page, store: SessionStore, by: UserRanking) -> None:
 
 
 def test_the_page_shows_the_stores_numbers_in_chromium(
-    chromium: str, dashboard: str, store: SessionStore, database_url: str
+    chromium: str, dashboard: str, store: SessionStore, database_url: str, tmp_path: Path
 ) -> None:
+    update_readme = os.environ.get("SESSIONS_UPDATE_SCREENSHOT", "") not in ("", "0")
+    screenshot = README_SCREENSHOT if update_readme else tmp_path / "dashboard.png"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
@@ -230,8 +240,8 @@ def test_the_page_shows_the_stores_numbers_in_chromium(
             # Top users, by requests and then, after a click on its header, by p95.
             check_top_users(page, store, "requests")
             if database_url.startswith("sqlite"):
-                SCREENSHOT.parent.mkdir(exist_ok=True)
-                page.screenshot(path=str(SCREENSHOT), full_page=True)
+                page.screenshot(path=str(screenshot), full_page=True)
+                assert screenshot.read_bytes().startswith(PNG_SIGNATURE)
 
             page.get_by_test_id("sort-p95").click()
             page.wait_for_url("**/?by=p95*")
