@@ -30,6 +30,9 @@ from sessions.tables import UTCDateTime
 
 #: Seconds a SQLite connection waits for another process's write lock.
 SQLITE_BUSY_TIMEOUT = 30.0
+#: Execution option of a connection that only reads: on SQLite it begins a plain deferred
+#: transaction instead of taking the write lock up front.
+READ_ONLY_OPTION = "sessions_read_only"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -75,7 +78,8 @@ def _create_sqlite_engine(url: str, *, read_only: bool = False, **kwargs: Any) -
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        reading = read_only or connection.get_execution_options().get(READ_ONLY_OPTION, False)
+        connection.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
     return engine
 

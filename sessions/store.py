@@ -22,6 +22,7 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sessions import queries, sweeps
 from sessions.apply import Event, add_activity, apply_events
 from sessions.database import (
+    READ_ONLY_OPTION,
     create_store_engine,
     upgrade_schema,
     upsert_into,
@@ -249,7 +250,7 @@ class SessionStore:
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The newest dead-lettered payloads, newest first."""
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             rows = connection.execute(
                 select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)
             ).all()
@@ -353,7 +354,7 @@ class SessionStore:
         wanted = list(batch_ids)
         if not wanted:
             return set()
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             found = connection.execute(
                 select(ledger_table.c.batch_id).where(ledger_table.c.batch_id.in_(wanted))
             ).scalars()
@@ -364,11 +365,16 @@ class SessionStore:
         """A connection whose statements read one snapshot, so that a read made of several
         (a page and its percentiles, totals and their histogram) agrees with itself.
 
-        SQLite's transactions always do; PostgreSQL's do at ``REPEATABLE READ``.
+        SQLite's transactions always do; PostgreSQL's do at ``REPEATABLE READ``. On SQLite the
+        read begins a plain deferred transaction (:data:`~sessions.database.READ_ONLY_OPTION`),
+        not the ``BEGIN IMMEDIATE`` of writes: in WAL mode a reader then never waits for, nor
+        holds up, a worker's write.
         """
         with self.engine.connect() as connection:
             if connection.dialect.name == "postgresql":
                 connection.execution_options(isolation_level="REPEATABLE READ")
+            else:
+                connection.execution_options(**{READ_ONLY_OPTION: True})
             yield connection
 
     def _records(self, query: Select[Any]) -> builtins.list[SessionRecord]:
@@ -507,7 +513,7 @@ class SessionStore:
 
     def count_active(self) -> int:
         t = sessions_table.c
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             return int(
                 connection.execute(
                     select(func.count()).select_from(sessions_table).where(t.status == "active")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from sessions.errors import SessionLimitError
 from sessions.settings import Settings
@@ -227,3 +230,34 @@ def test_get_or_create_replaces_an_ended_session(store: SessionStore) -> None:
     session = store.get_or_create("user-7")
     assert (session.status, session.run) == ("active", 2)
     assert at(1) < session.created_at
+
+
+def test_sqlite_reads_go_on_while_a_worker_holds_the_write_lock(tmp_path: Path) -> None:
+    """Store reads (the CLI's, the facade's, a tracker's ledger look) begin a plain deferred
+    transaction: with ``BEGIN IMMEDIATE`` they would wait out the busy timeout, then fail."""
+    store = SessionStore(f"sqlite:///{tmp_path / 'locked.db'}", settings=Settings())
+    store.upgrade()
+    applied = batch(record("s-1", 1))
+    store.apply(applied)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_write_lock() -> None:
+        with store.engine.begin() as connection:  # BEGIN IMMEDIATE, as apply does
+            connection.execute(text("UPDATE sessions SET cost = cost + 1"))
+            holding.set()
+            release.wait(120)  # longer than the busy timeout: a blocked read fails "locked"
+
+    writer = threading.Thread(target=hold_the_write_lock)
+    writer.start()
+    try:
+        assert holding.wait(30)
+        assert store.count_active() == 1
+        record_ = store.get("s-1")
+        assert record_ is not None and record_.request_count == 1
+        assert store.aggregate().request_count == 1
+        assert store.applied_batch_ids([applied.batch_id]) == {applied.batch_id}
+        assert store.dead_letters() == []
+    finally:
+        release.set()
+        writer.join(30)
+        store.dispose()
