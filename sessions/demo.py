@@ -202,6 +202,11 @@ def run_demo(config: DemoConfig) -> int:
     console.print(
         f"demo took {time.monotonic() - started:.1f}s, worker and beat start and stop included"
     )
+    where = f"SESSIONS_DATABASE_URL={mask_url(settings.database_url)}"
+    console.print(
+        f"look around: [bold]{where} sessions stats[/] (or [bold]sessions dashboard[/])",
+        soft_wrap=True,
+    )
     if not settled:
         console.print("[bold red]the sweeps did not settle every session in time")
     return 0 if settled and exact else 1
@@ -280,10 +285,11 @@ def _report(store: SessionStore, fleet: list[SimulatedSession], run: FleetRun) -
 
     users = sorted({s.user_id for s in fleet})
     per_user = Table(title="per-user aggregates (computed in SQL)")
-    for column in ("user", "sessions", "requests", "errors", "error rate", "avg time"):
+    for column in ("user", "sessions", "requests", "errors", "error rate", "avg time", "p95"):
         per_user.add_column(column, justify="left" if column == "user" else "right")
     for user in users:
         a = store.aggregate(user_id=user)
+        p95 = a.processing_time_p95
         per_user.add_row(
             user,
             str(a.sessions),
@@ -291,6 +297,7 @@ def _report(store: SessionStore, fleet: list[SimulatedSession], run: FleetRun) -
             str(a.error_count),
             f"{a.error_rate:.1%}",
             f"{a.average_processing_time * 1000:.0f} ms",
+            "-" if p95 is None else f"{p95 * 1000:.0f} ms",
         )
     console.print(per_user)
 
