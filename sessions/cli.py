@@ -13,11 +13,13 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from sessions.errors import BrokerUnavailableError, StoreUnavailableError
@@ -88,11 +90,22 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 @contextmanager
-def open_store(settings: Settings | None = None) -> Iterator[SessionStore]:
-    """A store for one command; unreachable or unmigrated databases become clear errors."""
+def open_store(settings: Settings | None = None, *, create: bool = False) -> Iterator[SessionStore]:
+    """A store for one command; unreachable or unmigrated databases become clear errors.
+
+    A SQLite file that does not exist is one too, unless the command is to ``create`` it
+    (``db upgrade``, ``worker``, ``beat``): connecting would leave an empty file behind, and a
+    mistyped path would look like an empty fleet.
+    """
     settings = settings or get_settings()
-    store = SessionStore(settings.database_url, settings=settings)
     url = mask_url(settings.database_url)
+    missing = _missing_sqlite_file(settings.database_url)
+    if missing is not None and not create:
+        fail(
+            f"there is no database at {url} (no file {missing}): run `sessions db upgrade` "
+            "to create it, or start a worker, which does"
+        )
+    store = SessionStore(settings.database_url, settings=settings)
     try:
         yield store
     except StoreUnavailableError as exc:
@@ -107,6 +120,15 @@ def open_store(settings: Settings | None = None) -> Iterator[SessionStore]:
         raise
     finally:
         store.dispose()
+
+
+def _missing_sqlite_file(database_url: str) -> Path | None:
+    """The file a SQLite URL names, if it does not exist (``None`` for other databases)."""
+    parsed = make_url(database_url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    return None if path.exists() else path
 
 
 def check_broker(settings: Settings) -> None:
@@ -128,7 +150,7 @@ def check_broker(settings: Settings) -> None:
 
 def _exec_celery(arguments: list[str]) -> NoReturn:
     settings = get_settings()
-    with open_store(settings) as store:
+    with open_store(settings, create=True) as store:
         store.upgrade()
     try:
         check_broker(settings)
@@ -175,7 +197,7 @@ def demo(
 def db_upgrade() -> None:
     """Apply the Alembic migrations (safe to run at every deploy)."""
     settings = get_settings()
-    with open_store(settings) as store:
+    with open_store(settings, create=True) as store:
         store.upgrade()
     console.print(f"database at {mask_url(settings.database_url)} is up to date")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -169,8 +170,9 @@ def test_an_unreachable_database_is_a_clear_error_with_the_password_masked(
 
 
 def test_an_unmigrated_database_says_to_upgrade(
-    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    (tmp_path / "empty.db").touch()
     monkeypatch.setenv("SESSIONS_DATABASE_URL", f"sqlite:///{tmp_path}/empty.db")
     get_settings.cache_clear()
     try:
@@ -179,6 +181,25 @@ def test_an_unmigrated_database_says_to_upgrade(
         upgraded = runner.invoke(app, ["db", "upgrade"])
         assert upgraded.exit_code == 0 and "up to date" in upgraded.output
         assert runner.invoke(app, ["list"]).exit_code == 0
+    finally:
+        get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "command", [["list"], ["stats"], ["health"], ["show", "s-1"], ["cleanup", "--dry-run"]]
+)
+def test_a_missing_sqlite_file_is_an_error_and_is_not_created(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "sessions.db"  # in a folder that exists: SQLite would create it
+    monkeypatch.setenv("SESSIONS_DATABASE_URL", f"sqlite:///{missing}")
+    get_settings.cache_clear()
+    try:
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert f"no file {missing}" in result.output.replace("\n", "")
+        assert "sessions db upgrade" in result.output
+        assert not missing.exists()
     finally:
         get_settings.cache_clear()
 
