@@ -13,15 +13,14 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
+from sessions.database import missing_sqlite_file
 from sessions.errors import BrokerUnavailableError, StoreUnavailableError
 from sessions.histogram import LOWEST
 from sessions.records import Aggregate, SessionRecord
@@ -99,7 +98,7 @@ def open_store(settings: Settings | None = None, *, create: bool = False) -> Ite
     """
     settings = settings or get_settings()
     url = mask_url(settings.database_url)
-    missing = _missing_sqlite_file(settings.database_url)
+    missing = missing_sqlite_file(settings.database_url)
     if missing is not None and not create:
         fail(
             f"there is no database at {url} (no file {missing}): run `sessions db upgrade` "
@@ -120,15 +119,6 @@ def open_store(settings: Settings | None = None, *, create: bool = False) -> Ite
         raise
     finally:
         store.dispose()
-
-
-def _missing_sqlite_file(database_url: str) -> Path | None:
-    """The file a SQLite URL names, if it does not exist (``None`` for other databases)."""
-    parsed = make_url(database_url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    path = Path(parsed.database)
-    return None if path.exists() else path
 
 
 def check_broker(settings: Settings) -> None:

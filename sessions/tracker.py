@@ -50,6 +50,7 @@ from typing import Any, cast
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from sessions.database import missing_sqlite_file
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError, StoreUnavailableError
 from sessions.events import (
     Batch,
@@ -398,6 +399,9 @@ class SessionTracker:
     def _applied(self, batch_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
         with self._lock:  # several threads may flush at once; one store (one pool) for all
             if self._store is None:
+                missing = missing_sqlite_file(self.settings.database_url)
+                if missing is not None:  # no worker has made it yet; connecting would, empty
+                    raise StoreUnavailableError(f"no database file at {missing} yet")
                 # Read-only: on SQLite a plain BEGIN, so looking at the ledger never takes
                 # the write lock the workers need.
                 self._store = SessionStore(

@@ -177,7 +177,7 @@ def test_without_the_ledger_nothing_is_republished_and_recording_goes_on(
 ) -> None:
     unreachable = Settings(
         confirm_timeout_seconds=CONFIRM_TIMEOUT,
-        database_url=f"sqlite:///{tmp_path / 'missing' / 'no.db'}",
+        database_url=f"sqlite:///{tmp_path / 'no.db'}",  # no worker has created it
     )
     published: list[dict[str, Any]] = []
     with caplog.at_level(logging.WARNING, logger="sessions.tracker"):
@@ -197,6 +197,7 @@ def test_without_the_ledger_nothing_is_republished_and_recording_goes_on(
         )
         assert tracker.stats.batches_republished == 0 and len(published) == 2
         tracker.close()
+    assert not (tmp_path / "no.db").exists()  # looking left no empty database behind
 
 
 def test_confirm_timeout_zero_keeps_no_batch_text(store: SessionStore) -> None:
