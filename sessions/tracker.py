@@ -716,14 +716,22 @@ class SessionTracker:
             self._check_ledger(min_age=-1.0)
         with self._lock:
             left = self._outbox.drain()
-        for entry in left:
-            self._spool_unconfirmed(entry)
-        if left:
-            log.info(
-                "closing with %d published batches not yet seen in the ledger; kept them in "
-                "the spool for the next run to publish again",
+        if not left:
+            return
+        if self._spool is None:
+            log.warning(
+                "closing with %d published batches not yet seen in the ledger and no spool to "
+                "keep them in: if a worker lost one, nothing will publish it again",
                 len(left),
             )
+            return
+        for entry in left:
+            self._spool_unconfirmed(entry)
+        log.info(
+            "closing with %d published batches not yet seen in the ledger; kept them in the "
+            "spool for the next run to publish again",
+            len(left),
+        )
 
     def _spool_unconfirmed(self, entry: Unconfirmed) -> None:
         if self._spool is None or entry.message is None:
