@@ -50,6 +50,9 @@ class Unconfirmed:
     republished: int = 0
     #: Position of its latest publish among all the outbox has seen (set by the outbox).
     order: int = 0
+    #: ``time.monotonic()`` of the first publish, by this process or (for a batch replayed
+    #: from the spool) an earlier one; 0: set by the outbox to ``published_at``.
+    first_published_at: float = 0.0
 
     def due_at(self, republish_after: float) -> float:
         """When a batch still unconfirmed is published again: the wait doubles each time."""
@@ -60,12 +63,23 @@ class Outbox:
     """Unconfirmed batches in publish order, bounded by ``max_batches`` and ``max_bytes``.
 
     ``republish_after`` 0 means the batches' text is not kept and nothing is republished.
+    A batch first published more than ``max_age`` seconds ago is never published again, but
+    forgotten: the ledger forgets applied batches too (``SESSIONS_LEDGER_RETENTION_DAYS``,
+    which the settings keep longer than the spool's maximum age, passed here), and a copy
+    arriving after its batch's ledger row was purged would count twice.
     """
 
-    def __init__(self, republish_after: float, max_batches: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        republish_after: float,
+        max_batches: int,
+        max_bytes: int,
+        max_age: float = float("inf"),
+    ) -> None:
         self.republish_after = republish_after
         self.max_batches = max_batches
         self.max_bytes = max_bytes
+        self.max_age = max_age
         self._entries: dict[uuid.UUID, Unconfirmed] = {}
         self._bytes = 0
         #: Batches forgotten at the bounds before the ledger confirmed them.
@@ -93,6 +107,10 @@ class Outbox:
             self._bytes -= old.size
         self._published += 1
         entry.order = self._published
+        if old is not None:
+            entry.first_published_at = old.first_published_at
+        elif not entry.first_published_at:
+            entry.first_published_at = entry.published_at
         self._entries[entry.batch_id] = entry
         self._bytes += entry.size
         evicted: list[Unconfirmed] = []
@@ -129,6 +147,10 @@ class Outbox:
         due = []
         for batch_id in batch_ids:
             entry = self._entries.get(batch_id)
+            if entry is not None and now - entry.first_published_at > self.max_age:
+                self.remove(batch_id)  # too old to copy safely (see the class docstring)
+                self.forgotten += 1
+                continue
             if (
                 entry is not None
                 and entry.due_at(self.republish_after) <= now

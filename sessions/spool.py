@@ -118,8 +118,12 @@ class BatchSpool:
                 raise
             self._connection.execute("COMMIT")
 
-    def put(self, message: dict[str, Any]) -> bool:
-        """Keep ``message`` until it can be published; ``False`` (and an ERROR) when full."""
+    def put(self, message: dict[str, Any], *, since: float | None = None) -> bool:
+        """Keep ``message`` until it can be published; ``False`` (and an ERROR) when full.
+
+        ``since`` (a ``time.time()``) dates a batch that was published before, unconfirmed:
+        its age, and so its expiry, count from its first publish, not from now.
+        """
         text = json.dumps(message, separators=(",", ":"))
         size = len(text.encode())
         with self._transaction() as connection:
@@ -134,7 +138,7 @@ class BatchSpool:
                 connection.execute(
                     "INSERT OR IGNORE INTO spooled_batches (batch_id, message, size, spooled_at)"
                     " VALUES (?, ?, ?, ?)",
-                    (str(message["batch_id"]), text, size, time.time()),
+                    (str(message["batch_id"]), text, size, since or time.time()),
                 )
                 full = False
         if full:

@@ -206,7 +206,10 @@ class SessionTracker:
         self._handled = 0
         #: Published batches not yet seen in the ledger, with their text for republishing.
         self._outbox = Outbox(
-            self.settings.confirm_timeout_seconds, MAX_UNCONFIRMED_BATCHES, MAX_UNCONFIRMED_BYTES
+            self.settings.confirm_timeout_seconds,
+            MAX_UNCONFIRMED_BATCHES,
+            MAX_UNCONFIRMED_BYTES,
+            max_age=self.settings.spool_max_age.total_seconds(),
         )
         #: Outbox entries the latest ledger check found missing (candidates to republish).
         self._missing: set[uuid.UUID] = set()
@@ -611,17 +614,32 @@ class SessionTracker:
                 self._batches_replayed += 1
                 self._events_replayed += events
                 # Replayed batches hold events recorded before any of this run's: ``seq`` 0.
-                self._keep_unconfirmed(uuid.UUID(spooled.batch_id), 0, spooled.message, events)
+                self._keep_unconfirmed(
+                    uuid.UUID(spooled.batch_id),
+                    0,
+                    spooled.message,
+                    events,
+                    first_published=spooled.spooled_at,
+                )
         log.info("replayed %d spooled batches", len(waiting))
 
     # -- confirming published batches against the ledger -----------------------------------
 
     def _keep_unconfirmed(
-        self, batch_id: uuid.UUID, seq: int, message: str | dict[str, Any], events: int
+        self,
+        batch_id: uuid.UUID,
+        seq: int,
+        message: str | dict[str, Any],
+        events: int,
+        first_published: float | None = None,
     ) -> None:
-        """Hold a batch just published until the ledger lists it (call under ``_lock``)."""
+        """Hold a batch just published until the ledger lists it (call under ``_lock``);
+        ``first_published`` (a ``time.time()``) dates one an earlier run published."""
         size = len(message) if isinstance(message, str) else len(json.dumps(message))
-        entry = Unconfirmed(batch_id, seq, message, events, size, time.monotonic())
+        now = time.monotonic()
+        entry = Unconfirmed(batch_id, seq, message, events, size, now)
+        if first_published is not None:
+            entry.first_published_at = now - max(0.0, time.time() - first_published)
         if self._outbox.add(entry) and self._outbox.forgotten == 1:
             log.warning(
                 "more than %d published batches (or %d MB) are waiting for the ledger at %s; "
@@ -737,8 +755,9 @@ class SessionTracker:
         if self._spool is None or entry.message is None:
             return
         message = json.loads(entry.message) if isinstance(entry.message, str) else entry.message
+        first_published = time.time() - (time.monotonic() - entry.first_published_at)
         try:
-            kept = self._spool.put(message)
+            kept = self._spool.put(message, since=first_published)
         except Exception:
             log.exception("could not write batch %s to the spool", entry.batch_id)
             return

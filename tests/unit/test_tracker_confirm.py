@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,14 +155,19 @@ def test_unconfirmed_batches_go_to_the_spool_at_close_and_the_next_run_sends_the
         flush_interval=NEVER,
         max_batch_events=4,
     )
+    before = time.time()
     for index in range(8):
         first.record("s-1", processing_time=index / 100)
     first.flush()
     wait_until(lambda: len(nowhere) == 2, message="two batches published")
+    published_by = time.time()
     first.close()
     spool = open_spool(Settings())
     assert spool is not None
-    assert sorted(b.batch_id for b in spool.oldest()) == sorted(m["batch_id"] for m in nowhere)
+    spooled = spool.oldest()
+    assert sorted(b.batch_id for b in spooled) == sorted(m["batch_id"] for m in nowhere)
+    # Dated by their first publish, not by the close: their age keeps counting from there.
+    assert all(before <= b.spooled_at <= published_by for b in spooled)
 
     workers = LossyWorkers(store)
     with SessionTracker(_settings(), publisher=workers, store=store) as second:
@@ -262,6 +268,18 @@ def test_only_a_batch_overtaken_by_a_later_one_or_the_newest_is_republished() ->
     # The copy is the newest publish now; ``newest``, overtaken by nothing applied, waits.
     outbox.republished(lost, now=5.0)
     assert outbox.overdue(missing, now=100.0) == [older, lost]
+
+
+def test_a_batch_older_than_the_max_age_is_forgotten_not_copied() -> None:
+    """The ledger forgets applied batches after its retention: a late copy could count twice."""
+    outbox = Outbox(republish_after=1.0, max_batches=10, max_bytes=10**6, max_age=100.0)
+    old, newest = _entry(at=0.0), _entry(at=0.0)
+    outbox.add(old)
+    outbox.add(newest)
+    outbox.republished(newest, now=50.0)  # a republish keeps the first publish's age
+    assert outbox.overdue([old.batch_id, newest.batch_id], now=100.0) == [newest]
+    assert outbox.overdue([old.batch_id, newest.batch_id], now=101.0) == []
+    assert (len(outbox), outbox.forgotten) == (0, 2)
 
 
 def test_flush_waits_for_batches_up_to_its_sequence_and_replayed_ones() -> None:
