@@ -210,7 +210,7 @@ def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]
             sessions_table.c.created_at <= excluded.created_at,
         ),
     ).returning(sessions_table.c.session_id, sessions_table.c.run)
-    runs: dict[str, int] = dict(connection.execute(statement).tuples().all())
+    runs: dict[str, int] = {session_id: run for session_id, run in connection.execute(statement)}
     add_latency(
         connection,
         [

@@ -491,8 +491,10 @@ class SessionStore:
                 row.minute: row
                 for row in connection.execute(queries.activity_minutes(first, until))
             }
-            starts = dict(connection.execute(queries.run_starts(first, until)).tuples().all())
-            ends = dict(connection.execute(queries.run_ends(first, until)).tuples().all())
+            starts = {
+                minute: n for minute, n in connection.execute(queries.run_starts(first, until))
+            }
+            ends = {minute: n for minute, n in connection.execute(queries.run_ends(first, until))}
         return _activity_series(first, until, counts, starts, ends)
 
     def unhealthy(

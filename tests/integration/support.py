@@ -125,7 +125,7 @@ def run_rows(store: SessionStore) -> dict[tuple[str, int], dict[str, Any]]:
 def latency_rows(store: SessionStore) -> dict[tuple[str, int, int], int]:
     """Every histogram row's count, by (session id, run, bucket)."""
     with store.engine.connect() as connection:
-        rows = connection.execute(select(latency_table)).tuples().all()
+        rows = connection.execute(select(latency_table)).all()
     return {(session_id, run, bucket): count for session_id, run, bucket, count in rows}
 
 
