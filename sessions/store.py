@@ -117,7 +117,9 @@ class SessionStore:
         decoded = decode_batch(batch, self.settings.store_max_batch_events)
         now = now or datetime.now(UTC)
         try:
-            return self._transaction(lambda connection: self._apply(connection, decoded, now))
+            return self._transaction(
+                lambda connection: self._apply(connection, decoded, now, payload=batch)
+            )
         except REFUSED_VALUES as exc:
             if decoded.batch_id is None or not decoded.events:
                 raise
@@ -130,9 +132,12 @@ class SessionStore:
             )
             return self._transaction(lambda connection: self._apply_each(connection, decoded, now))
 
-    def _apply(self, connection: Connection, decoded: DecodedBatch, now: datetime) -> ApplyResult:
+    def _apply(
+        self, connection: Connection, decoded: DecodedBatch, now: datetime, payload: Any = None
+    ) -> ApplyResult:
         if decoded.batch_id is None:
             self._dead_letter(connection, None, decoded.rejected, now)
+            self._settle(connection, payload, now)  # e.g. too many events, under a good id
             return ApplyResult(
                 rejected=len(decoded.rejected),
                 rejected_by_reason=_by_reason(malformed_batch=len(decoded.rejected)),
@@ -221,13 +226,27 @@ class SessionStore:
     def dead_letter(self, payload: Any, reason: str) -> None:
         """Set aside a whole payload that cannot be applied (the worker's poison messages).
 
-        The ``batch_id`` it claims is kept in its own column, so it can be found by id.
+        The ``batch_id`` it claims is kept in its own column, so it can be found by id, and
+        is claimed in the ledger: the batch is settled, so a client waiting for it
+        (``flush(wait=True)``, its republishing) stops waiting, and a copy of it is dropped as
+        a duplicate instead of being set aside again.
         """
         rejected = [RejectedEvent(payload=payload, reason=reason)]
         claimed = peek_batch_id(payload)
         batch_id = claimed[:64] if claimed else None
         now = datetime.now(UTC)
-        self._transaction(lambda c: self._dead_letter(c, batch_id, rejected, now))
+
+        def set_aside(connection: Connection) -> None:
+            self._dead_letter(connection, batch_id, rejected, now)
+            self._settle(connection, payload, now)
+
+        self._transaction(set_aside)
+
+    def _settle(self, connection: Connection, payload: Any, now: datetime) -> None:
+        """Claim in the ledger the batch id a payload set aside whole says it has, if any."""
+        claimed = _claimed_uuid(payload)
+        if claimed is not None:
+            self._claim(connection, claimed, now)
 
     def count_redelivery(self, message_id: str, now: datetime | None = None) -> int:
         """Note that ``message_id`` came back unfinished once more; how often it has, in all.
@@ -625,6 +644,15 @@ def _activity_series(
         active -= ends.get(minute, 0)
         minute += _MINUTE
     return series
+
+
+def _claimed_uuid(payload: Any) -> uuid.UUID | None:
+    """The batch id a payload claims, if it is a UUID."""
+    claimed = peek_batch_id(payload)
+    try:
+        return None if claimed is None else uuid.UUID(claimed)
+    except ValueError:
+        return None
 
 
 def _payload_text(payload: Any) -> str:

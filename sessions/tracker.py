@@ -93,6 +93,10 @@ MAX_UNCONFIRMED_BYTES = 64 * 1024 * 1024
 CONFIRM_POLL_INTERVAL = 1.0
 #: ... for batches published at least this long ago (younger ones are rarely applied yet).
 CONFIRM_MIN_AGE = 0.5
+#: At close, seconds to wait for the last published batches to show in the ledger.
+CLOSE_CONFIRM_WAIT = 2.0
+#: Seconds a queue backlog, once seen, holds back republishing before the queue is asked again.
+BACKLOG_RECHECK_INTERVAL = 5.0
 #: Seconds between looks at the database's ledger in ``flush(wait=True)``.
 FLUSH_POLL_INTERVAL = 0.05
 #: Seconds ``close`` waits by default for the buffer to be published.
@@ -134,8 +138,11 @@ class TrackerStats:
     #: Batches published again because the ledger still lacked them after the confirm timeout.
     batches_republished: int = 0
     events_republished: int = 0
-    #: Unconfirmed batches forgotten at the outbox's bounds (published, but never seen applied).
+    #: Unconfirmed batches forgotten (published, never seen applied): beyond the outbox's
+    #: bounds, or first published longer ago than the spool's maximum age.
     batches_unverified: int = 0
+    #: Unconfirmed batches kept in the spool at close, for the next run to publish again.
+    batches_spooled_unconfirmed: int = 0
 
 
 class SessionTracker:
@@ -223,6 +230,11 @@ class SessionTracker:
         self._events_spooled = self._events_lost = 0
         self._batches_replayed = self._events_replayed = 0
         self._batches_republished = self._events_republished = 0
+        self._batches_spooled_unconfirmed = 0
+        #: Whether the ledger has answered a look yet; until a backlog's next look is due.
+        self._ledger_answered = False
+        self._backlog_known_until = 0.0
+        self._unverified_warned = False
         #: Whether the spool may hold batches to replay (it may, at start: an earlier run's).
         self._spool_pending = self._spool is not None
         self._broker_down_until = 0.0
@@ -422,10 +434,12 @@ class SessionTracker:
 
         Events recorded after ``close`` are dropped and counted; closing twice is harmless.
         """
+        deadline = time.monotonic() + timeout
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+        self._stop_confirming.set()
         self._wake.set()
         self._thread.join(timeout)
         _live_trackers.discard(self)
@@ -436,10 +450,9 @@ class SessionTracker:
                 timeout,
             )
             return
-        self._stop_confirming.set()
         if self._confirmer is not None:
-            self._confirmer.join(timeout)
-        self._keep_unconfirmed_in_spool()
+            self._confirmer.join(max(0.0, deadline - time.monotonic()))
+        self._keep_unconfirmed_in_spool(deadline)
         if self._owns_publisher and isinstance(self._publisher, CeleryPublisher):
             self._publisher.close()
         if self._owns_store and self._store is not None:
@@ -478,6 +491,7 @@ class SessionTracker:
                 batches_republished=self._batches_republished,
                 events_republished=self._events_republished,
                 batches_unverified=self._outbox.forgotten,
+                batches_spooled_unconfirmed=self._batches_spooled_unconfirmed,
             )
 
     @property
@@ -507,12 +521,21 @@ class SessionTracker:
                 mark = self._appended if cut_all else self._cut
             if cut_all:
                 due = now + self.flush_interval
-            self._replay_spool()
-            self._republish_overdue()
+            self._guarded(self._replay_spool)
+            self._guarded(self._republish_overdue)
             while (taken := self._take(mark)) is not None:
                 self._send(*taken)
             if closing:
                 return
+
+    @staticmethod
+    def _guarded(work: Callable[[], None]) -> None:
+        """Run one chore of the publisher thread; a bug in it is logged, never fatal to the
+        thread (which would leave the agent's buffer to fill up unseen)."""
+        try:
+            work()
+        except Exception:
+            log.exception("session tracker: %s failed; carrying on", work.__name__)
 
     def _take(self, mark: int) -> tuple[tuple[Event | RecordFields, ...], int] | None:
         """Cut the next batch off the buffer: a full one, or any while events up to the
@@ -640,7 +663,8 @@ class SessionTracker:
         entry = Unconfirmed(batch_id, seq, message, events, size, now)
         if first_published is not None:
             entry.first_published_at = now - max(0.0, time.time() - first_published)
-        if self._outbox.add(entry) and self._outbox.forgotten == 1:
+        if self._outbox.add(entry) and not self._unverified_warned:
+            self._unverified_warned = True
             log.warning(
                 "more than %d published batches (or %d MB) are waiting for the ledger at %s; "
                 "the oldest are no longer kept for republishing (counted in "
@@ -676,6 +700,7 @@ class SessionTracker:
         if self._ledger_failing:
             log.warning("the ledger at %s answers again", mask_url(self.settings.database_url))
         self._ledger_failing = False
+        self._ledger_answered = True
         with self._lock:
             self._outbox.confirm(applied)
             self._missing = set(asked) - applied
@@ -686,18 +711,16 @@ class SessionTracker:
     def _republish_overdue(self) -> None:
         """Publish again the batches the ledger still lacks after their confirm timeout."""
         with self._lock:
-            due = self._outbox.overdue(self._missing, time.monotonic())
+            due = self._outbox.overdue(self._missing, time.monotonic())[:REPLAY_CHUNK]
             self._missing.difference_update(entry.batch_id for entry in due)
         if due and self._backlog_waiting():
             return  # the next look at the ledger finds them missing again, if they still are
         for entry in due:
             assert entry.message is not None  # kept whenever republishing is on
             if self._publish_message(entry.message, str(entry.batch_id), entry.events) is not None:
-                # The broker is down again: the spool keeps the batch from here on.
-                with self._lock:
-                    self._outbox.remove(entry.batch_id)
-                self._spool_unconfirmed(entry)
-                continue
+                # The broker is down again: the batch stays in the outbox, due, and is tried
+                # again after the broker-down pause (or goes to the spool at close).
+                return
             log.warning(
                 "batch %s (%d events) was not applied %.0f s after it was published; "
                 "published it again (the ledger makes a second copy harmless)",
@@ -718,20 +741,45 @@ class SessionTracker:
         queued_messages = getattr(self._publisher, "queued_messages", None)
         if queued_messages is None:
             return False
+        now = time.monotonic()
+        if now < self._broker_down_until:
+            return True  # the broker is away: a republish would fail anyway
+        if now < self._backlog_known_until:
+            return True  # a backlog seen a moment ago: spare the broker another look
         try:
             waiting = int(queued_messages())
         except Exception as exc:
             log.debug("could not read the ingest queue's length: %s", exc)
-            return True  # the broker is away: a republish would fail anyway
+            waiting = 1  # cannot tell: as good as a backlog (a republish would likely fail)
+        if waiting > 0:
+            self._backlog_known_until = time.monotonic() + BACKLOG_RECHECK_INTERVAL
         return waiting > 0
 
-    def _keep_unconfirmed_in_spool(self) -> None:
+    def _keep_unconfirmed_in_spool(self, deadline: float) -> None:
         """At close: batches the ledger has not confirmed go to the spool, for the next
-        process to publish again (one last look at the ledger first)."""
+        process to publish again, after a short wait for the last ones to be applied.
+
+        Only when the ledger has answered: without it nothing tells a lost batch from an
+        applied one, and the spool would fill with copies (crowding out unsent batches).
+        """
         if not self._outbox.republishing or not len(self._outbox):
             return
-        if not self._ledger_failing:
+        if self._confirmer is not None and self._confirmer.is_alive():
+            return  # still stuck in a query: the database is not answering
+        wait_until = min(deadline, time.monotonic() + CLOSE_CONFIRM_WAIT)
+        while True:
             self._check_ledger(min_age=-1.0)
+            if self._ledger_failing or not self._ledger_answered:
+                log.warning(
+                    "closing with %d published batches the ledger at %s could not confirm; "
+                    "they are not kept for republishing",
+                    len(self._outbox),
+                    mask_url(self.settings.database_url),
+                )
+                return
+            if not len(self._outbox) or time.monotonic() >= wait_until:
+                break
+            time.sleep(FLUSH_POLL_INTERVAL)
         with self._lock:
             left = self._outbox.drain()
         if not left:
@@ -763,7 +811,7 @@ class SessionTracker:
             return
         if kept:
             with self._lock:
-                self._events_spooled += entry.events
+                self._batches_spooled_unconfirmed += 1
                 self._spool_pending = True
 
     def _publish_message(

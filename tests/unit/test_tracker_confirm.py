@@ -29,6 +29,9 @@ CONFIRM_TIMEOUT = 0.3
 def quick_confirmations(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tracker_module, "CONFIRM_POLL_INTERVAL", 0.02)
     monkeypatch.setattr(tracker_module, "CONFIRM_MIN_AGE", 0.0)
+    monkeypatch.setattr(tracker_module, "BACKLOG_RECHECK_INTERVAL", 0.02)
+    monkeypatch.setattr(tracker_module, "PUBLISH_RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(tracker_module, "BROKER_DOWN_PAUSE", 0.05)
 
 
 @pytest.fixture
@@ -119,6 +122,28 @@ def test_nothing_is_republished_while_the_queue_holds_a_backlog(store: SessionSt
         assert tracker.stats.batches_republished == 1
 
 
+def test_a_republish_the_broker_refuses_is_kept_and_tried_again(store: SessionStore) -> None:
+    workers = LossyWorkers(store, lose=1)
+    refusals = [0]
+
+    def flaky(message: dict[str, Any]) -> None:
+        if workers.lost and message["batch_id"] == workers.lost[0] and refusals[0] < 4:
+            refusals[0] += 1
+            raise ConnectionError("broker down")
+        workers(message)
+
+    with SessionTracker(
+        _settings(), publisher=flaky, store=store, flush_interval=NEVER, max_batch_events=10
+    ) as tracker:
+        for _ in range(20):
+            tracker.record("s-1")
+        tracker.flush(wait=True, timeout=30)
+        assert refusals[0] == 4  # refused, kept in the outbox, tried again until it went out
+        assert tracker.stats.batches_republished == 1
+    record = store.get("s-1")
+    assert record is not None and record.request_count == 20
+
+
 def test_a_copy_of_an_applied_batch_changes_nothing(store: SessionStore) -> None:
     """A slow worker applies the first copy after the second went out: the ledger drops one."""
     held: list[dict[str, Any]] = []
@@ -204,6 +229,10 @@ def test_without_the_ledger_nothing_is_republished_and_recording_goes_on(
         assert tracker.stats.batches_republished == 0 and len(published) == 2
         tracker.close()
     assert not (tmp_path / "no.db").exists()  # looking left no empty database behind
+    # Nothing told a lost batch from an applied one: no copies were put in the spool.
+    assert tracker.stats.batches_spooled_unconfirmed == 0
+    spool = open_spool(unreachable)
+    assert spool is not None and len(spool) == 0
 
 
 def test_confirm_timeout_zero_keeps_no_batch_text(store: SessionStore) -> None:
