@@ -17,14 +17,16 @@ finds batches of an earlier run), the spool is replayed oldest first, before new
 
 A published batch is not forgotten yet: it waits in the :mod:`~sessions.outbox` until a second
 thread sees its ``batch_id`` in the database's ledger, and is published again if it is still
-missing ``confirm_timeout_seconds`` later (then after twice that, and so on). A worker that dies
+missing ``confirm_timeout_seconds`` later (then after twice that, and so on) and the evidence
+says lost rather than late (:mod:`sessions.outbox` explains which). A worker that dies
 holding a message the broker no longer has (kombu's Redis transport pops before it records
 the message as unacknowledged) costs a delay, not the events. Agents without read access to
 the database turn this off with ``SESSIONS_CONFIRM_TIMEOUT_SECONDS=0``.
 
 On SIGTERM (when the application has not installed a handler of its own) and at normal
 interpreter exit the buffer is flushed, to the broker or to the spool, and batches still
-unconfirmed go to the spool too, for the next process to publish again. A SIGKILL loses at
+unconfirmed after a short wait go to the spool too (if the ledger answered), for the next
+process to publish again. A SIGKILL loses at
 most what was recorded since the last cut (one flush interval, or one batch), plus any
 published batch that a worker lost in the same moment.
 """
