@@ -22,14 +22,14 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, text
 
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError
-from sessions.events import peek_batch_id
+from sessions.events import Batch, RecordEvent, peek_batch_id
 from sessions.publisher import INGEST_TASK, CeleryPublisher
 from sessions.tracker import SessionTracker
 from tests.faults import report
@@ -266,6 +266,27 @@ def event_values(index: int) -> tuple[bool, int, int]:
     Varied so that one lost event and one doubled event of the same session rarely cancel.
     """
     return index % 7 == 0, 1 + index % 11, index % 5
+
+
+def recorded_batch(reference: Reference, session_ids: list[str], events: int, start: int) -> Batch:
+    """A batch of ``events`` record events over ``session_ids``, noted in ``reference``."""
+    now = datetime.now(UTC)
+    items = []
+    for index in range(start, start + events):
+        session_id = session_ids[index % len(session_ids)]
+        error, input_tokens, output_tokens = event_values(index)
+        items.append(
+            RecordEvent(
+                session_id=session_id,
+                at=now,
+                error=error,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                processing_time=0.01,
+            )
+        )
+        reference.add(session_id, error, input_tokens, output_tokens)
+    return Batch(events=tuple(items))
 
 
 class Reference:

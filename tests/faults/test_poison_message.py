@@ -27,8 +27,8 @@ from tests.faults.harness import (
     Monitor,
     Reference,
     compare,
-    event_values,
     record_outcome,
+    recorded_batch,
     service_environment,
     wait_until,
     worker_arguments,
@@ -41,27 +41,6 @@ from tests.workers_harness import CeleryProcess
 pytestmark = [pytest.mark.slow]
 
 MAX_REDELIVERIES = 2
-
-
-def _batch(reference: Reference, session_ids: list[str], events: int, start: int) -> Batch:
-    """A batch of ``events`` record events over ``session_ids``, noted in ``reference``."""
-    now = datetime.now(UTC)
-    items = []
-    for index in range(start, start + events):
-        session_id = session_ids[index % len(session_ids)]
-        error, input_tokens, output_tokens = event_values(index)
-        items.append(
-            RecordEvent(
-                session_id=session_id,
-                at=now,
-                error=error,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                processing_time=0.01,
-            )
-        )
-        reference.add(session_id, error, input_tokens, output_tokens)
-    return Batch(events=tuple(items))
 
 
 def test_a_message_that_kills_the_worker_is_dead_lettered_after_bounded_deliveries(
@@ -99,10 +78,10 @@ def test_a_message_that_kills_the_worker_is_dead_lettered_after_bounded_deliveri
         )
         try:
             for number in range(rounds):
-                publisher(_batch(reference, sessions, 20, 20 * number).to_message())
+                publisher(recorded_batch(reference, sessions, 20, 20 * number).to_message())
             publisher(poison.to_message())
             for number in range(rounds, 2 * rounds):
-                publisher(_batch(reference, sessions, 20, 20 * number).to_message())
+                publisher(recorded_batch(reference, sessions, 20, 20 * number).to_message())
 
             def poison_dead_lettered() -> bool:
                 return bool(
@@ -121,7 +100,7 @@ def test_a_message_that_kills_the_worker_is_dead_lettered_after_bounded_deliveri
             # The worker goes on: batches published after the poison one was set aside.
             sent_before = reference.sent
             for number in range(2 * rounds, 3 * rounds):
-                publisher(_batch(reference, sessions, 20, 20 * number).to_message())
+                publisher(recorded_batch(reference, sessions, 20, 20 * number).to_message())
             wait_until(
                 lambda: compare(reference, url).applied >= reference.sent,
                 timeout=60,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from sessions.events import Batch, CreateEvent, RecordEvent
+from sessions.events import Batch, CreateEvent
 from sessions.publisher import CeleryPublisher
 from sessions.settings import Settings
 from tests.faults.harness import (
@@ -28,9 +28,9 @@ from tests.faults.harness import (
     Monitor,
     Reference,
     compare,
-    event_values,
     kill_group,
     record_outcome,
+    recorded_batch,
     service_environment,
     wait_until,
 )
@@ -38,27 +38,6 @@ from tests.faults.report import scaled
 from tests.faults.servers import PrivateRedis
 
 pytestmark = [pytest.mark.slow]
-
-
-def _batch(reference: Reference, session_ids: list[str], events: int, start: int) -> Batch:
-    """A batch of ``events`` record events over ``session_ids``, noted in ``reference``."""
-    now = datetime.now(UTC)
-    items = []
-    for index in range(start, start + events):
-        session_id = session_ids[index % len(session_ids)]
-        error, input_tokens, output_tokens = event_values(index)
-        items.append(
-            RecordEvent(
-                session_id=session_id,
-                at=now,
-                error=error,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                processing_time=0.01,
-            )
-        )
-        reference.add(session_id, error, input_tokens, output_tokens)
-    return Batch(events=tuple(items))
 
 
 def _outcomes(log: str, batch: Batch) -> tuple[int, int]:
@@ -78,7 +57,7 @@ def test_the_same_message_published_twice_is_counted_once(
     environment = service_environment(SESSIONS_BROKER_URL=broker, SESSIONS_DATABASE_URL=url)
     reference = Reference()
     sessions = [f"twice-{n}" for n in range(5)]
-    batches = [_batch(reference, sessions, 20, 20 * n) for n in range(scaled(50))]
+    batches = [recorded_batch(reference, sessions, 20, 20 * n) for n in range(scaled(50))]
     with Fleet(environment, tmp_path) as fleet, Monitor(url) as monitor:
         worker = fleet.worker(concurrency=2)
         publisher = CeleryPublisher(Settings(broker_url=broker, database_url=url))
@@ -137,7 +116,7 @@ def test_a_message_redis_redelivers_during_a_slow_apply_is_counted_once(
         wait_until(lambda: monitor.ledger_count() == 1, message="the sessions created")
         try:
             for number, session_id in enumerate(sessions):
-                batch = _batch(reference, [session_id], 25, 25 * number)
+                batch = recorded_batch(reference, [session_id], 25, 25 * number)
                 with locker.connect() as connection, connection.begin() as transaction:
                     # The slow apply: the worker's transaction waits for this row lock.
                     connection.execute(
