@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sessions.errors import SessionLimitError
@@ -72,11 +72,15 @@ class GuideSession:
         return self.record.average_processing_time
 
     def is_expired(self, max_idle_seconds: float = 1800) -> bool:
-        """The guide's check: active, and idle for longer than ``max_idle_seconds``."""
-        if self.status != "active":
-            return False
-        idle = datetime.now(UTC).replace(tzinfo=None) - self.last_activity
-        return idle > timedelta(seconds=max_idle_seconds)
+        """Whether to replace this session: ended, or active and idle too long.
+
+        Asks the one rule, :meth:`sessions.records.SessionRecord.is_expired`: ``True`` for a
+        ``completed``, ``failed`` or ``expired`` session, and for an ``active`` one idle for
+        longer than ``max_idle_seconds``.
+
+        :raises ValueError: ``max_idle_seconds`` is negative or not a finite number.
+        """
+        return self.record.is_expired(max_idle_seconds)
 
 
 class ContextEngine:
@@ -142,6 +146,14 @@ class ContextEngine:
     ) -> GuideSession:
         """Create a session, or a new run of an ended or idle-expired one.
 
+        What the guide's pool and timeout patterns call once ``is_expired()`` is true. A
+        ``completed``, ``failed`` or ``expired`` session starts a new run (its ended run is
+        kept as a past run); an ``active`` one idle for longer than
+        ``SESSIONS_MAX_IDLE_SECONDS`` is expired first by the idle sweep's rule, as if beat
+        had reached it, then starts one too. An ``active`` session that is not idle goes on
+        (the create only fills a missing ``user_id`` or ``metadata``): a pool with a shorter
+        threshold than the idle sweep's does not cut a run the sweep would keep.
+
         With ``SESSIONS_MAX_ACTIVE_SESSIONS`` set, a full system first reclaims sessions idle
         for 15 minutes and then raises :class:`SessionLimitError`, as the guide does.
         """
@@ -150,10 +162,12 @@ class ContextEngine:
         limit = self.settings.max_active_sessions
         if limit is not None and (current is None or current.status != "active"):
             await asyncio.to_thread(self._ensure_capacity, session_id, limit)
-        if current is not None and current.is_expired(self.settings.max_idle_seconds):
-            # The guide's pool re-creates an idle session: end the idle run so the create
-            # starts a fresh one instead of continuing it.
-            self.tracker.end(session_id, status="expired")
+        max_idle = self.settings.max_idle_seconds
+        if current is not None and current.status == "active" and current.is_expired(max_idle):
+            # The guide's pool re-creates an idle session: the idle sweep's rule ends the idle
+            # run (``expired``, reason ``idle``, at its last activity + max idle) exactly as if
+            # beat had reached it first, so the create starts a fresh run in either order.
+            await asyncio.to_thread(self.store.expire_idle, max_idle, session_id=session_id)
         self.tracker.create(session_id, user_id=user_id, metadata=metadata)
         session = await self.get_session(session_id)
         assert session is not None

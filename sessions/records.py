@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from math import isfinite
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -88,9 +89,27 @@ class SessionRecord(BaseModel):
         return self.total_processing_time / self.request_count if self.request_count else 0.0
 
     def is_expired(self, max_idle_seconds: float = 1800, now: datetime | None = None) -> bool:
-        """The guide's check: an *active* session idle for longer than ``max_idle_seconds``."""
+        """The guide's check before it replaces a session: is this run past use?
+
+        ``True`` for a run that has ended, ``completed``, ``failed`` or ``expired`` (by an
+        ``end`` or by a sweep), however recent its activity: recording into it still counts
+        but never makes it active again, and only a ``create`` starts a new run. The guide's
+        pool and timeout patterns re-create a session exactly when this is true, so they
+        never hand out an ended one. ``True`` as well for an ``active`` run idle (by event
+        time) for longer than ``max_idle_seconds``, which the idle sweep has not reached yet.
+
+        :param max_idle_seconds: idle seconds an active run may have (the guide's 30 minutes
+            by default; the idle sweep uses ``SESSIONS_MAX_IDLE_SECONDS``).
+        :param now: the moment to judge at, timezone-aware; the wall clock by default.
+        :raises ValueError: ``max_idle_seconds`` is negative or not a finite number.
+        """
+        if not (isfinite(max_idle_seconds) and max_idle_seconds >= 0):
+            raise ValueError(
+                f"max_idle_seconds: must be a finite number of seconds >= 0 "
+                f"(got {max_idle_seconds!r})"
+            )
         if self.status != "active":
-            return False
+            return True
         now = now or datetime.now(UTC)
         return now - self.last_activity > timedelta(seconds=max_idle_seconds)
 

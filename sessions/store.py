@@ -308,12 +308,17 @@ class SessionStore:
         max_idle_seconds: float | None = None,
         now: datetime | None = None,
         *,
+        session_id: str | None = None,
         dry_run: bool = False,
     ) -> SweepResult:
-        """Expire sessions idle (by event time) longer than ``max_idle_seconds``."""
+        """Expire sessions idle (by event time) longer than ``max_idle_seconds``.
+
+        :param session_id: sweep only this session (the guide's pool replacing an idle one).
+        """
         idle = self.settings.max_idle_seconds if max_idle_seconds is None else max_idle_seconds
         return self._transaction(
-            lambda c: sweeps.expire_idle(c, idle, now or datetime.now(UTC)), commit=not dry_run
+            lambda c: sweeps.expire_idle(c, idle, now or datetime.now(UTC), session_id=session_id),
+            commit=not dry_run,
         )
 
     def expire_older_than(
@@ -579,11 +584,10 @@ class SessionStore:
         """The guide's pool: the live session if active and not idle-expired, else a new run."""
         idle = self.settings.max_idle_seconds if max_idle_seconds is None else max_idle_seconds
         record = self.get(session_id)
-        if record is not None and record.status == "active" and not record.is_expired(idle):
+        if record is not None and not record.is_expired(idle):
             return record
         if record is not None and record.status == "active":
-            now = datetime.now(UTC)
-            self._transaction(lambda c: sweeps.expire_idle(c, idle, now, session_id=session_id))
+            self.expire_idle(idle, session_id=session_id)
         return self.create_session(session_id, user_id)
 
 

@@ -1,4 +1,4 @@
-"""SessionRecord: the guide's derived metrics and is_expired, exactly."""
+"""SessionRecord and the guide's GuideSession: derived metrics and is_expired, exactly."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from sessions.context_engine import GuideSession
 from sessions.records import Aggregate, SessionRecord
 
 NOW = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
@@ -92,12 +93,38 @@ def test_max_idle_seconds_is_honoured() -> None:
 
 
 @pytest.mark.parametrize("status", ["completed", "failed", "expired"])
-def test_only_an_active_session_can_expire(status: str) -> None:
-    record = session(status=status, last_activity=NOW - timedelta(days=30), ended_at=NOW)
-    assert record.is_expired(now=NOW) is False
+@pytest.mark.parametrize("idle", [timedelta(0), timedelta(seconds=1), timedelta(days=30)])
+def test_an_ended_session_is_expired_however_recent_its_activity(
+    status: str, idle: timedelta
+) -> None:
+    """The guide's pool re-creates a session when ``is_expired()``: it must never hand out an
+    ended run (recording into it would never make it active again)."""
+    record = session(
+        status=status, end_reason="idle", last_activity=NOW - idle, ended_at=NOW - idle
+    )
+    assert record.is_expired(now=NOW) is True
+    assert record.is_expired(max_idle_seconds=10**9, now=NOW) is True
 
 
 def test_is_expired_defaults_to_the_wall_clock() -> None:
     stale = session(last_activity=datetime.now(UTC) - timedelta(seconds=1801))
     fresh = session(last_activity=datetime.now(UTC) - timedelta(seconds=60))
     assert stale.is_expired() and not fresh.is_expired()
+
+
+@pytest.mark.parametrize("bad", [-1, -0.001, float("nan"), float("inf")])
+def test_a_max_idle_that_is_not_a_finite_duration_is_refused(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"^max_idle_seconds: must be a finite number of seconds"):
+        session().is_expired(max_idle_seconds=bad, now=NOW)
+
+
+@pytest.mark.parametrize("status", ["active", "completed", "failed", "expired"])
+@pytest.mark.parametrize("idle_seconds", [0, 1799, 1801, 7200])
+def test_the_guides_session_answers_as_its_record(status: str, idle_seconds: int) -> None:
+    """``GuideSession.is_expired`` (naive datetimes, the wall clock) is the record's rule."""
+    now = datetime.now(UTC)
+    record = session(status=status, last_activity=now - timedelta(seconds=idle_seconds))
+    guide = GuideSession.from_record(record)
+    assert guide.is_expired() is record.is_expired()
+    assert guide.is_expired(max_idle_seconds=3600) is record.is_expired(max_idle_seconds=3600)
+    assert guide.is_expired() is (status != "active" or idle_seconds > 1800)
