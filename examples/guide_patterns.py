@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sessions import ContextEngine
+from sessions import ContextEngine, GuideSession
 
 logger = logging.getLogger("guide")
 MAX_SESSIONS = 3
@@ -314,45 +314,73 @@ async def session_limits(context_engine: ContextEngine) -> str:
     return f"limit {MAX_SESSIONS}: reclaimed a 20-minute idle session, then created"
 
 
-async def session_timeout(context_engine: ContextEngine) -> str:
-    session_id = sid("user-123-timeout")
-    context_engine.tracker.record(session_id, at=datetime.now(UTC) - timedelta(hours=1))
+async def timeout_check(
+    context_engine: ContextEngine, session_id: str, user_id: str
+) -> GuideSession | None:
+    """The guide's "Session Timeout" code, for any session id (the guide's ``user-123``)."""
     session = await context_engine.get_session(session_id)
     if session and session.is_expired(max_idle_seconds=1800):
+        # Session expired, create new session
         await context_engine.end_session(session_id, status="expired")
         session = await context_engine.create_session(
-            session_id=f"{session_id}-new", user_id=sid("user-456")
+            session_id=f"{session_id}-new", user_id=user_id
         )
-    old = await context_engine.get_session(session_id)
-    assert old is not None and old.status == "expired"
-    assert session is not None and session.session_id == f"{session_id}-new"
-    return "idle hour: expired and replaced"
+    return session
 
 
-async def session_pooling(context_engine: ContextEngine) -> str:
+def session_pool_of(context_engine: ContextEngine) -> Callable[[str], Awaitable[str]]:
+    """The guide's "Session Pooling" code; each call makes one agent process's (empty) pool."""
     session_pool: dict[str, Any] = {}
 
     async def get_or_create_session(user_id: str) -> str:
+        """Get existing session or create new one"""
         session_id = f"user-{user_id}"
         if session_id not in session_pool:
             session = await context_engine.get_session(session_id)
             if not session or session.is_expired(max_idle_seconds=1800):
+                # Create new session
                 session = await context_engine.create_session(
                     session_id=session_id, user_id=user_id
                 )
             session_pool[session_id] = session
         return session_id
 
-    user_id = sid("pool")
-    # A session left idle for an hour: the pool re-creates it under the same id.
-    context_engine.tracker.record(f"user-{user_id}", at=datetime.now(UTC) - timedelta(hours=1))
-    session_id = await get_or_create_session(user_id)
-    assert await get_or_create_session(user_id) == session_id
+    return get_or_create_session
+
+
+async def session_timeout(context_engine: ContextEngine) -> str:
+    for swept in (False, True):
+        session_id = sid(f"user-123-timeout-{'swept' if swept else 'idle'}")
+        context_engine.tracker.record(session_id, at=datetime.now(UTC) - timedelta(hours=1))
+        if swept:  # the guide's scheduled cleanup ran first
+            await context_engine.cleanup_inactive_sessions(max_idle_seconds=1800)
+        session = await timeout_check(context_engine, session_id, sid("user-456"))
+        old = await context_engine.get_session(session_id)
+        assert old is not None and old.status == "expired"
+        assert session is not None and session.session_id == f"{session_id}-new"
+        assert session.status == "active"
+    return "idle hour, swept or not yet: expired and replaced"
+
+
+async def session_pooling(context_engine: ContextEngine) -> str:
+    get_or_create_session = session_pool_of(context_engine)
     agent = Agent(context_engine)
-    await agent.execute_task({"description": "Task"}, {"session_id": session_id})
-    session = await context_engine.get_session(session_id)
-    assert session is not None and session.status == "active" and session.request_count == 1
-    return "idle session re-created as a fresh run, then reused"
+    for swept in (False, True):
+        user_id = sid(f"pool-{'swept' if swept else 'idle'}")
+        # A session left idle for an hour: the pool re-creates it under the same id, whether
+        # or not the idle sweep (here the guide's cleanup) expired it first.
+        context_engine.tracker.record(f"user-{user_id}", at=datetime.now(UTC) - timedelta(hours=1))
+        if swept:
+            await context_engine.cleanup_inactive_sessions(max_idle_seconds=1800)
+            idle = await context_engine.get_session(f"user-{user_id}")
+            assert idle is not None and idle.status == "expired"
+        session_id = await get_or_create_session(user_id)
+        assert await get_or_create_session(user_id) == session_id
+        await agent.execute_task({"description": "Task"}, {"session_id": session_id})
+        session = await context_engine.get_session(session_id)
+        assert session is not None and session.status == "active" and session.request_count == 1
+        assert session.record.run == 2
+    return "idle session, swept or not yet, re-created as a fresh run, then reused"
 
 
 PATTERNS: list[Callable[[ContextEngine], Awaitable[str]]] = [
