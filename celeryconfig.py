@@ -19,6 +19,8 @@ from sessions.settings import Settings, get_settings
 EVENTS_QUEUE = "sessions.events"
 #: Queue of the beat-driven sweeps, so housekeeping never waits behind a backlog of events.
 MAINTENANCE_QUEUE = "sessions.maintenance"
+#: The transport of a ``filesystem://`` broker (:mod:`sessions.filesystem_broker`).
+FILESYSTEM_TRANSPORT = "sessions.filesystem_broker:Transport"
 #: Seconds a Redis socket may wait to connect or for a reply before the publish fails.
 REDIS_SOCKET_TIMEOUT = 2.0
 #: Short, bounded publish retries: a refusing broker fails a publish in about half a second.
@@ -137,6 +139,10 @@ def from_settings(settings: Settings) -> dict[str, Any]:
     """
     return {
         "broker_url": _broker_url(settings),
+        # kombu's filesystem transport, except that a message file appears whole: with
+        # kombu's own, a worker can read a file its producer has not written yet, and dies
+        # (kombu #1551; see sessions/filesystem_broker.py). Other URLs pick their transport.
+        "broker_transport": FILESYSTEM_TRANSPORT if _is_filesystem(settings) else None,
         "broker_transport_options": transport_options(settings),
         # Messages a worker process reserves ahead of the one it runs. Each message carries
         # up to batch_max_events events, so a small multiplier already keeps a process busy,
@@ -152,6 +158,7 @@ _configured = from_settings(get_settings())
 
 # -- broker ---------------------------------------------------------------------------------
 broker_url: str = _configured["broker_url"]
+broker_transport: str | None = _configured["broker_transport"]
 broker_transport_options: dict[str, Any] = _configured["broker_transport_options"]
 broker_connection_retry_on_startup = True
 broker_connection_timeout = REDIS_SOCKET_TIMEOUT
