@@ -43,6 +43,8 @@ DEMO_ENVIRONMENT = {
     "SESSIONS_HEALTH_SWEEP_INTERVAL": "1",
     "SESSIONS_PURGE_INTERVAL": "30",
 }
+#: Longest the demo waits for its worker to start consuming (a hang guard: it is seconds).
+START_TIMEOUT = 300.0
 #: Longest the demo waits for the worker and the sweeps before it reports a failure.
 SETTLE_TIMEOUT = 60.0
 
@@ -109,6 +111,15 @@ class Services:
                     f"the {name} exited with code {process.returncode}; "
                     f"see {self.workdir / (name + '.log')}"
                 )
+
+    def wait_until_ready(self, name: str, marker: bytes, timeout: float) -> None:
+        """Wait until the ``name`` process's log shows ``marker``, while it runs.
+
+        :raises RuntimeError: it exited first, or ``timeout`` seconds passed without it.
+        """
+        log = self.workdir / f"{name}.log"
+        if not _wait_until(lambda: marker in log.read_bytes(), timeout, self):
+            raise RuntimeError(f"the {name} was not ready after {timeout:.0f} s; see {log}")
 
     def stop(self) -> None:
         for _, process, _ in self.processes:
@@ -189,6 +200,10 @@ def run_demo(config: DemoConfig) -> int:
                 "--without-mingle",
             ],
         )
+        # Agents record only once the worker consumes: on a busy machine a worker takes seconds
+        # to start, and the first idle sweep would find the sessions of its backlog idle by
+        # their event times (the demo's max idle is 4 s) and expire the whole fleet.
+        services.wait_until_ready("worker", b" ready.", START_TIMEOUT)
         services.start(
             "beat", ["beat", "--loglevel", "INFO", "--schedule", str(workdir / "beat-schedule")]
         )
