@@ -552,17 +552,24 @@ class SessionTracker:
             time.sleep(min(FLUSH_POLL_INTERVAL, remaining))
 
     def _applied(self, batch_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
-        with self._lock:  # several threads may flush at once; one store (one pool) for all
-            if self._store is None:
-                missing = missing_sqlite_file(self.settings.database_url)
-                if missing is not None:  # no worker has made it yet; connecting would, empty
-                    raise StoreUnavailableError(f"no database file at {missing} yet")
-                # Read-only: on SQLite a plain BEGIN, so looking at the ledger never takes
-                # the write lock the workers need.
-                self._store = SessionStore(
-                    self.settings.database_url, settings=self.settings, read_only=True
-                )
-            store = self._store
+        store = self._store
+        if store is None:
+            missing = missing_sqlite_file(self.settings.database_url)
+            if missing is not None:  # no worker has made it yet; connecting would, empty
+                raise StoreUnavailableError(f"no database file at {missing} yet")
+            # Read-only: on SQLite a plain BEGIN, so looking at the ledger never takes the
+            # write lock the workers need. Made outside the lock (it takes 100 ms and more
+            # with the driver's imports): ``record`` must never wait for it.
+            made: SessionStore | None = SessionStore(
+                self.settings.database_url, settings=self.settings, read_only=True
+            )
+            with self._lock:  # several threads may flush at once; one store (one pool) for all
+                if self._store is None:
+                    self._store, made = made, None
+                store = self._store
+            assert store is not None
+            if made is not None:
+                made.dispose()
         wanted = list(batch_ids)
         found: set[uuid.UUID] = set()
         for start in range(0, len(wanted), LEDGER_QUERY_CHUNK):
