@@ -183,9 +183,11 @@ class SessionTracker:
     ``flush_interval`` (seconds, default ``settings.flush_interval_ms``) and
     ``max_batch_events`` (default ``settings.batch_max_events``) decide when a batch is cut.
     ``publisher`` replaces the Celery publisher (tests); ``store`` the database that
-    ``flush(wait=True)`` watches; ``spool`` keeps unsent batches (default: the one in
-    ``settings.spool_dir``; ``None``: no spool, unsent batches are lost and counted);
-    ``on_unsent`` receives each batch that could not be sent when first tried.
+    ``flush(wait=True)`` watches; ``spool`` keeps unsent batches and those a full buffer
+    spills (default: the one in ``settings.spool_dir``; ``None``: no spool, unsent batches
+    are lost and a full buffer drops, both counted); ``max_buffered_events`` bounds the
+    buffer (default :data:`MAX_BUFFERED_BATCHES` batches); ``on_unsent`` receives each batch
+    that could not be sent when first tried.
     """
 
     def __init__(
