@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 SPOOL_FILE = "spool-{key}.sqlite3"
 #: Seconds a spool connection waits for another process's write.
 BUSY_TIMEOUT = 10.0
+#: Rows per ``INSERT`` of :meth:`BatchSpool.put_texts` (5 parameters each: within the 999
+#: parameters of a statement that older SQLite builds allow).
+ROWS_PER_INSERT = 100
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spooled_batches (
@@ -84,6 +87,8 @@ class SpillItem:
     batch_id: str
     text: str
     events: int
+    #: A ``time.time()`` dating a batch published before (see :meth:`BatchSpool.put`).
+    since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,8 @@ class BatchSpool:
     def put_texts(self, items: Sequence[SpillItem], *, since: float | None = None) -> int:
         """Keep the batches ``items`` (oldest first) in one transaction; how many were kept.
 
+        ``since`` dates them all as :meth:`put` does, unless an item has its own.
+
         As many as fit, in order; the rest are refused (counted, and logged at ERROR).
         All rows go in one ``INSERT``: every SQLite call releases the GIL, and a thread that
         gives it up while another spins in ``record`` waits a switch interval to get it back.
@@ -189,14 +196,16 @@ class BatchSpool:
             while kept < len(items) and kept < room_batches and sizes[kept] <= room_bytes:
                 room_bytes -= sizes[kept]
                 kept += 1
-            if kept:
-                at = since or time.time()
+            at = since or time.time()
+            keeping = list(zip(items[:kept], sizes, strict=False))
+            for start in range(0, kept, ROWS_PER_INSERT):
+                chunk = keeping[start : start + ROWS_PER_INSERT]
                 rows = [
                     value
-                    for item, size in zip(items[:kept], sizes, strict=False)
-                    for value in (item.batch_id, item.text, size, at, item.events)
+                    for item, size in chunk
+                    for value in (item.batch_id, item.text, size, item.since or at, item.events)
                 ]
-                placeholders = ",".join(["(?, ?, ?, ?, ?)"] * kept)
+                placeholders = ",".join(["(?, ?, ?, ?, ?)"] * len(chunk))
                 connection.execute(
                     f"INSERT OR IGNORE INTO spooled_batches {_COLUMNS} VALUES {placeholders}",
                     rows,

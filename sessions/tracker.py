@@ -968,28 +968,38 @@ class SessionTracker:
                 len(left),
             )
             return
-        for entry in left:
-            self._spool_unconfirmed(entry)
+        self._spool_unconfirmed(left)
         log.info(
             "closing with %d published batches not yet seen in the ledger; kept them in the "
             "spool for the next run to publish again",
             len(left),
         )
 
-    def _spool_unconfirmed(self, entry: Unconfirmed) -> None:
-        if self._spool is None or entry.message is None:
-            return
-        message = json.loads(entry.message) if isinstance(entry.message, str) else entry.message
-        first_published = time.time() - (time.monotonic() - entry.first_published_at)
+    def _spool_unconfirmed(self, entries: list[Unconfirmed]) -> None:
+        """Keep ``entries`` in the spool, in one transaction (after a burst there are hundreds),
+        each dated by its first publish."""
+        assert self._spool is not None
+        now, wall = time.monotonic(), time.time()
+        items = [
+            SpillItem(
+                str(entry.batch_id),
+                entry.message
+                if isinstance(entry.message, str)
+                else json.dumps(entry.message, separators=(",", ":")),
+                entry.events,
+                since=wall - (now - entry.first_published_at),
+            )
+            for entry in entries
+            if entry.message is not None
+        ]
         try:
-            kept = self._spool.put(message, since=first_published)
+            kept = self._spool.put_texts(items)
         except Exception:
-            log.exception("could not write batch %s to the spool", entry.batch_id)
+            log.exception("could not write %d unconfirmed batches to the spool", len(items))
             return
-        if kept:
-            with self._lock:
-                self._batches_spooled_unconfirmed += 1
-                self._spool_pending = True
+        with self._lock:
+            self._batches_spooled_unconfirmed += kept
+            self._spool_pending = self._spool_pending or kept > 0
 
     def _publish_message(
         self, message: dict[str, Any] | str, batch_id: str, events: int | None = None

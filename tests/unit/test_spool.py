@@ -133,6 +133,20 @@ def test_put_texts_keeps_what_fits_in_order_and_refuses_the_rest_loudly(
     assert any("2 batches" in m and "10 events NOT kept" in m for m in logged)
 
 
+def test_put_texts_keeps_many_batches_at_once_each_dated_by_its_own_since(
+    open_spool: Any,
+) -> None:
+    spool = open_spool(max_batches=1000)
+    items = [
+        SpillItem(item.batch_id, item.text, item.events, since=time.time() - 1000 + n)
+        for n, item in enumerate(_items(2 * spool_module.ROWS_PER_INSERT + 5))
+    ]
+    assert spool.put_texts(items) == len(items)
+    waiting = spool.oldest(limit=len(items))
+    assert [b.batch_id for b in waiting] == [item.batch_id for item in items]
+    assert [b.spooled_at for b in waiting] == [item.since for item in items]
+
+
 def test_a_claimed_batch_is_left_alone_by_other_replayers_until_released_or_expired(
     open_spool: Any,
 ) -> None:
