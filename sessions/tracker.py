@@ -1,7 +1,7 @@
 """The agent-side client: recording costs microseconds, a background thread publishes.
 
 :meth:`SessionTracker.record` validates one event and appends it to an in-memory buffer; it
-does no I/O. Plainly valid ``record`` arguments are kept as a tuple of values, anything else as
+does no I/O unless the buffer is full (a burst: see below). Plainly valid ``record`` arguments are kept as a tuple of values, anything else as
 a model (:func:`sessions.events.plain_record`). A daemon thread cuts the buffer into immutable
 batches (every ``flush_interval`` or as soon as ``max_batch_events`` are waiting) and publishes
 each as one Celery message, the batch's JSON text made straight from the buffer. A batch keeps
