@@ -245,6 +245,7 @@ class BatchSpool:
         self._drop_expired()
         now = time.time()
         with self._transaction() as connection:
+            # ``RETURNING`` needs SQLite 3.35 (2021); Python 3.11's builds bundle newer ones.
             rows = connection.execute(
                 "UPDATE spooled_batches SET claimed_until = ? WHERE seq IN ("
                 " SELECT seq FROM spooled_batches WHERE claimed_until <= ? ORDER BY seq LIMIT ?"

@@ -1,12 +1,12 @@
 """The agent-side client: recording costs microseconds, a background thread publishes.
 
 :meth:`SessionTracker.record` validates one event and appends it to an in-memory buffer; it
-does no I/O unless the buffer is full (a burst: see below). Plainly valid ``record`` arguments are kept as a tuple of values, anything else as
-a model (:func:`sessions.events.plain_record`). A daemon thread cuts the buffer into immutable
-batches (every ``flush_interval`` or as soon as ``max_batch_events`` are waiting) and publishes
-each as one Celery message, the batch's JSON text made straight from the buffer. A batch keeps
-its ``batch_id`` through every attempt, so a publish that timed out but did reach the broker is
-still applied once.
+does no I/O unless the buffer is full (a burst: see below). Plainly valid ``record`` arguments
+are kept as a tuple of values, anything else as a model (:func:`sessions.events.plain_record`).
+A daemon thread cuts the buffer into immutable batches (every ``flush_interval`` or as soon as
+``max_batch_events`` are waiting) and publishes each as one Celery message, the batch's JSON
+text made straight from the buffer. A batch keeps its ``batch_id`` through every attempt, so a
+publish that timed out but did reach the broker is still applied once.
 
 A broker that is down never reaches the agent: a batch gets :data:`PUBLISH_ATTEMPTS` quick
 attempts, then it is written, whole and with its ``batch_id``, to the durable local spool
