@@ -226,6 +226,27 @@ def test_spilled_batches_the_broker_would_not_take_wait_in_the_spool_for_the_nex
     assert sorted(e["processing_time"] for e in up.events()) == list(range(EVENTS))
 
 
+def test_two_agents_sharing_a_spool_publish_each_spilled_batch_once(
+    trackers: list[SessionTracker],
+) -> None:
+    # Two trackers with spools of their own on one file: two agent processes of one user.
+    (first_publisher, first), (second_publisher, second) = (
+        _burst_while_stuck(trackers, spool=open_spool(Settings())) for _ in range(2)
+    )
+    spilled = first.stats.batches_spilled + second.stats.batches_spilled
+    assert first.stats.batches_spilled and second.stats.batches_spilled
+    for publisher in (first_publisher, second_publisher):
+        _unstick(publisher)
+    for tracker in (first, second):
+        tracker.close()
+    published = [m["batch_id"] for p in (first_publisher, second_publisher) for m in p.messages]
+    assert len(published) == len(set(published))  # no batch went out twice ...
+    replayed = first.stats.batches_replayed + second.stats.batches_replayed
+    assert replayed == spilled  # ... and every spilled one went out
+    both = first_publisher.events() + second_publisher.events()
+    assert sorted(e["processing_time"] for e in both) == sorted(2 * list(range(EVENTS)))
+
+
 def test_flush_wait_returns_once_the_spilled_batches_are_applied(
     trackers: list[SessionTracker], tmp_path: Path
 ) -> None:
