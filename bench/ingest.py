@@ -35,6 +35,13 @@ instead each producer pauses (outside the timed calls) while more than
     python -m bench.ingest --batch-events 2000 --no-scale --only-ours
     python -m bench.ingest --profile /tmp/prof   # py-spy the worker and a producer
     python -m bench.ingest --metrics --only-ours --no-latency --no-scale   # metrics on vs off
+    python -m bench.ingest --burst --only-ours --no-latency --no-scale     # unpaced vs paced
+
+With ``--burst`` each repeat also runs *unpaced* producers: agents that make their tracker
+right after the start signal and at once record their N events in a plain loop, never
+pausing (a backlog replayed, a batch job). They outrun the publisher; what a full buffer
+cannot hold is spilled to the spool and published from there. The report gives their figures
+as ratios against the paced run of the same invocation.
 
 Prints a markdown table and writes ``bench/results/ingest-<time>.json``.
 """
@@ -94,6 +101,8 @@ CREATE TRIGGER bench_applied AFTER INSERT ON applied_batches
 DROP_TRIGGER = "DROP TRIGGER IF EXISTS bench_applied ON applied_batches"
 #: Label of the runs with the worker's metrics endpoint on (``--metrics``).
 METRICS_LABEL = "ours, metrics on"
+#: Label of the runs with unpaced producers that start their tracker with the burst (``--burst``).
+BURST_LABEL = "ours, burst: fresh tracker, unpaced"
 #: Empties every table our apply writes, between runs.
 TRUNCATE_OURS = (
     "TRUNCATE sessions, session_runs, session_latency, activity_minutes, applied_batches,"
@@ -174,11 +183,7 @@ class RememberingPublisher:
 
 def producer_main(job: ProducerJob, barrier: Any, results: Any) -> None:
     """One producer process: record the planned updates, then report what it measured."""
-    os.environ["SESSIONS_BROKER_URL"] = job.broker_url
-    os.environ["SESSIONS_DATABASE_URL"] = job.database_url
-    os.environ["SESSIONS_SPOOL_DIR"] = job.spool_dir
-    ids, times, errors = plan(job.index, job.events, job.sessions)
-    latencies = array("q", bytes(8 * job.events))
+    ids, times, errors, latencies = _prepare_producer(job)
     clock = time.perf_counter_ns
     tracker: Any = None
     remembering: RememberingPublisher | None = None
@@ -226,6 +231,56 @@ def producer_main(job: ProducerJob, barrier: Any, results: Any) -> None:
         tracker.close(timeout=300)
         publisher.close()
         stats = asdict(tracker.stats)
+    sent = remembering.sent() if remembering else {}
+    _report_producer(results, job, (started, recorded, paused, cpu_before), latencies, stats, sent)
+
+
+def burst_producer_main(job: ProducerJob, barrier: Any, results: Any) -> None:
+    """One unpaced producer (``--burst``): an agent that records a burst right after it starts.
+
+    Its tracker is made after the start signal, with the shipped settings and the spool (where
+    a full buffer spills), and the planned updates go in a plain loop, never paused.
+    """
+    ids, times, errors, latencies = _prepare_producer(job)
+    from sessions.tracker import SessionTracker
+
+    clock = time.perf_counter_ns
+    barrier.wait()
+    cpu_before = time.process_time()
+    started = time.time()
+    tracker = SessionTracker(max_batch_events=job.batch_events)
+    record = tracker.record
+    for i in range(job.events):
+        before = clock()
+        record(ids[i], times[i], errors[i])
+        latencies[i] = clock() - before
+    recorded = time.time()
+    tracker.close(timeout=300)
+    stats = asdict(tracker.stats)
+    _report_producer(results, job, (started, recorded, 0.0, cpu_before), latencies, stats, {})
+
+
+def _prepare_producer(job: ProducerJob) -> tuple[list[str], list[float], list[bool], array[int]]:
+    """A producer's settings (in its environment), its planned updates, and room for timing
+    each ``record`` call."""
+    os.environ["SESSIONS_BROKER_URL"] = job.broker_url
+    os.environ["SESSIONS_DATABASE_URL"] = job.database_url
+    os.environ["SESSIONS_SPOOL_DIR"] = job.spool_dir
+    ids, times, errors = plan(job.index, job.events, job.sessions)
+    return ids, times, errors, array("q", bytes(8 * job.events))
+
+
+def _report_producer(
+    results: Any,
+    job: ProducerJob,
+    clocks: tuple[float, float, float, float],
+    latencies: array[int],
+    stats: dict[str, int],
+    sent: dict[str, list[str]],
+) -> None:
+    """Hand the parent what a producer measured: ``clocks`` are when it started and finished
+    recording (``time.time()``), the seconds it paused, and its CPU time at the start."""
+    started, recorded, paused, cpu_before = clocks
     results.put(
         {
             "index": job.index,
@@ -236,7 +291,7 @@ def producer_main(job: ProducerJob, barrier: Any, results: Any) -> None:
             "cpu_seconds": time.process_time() - cpu_before,
             "latencies_ns": latencies.tobytes(),
             "stats": stats,
-            "sent": remembering.sent() if remembering else {},
+            "sent": sent,
         }
     )
 
@@ -368,6 +423,8 @@ class Run:
     paused_seconds: float = 0.0
     batches: int = 0
     offered_rate: float = 0.0
+    #: Events the producers' trackers spilled to the spool (a full buffer, ``--burst``).
+    events_spilled: int = 0
     #: CPU seconds by component during the run (where the time goes).
     cpu_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -550,15 +607,20 @@ class Bench:
             *extra,
         )
 
-    def start_producers(self, kind: str, events: int, rate: float) -> None:
+    def start_producers(
+        self, kind: str, events: int, rate: float, target: Callable[..., None] = producer_main
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         # Kept on self: the children unpickle them after this returns.
         self._barrier = barrier = context.Barrier(self.producers)
         self._results = results = context.Queue()
         url = self.ours_url if kind == "ours" else self.naive_url
+        # A fresh spool per run, shared by its producers: what one run leaves there (batches
+        # kept unconfirmed at close) must not be replayed into the next, emptied, database.
+        spool = self.workdir / f"spool-{uuid.uuid4().hex[:8]}"
         processes = [
             context.Process(
-                target=producer_main,
+                target=target,
                 args=(
                     ProducerJob(
                         kind,
@@ -567,7 +629,7 @@ class Bench:
                         self.sessions,
                         self.broker_url,
                         url,
-                        str(self.workdir / "spool"),
+                        str(spool),
                         rate / self.producers if rate else 0,
                         self.max_pending,
                         self.batch_events,
@@ -613,10 +675,12 @@ class Bench:
         worker_args: tuple[str, ...] = (),
         label: str = "",
         metrics: bool = False,
+        burst: bool = False,
     ) -> Run:
         """End-to-end events/s with ``workers`` worker processes (extra ``worker_args``).
 
-        With ``metrics`` (one worker) its Prometheus endpoint is on and scraped throughout.
+        With ``metrics`` (one worker) its Prometheus endpoint is on and scraped throughout;
+        with ``burst`` the producers are unpaced and start their tracker with the burst.
         """
         events = self.events if kind == "ours" else self.naive_events
         run = Run(kind, label or kind, self.producers, events)
@@ -641,7 +705,9 @@ class Bench:
                 profilers.append(py_spy(worker.process.pid, self._profile_path(kind, "worker")))
             main_before, children_before = _cpu_of(started_workers)
             redis_before = redis_cpu_seconds(self.broker_url)
-            self.start_producers(kind, events, rate=0)
+            self.start_producers(
+                kind, events, rate=0, target=burst_producer_main if burst else producer_main
+            )
             if profile:
                 profilers.append(
                     py_spy(self._producers[0].pid, self._profile_path(kind, "producer"))  # type: ignore[arg-type]
@@ -677,6 +743,7 @@ class Bench:
         run.record_us = latency_summary(results)
         run.paused_seconds = max(r["paused"] for r in results)
         run.batches = sum(r["stats"].get("batches_sent", 0) for r in results)
+        run.events_spilled = sum(r["stats"].get("events_spilled", 0) for r in results)
         problems = [run.problem]
         if seen != total:
             problems.append(f"database holds {seen} of {total} requests")
@@ -980,12 +1047,58 @@ def summarize(bench: Bench, repeat: int, ceiling: dict[str, float] | None) -> di
     }
     naive_rate = summary["naive_events_per_second"]
     summary["ratio"] = summary["ours_events_per_second"] / naive_rate if naive_rate else 0.0
+    bursts = runs(BURST_LABEL)
+    if bursts and ours:
+        summary["burst"] = _burst_summary(bursts, ours)
     with_metrics = runs(METRICS_LABEL)
     if with_metrics and ours:
         summary["metrics_ratio"] = median([r.events_per_second for r in with_metrics]) / median(
             [r.events_per_second for r in ours]
         )
     return summary
+
+
+def _burst_summary(bursts: list[Run], paced: list[Run]) -> dict[str, Any]:
+    """Unpaced producers against the paced ones of the same invocation (medians, ratios)."""
+
+    def figures(runs: list[Run]) -> dict[str, float]:
+        return {
+            "events_per_second": median([r.events_per_second for r in runs]),
+            **{f"record_{q}_us": median([r.record_us[q] for r in runs]) for q in RECORD_QS},
+            "events_spilled": median([float(r.events_spilled) for r in runs]),
+        }
+
+    burst, baseline = figures(bursts), figures(paced)
+    return {
+        "burst": burst,
+        "paced": baseline,
+        "ratio": {k: burst[k] / baseline[k] for k in burst if baseline[k]},
+    }
+
+
+#: The ``record()`` latency quantiles every run reports.
+RECORD_QS = ("p50", "p99", "max")
+
+
+def _burst_lines(s: dict[str, Any]) -> list[str]:
+    burst, paced, ratio = s["burst"]["burst"], s["burst"]["paced"], s["burst"]["ratio"]
+    rows = [("end to end, events/s (sums exact)", "events_per_second", ",.0f")]
+    rows += [
+        (f"record() {q}, us", f"record_{q}_us", ",.0f" if q == "max" else ".1f") for q in RECORD_QS
+    ]
+    lines = [
+        "",
+        f"Unpaced producers (`--burst`: tracker made at the start signal, a plain loop, "
+        f"never paused) vs paced ones (`{BURST_LABEL}` vs `ours`), medians:",
+        "",
+        "| measure | unpaced | paced | unpaced / paced |",
+        "|---|---:|---:|---:|",
+    ]
+    for title, key, spec in rows:
+        shown = f"{ratio[key]:.2f}" if key in ratio else "-"
+        lines.append(f"| {title} | {burst[key]:{spec}} | {paced[key]:{spec}} | {shown} |")
+    lines.append(f"| events spilled to the spool | {burst['events_spilled']:,.0f} | 0 | |")
+    return lines
 
 
 def report(bench: Bench, s: dict[str, Any], machine: dict[str, str]) -> str:
@@ -1057,6 +1170,8 @@ def report(bench: Bench, s: dict[str, Any], machine: dict[str, str]) -> str:
             f"Metrics on (endpoint scraped every {bench.scrape_interval:g} s) vs off, end to end: "
             f"{s['metrics_ratio']:.3f} (median events/s of each, runs interleaved).",
         ]
+    if "burst" in s:
+        lines += _burst_lines(s)
     if s["failures"]:
         lines += ["", "FAILED runs (not counted):"] + [f"- {f}" for f in s["failures"]]
     return "\n".join(lines)
@@ -1143,6 +1258,11 @@ def main() -> None:
     parser.add_argument(
         "--scrape-interval", type=float, default=1.0, help="seconds between scrapes (--metrics)"
     )
+    parser.add_argument(
+        "--burst",
+        action="store_true",
+        help="also run unpaced producers that start their tracker with the burst",
+    )
     parser.add_argument("--quick", action="store_true", help="small N, one repeat, no scale")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     parser.add_argument(
@@ -1197,6 +1317,8 @@ def main() -> None:
         scenarios: list[Callable[[], Run]] = [lambda: bench.throughput("ours")]
         if arguments.metrics:
             scenarios.append(lambda: bench.throughput("ours", label=METRICS_LABEL, metrics=True))
+        if arguments.burst:
+            scenarios.append(lambda: bench.throughput("ours", label=BURST_LABEL, burst=True))
         if not arguments.only_ours:
             scenarios.append(lambda: bench.throughput("naive"))
         if not arguments.no_latency:

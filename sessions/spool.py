@@ -12,6 +12,10 @@ a batch is stored in one transaction and removed only after it was published, so
 in between costs a redundant replay, never an event. When the spool is full the *oldest*
 data is kept and the new batch is refused, counted, and logged at ERROR: an agent that has
 been cut off that long is told loudly, and nothing vanishes silently.
+
+The tracker also spills here: when a burst of ``record`` calls outruns its publisher and the
+in-memory buffer is full, whole batches are written as their wire text
+(:meth:`BatchSpool.put_texts`, several in one statement) and replayed like unsent ones.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,9 @@ log = logging.getLogger(__name__)
 SPOOL_FILE = "spool-{key}.sqlite3"
 #: Seconds a spool connection waits for another process's write.
 BUSY_TIMEOUT = 10.0
+#: Rows per ``INSERT`` of :meth:`BatchSpool.put_texts` (5 parameters each: within the 999
+#: parameters of a statement that older SQLite builds allow).
+ROWS_PER_INSERT = 100
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spooled_batches (
@@ -40,19 +48,47 @@ CREATE TABLE IF NOT EXISTS spooled_batches (
     batch_id TEXT NOT NULL UNIQUE,
     message TEXT NOT NULL,
     size INTEGER NOT NULL,
-    spooled_at REAL NOT NULL
+    spooled_at REAL NOT NULL,
+    events INTEGER,
+    claimed_until REAL NOT NULL DEFAULT 0
 )
 """
+#: Columns added since the first spool files (``events`` ``NULL``: counted from the text).
+_ADDED_COLUMNS = {
+    "events": "ALTER TABLE spooled_batches ADD COLUMN events INTEGER",
+    "claimed_until": "ALTER TABLE spooled_batches ADD COLUMN claimed_until REAL NOT NULL DEFAULT 0",
+}
+_COLUMNS = "(batch_id, message, size, spooled_at, events)"
+_RETURNED = "seq, batch_id, message, spooled_at, events"
 
 
 @dataclass(frozen=True)
 class SpooledBatch:
-    """One batch waiting in the spool: its position, id and wire message."""
+    """One batch waiting in the spool: its position, id, wire text and events."""
 
     seq: int
     batch_id: str
-    message: dict[str, Any]
+    #: The batch's JSON text, as published (a batch message, :meth:`Batch.to_message`).
+    text: str
     spooled_at: float
+    events: int
+
+    @cached_property
+    def message(self) -> dict[str, Any]:
+        """The batch message the text holds."""
+        decoded: dict[str, Any] = json.loads(self.text)
+        return decoded
+
+
+@dataclass(frozen=True)
+class SpillItem:
+    """One batch to keep: its id, wire text and number of events."""
+
+    batch_id: str
+    text: str
+    events: int
+    #: A ``time.time()`` dating a batch published before (see :meth:`BatchSpool.put`).
+    since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +140,14 @@ class BatchSpool:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute(_SCHEMA)
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(spooled_batches)")}
+            for column, statement in _ADDED_COLUMNS.items():
+                if column not in columns:
+                    try:
+                        connection.execute(statement)
+                    except sqlite3.OperationalError as exc:  # another process added it first
+                        if "duplicate column" not in str(exc):
+                            raise
             self._opened = connection
         return self._opened
 
@@ -124,53 +168,111 @@ class BatchSpool:
         ``since`` (a ``time.time()``) dates a batch that was published before, unconfirmed:
         its age, and so its expiry, count from its first publish, not from now.
         """
-        text = json.dumps(message, separators=(",", ":"))
-        size = len(text.encode())
+        item = SpillItem(
+            str(message["batch_id"]),
+            json.dumps(message, separators=(",", ":")),
+            len(message.get("events", ())),
+        )
+        return self.put_texts([item], since=since) == 1
+
+    def put_texts(self, items: Sequence[SpillItem], *, since: float | None = None) -> int:
+        """Keep the batches ``items`` (oldest first) in one transaction; how many were kept.
+
+        ``since`` dates them all as :meth:`put` does, unless an item has its own.
+
+        As many as fit, in order; the rest are refused (counted, and logged at ERROR).
+        All rows go in one ``INSERT``: every SQLite call releases the GIL, and a thread that
+        gives it up while another spins in ``record`` waits a switch interval to get it back.
+        """
+        if not items:
+            return 0
+        sizes = [len(item.text.encode()) for item in items]
         with self._transaction() as connection:
             count, used = connection.execute(
                 "SELECT count(*), coalesce(sum(size), 0) FROM spooled_batches"
             ).fetchone()
-            if count >= self.max_batches or used + size > self.max_bytes:
-                self._overflowed_batches += 1
-                self._overflowed_events += len(message.get("events", ()))
-                full = True
-            else:
+            kept = 0
+            room_batches, room_bytes = self.max_batches - count, self.max_bytes - used
+            while kept < len(items) and kept < room_batches and sizes[kept] <= room_bytes:
+                room_bytes -= sizes[kept]
+                kept += 1
+            at = since or time.time()
+            keeping = list(zip(items[:kept], sizes, strict=False))
+            for start in range(0, kept, ROWS_PER_INSERT):
+                chunk = keeping[start : start + ROWS_PER_INSERT]
+                rows = [
+                    value
+                    for item, size in chunk
+                    for value in (item.batch_id, item.text, size, item.since or at, item.events)
+                ]
+                placeholders = ",".join(["(?, ?, ?, ?, ?)"] * len(chunk))
                 connection.execute(
-                    "INSERT OR IGNORE INTO spooled_batches (batch_id, message, size, spooled_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (str(message["batch_id"]), text, size, since or time.time()),
+                    f"INSERT OR IGNORE INTO spooled_batches {_COLUMNS} VALUES {placeholders}",
+                    rows,
                 )
-                full = False
-        if full:
+        refused = items[kept:]
+        if refused:
+            self._overflowed_batches += len(refused)
+            self._overflowed_events += sum(item.events for item in refused)
             log.error(
-                "session spool %s is full (%d batches, %d bytes): batch %s with %d events "
-                "NOT kept; %d batches refused so far",
+                "session spool %s is full (%d batches, %d bytes): %d batches (first %s) with "
+                "%d events NOT kept; %d batches refused so far",
                 self.path,
-                count,
-                used,
-                message["batch_id"],
-                len(message.get("events", ())),
+                count + kept,
+                used + sum(sizes[:kept]),
+                len(refused),
+                refused[0].batch_id,
+                sum(item.events for item in refused),
                 self._overflowed_batches,
             )
-        return not full
+        return kept
 
     def oldest(self, limit: int = 100) -> list[SpooledBatch]:
         """Up to ``limit`` batches in the order they were spooled, dropping expired ones."""
         self._drop_expired()
         with self._lock:
             rows = self._connection.execute(
-                "SELECT seq, batch_id, message, spooled_at FROM spooled_batches"
-                " ORDER BY seq LIMIT ?",
-                (limit,),
+                f"SELECT {_RETURNED} FROM spooled_batches ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
-        return [
-            SpooledBatch(seq, batch_id, json.loads(text), at) for seq, batch_id, text, at in rows
-        ]
+        return _spooled(rows)
 
-    def remove(self, seq: int) -> None:
-        """Forget a batch once it has been published."""
+    def claim(self, limit: int, seconds: float) -> list[SpooledBatch]:
+        """Up to ``limit`` of the oldest batches no other process is replaying, claimed for
+        ``seconds``: every agent on the machine shares the spool, and without a claim two
+        replaying at once would publish every batch twice (harmless, thanks to the ledger,
+        but twice the work). A claim that was not :meth:`released <release>` (the process
+        died replaying) runs out, and the batches are anyone's again."""
+        self._drop_expired()
+        now = time.time()
         with self._transaction() as connection:
-            connection.execute("DELETE FROM spooled_batches WHERE seq = ?", (seq,))
+            # ``RETURNING`` needs SQLite 3.35 (2021); Python 3.11's builds bundle newer ones.
+            rows = connection.execute(
+                "UPDATE spooled_batches SET claimed_until = ? WHERE seq IN ("
+                " SELECT seq FROM spooled_batches WHERE claimed_until <= ? ORDER BY seq LIMIT ?"
+                f") RETURNING {_RETURNED}",
+                (now + seconds, now, limit),
+            ).fetchall()
+        return _spooled(sorted(rows))
+
+    def release(self, *seqs: int) -> None:
+        """Give claimed batches back (they could not be published now)."""
+        if not seqs:
+            return
+        with self._transaction() as connection:
+            connection.execute(
+                "UPDATE spooled_batches SET claimed_until = 0"
+                f" WHERE seq IN ({','.join('?' * len(seqs))})",
+                seqs,
+            )
+
+    def remove(self, *seqs: int) -> None:
+        """Forget batches (by their ``seq``) once they have been published."""
+        if not seqs:
+            return
+        with self._transaction() as connection:
+            connection.execute(
+                f"DELETE FROM spooled_batches WHERE seq IN ({','.join('?' * len(seqs))})", seqs
+            )
 
     def __len__(self) -> int:
         with self._lock:
@@ -227,3 +329,16 @@ class BatchSpool:
             if self._opened is not None:
                 self._opened.close()
                 self._opened = None
+
+
+def _spooled(rows: list[tuple[int, str, str, float, int | None]]) -> list[SpooledBatch]:
+    return [
+        SpooledBatch(
+            seq,
+            batch_id,
+            text,
+            at,
+            len(json.loads(text).get("events", ())) if events is None else events,
+        )
+        for seq, batch_id, text, at, events in rows
+    ]

@@ -1,12 +1,12 @@
 """The agent-side client: recording costs microseconds, a background thread publishes.
 
 :meth:`SessionTracker.record` validates one event and appends it to an in-memory buffer; it
-does no I/O. Plainly valid ``record`` arguments are kept as a tuple of values, anything else as
-a model (:func:`sessions.events.plain_record`). A daemon thread cuts the buffer into immutable
-batches (every ``flush_interval`` or as soon as ``max_batch_events`` are waiting) and publishes
-each as one Celery message, the batch's JSON text made straight from the buffer. A batch keeps
-its ``batch_id`` through every attempt, so a publish that timed out but did reach the broker is
-still applied once.
+does no I/O unless the buffer is full (a burst: see below). Plainly valid ``record`` arguments
+are kept as a tuple of values, anything else as a model (:func:`sessions.events.plain_record`).
+A daemon thread cuts the buffer into immutable batches (every ``flush_interval`` or as soon as
+``max_batch_events`` are waiting) and publishes each as one Celery message, the batch's JSON
+text made straight from the buffer. A batch keeps its ``batch_id`` through every attempt, so a
+publish that timed out but did reach the broker is still applied once.
 
 A broker that is down never reaches the agent: a batch gets :data:`PUBLISH_ATTEMPTS` quick
 attempts, then it is written, whole and with its ``batch_id``, to the durable local spool
@@ -14,6 +14,15 @@ attempts, then it is written, whole and with its ``batch_id``, to the durable lo
 batches go to the spool without trying, for a pause that doubles up to
 :data:`MAX_BROKER_DOWN_PAUSE`. Once a publish succeeds again (or when a tracker starts and
 finds batches of an earlier run), the spool is replayed oldest first, before newer batches.
+
+A burst that outruns the publisher (a plain loop of ``record`` calls, which fills the buffer
+in a fraction of a second, sooner still while the publisher is connecting) never costs events
+while the spool has room: when the buffer is full, the recording thread cuts the oldest
+:data:`SPILL_BATCHES` batches off it and writes them, whole and with their ``batch_id``, to the
+spool in one transaction (the only I/O ``record`` ever does, and only then); the publisher
+thread replays them like unsent batches, and ``close`` goes on replaying until the spool is
+empty or its timeout is near (what is left stays for the next tracker). Only when the buffer
+and the spool are both full is an event dropped, counted and logged at ERROR.
 
 A published batch is not forgotten yet: it waits in the :mod:`~sessions.outbox` until a second
 thread sees its ``batch_id`` in the database's ledger, and is published again if it is still
@@ -48,7 +57,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -68,12 +77,13 @@ from sessions.events import (
 from sessions.outbox import Outbox, Unconfirmed
 from sessions.publisher import CeleryPublisher, Publisher
 from sessions.settings import Settings, get_settings, mask_url
-from sessions.spool import BatchSpool
+from sessions.spool import BatchSpool, SpillItem
 from sessions.store import SessionStore
 
 log = logging.getLogger(__name__)
 
 Event = CreateEvent | RecordEvent | EndEvent
+T = TypeVar("T")
 #: Called with each batch that could not be published and the last error (the spool's seam).
 UnsentHandler = Callable[[Batch, BaseException], None]
 
@@ -85,8 +95,16 @@ PUBLISH_RETRY_DELAYS = (0.1, 0.5)
 BROKER_DOWN_PAUSE = 1.0
 #: ... doubling with every batch given up in a row, up to this.
 MAX_BROKER_DOWN_PAUSE = 30.0
-#: The buffer holds at most this many batches' worth of events; ``record`` drops beyond it.
+#: The buffer holds at most this many batches' worth of events (a plainly valid ``record``
+#: costs about 250 bytes while it waits: 12 MB at 500-event batches); beyond it, ``record``
+#: spills the oldest to the spool.
 MAX_BUFFERED_BATCHES = 100
+#: Batches a full buffer spills at a time, in one spool transaction (each SQLite call gives up
+#: the GIL, and getting it back from a busy thread takes a switch interval: fewer, bigger writes).
+SPILL_BATCHES = 10
+#: After the spool refused a spill (full, or failing), seconds ``record`` drops events at a full
+#: buffer instead of trying the spool again for each one.
+SPILL_REFUSED_PAUSE = 1.0
 #: Published batches kept until the ledger confirms them; the oldest are forgotten beyond ...
 MAX_UNCONFIRMED_BATCHES = 10_000
 #: ... or beyond this many bytes of their wire text.
@@ -101,14 +119,19 @@ CLOSE_CONFIRM_WAIT = 2.0
 BACKLOG_RECHECK_INTERVAL = 5.0
 #: Seconds between looks at the database's ledger in ``flush(wait=True)``.
 FLUSH_POLL_INTERVAL = 0.05
-#: Seconds ``close`` waits by default for the buffer to be published.
+#: Seconds ``close`` waits by default for the buffer (and the spool) to be published.
 CLOSE_TIMEOUT = 10.0
+#: Seconds before ``close``'s deadline at which the publisher thread stops replaying the spool.
+CLOSE_REPLAY_MARGIN = 1.0
 #: Batch ids per ledger query.
 LEDGER_QUERY_CHUNK = 1000
 #: Spooled batches replayed per turn of the background thread (new batches wait meanwhile).
 REPLAY_CHUNK = 50
 #: While the spool holds batches, the thread tries to replay at least this often (seconds).
 REPLAY_INTERVAL = 1.0
+#: Seconds a replaying tracker claims spooled batches for (other agents sharing the spool
+#: leave them alone meanwhile); far longer than publishing :data:`REPLAY_CHUNK` batches takes.
+REPLAY_CLAIM_SECONDS = 60.0
 #: ``spool`` argument meaning "the spool the settings name".
 DEFAULT_SPOOL: Any = object()
 
@@ -119,7 +142,9 @@ class TrackerStats:
 
     #: Events accepted by ``record``/``create``/``end``.
     events_recorded: int = 0
-    #: Events refused without error: the buffer was full, or the tracker closed.
+    #: Events dropped without error: recorded after ``close``, or while the buffer was full
+    #: and the spool could not take them (none, full, or failing; logged at ERROR). A spill
+    #: the spool refused counts its events here although ``events_recorded`` has them.
     events_dropped: int = 0
     #: Events accepted and not yet sent (nor given up).
     events_pending: int = 0
@@ -132,7 +157,11 @@ class TrackerStats:
     events_spooled: int = 0
     #: ... and the ones lost: no spool, or the spool was full (logged at ERROR each time).
     events_lost: int = 0
-    #: Spooled batches (and events) published later, by this tracker.
+    #: Batches (and events) spilled to the spool because the buffer was full (a burst that
+    #: outran the publisher); replayed from there by this tracker, or another one.
+    batches_spilled: int = 0
+    events_spilled: int = 0
+    #: Spooled batches (and events) published later, by this tracker (spilled ones included).
     batches_replayed: int = 0
     events_replayed: int = 0
     #: Published batches not yet seen in the ledger.
@@ -154,9 +183,11 @@ class SessionTracker:
     ``flush_interval`` (seconds, default ``settings.flush_interval_ms``) and
     ``max_batch_events`` (default ``settings.batch_max_events``) decide when a batch is cut.
     ``publisher`` replaces the Celery publisher (tests); ``store`` the database that
-    ``flush(wait=True)`` watches; ``spool`` keeps unsent batches (default: the one in
-    ``settings.spool_dir``; ``None``: no spool, unsent batches are lost and counted);
-    ``on_unsent`` receives each batch that could not be sent when first tried.
+    ``flush(wait=True)`` watches; ``spool`` keeps unsent batches and those a full buffer
+    spills (default: the one in ``settings.spool_dir``; ``None``: no spool, unsent batches
+    are lost and a full buffer drops, both counted); ``max_buffered_events`` bounds the
+    buffer (default :data:`MAX_BUFFERED_BATCHES` batches); ``on_unsent`` receives each batch
+    that could not be sent when first tried.
     """
 
     def __init__(
@@ -209,10 +240,21 @@ class SessionTracker:
         self._dropped_warned = False
         #: Events appended so far; each event's position in this sequence is its ``seq``.
         self._appended = 0
-        #: Events handed to the publisher so far (``seq`` up to which batches are cut).
+        #: Events cut into batches so far (``seq`` up to which batches are cut).
         self._cut = 0
-        #: Events whose batch was published or given up so far.
-        self._handled = 0
+        #: Batches cut and not yet published, spilled or given up: ``seq`` of their last
+        #: event -> their events, oldest first (the publisher and a spill handle them apart).
+        self._in_flight: dict[int, int] = {}
+        #: Events whose batch was published, spilled or given up so far.
+        self._handled_events = 0
+        #: Batches this tracker spilled, not yet seen applied: id -> ``seq`` of their last event
+        #: (``flush(wait=True)`` waits for them, whoever replays them).
+        self._spilled: dict[uuid.UUID, int] = {}
+        self._batches_spilled = self._events_spilled = 0
+        #: Until when a full buffer drops rather than spills (the spool refused a spill).
+        self._spill_refused_until = 0.0
+        #: ``time.monotonic()`` by which the closing publisher thread stops replaying the spool.
+        self._close_deadline = 0.0
         #: Published batches not yet seen in the ledger, with their text for republishing.
         self._outbox = Outbox(
             self.settings.confirm_timeout_seconds,
@@ -336,21 +378,118 @@ class SessionTracker:
         )
 
     def _append(self, event: Event | RecordFields) -> None:
+        spill: list[tuple[uuid.UUID, tuple[Event | RecordFields, ...], int]] = []
         with self._lock:
-            if self._closed or len(self._buffer) >= self.max_buffered_events:
+            full = len(self._buffer) >= self.max_buffered_events
+            if self._closed or (full and not self._may_spill()):
                 self._dropped += 1
                 warn, self._dropped_warned = not self._dropped_warned, True
             else:
+                if full:  # a burst outran the publisher: the oldest batches go to the spool
+                    spill = self._cut_for_spill()
                 self._buffer.append(event)
                 self._appended += 1
                 if len(self._buffer) >= self.max_batch_events:
                     self._wake.set()
-                return
-        if warn:
+                warn = False
+        if spill:
+            self._spill(spill)
+        elif warn and self._closed:
             log.warning(
-                "session tracker dropped an event: %s (counted in stats.events_dropped)",
-                "it is closed" if self._closed else "its buffer is full, the publisher is stuck",
+                "session tracker dropped an event: it is closed (counted in stats.events_dropped)"
             )
+        elif warn:
+            log.error(
+                "session tracker dropped an event: its buffer is full (%d events) and %s "
+                "(counted in stats.events_dropped; logged once)",
+                self.max_buffered_events,
+                "it has no spool"
+                if self._spool is None
+                else f"the spool at {self._spool.path} refused the last spill",
+            )
+
+    def _may_spill(self) -> bool:
+        """Whether a full buffer can spill now (call under ``_lock``)."""
+        return self._spool is not None and (
+            not self._spill_refused_until or time.monotonic() >= self._spill_refused_until
+        )
+
+    def _cut_head(self, events: int) -> tuple[tuple[Event | RecordFields, ...], int]:
+        """Cut the oldest ``events`` (or all) off the buffer as one batch, noted in flight
+        (call under ``_lock``); the batch and the ``seq`` of its last event."""
+        if len(self._buffer) <= events:
+            batch, self._buffer = self._buffer, []
+        else:
+            batch = self._buffer[:events]
+            del self._buffer[:events]
+        self._cut += len(batch)
+        self._in_flight[self._cut] = len(batch)
+        return tuple(batch), self._cut
+
+    def _cut_for_spill(self) -> list[tuple[uuid.UUID, tuple[Event | RecordFields, ...], int]]:
+        """Cut the oldest :data:`SPILL_BATCHES` batches off a full buffer, each with its id
+        noted as spilled (call under ``_lock``)."""
+        spill = []
+        for _ in range(SPILL_BATCHES):
+            if not self._buffer:
+                break
+            batch_id = uuid.uuid4()
+            events, seq = self._cut_head(self.max_batch_events)
+            self._spilled[batch_id] = seq
+            spill.append((batch_id, events, seq))
+        while len(self._spilled) > MAX_UNCONFIRMED_BATCHES:  # forgotten: not waited for
+            del self._spilled[next(iter(self._spilled))]
+        return spill
+
+    def _spill(self, spill: list[tuple[uuid.UUID, tuple[Event | RecordFields, ...], int]]) -> None:
+        """Write batches cut off a full buffer to the spool, on the recording thread.
+
+        Only a full buffer gets here, so a burst that outruns the publisher is slowed down by
+        the spool's write (measured in ``bench.ingest --burst``) instead of losing events.
+        """
+        assert self._spool is not None
+        kept = 0
+        try:
+            kept = self._spool.put_texts(
+                [SpillItem(str(b), batch_json(b, events), len(events)) for b, events, _ in spill]
+            )
+        except Exception:
+            log.exception("could not spill %d batches to %s", len(spill), self._spool.path)
+        refused = sum(len(events) for _, events, _ in spill[kept:])
+        with self._lock:
+            for index, (batch_id, events, seq) in enumerate(spill):
+                if index < kept:
+                    self._batches_spilled += 1
+                    self._events_spilled += len(events)
+                else:
+                    self._spilled.pop(batch_id, None)
+                    self._dropped += len(events)
+                self._handled_batch(seq)
+            if kept:
+                self._spool_pending = True
+            if refused:
+                self._spill_refused_until = time.monotonic() + SPILL_REFUSED_PAUSE
+        if kept:
+            self._wake.set()  # the publisher replays them when it can
+        if refused:
+            log.error(
+                "session tracker dropped %d events: its buffer is full (%d events) and the "
+                "spool at %s did not take them (counted in stats.events_dropped)",
+                refused,
+                self.max_buffered_events,
+                self._spool.path,
+            )
+
+    def _handled_batch(self, seq: int) -> None:
+        """The batch ending at ``seq`` was published, spilled or given up (under ``_lock``)."""
+        self._handled_events += self._in_flight.pop(seq)
+        self._progress.notify_all()
+
+    def _handled_through(self) -> int:
+        """``seq`` up to which every event was handled (call under ``_lock``)."""
+        for seq, events in self._in_flight.items():
+            return seq - events  # the oldest batch still in flight starts after this
+        return self._cut
 
     # -- flushing and closing ---------------------------------------------------------------
 
@@ -374,11 +513,11 @@ class SessionTracker:
     def _wait_published(self, target: int, deadline: float, timeout: float) -> None:
         with self._lock:
             published = self._progress.wait_for(
-                lambda: self._handled >= target, max(0.0, deadline - time.monotonic())
+                lambda: self._handled_through() >= target, max(0.0, deadline - time.monotonic())
             )
             if not published:
                 raise FlushTimeoutError(
-                    f"{target - self._handled} events were still not published after "
+                    f"{target - self._handled_through()} events were still not published after "
                     f"{timeout:g} s (broker {mask_url(self.settings.broker_url)})"
                 )
             failed = [item for item in self._failed if item[0] <= target]
@@ -392,6 +531,7 @@ class SessionTracker:
     def _wait_applied(self, target: int, deadline: float, timeout: float) -> None:
         with self._lock:
             pending = self._outbox.ids_up_to(target)
+            pending.update(b for b, seq in self._spilled.items() if seq <= target)
         last_error: Exception | None = None
         while pending:
             try:
@@ -401,7 +541,7 @@ class SessionTracker:
             if applied:
                 pending -= applied
                 with self._lock:
-                    self._outbox.confirm(applied)
+                    self._confirm(applied)
             if not pending:
                 return
             remaining = deadline - time.monotonic()
@@ -414,17 +554,24 @@ class SessionTracker:
             time.sleep(min(FLUSH_POLL_INTERVAL, remaining))
 
     def _applied(self, batch_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
-        with self._lock:  # several threads may flush at once; one store (one pool) for all
-            if self._store is None:
-                missing = missing_sqlite_file(self.settings.database_url)
-                if missing is not None:  # no worker has made it yet; connecting would, empty
-                    raise StoreUnavailableError(f"no database file at {missing} yet")
-                # Read-only: on SQLite a plain BEGIN, so looking at the ledger never takes
-                # the write lock the workers need.
-                self._store = SessionStore(
-                    self.settings.database_url, settings=self.settings, read_only=True
-                )
-            store = self._store
+        store = self._store
+        if store is None:
+            missing = missing_sqlite_file(self.settings.database_url)
+            if missing is not None:  # no worker has made it yet; connecting would, empty
+                raise StoreUnavailableError(f"no database file at {missing} yet")
+            # Read-only: on SQLite a plain BEGIN, so looking at the ledger never takes the
+            # write lock the workers need. Made outside the lock (it takes 100 ms and more
+            # with the driver's imports): ``record`` must never wait for it.
+            made: SessionStore | None = SessionStore(
+                self.settings.database_url, settings=self.settings, read_only=True
+            )
+            with self._lock:  # several threads may flush at once; one store (one pool) for all
+                if self._store is None:
+                    self._store, made = made, None
+                store = self._store
+            assert store is not None
+            if made is not None:
+                made.dispose()
         wanted = list(batch_ids)
         found: set[uuid.UUID] = set()
         for start in range(0, len(wanted), LEDGER_QUERY_CHUNK):
@@ -434,13 +581,17 @@ class SessionTracker:
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Publish what is buffered and stop the background thread (waits up to ``timeout``).
 
-        Events recorded after ``close`` are dropped and counted; closing twice is harmless.
+        Batches waiting in the spool (spilled by a burst, or unsent) are replayed until it is
+        empty or the deadline is near; what is left stays there for the next tracker. Events
+        recorded after ``close`` are dropped and counted; closing twice is harmless.
         """
         deadline = time.monotonic() + timeout
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            # The publisher thread stops replaying in time for the join below to see it end.
+            self._close_deadline = deadline - min(CLOSE_REPLAY_MARGIN, timeout / 4)
         self._stop_confirming.set()
         self._wake.set()
         self._thread.join(timeout)
@@ -480,13 +631,15 @@ class SessionTracker:
             return TrackerStats(
                 events_recorded=self._appended,
                 events_dropped=self._dropped,
-                events_pending=self._appended - self._handled,
+                events_pending=self._appended - self._handled_events,
                 batches_sent=self._batches_sent,
                 events_sent=self._events_sent,
                 batches_failed=self._batches_failed,
                 events_failed=self._events_failed,
                 events_spooled=self._events_spooled,
                 events_lost=self._events_lost,
+                batches_spilled=self._batches_spilled,
+                events_spilled=self._events_spilled,
                 batches_replayed=self._batches_replayed,
                 events_replayed=self._events_replayed,
                 batches_unconfirmed=len(self._outbox),
@@ -523,21 +676,28 @@ class SessionTracker:
                 mark = self._appended if cut_all else self._cut
             if cut_all:
                 due = now + self.flush_interval
-            self._guarded(self._replay_spool)
+            if self._guarded(self._replay_spool) == REPLAY_CHUNK:
+                self._wake.set()  # a whole chunk went out: more may wait, go on at once
             self._guarded(self._republish_overdue)
             while (taken := self._take(mark)) is not None:
                 self._send(*taken)
             if closing:
+                # What a burst spilled (or an outage left) goes out before the agent exits,
+                # as far as the time allows; the rest waits in the spool for the next tracker.
+                while self._spool_pending and time.monotonic() < self._close_deadline:
+                    if not self._guarded(self._replay_spool):
+                        break  # the broker is down, or the spool is empty
                 return
 
     @staticmethod
-    def _guarded(work: Callable[[], None]) -> None:
+    def _guarded(work: Callable[[], T]) -> T | None:
         """Run one chore of the publisher thread; a bug in it is logged, never fatal to the
         thread (which would leave the agent's buffer to fill up unseen)."""
         try:
-            work()
+            return work()
         except Exception:
             log.exception("session tracker: %s failed; carrying on", work.__name__)
+            return None
 
     def _take(self, mark: int) -> tuple[tuple[Event | RecordFields, ...], int] | None:
         """Cut the next batch off the buffer: a full one, or any while events up to the
@@ -546,13 +706,7 @@ class SessionTracker:
             waiting = len(self._buffer)
             if waiting == 0 or (waiting < self.max_batch_events and self._cut >= mark):
                 return None
-            if waiting <= self.max_batch_events:
-                events, self._buffer = self._buffer, []
-            else:
-                events = self._buffer[: self.max_batch_events]
-                del self._buffer[: self.max_batch_events]
-            self._cut += len(events)
-            return tuple(events), self._cut
+            return self._cut_head(self.max_batch_events)
 
     def _send(self, events: tuple[Event | RecordFields, ...], seq: int) -> None:
         batch_id = uuid.uuid4()
@@ -593,8 +747,7 @@ class SessionTracker:
                 self._failed.append((seq, len(events)))
                 if len(self._failed) > MAX_UNCONFIRMED_BATCHES:
                     del self._failed[0]
-            self._handled = seq
-            self._progress.notify_all()
+            self._handled_batch(seq)
         if error is not None and batch is not None and self._on_unsent is not None:
             try:
                 self._on_unsent(batch, error)
@@ -615,38 +768,52 @@ class SessionTracker:
             log.exception("could not write batch %s to the spool: lost", batch.batch_id)
             return False
 
-    def _replay_spool(self) -> None:
-        """Publish spooled batches oldest first, while the broker takes them."""
+    def _replay_spool(self) -> int:
+        """Publish spooled batches oldest first, while the broker takes them (at most
+        :data:`REPLAY_CHUNK`); how many went out."""
         if self._spool is None or not self._spool_pending:
-            return
+            return 0
         if time.monotonic() < self._broker_down_until:
-            return
+            return 0
         try:
-            waiting = self._spool.oldest(REPLAY_CHUNK)
+            waiting = self._spool.claim(REPLAY_CHUNK, REPLAY_CLAIM_SECONDS)
+            # Nothing to claim: empty, or another process is replaying what is left (look
+            # again later, in case it dies doing so).
+            left = bool(waiting) or len(self._spool) > 0
         except Exception:
             log.exception("could not read the spool at %s", self._spool.path)
-            return
+            return 0
         if not waiting:
             with self._lock:
-                self._spool_pending = False
-            return
-        for spooled in waiting:
-            if self._publish_message(spooled.message, spooled.batch_id) is not None:
-                return  # the broker is down again: keep the rest for later
-            self._spool.remove(spooled.seq)
-            events = len(spooled.message.get("events", ()))
-            with self._lock:
-                self._batches_replayed += 1
-                self._events_replayed += events
-                # Replayed batches hold events recorded before any of this run's: ``seq`` 0.
-                self._keep_unconfirmed(
-                    uuid.UUID(spooled.batch_id),
-                    0,
-                    spooled.message,
-                    events,
-                    first_published=spooled.spooled_at,
-                )
-        log.info("replayed %d spooled batches", len(waiting))
+                self._spool_pending = left
+            return 0
+        published: list[int] = []
+        try:
+            for spooled in waiting:
+                error = self._publish_message(spooled.text, spooled.batch_id, spooled.events)
+                if error is not None:
+                    return len(published)  # the broker is down again: the rest waits
+                published.append(spooled.seq)
+                batch_id = uuid.UUID(spooled.batch_id)
+                with self._lock:
+                    self._batches_replayed += 1
+                    self._events_replayed += spooled.events
+                    # Replayed batches hold events recorded before any of this run's (``seq``
+                    # 0), unless this tracker spilled them.
+                    self._keep_unconfirmed(
+                        batch_id,
+                        self._spilled.pop(batch_id, 0),
+                        spooled.text,
+                        spooled.events,
+                        first_published=spooled.spooled_at,
+                    )
+        finally:
+            # Removed once published (a crash before this costs a harmless second copy).
+            self._spool.remove(*published)
+            self._spool.release(*(b.seq for b in waiting[len(published) :]))
+            if published:
+                log.info("replayed %d spooled batches", len(published))
+        return len(published)
 
     # -- confirming published batches against the ledger -----------------------------------
 
@@ -685,6 +852,8 @@ class SessionTracker:
         ones, waking the publisher thread when some are due to be published again."""
         with self._lock:
             asked = self._outbox.published_before(time.monotonic() - min_age)
+            # Spilled batches too: another tracker sharing the spool may have replayed them.
+            asked += self._spilled
         if not asked:
             return
         try:
@@ -704,11 +873,17 @@ class SessionTracker:
         self._ledger_failing = False
         self._ledger_answered = True
         with self._lock:
-            self._outbox.confirm(applied)
+            self._confirm(applied)
             self._missing = set(asked) - applied
             due = bool(self._outbox.overdue(self._missing, time.monotonic()))
         if due:
             self._wake.set()
+
+    def _confirm(self, applied: set[uuid.UUID]) -> None:
+        """The ledger lists ``applied``: nothing more to wait for (call under ``_lock``)."""
+        self._outbox.confirm(applied)
+        for batch_id in applied:
+            self._spilled.pop(batch_id, None)
 
     def _republish_overdue(self) -> None:
         """Publish again the batches the ledger still lacks after their confirm timeout."""
@@ -793,28 +968,38 @@ class SessionTracker:
                 len(left),
             )
             return
-        for entry in left:
-            self._spool_unconfirmed(entry)
+        self._spool_unconfirmed(left)
         log.info(
             "closing with %d published batches not yet seen in the ledger; kept them in the "
             "spool for the next run to publish again",
             len(left),
         )
 
-    def _spool_unconfirmed(self, entry: Unconfirmed) -> None:
-        if self._spool is None or entry.message is None:
-            return
-        message = json.loads(entry.message) if isinstance(entry.message, str) else entry.message
-        first_published = time.time() - (time.monotonic() - entry.first_published_at)
+    def _spool_unconfirmed(self, entries: list[Unconfirmed]) -> None:
+        """Keep ``entries`` in the spool, in one transaction (after a burst there are hundreds),
+        each dated by its first publish."""
+        assert self._spool is not None
+        now, wall = time.monotonic(), time.time()
+        items = [
+            SpillItem(
+                str(entry.batch_id),
+                entry.message
+                if isinstance(entry.message, str)
+                else json.dumps(entry.message, separators=(",", ":")),
+                entry.events,
+                since=wall - (now - entry.first_published_at),
+            )
+            for entry in entries
+            if entry.message is not None
+        ]
         try:
-            kept = self._spool.put(message, since=first_published)
+            kept = self._spool.put_texts(items)
         except Exception:
-            log.exception("could not write batch %s to the spool", entry.batch_id)
+            log.exception("could not write %d unconfirmed batches to the spool", len(items))
             return
-        if kept:
-            with self._lock:
-                self._batches_spooled_unconfirmed += 1
-                self._spool_pending = True
+        with self._lock:
+            self._batches_spooled_unconfirmed += kept
+            self._spool_pending = self._spool_pending or kept > 0
 
     def _publish_message(
         self, message: dict[str, Any] | str, batch_id: str, events: int | None = None

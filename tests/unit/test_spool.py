@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +14,7 @@ from typing import Any
 import pytest
 
 from sessions import spool as spool_module
-from sessions.spool import BatchSpool
+from sessions.spool import BatchSpool, SpillItem
 
 
 def message(events: int = 2) -> dict[str, Any]:
@@ -106,3 +109,85 @@ def test_batches_older_than_the_maximum_age_are_dropped_loudly(
         assert [b.message for b in spool.oldest()] == [fresh]
     assert spool.stats().expired_batches == 1
     assert any("longer than" in r.message for r in caplog.records)
+
+
+def _items(count: int, events: int = 2) -> list[SpillItem]:
+    made = [message(events) for _ in range(count)]
+    return [SpillItem(m["batch_id"], json.dumps(m), events) for m in made]
+
+
+def test_put_texts_keeps_what_fits_in_order_and_refuses_the_rest_loudly(
+    open_spool: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = open_spool(max_batches=3)
+    assert spool.put_texts(_items(2)) == 2
+    items = _items(3, events=5)
+    with caplog.at_level(logging.ERROR, logger="sessions.spool"):
+        assert spool.put_texts(items) == 1  # one more fits
+    waiting = spool.oldest()
+    assert [b.events for b in waiting] == [2, 2, 5]
+    assert waiting[-1].text == items[0].text  # kept as given: replayed as it was spilled
+    assert waiting[-1].message["batch_id"] == items[0].batch_id
+    assert spool.stats().overflowed_events == 10
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("2 batches" in m and "10 events NOT kept" in m for m in logged)
+
+
+def test_put_texts_keeps_many_batches_at_once_each_dated_by_its_own_since(
+    open_spool: Any,
+) -> None:
+    spool = open_spool(max_batches=1000)
+    items = [
+        SpillItem(item.batch_id, item.text, item.events, since=time.time() - 1000 + n)
+        for n, item in enumerate(_items(2 * spool_module.ROWS_PER_INSERT + 5))
+    ]
+    assert spool.put_texts(items) == len(items)
+    waiting = spool.oldest(limit=len(items))
+    assert [b.batch_id for b in waiting] == [item.batch_id for item in items]
+    assert [b.spooled_at for b in waiting] == [item.since for item in items]
+
+
+def test_a_claimed_batch_is_left_alone_by_other_replayers_until_released_or_expired(
+    open_spool: Any,
+) -> None:
+    mine, theirs = open_spool(), open_spool()  # two agent processes sharing one spool file
+    mine.put_texts(_items(4))
+    claimed = mine.claim(2, seconds=3600)
+    assert [b.seq for b in claimed] == [b.seq for b in mine.oldest(2)]
+    assert [b.seq for b in theirs.claim(10, seconds=3600)] == [b.seq for b in mine.oldest()[2:]]
+    assert theirs.claim(10, seconds=3600) == []  # everything is being replayed by someone
+    mine.release(claimed[1].seq)  # could not publish it: anyone's again
+    assert [b.seq for b in theirs.claim(10, seconds=3600)] == [claimed[1].seq]
+    mine.remove(claimed[0].seq)
+    assert len(mine) == 3
+
+
+def test_a_claim_that_was_never_released_runs_out(open_spool: Any) -> None:
+    died, survivor = open_spool(), open_spool()
+    died.put_texts(_items(1))
+    assert len(died.claim(1, seconds=-1.0)) == 1  # a claim already run out, as after a crash
+    assert len(survivor.claim(1, seconds=3600)) == 1
+
+
+def test_a_spool_file_from_before_the_event_and_claim_columns_still_replays(
+    tmp_path: Path,
+) -> None:
+    old = message(events=3)
+    path = tmp_path / "spool" / spool_module.SPOOL_FILE.format(key="default")
+    path.parent.mkdir()
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "CREATE TABLE spooled_batches (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " batch_id TEXT NOT NULL UNIQUE, message TEXT NOT NULL, size INTEGER NOT NULL,"
+            " spooled_at REAL NOT NULL)"
+        )
+        connection.execute(
+            "INSERT INTO spooled_batches (batch_id, message, size, spooled_at) VALUES (?,?,?,?)",
+            (old["batch_id"], json.dumps(old), 10, time.time()),
+        )
+    spool = BatchSpool(path.parent, max_batches=10, max_bytes=10**6, max_age_seconds=3600)
+    try:
+        claimed = spool.claim(10, seconds=60)
+        assert [(b.batch_id, b.events, b.message) for b in claimed] == [(old["batch_id"], 3, old)]
+    finally:
+        spool.close()

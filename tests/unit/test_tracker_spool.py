@@ -1,4 +1,6 @@
-"""The tracker keeps what it cannot publish in the spool, and replays it in order."""
+"""The tracker keeps what it cannot publish in the spool, and replays it in order; a burst that
+outruns the publisher spills whole batches there and loses nothing (only a full buffer *and* a
+full spool drop, loudly)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import pytest
 from sessions import tracker as tracker_module
 from sessions.settings import Settings
 from sessions.spool import BatchSpool
+from sessions.store import SessionStore
 from sessions.tracker import SessionTracker, open_spool
 from tests.unit.test_tracker import NEVER, Recorder
 from tests.workers_harness import wait_until
@@ -36,7 +40,7 @@ def trackers() -> Iterator[list[SessionTracker]]:
         tracker.close(timeout=5)
 
 
-def _tracker(made: list[SessionTracker], publisher: Recorder, **options: Any) -> SessionTracker:
+def _tracker(made: list[SessionTracker], publisher: Any, **options: Any) -> SessionTracker:
     options.setdefault("flush_interval", NEVER)
     options.setdefault("max_batch_events", 10)
     made.append(SessionTracker(Settings(), publisher=publisher, **options))
@@ -104,6 +108,176 @@ def test_a_full_spool_loses_only_the_overflow_and_says_so(
     stats = tracker.stats
     assert (stats.events_spooled, stats.events_lost) == (20, 20)
     assert spool.stats().overflowed_events == 20
+
+
+# -- a burst that outruns the publisher spills whole batches, and loses nothing ---------------
+
+BATCH = 10  # events, as _tracker makes them
+BUFFER = 100  # events: ten batches
+EVENTS = 1000
+
+
+def _stuck(publisher: Recorder, tracker: SessionTracker) -> None:
+    """Make the publisher thread hang in its first publish (a broker still connecting)."""
+    publisher.hang.set()
+    tracker.record("s-0", processing_time=0)
+    tracker.flush()
+    wait_until(lambda: publisher.calls, message="the publisher to be stuck")
+
+
+def _unstick(publisher: Recorder, failures: int = 0) -> None:
+    publisher.failures = failures
+    publisher.hang.clear()
+    publisher.release.set()
+
+
+def _burst(tracker: SessionTracker) -> None:
+    """Record events 1 to ``EVENTS - 1`` in a plain loop, as fast as it goes."""
+    for index in range(1, EVENTS):
+        tracker.record(f"s-{index % 3}", processing_time=index)
+
+
+def _burst_while_stuck(
+    made: list[SessionTracker], **options: Any
+) -> tuple[Recorder, SessionTracker]:
+    """A tracker with a small buffer whose publisher is stuck, after a burst of ``EVENTS``."""
+    publisher = Recorder()
+    tracker = _tracker(made, publisher, max_buffered_events=BUFFER, **options)
+    _stuck(publisher, tracker)
+    _burst(tracker)
+    return publisher, tracker
+
+
+def test_a_burst_the_publisher_cannot_take_spills_whole_batches_and_loses_nothing(
+    trackers: list[SessionTracker],
+) -> None:
+    publisher, tracker = _burst_while_stuck(trackers)
+
+    stats = tracker.stats
+    assert stats.events_dropped == 0
+    assert stats.events_recorded == EVENTS
+    # Everything beyond the one batch being published and a full buffer is in the spool.
+    assert stats.events_spilled >= EVENTS - 1 - BUFFER
+    assert stats.events_spilled == stats.batches_spilled * BATCH  # whole batches
+    spool = open_spool(Settings())
+    assert spool is not None and len(spool) == stats.batches_spilled
+    assert threading.get_ident() not in publisher.threads  # spilling is no publishing
+
+    _unstick(publisher)
+    tracker.flush()
+    wait_until(lambda: len(publisher.events()) == EVENTS, message="every event published after all")
+    times = sorted(event["processing_time"] for event in publisher.events())
+    assert times == list(range(EVENTS))  # each exactly once
+    assert all(len(message["events"]) <= BATCH for message in publisher.messages)
+    assert tracker.stats.events_replayed == stats.events_spilled
+    wait_until(lambda: len(spool) == 0, message="the spool emptied")
+
+
+def test_only_a_full_buffer_and_a_full_spool_drop_and_they_say_so(
+    trackers: list[SessionTracker], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = BatchSpool(tmp_path, max_batches=3, max_bytes=10**7, max_age_seconds=3600)
+    with caplog.at_level(logging.ERROR, logger="sessions"):
+        publisher, tracker = _burst_while_stuck(trackers, spool=spool)
+
+    stats = tracker.stats
+    assert (stats.batches_spilled, stats.events_spilled) == (3, 3 * BATCH)
+    assert stats.events_dropped > 0
+    # Every event is accounted for: published (the stuck one), spilled, buffered or dropped.
+    buffered = stats.events_pending - 1
+    assert 1 + stats.events_spilled + buffered + stats.events_dropped == EVENTS
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("is full" in m and "NOT kept" in m for m in errors)  # the spool says so ...
+    assert any("dropped" in m and "events_dropped" in m for m in errors)  # ... and the tracker
+
+    _unstick(publisher)
+    tracker.close()
+    published = sorted(event["processing_time"] for event in publisher.events())
+    assert len(published) == len(set(published)) == EVENTS - stats.events_dropped
+
+
+def test_close_publishes_what_a_burst_spilled_before_it_returns(
+    trackers: list[SessionTracker],
+) -> None:
+    publisher, tracker = _burst_while_stuck(trackers)
+    assert tracker.stats.events_spilled > 0
+    _unstick(publisher)
+
+    tracker.close()
+    assert sorted(e["processing_time"] for e in publisher.events()) == list(range(EVENTS))
+    spool = open_spool(Settings())
+    assert spool is not None and len(spool) == 0
+
+
+def test_spilled_batches_the_broker_would_not_take_wait_in_the_spool_for_the_next_tracker(
+    trackers: list[SessionTracker],
+) -> None:
+    publisher, first = _burst_while_stuck(trackers)
+    spilled = first.stats.events_spilled
+    _unstick(publisher, failures=10**9)  # the broker went away meanwhile
+    first.close()
+    spool = open_spool(Settings())
+    assert spool is not None and len(spool) >= spilled // BATCH
+
+    up = Recorder()
+    second = _tracker(trackers, up)
+    second.flush()
+    wait_until(lambda: len(up.events()) == EVENTS, message="the next tracker published everything")
+    assert sorted(e["processing_time"] for e in up.events()) == list(range(EVENTS))
+
+
+def test_two_agents_sharing_a_spool_publish_each_spilled_batch_once(
+    trackers: list[SessionTracker],
+) -> None:
+    # Two trackers with spools of their own on one file: two agent processes of one user.
+    (first_publisher, first), (second_publisher, second) = (
+        _burst_while_stuck(trackers, spool=open_spool(Settings())) for _ in range(2)
+    )
+    spilled = first.stats.batches_spilled + second.stats.batches_spilled
+    assert first.stats.batches_spilled and second.stats.batches_spilled
+    for publisher in (first_publisher, second_publisher):
+        _unstick(publisher)
+    for tracker in (first, second):
+        tracker.close()
+    published = [m["batch_id"] for p in (first_publisher, second_publisher) for m in p.messages]
+    assert len(published) == len(set(published))  # no batch went out twice ...
+    replayed = first.stats.batches_replayed + second.stats.batches_replayed
+    assert replayed == spilled  # ... and every spilled one went out
+    both = first_publisher.events() + second_publisher.events()
+    assert sorted(e["processing_time"] for e in both) == sorted(2 * list(range(EVENTS)))
+
+
+def test_flush_wait_returns_once_the_spilled_batches_are_applied(
+    trackers: list[SessionTracker], tmp_path: Path
+) -> None:
+    store = SessionStore(f"sqlite:///{tmp_path / 'ledger.db'}", settings=Settings())
+    store.upgrade()
+    release = threading.Event()
+
+    def workers(message: dict[str, Any]) -> None:
+        release.wait(30)  # a broker still connecting, then workers that apply at once
+        store.apply(message)
+
+    try:
+        tracker = _tracker(trackers, workers, store=store, max_buffered_events=BUFFER)
+        tracker.record("s-0", processing_time=0)
+        tracker.flush()
+        _burst(tracker)
+        assert tracker.stats.events_spilled > 0
+        release.set()
+        tracker.flush(wait=True, timeout=30)
+        # Returned only once every event, the spilled ones included, is in the database.
+        counted = sum(
+            record.request_count
+            for record in (store.get(f"s-{n}") for n in range(3))
+            if record is not None
+        )
+        assert counted == EVENTS
+    finally:
+        release.set()
+        for tracker in trackers:
+            tracker.close(timeout=5)
+        store.dispose()
 
 
 SIGTERM_AGENT = """
