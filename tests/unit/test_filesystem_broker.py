@@ -24,9 +24,11 @@ def _connection(folder: Path) -> Connection:
         "data_folder_in": str(folder),
         "data_folder_out": str(folder),
         "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),
         "polling_interval": 0.01,
     }
-    (folder / "processed").mkdir(parents=True, exist_ok=True)
+    for name in ("processed", "control"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
     return Connection(
         "filesystem://localhost//",
         transport=celeryconfig.FILESYSTEM_TRANSPORT,
