@@ -37,7 +37,7 @@ from sessions.records import DeadLetterReason
 from sessions.settings import get_settings
 from sessions.store import SessionStore
 from workers import metrics
-from workers.app import app
+from workers.app import app, ensure_schema
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,14 @@ _store_lock = threading.Lock()
 
 
 def get_store() -> SessionStore:
-    """The process's store, created from settings on first use (after any fork)."""
+    """The process's store, created from settings on first use (after any fork).
+
+    A worker that started while the database was away migrates it here, once it answers;
+    raises :class:`~sessions.errors.StoreUnusableError` if it cannot be used.
+    """
     global _store
     with _store_lock:
+        ensure_schema()
         if _store is None:
             _store = SessionStore.from_settings(get_settings())
         return _store
