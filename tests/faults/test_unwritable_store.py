@@ -39,10 +39,8 @@ from tests.faults.harness import (
     recorded_batch,
     service_environment,
     wait_until,
-    worker_arguments,
 )
 from tests.faults.servers import PrivatePostgres, PrivateRedis
-from tests.workers_harness import CeleryProcess
 
 pytestmark = [pytest.mark.slow]
 
@@ -102,14 +100,7 @@ def test_a_batch_the_database_refuses_stays_queued_until_the_fault_is_repaired(
     session = f"unwritable-{fault}"
     redis_client = redis_server.client()
     with Fleet(environment, tmp_path) as fleet, Monitor(url) as monitor:
-        worker = CeleryProcess(
-            "worker",
-            [*worker_arguments(2, pool=PREFORK), "--include", "tests.faults.fast_retries"],
-            fleet.environment,
-            tmp_path,
-        )
-        fleet.started.append(worker)
-        worker.wait_for_log(r"@\S+ ready\.", timeout=60)
+        worker = fleet.worker(pool=PREFORK, include="tests.faults.fast_retries")
 
         with admin.connect() as connection:
             connection.execute(text(breaking))
