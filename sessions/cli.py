@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, NoReturn
 
 import typer
+from alembic.util import CommandError
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import OperationalError, ProgrammingError
@@ -112,6 +113,8 @@ def open_store(settings: Settings | None = None, *, create: bool = False) -> Ite
         yield store
     except (StoreUnavailableError, StoreUnusableError) as exc:
         fail(str(exc))
+    except CommandError as exc:  # Alembic's: e.g. a revision this code does not know
+        fail(f"cannot migrate the database at {url}: {exc}")
     except OperationalError as exc:
         if "no such table" in str(exc.orig):
             fail(f"the database at {url} has no schema yet: run `sessions db upgrade`")

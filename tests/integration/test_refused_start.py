@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
+from typer.testing import CliRunner, Result
 
+from sessions.cli import app
 from sessions.events import Batch, RecordEvent
 from sessions.publisher import CeleryPublisher
-from sessions.settings import Settings
+from sessions.settings import Settings, get_settings
 from sessions.store import SessionStore
 from tests.services import (
     POSTGRES_ADMIN_URL,
@@ -40,8 +42,6 @@ from tests.workers_harness import (
     wait_until,
 )
 from workers.app import REFUSED_EXIT_CODE
-
-pytestmark = [pytest.mark.slow]
 
 
 def _start(command: str, database_url: str, logs: Path) -> CeleryProcess:
@@ -83,6 +83,7 @@ def mariadb_url() -> Iterator[str]:
         yield url
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["worker", "beat"])
 def test_a_mariadb_database_is_refused_before_anything_is_written(
     tmp_path: Path, mariadb_url: str, command: str
@@ -107,6 +108,7 @@ def postgres_database() -> Iterator[str]:
         yield url
 
 
+@pytest.mark.slow
 def test_a_schema_at_a_revision_this_code_does_not_know_is_refused(
     tmp_path: Path, postgres_database: str
 ) -> None:
@@ -121,6 +123,7 @@ def test_a_schema_at_a_revision_this_code_does_not_know_is_refused(
     assert "Can't locate revision" in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["worker", "beat"])
 def test_a_schema_that_cannot_be_migrated_is_refused_after_its_attempts(
     tmp_path: Path, postgres_database: str, command: str
@@ -136,6 +139,7 @@ def test_a_schema_that_cannot_be_migrated_is_refused_after_its_attempts(
     assert log.count("trying again") == 2, log[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 @pytest.mark.postgres
 def test_a_worker_started_while_the_database_is_away_migrates_it_once_it_is_back(
@@ -195,3 +199,43 @@ def test_a_worker_started_while_the_database_is_away_migrates_it_once_it_is_back
                 worker.stop()
     finally:
         proxy.close()
+
+
+# -- the same refusals from the `sessions` command --------------------------------------------
+
+
+def _sessions(arguments: list[str], url: str, monkeypatch: pytest.MonkeyPatch) -> Result:
+    monkeypatch.setenv("SESSIONS_DATABASE_URL", url)
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(app, arguments)
+    finally:
+        get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["stats"], ["worker"]])
+def test_the_cli_refuses_an_unsupported_database_before_connecting(
+    monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    # Port 1: nothing listens there, so the refusal cannot come from a connection attempt.
+    result = _sessions(command, "mysql+pymysql://agent:s3cret@127.0.0.1:1/x", monkeypatch)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "mysql+pymysql://agent:***@127.0.0.1:1/x is mysql, which the store does not" in output
+    assert "s3cret" not in output
+
+
+def test_db_upgrade_of_a_schema_this_code_does_not_know_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ahead.db'}"
+    store = SessionStore(url, settings=Settings())
+    store.upgrade()
+    with store.engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = 'f00dfacade01'"))
+    store.dispose()
+    result = _sessions(["db", "upgrade"], url, monkeypatch)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "cannot migrate the database at sqlite:///" in output
+    assert "f00dfacade01" in output
