@@ -16,12 +16,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, NoReturn
 
 import typer
+from alembic.util import CommandError
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from sessions.database import missing_sqlite_file
-from sessions.errors import BrokerUnavailableError, StoreUnavailableError
+from sessions.errors import BrokerUnavailableError, StoreUnavailableError, StoreUnusableError
 from sessions.histogram import LOWEST
 from sessions.records import Aggregate, SessionRecord
 from sessions.settings import Settings, get_settings, mask_url
@@ -104,11 +105,16 @@ def open_store(settings: Settings | None = None, *, create: bool = False) -> Ite
             f"there is no database at {url} (no file {missing}): run `sessions db upgrade` "
             "to create it, or start a worker, which does"
         )
-    store = SessionStore(settings.database_url, settings=settings)
+    try:
+        store = SessionStore(settings.database_url, settings=settings)
+    except StoreUnusableError as exc:  # a database the store does not support
+        fail(str(exc))
     try:
         yield store
-    except StoreUnavailableError as exc:
+    except (StoreUnavailableError, StoreUnusableError) as exc:
         fail(str(exc))
+    except CommandError as exc:  # Alembic's: e.g. a revision this code does not know
+        fail(f"cannot migrate the database at {url}: {exc}")
     except OperationalError as exc:
         if "no such table" in str(exc.orig):
             fail(f"the database at {url} has no schema yet: run `sessions db upgrade`")

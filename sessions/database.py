@@ -9,6 +9,10 @@ A *read-only* engine (the dashboard's) refuses every write in the database itsel
 connections run with ``PRAGMA query_only`` and begin plain deferred transactions (a reader
 must not take the write lock), PostgreSQL sessions start with
 ``default_transaction_read_only``.
+
+Only PostgreSQL and SQLite are supported (the ledger and the counters are written with
+their ``ON CONFLICT`` upserts): an engine for anything else is refused with a clear error
+instead of failing on the first write.
 """
 
 from __future__ import annotations
@@ -20,11 +24,19 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from sessions.errors import StoreUnavailableError
+from sessions.errors import (
+    SchemaNotAtHeadError,
+    StoreUnavailableError,
+    StoreUnusableError,
+    UnsupportedDatabaseError,
+    first_line,
+)
 from sessions.settings import mask_url
 from sessions.tables import UTCDateTime
 
@@ -34,6 +46,21 @@ SQLITE_BUSY_TIMEOUT = 30.0
 #: transaction instead of taking the write lock up front.
 READ_ONLY_OPTION = "sessions_read_only"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+#: Backends the store is written for (SQLAlchemy backend names).
+SUPPORTED_BACKENDS = ("postgresql", "sqlite")
+
+
+def check_supported(url: str) -> None:
+    """Refuse a URL naming a database the store is not written for.
+
+    Raises :class:`UnsupportedDatabaseError` naming the (masked) URL and its backend.
+    """
+    backend = make_url(url).get_backend_name()
+    if backend not in SUPPORTED_BACKENDS:
+        raise UnsupportedDatabaseError(
+            f"the database at {mask_url(url)} is {backend}, which the store does not support: "
+            "use PostgreSQL (postgresql+psycopg://...) or SQLite (sqlite:///...)"
+        )
 
 
 def missing_sqlite_file(url: str) -> Path | None:
@@ -52,8 +79,10 @@ def create_store_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> 
     """An engine for ``url`` with the backend's connection rules applied.
 
     With ``read_only`` the database refuses writes on every connection of the engine, so
-    a bug in a reader (or an injected statement) cannot change data.
+    a bug in a reader (or an injected statement) cannot change data. Raises
+    :class:`UnsupportedDatabaseError` for a backend other than PostgreSQL and SQLite.
     """
+    check_supported(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _create_sqlite_engine(url, read_only=read_only, **kwargs)
@@ -135,28 +164,87 @@ _compile_as(minute_of, "postgresql", "date_trunc('minute', {}, 'UTC')")
 _compile_as(minute_of, "sqlite", "strftime('%Y-%m-%d %H:%M:00.000000', {})")
 
 
-def upgrade_schema(url: str, revision: str = "head") -> None:
-    """Apply the Alembic migrations to ``url`` (idempotent; safe at every start)."""
-    from alembic import command
+def _alembic_config(url: str) -> Any:
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade_schema(url: str, revision: str = "head") -> None:
+    """Apply the Alembic migrations to ``url`` (idempotent; safe at every start).
+
+    Raises :class:`StoreUnavailableError` when a PostgreSQL server cannot be reached (or
+    is lost during the upgrade): waiting may help. A database that answers but fails the
+    upgrade raises what failed (an SQLAlchemy or Alembic error), and one the store does
+    not support :class:`UnsupportedDatabaseError`.
+    """
+    from alembic import command
+
+    reach(url)
     try:
-        command.upgrade(config, revision)
-    except Exception as exc:
-        if _is_connection_error(exc):
+        command.upgrade(_alembic_config(url), revision)
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
             raise StoreUnavailableError(
-                f"cannot reach the database at {mask_url(url)}: {exc.__class__.__name__}"
+                f"lost the database at {mask_url(url)} while migrating it: {_cause(exc)}"
             ) from exc
         raise
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    from sqlalchemy.exc import OperationalError
+def reach(url: str) -> None:
+    """Connect to ``url`` once, to tell a database that is away from one that is wrong.
 
-    return isinstance(exc, OperationalError)
+    Raises :class:`StoreUnavailableError` if a PostgreSQL server does not accept a
+    connection (down, restarting, unreachable, refusing these credentials), and
+    :class:`StoreUnusableError` if a SQLite file cannot be opened: there is no server to
+    wait for.
+    """
+    engine = create_store_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        if engine.dialect.name == "sqlite":
+            raise StoreUnusableError(
+                f"cannot open the database at {mask_url(url)}: {_cause(exc)}"
+            ) from exc
+        raise StoreUnavailableError(
+            f"cannot reach the database at {mask_url(url)}: {_cause(exc)}"
+        ) from exc
+    finally:
+        engine.dispose()
+
+
+def _cause(exc: DBAPIError) -> str:
+    return first_line(exc.orig or exc)
+
+
+def require_head(url: str) -> str:
+    """The schema's revision, if it is the newest this code knows.
+
+    Raises :class:`SchemaNotAtHeadError` naming the database (masked URL), the revision
+    it is at (``none`` for an empty database) and the newest one.
+    """
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    heads = set(ScriptDirectory.from_config(_alembic_config(url)).get_heads())
+    engine = create_store_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            current = set(MigrationContext.configure(connection).get_current_heads())
+    finally:
+        engine.dispose()
+    if current != heads:
+        raise SchemaNotAtHeadError(
+            f"the schema of the database at {mask_url(url)} is at revision "
+            f"{', '.join(sorted(current)) or 'none'}, not at the newest, "
+            f"{', '.join(sorted(heads))}"
+        )
+    return ", ".join(sorted(current))
 
 
 def upsert_into(connection: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:

@@ -15,9 +15,31 @@ class StoreUnavailableError(SessionsError):
     """The database cannot be reached; the message names its URL with the password masked."""
 
 
+class StoreUnusableError(SessionsError):
+    """The database answers, but the store cannot work with it, and waiting will not help.
+
+    A dialect the store does not support, or a schema it cannot bring to the newest
+    revision. The message names the URL (password masked) and what is wrong with it.
+    """
+
+
+class UnsupportedDatabaseError(StoreUnusableError):
+    """The URL names a database the store is not written for (only PostgreSQL and SQLite)."""
+
+
+class SchemaNotAtHeadError(StoreUnusableError):
+    """The schema is not at the newest revision this code knows (upgrading did not get it there)."""
+
+
 class BrokerUnavailableError(SessionsError):
     """The broker cannot be reached; the message names its URL with the password masked."""
 
 
 class FlushTimeoutError(SessionsError, TimeoutError):
     """``flush(wait=True)`` did not see every sent event applied before its deadline."""
+
+
+def first_line(error: BaseException) -> str:
+    """``Type: first line of its message``, for a log line or an error that quotes ``error``."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -28,7 +28,7 @@ from sessions.database import (
     upsert_into,
     upsert_into_table,
 )
-from sessions.errors import SessionLimitError, StoreUnavailableError
+from sessions.errors import SessionLimitError, StoreUnavailableError, first_line
 from sessions.events import (
     Batch,
     CreateEvent,
@@ -128,7 +128,7 @@ class SessionStore:
             log.warning(
                 "batch %s: the database refused a value (%s); applying its events one by one",
                 decoded.batch_id,
-                _first_line(exc),
+                first_line(exc),
             )
             return self._transaction(lambda connection: self._apply_each(connection, decoded, now))
 
@@ -174,7 +174,7 @@ class SessionStore:
                 refused.append(
                     RejectedEvent(
                         payload=event.model_dump(mode="json"),
-                        reason=reason + _first_line(getattr(exc, "orig", None) or exc),
+                        reason=reason + first_line(getattr(exc, "orig", None) or exc),
                     )
                 )
         self._dead_letter(connection, decoded.batch_id, [*decoded.rejected, *refused], now)
@@ -674,8 +674,3 @@ def _payload_text(payload: Any) -> str:
 def _storable(text: str) -> str:
     """``text`` as a database text column takes it: no NUL, no lone surrogate (escaped)."""
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -80,3 +80,34 @@ def temporary_postgres_database(prefix: str = "sessions_test") -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+#: Where the test suite finds a MariaDB (or MySQL) server: a database the store must refuse.
+MARIADB_ADMIN_URL = os.environ.get(
+    "SESSIONS_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/mysql"
+)
+
+
+@contextmanager
+def temporary_mariadb_database(prefix: str = "sessions_test") -> Iterator[str]:
+    """A new, empty MariaDB database for the duration of the block, dropped afterwards.
+
+    Skips (fails with ``SESSIONS_REQUIRE_SERVICES=1``) without the server or the driver.
+    """
+    url = make_url(MARIADB_ADMIN_URL)
+    try:
+        import pymysql  # noqa: F401  (the driver the URL names; a test-only dependency)
+    except ImportError:
+        missing_service("pymysql is not installed (pip install '.[test]')")
+    if not _port_open(url.host or "127.0.0.1", url.port or 3306):
+        missing_service(f"MariaDB is not answering at {url.host}:{url.port or 3306}")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f"CREATE DATABASE `{name}`"))
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+        admin.dispose()

@@ -1,7 +1,10 @@
 """The Celery app, and the process signals that keep the store healthy around it.
 
 A worker and beat migrate the database once at start, so a worker pointed at an empty
-database just works: the worker in ``celeryd_after_setup`` (like ``worker_init`` it runs in the
+database just works, and refuse to start (exit status 78, ``EX_CONFIG``) on a database that
+answers but cannot be used: a dialect the store does not support, a schema that is not at
+the newest revision after the upgrade. A database that does not answer is waited for. The
+worker in ``celeryd_after_setup`` (like ``worker_init`` it runs in the
 main process before the pool forks and before anything is consumed, but after logging is set
 up, so the outcome is in the worker's log), beat in ``beat_init``. ``worker_process_init``
 drops the connection pool a prefork child inherits from its parent (shared sockets break both
@@ -16,6 +19,7 @@ exits; the main process closes the endpoint at shutdown.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -27,11 +31,15 @@ from celery.signals import (
     worker_process_shutdown,
     worker_shutdown,
 )
-from sqlalchemy.exc import SQLAlchemyError
 
-from sessions.errors import StoreUnavailableError
+from sessions.database import require_head, upgrade_schema
+from sessions.errors import (
+    SchemaNotAtHeadError,
+    StoreUnavailableError,
+    StoreUnusableError,
+    first_line,
+)
 from sessions.settings import Settings, get_settings, mask_url
-from sessions.store import SessionStore
 from workers import metrics
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,9 @@ log = logging.getLogger(__name__)
 #: Attempts at the start-up migration; a worker and beat starting together on an empty
 #: database race to create the schema, and the loser finds it done on its next attempt.
 MIGRATION_ATTEMPTS = 3
+#: Exit status of a worker or beat that refuses to start on a database it cannot use
+#: (``EX_CONFIG`` of sysexits.h: a supervisor should not restart it until someone fixes it).
+REFUSED_EXIT_CODE = os.EX_CONFIG
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -59,30 +70,56 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 app = create_app()
 
+#: Whether this process, or the one it was forked from, found the schema at the newest revision.
+_schema_ready = False
 
-def migrate_store(settings: Settings | None = None) -> None:
-    """Bring the schema to the newest revision; log (not raise) when the database is away.
+
+def ensure_schema(settings: Settings | None = None) -> None:
+    """:func:`migrate_store` once: at start, or at first use if the database was away then.
+
+    Raises what :func:`migrate_store` raises.
+    """
+    global _schema_ready
+    if not _schema_ready:
+        _schema_ready = migrate_store(settings)
+
+
+def migrate_store(settings: Settings | None = None) -> bool:
+    """Bring the schema to the newest revision; ``False`` (logged) if the database is away.
 
     A worker that starts while the database is down keeps running: ingest retries with
-    backoff until the database is back (and then migrates it on first use).
+    backoff until the database is back. A database that answers but cannot be used is
+    another matter: raises :class:`~sessions.errors.StoreUnusableError` (a dialect the store
+    does not support, a schema still not at the newest revision after
+    :data:`MIGRATION_ATTEMPTS` upgrades, each failure logged) naming the masked URL.
     """
     settings = settings or get_settings()
+    url = settings.database_url
     for attempt in range(1, MIGRATION_ATTEMPTS + 1):
-        store = SessionStore(settings.database_url, settings=settings)
+        failure: Exception | None = None
         try:
-            store.upgrade()
-            log.info("database at %s is at the newest schema", mask_url(settings.database_url))
-            return
+            upgrade_schema(url)
         except StoreUnavailableError as exc:
-            log.error("cannot migrate at start, tasks will retry until it is back: %s", exc)
-            return
-        except SQLAlchemyError as exc:
+            log.error("cannot migrate now, tasks will retry until it is back: %s", exc)
+            return False
+        except StoreUnusableError:
+            raise
+        except Exception as exc:  # an SQLAlchemy or Alembic error: maybe a race, maybe not
+            failure = exc
+        try:  # after a failure too: another process migrating at the same time may be done
+            revision = require_head(url)
+        except SchemaNotAtHeadError as exc:
+            why = f"; upgrading it failed: {first_line(failure)}" if failure else ""
             if attempt == MIGRATION_ATTEMPTS:
-                raise
-            log.info("schema upgrade raced another process (%s); trying again", exc)
+                raise SchemaNotAtHeadError(f"{exc}{why}") from failure
+            log.warning(
+                "%s (attempt %d of %d); trying again", f"{exc}{why}", attempt, MIGRATION_ATTEMPTS
+            )
             time.sleep(0.5 * attempt)
-        finally:
-            store.dispose()
+            continue
+        log.info("database at %s is at the newest schema (%s)", mask_url(url), revision)
+        return True
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @celeryd_after_setup.connect  # type: ignore[untyped-decorator]
@@ -106,7 +143,14 @@ def _prepare() -> None:
 
     settings = get_settings()
     celeryconfig.prepare_broker(settings)
-    migrate_store(settings)
+    try:
+        ensure_schema(settings)
+    except StoreUnusableError as exc:
+        # Celery logs and ignores an exception a signal handler raises, and would go on to
+        # consume on a database it cannot write to; SystemExit is not caught, and nothing
+        # has been started yet (no pool, no broker connection) that would need stopping.
+        log.critical("refusing to start: %s", exc)
+        raise SystemExit(REFUSED_EXIT_CODE) from None
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]

@@ -3,6 +3,13 @@
 Each task is one call into the process's :class:`SessionStore` and a log line saying what
 changed. Delivery is at least once (``acks_late``); the store's ledger makes a redelivered
 batch change nothing.
+
+An ingest message ends in exactly one of three places: applied (its batch id in the
+ledger), set aside (in ``dead_letters``, its batch id claimed), or back on the queue. Celery
+acknowledges a task that raises (``task_acks_on_failure_or_timeout`` is true by default, and
+with it false the message is rejected without requeue: gone either way), so no exception but
+Celery's own ``Retry`` and ``Reject`` leaves :func:`ingest`: whatever could not be applied nor
+set aside is retried later, as a new message published before this one is acknowledged.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject, Retry
 from sqlalchemy.exc import (
     DataError,
     DisconnectionError,
@@ -23,13 +31,13 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from sessions.errors import StoreUnavailableError
+from sessions.errors import StoreUnavailableError, first_line
 from sessions.events import peek_batch_id
 from sessions.records import DeadLetterReason
 from sessions.settings import get_settings
 from sessions.store import SessionStore
 from workers import metrics
-from workers.app import app
+from workers.app import app, ensure_schema
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +57,23 @@ RETRY_BACKOFF_BASE = 1.0
 RETRY_BACKOFF_MAX = 300.0
 #: Retries of an unexpected error before the batch is dead-lettered instead.
 UNEXPECTED_ERROR_RETRIES = 5
+#: Longest a pool process waits before it rejects a message back to the queue, when Celery
+#: could not publish its retry (the broker refused the publish).
+REQUEUE_DELAY_MAX = 10.0
 
 _store: SessionStore | None = None
 _store_lock = threading.Lock()
 
 
 def get_store() -> SessionStore:
-    """The process's store, created from settings on first use (after any fork)."""
+    """The process's store, created from settings on first use (after any fork).
+
+    A worker that started while the database was away migrates it here, once it answers;
+    raises :class:`~sessions.errors.StoreUnusableError` if it cannot be used.
+    """
     global _store
     with _store_lock:
+        ensure_schema()
         if _store is None:
             _store = SessionStore.from_settings(get_settings())
         return _store
@@ -82,39 +98,43 @@ def ingest(self: Task, batch: Any) -> dict[str, int]:
     """Apply one batch of events exactly once; its invalid events are dead-lettered.
 
     A database outage retries the same message (same ``batch_id``) with exponential backoff,
-    forever; a payload that can never be applied is dead-lettered with its reason.
+    forever; a payload that can never be applied is dead-lettered with its reason. A batch
+    that can be neither applied nor dead-lettered (the database refuses both writes) is
+    retried with the same capped backoff until one of them works: it is never acknowledged.
     """
     batch_id = peek_batch_id(batch)
     try:
-        if self.request.delivery_info and self.request.delivery_info.get("redelivered"):
-            poison = _poison_reason(self.request.id)
+        return _ingest(self, batch, batch_id)
+    except (Retry, Reject):
+        raise
+    except Exception as exc:
+        why = "neither applied nor set aside, back on the queue"
+        raise _retry(self, batch_id, exc, why, logging.ERROR) from exc
+
+
+def _ingest(task: Task, batch: Any, batch_id: str | None) -> dict[str, int]:
+    try:
+        if task.request.delivery_info and task.request.delivery_info.get("redelivered"):
+            poison = _poison_reason(task.request.id)
             if poison:
-                return _dead_letter(self, batch, poison, "poison")
+                return _dead_letter(task, batch, poison, "poison")
         started = time.perf_counter()
         result = get_store().apply(batch)
         seconds = time.perf_counter() - started
     except OUTAGE_ERRORS as exc:
-        countdown = backoff(self.request.retries)
-        log.warning(
-            "batch %s: database unavailable (%s); retry %d in %.1f s",
-            batch_id,
-            _short(exc),
-            self.request.retries + 1,
-            countdown,
-        )
-        raise self.retry(exc=exc, countdown=countdown) from exc
+        raise _retry(task, batch_id, exc, "database unavailable") from exc
     except PERMANENT_ERRORS as exc:
-        return _dead_letter(self, batch, f"cannot be applied: {_short(exc)}", "cannot_apply")
+        return _dead_letter(task, batch, f"cannot be applied: {first_line(exc)}", "cannot_apply")
     except Exception as exc:
-        if self.request.retries >= UNEXPECTED_ERROR_RETRIES:
+        if task.request.retries >= UNEXPECTED_ERROR_RETRIES:
             return _dead_letter(
-                self,
+                task,
                 batch,
-                f"failed {self.request.retries + 1} times: {_short(exc)}",
+                f"failed {task.request.retries + 1} times: {first_line(exc)}",
                 "unexpected_error",
             )
         log.exception("batch %s: unexpected error; will retry", batch_id)
-        raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
+        raise retry_later(task, exc, backoff(task.request.retries)) from exc
     metrics.record_apply(result, seconds)
     log.info(
         "batch %s: %d events applied, %d duplicate, %d dead-lettered",
@@ -124,6 +144,47 @@ def ingest(self: Task, batch: Any) -> dict[str, int]:
         result.rejected,
     )
     return {"applied": result.applied, "duplicate": result.duplicate, "rejected": result.rejected}
+
+
+def _retry(
+    task: Task, batch_id: str | None, exc: Exception, why: str, level: int = logging.WARNING
+) -> Retry | Reject:
+    """:func:`retry_later` after the next backoff, saying so in the log at ``level``."""
+    countdown = backoff(task.request.retries)
+    log.log(
+        level,
+        "batch %s: %s (%s); retry %d in %.1f s",
+        batch_id,
+        why,
+        first_line(exc),
+        task.request.retries + 1,
+        countdown,
+    )
+    return retry_later(task, exc, countdown)
+
+
+def retry_later(task: Task, exc: Exception, countdown: float) -> Retry | Reject:
+    """What to raise so that the message comes back in ``countdown`` seconds, never lost.
+
+    Celery's retry publishes a copy of the message (with its retry count and an ETA)
+    before the worker acknowledges this one. If that publish fails, Celery raises
+    ``Reject(requeue=False)``, which drops the message: instead, wait a bounded time
+    (:data:`REQUEUE_DELAY_MAX` at most) and reject it back to its queue.
+    """
+    try:
+        retry: Retry = task.retry(exc=exc, countdown=countdown, throw=False)
+        return retry
+    except Reject as refused:
+        delay = min(countdown, REQUEUE_DELAY_MAX)
+        log.error(
+            "could not publish the retry of message %s (%s); rejecting it back to the queue "
+            "in %.1f s",
+            task.request.id,
+            first_line(refused.reason) if isinstance(refused.reason, BaseException) else "",
+            delay,
+        )
+        time.sleep(delay)  # bounded: the queue would hand it straight back
+        return Reject(refused.reason, requeue=True)
 
 
 def _poison_reason(message_id: str) -> str | None:
@@ -144,11 +205,15 @@ def _poison_reason(message_id: str) -> str | None:
 
 
 def _dead_letter(task: Task, batch: Any, reason: str, kind: DeadLetterReason) -> dict[str, int]:
-    """Set ``batch`` aside with ``reason``, counted as ``kind``; retried if the database is away."""
+    """Set ``batch`` aside with ``reason``, counted as ``kind``; retried if the database is away.
+
+    Any other failure to write the dead letter is raised (and the message retried by
+    :func:`ingest`).
+    """
     try:
         get_store().dead_letter(batch, reason)
     except OUTAGE_ERRORS as exc:
-        raise task.retry(exc=exc, countdown=backoff(task.request.retries)) from exc
+        raise retry_later(task, exc, backoff(task.request.retries)) from exc
     metrics.record_dead_letter(kind)
     log.error("dead-lettered a batch: %s", reason)
     return {"applied": 0, "duplicate": 0, "rejected": 1}
@@ -213,8 +278,3 @@ def _log_sweep(what: str, changed: tuple[str, ...]) -> None:
 def _sample(ids: tuple[str, ...], limit: int = 20) -> str:
     shown = ", ".join(ids[:limit])
     return shown if len(ids) <= limit else f"{shown} (and {len(ids) - limit} more)"
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -91,13 +91,17 @@ class Fleet:
         concurrency: int = 2,
         queues: str | None = None,
         pool: str | None = None,
+        include: str | None = None,
     ) -> list[CeleryProcess]:
-        """``count`` workers started side by side; all are consuming when this returns."""
+        """``count`` workers started side by side; all are consuming when this returns.
+
+        ``include`` names a module of test code each worker imports at start (``--include``).
+        """
+        arguments = worker_arguments(concurrency, queues, pool)
+        if include:
+            arguments += ["--include", include]
         started = [
-            CeleryProcess(
-                "worker", worker_arguments(concurrency, queues, pool), self.environment, self.logs
-            )
-            for _ in range(count)
+            CeleryProcess("worker", arguments, self.environment, self.logs) for _ in range(count)
         ]
         self.started += started
         for worker in started:
@@ -105,9 +109,13 @@ class Fleet:
         return started
 
     def worker(
-        self, concurrency: int = 2, queues: str | None = None, pool: str | None = None
+        self,
+        concurrency: int = 2,
+        queues: str | None = None,
+        pool: str | None = None,
+        include: str | None = None,
     ) -> CeleryProcess:
-        return self.workers(1, concurrency, queues, pool)[0]
+        return self.workers(1, concurrency, queues, pool, include)[0]
 
     def beats(self, count: int = 1) -> list[CeleryProcess]:
         started = [
