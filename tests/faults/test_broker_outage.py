@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from itertools import accumulate, takewhile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -350,7 +351,7 @@ def test_redis_killed_and_restarted_empty_while_agents_record_loses_nothing_and_
         recorders, producers = recording_agents(tracker, reference, sessions, rate=150)
         burst = Recorder(tracker, reference)
         broker = redis_server.client()
-        #: Per restart: messages queued (taken by no worker) just before the kill, seconds
+        #: Per restart: messages seen queued (taken by no worker) just before the kill, seconds
         #: until the worker consumed again, seconds until everything recorded before the kill
         #: was applied, and batches published again by then.
         queued_at_kill: list[int] = []
@@ -372,12 +373,14 @@ def test_redis_killed_and_restarted_empty_while_agents_record_loses_nothing_and_
                 for index in range(first, first + BURST_EVENTS):
                     burst.record(sessions[index % len(sessions)], index)
                 tracker.flush()
-                wait_until(
-                    lambda broker=broker: int(broker.llen("sessions.events")) > 0,  # type: ignore[misc]
-                    timeout=30,
-                    message="messages queued that no worker has taken",
-                )
-                queued_at_kill.append(int(broker.llen("sessions.events")))  # type: ignore[attr-defined]
+                seen: list[int] = []
+
+                def queued(broker: Any = broker, seen: list[int] = seen) -> bool:
+                    seen.append(int(broker.llen("sessions.events")))
+                    return seen[-1] > 0
+
+                wait_until(queued, timeout=30, message="messages queued that no worker has taken")
+                queued_at_kill.append(seen[-1])
                 before = tracker.stats
                 losses = worker.count("Connection to broker lost")
                 connections = worker.count(r"Connected to redis://")
@@ -437,8 +440,8 @@ def test_redis_killed_and_restarted_empty_while_agents_record_loses_nothing_and_
         row.dead_lettered = monitor.dead_letter_count()
         row.notes.append(
             f"{restarts} kill(s) of >= {KILLED_SECONDS:g} s, each with "
-            f"{', '.join(map(str, queued_at_kill))} messages queued and untaken; worker pid "
-            f"{pid} throughout, consuming again "
+            f"{', '.join(map(str, queued_at_kill))} messages seen queued and untaken just "
+            f"before; worker pid {pid} throughout, consuming again "
             f"{', '.join(f'{t:.1f}' for t in reconnected)} s and everything recorded before "
             f"the kill applied {', '.join(f'{t:.1f}' for t in recovered)} s after Redis "
             f"answered; batches published again per restart {republished} "
