@@ -3,15 +3,14 @@
 The broker is a private ``redis-server`` of this test's own, and the worker is started exactly
 as the README says (``celery -A workers worker -Q sessions.events,sessions.maintenance``): it
 must outlive every restart of its broker on its own, so no scenario here ever restarts it (it
-is the same process, alive, at the end). Producer threads record through a
-real :class:`SessionTracker` (its spool in a folder under ``tmp_path``) before, during and after
-an outage of several seconds. ``record`` must never raise (its worst latency during the outage
-is measured and reported, never asserted); the batches that could not be published go to the
-spool and are replayed once Redis answers again; the database ends with exactly the events
-sent. The server is shut down as an operator would (``SHUTDOWN SAVE``) so that the messages it
-had already accepted survive the restart: what is under test is the client, not Redis's
-durability (a server without persistence that is killed loses its queue, whatever any client
-does).
+is the same process, alive, at the end). Producer threads record through a real
+:class:`SessionTracker` (its spool in a folder under ``tmp_path``) before, during and after an
+outage of several seconds. ``record`` must never raise (its worst latency during the outage is
+measured and reported, never asserted); the batches that could not be published go to the spool
+and are replayed once Redis answers again; the database ends with exactly the events sent. The
+server is shut down as an operator would (``SHUTDOWN SAVE``) so that the messages it had
+already accepted survive the restart: what is under test is the client's spool, not Redis's
+durability (a server killed without persistence loses its queue: the third case).
 
 A second case closes a tracker during the outage: its unsent batches stay in the spool, and a
 new tracker (same spool folder, same broker URL: the same spool file) replays them.
@@ -36,7 +35,12 @@ from typing import Any
 import pytest
 
 from sessions.settings import Settings
-from sessions.tracker import BACKLOG_RECHECK_INTERVAL, CONFIRM_POLL_INTERVAL, SessionTracker
+from sessions.tracker import (
+    BACKLOG_RECHECK_INTERVAL,
+    CONFIRM_POLL_INTERVAL,
+    REPLAY_CHUNK,
+    SessionTracker,
+)
 from tests.faults.harness import (
     SETTLE_DEADLINE,
     Fleet,
@@ -72,9 +76,9 @@ KILLED_SECONDS = 2.0
 #: (and under half the tracker's buffer of 100 batches, which the producers share).
 BURST_EVENTS = 2000
 #: Celery's consumer tries a lost broker again after 2, 4, 6, ... and at most 30 s (kombu's
-#: ``ensure_connection`` defaults, which Celery uses), each try bounded by
-#: ``broker_connection_timeout`` (2 s, celeryconfig).
+#: ``ensure_connection`` defaults, which Celery uses) ...
 CELERY_RETRY_INTERVALS = tuple(min(30, 2 * n) for n in range(1, 16))
+#: ... and ``broker_connection_timeout`` (celeryconfig) bounds each try.
 CONNECT_SECONDS = 2.0
 #: What a worker does after connecting before it consumes: mingle waits 1 s for neighbours.
 READY_SECONDS = 1.0
@@ -138,10 +142,10 @@ def recovery_deadline(backlog: int, unconfirmed: int) -> float:
 
     The tracker publishes a lost batch again ``CONFIRM_TIMEOUT`` after its publish, but only
     once the worker has no backlog (the queue is looked at again every
-    ``BACKLOG_RECHECK_INTERVAL``), and 50 at a look of the ledger (every
+    ``BACKLOG_RECHECK_INTERVAL``), and ``REPLAY_CHUNK`` at a look of the ledger (every
     ``CONFIRM_POLL_INTERVAL``)."""
     drain = backlog / WORKER_SPARE_RATE
-    looks = 1 + unconfirmed // 50
+    looks = 1 + unconfirmed // REPLAY_CHUNK
     return BUSY_MACHINE * (
         drain + CONFIRM_TIMEOUT + BACKLOG_RECHECK_INTERVAL + looks * CONFIRM_POLL_INTERVAL
     )
