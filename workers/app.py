@@ -10,6 +10,10 @@ up, so the outcome is in the worker's log), beat in ``beat_init``. ``worker_proc
 drops the connection pool a prefork child inherits from its parent (shared sockets break both
 ends).
 
+Before any connection is made, :mod:`workers.stale_channel` makes a Redis channel whose broker
+connection is gone fail with a connection error instead of killing the worker (Celery 5.7 with
+kombu's Redis transport, after a broker restart).
+
 Metrics (:mod:`workers.metrics`) start in the main process with the worker, before the pool
 forks (so pool processes inherit multiprocess mode); a pool process lets go of the endpoint's
 socket when it starts and does prometheus-client's bookkeeping for a dead process when it
@@ -40,7 +44,7 @@ from sessions.errors import (
     first_line,
 )
 from sessions.settings import Settings, get_settings, mask_url
-from workers import metrics
+from workers import metrics, stale_channel
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     return own
 
 
+stale_channel.install()
 app = create_app()
 
 #: Whether this process, or the one it was forked from, found the schema at the newest revision.

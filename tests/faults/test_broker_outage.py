@@ -1,30 +1,48 @@
 """Scenario 3: Redis stopped while agents keep recording, then started again.
 
-The broker is a private ``redis-server`` of this test's own. Producer threads record through a
-real :class:`SessionTracker` (its spool in a folder under ``tmp_path``) before, during and after
-an outage of several seconds. ``record`` must never raise (its worst latency during the outage
-is measured and reported, never asserted); the batches that could not be published go to the
-spool and are replayed once Redis answers again; the database ends with exactly the events
-sent. The server is shut down as an operator would (``SHUTDOWN SAVE``) so that the messages it
-had already accepted survive the restart: what is under test is the client, not Redis's
-durability (a server without persistence that is killed loses its queue, whatever any client
-does).
+The broker is a private ``redis-server`` of this test's own, and the worker is started exactly
+as the README says (``celery -A workers worker -Q sessions.events,sessions.maintenance``): it
+must outlive every restart of its broker on its own, so no scenario here ever restarts it (it
+is the same process, alive, at the end). Producer threads record through a real
+:class:`SessionTracker` (its spool in a folder under ``tmp_path``) before, during and after an
+outage of several seconds. ``record`` must never raise (its worst latency during the outage is
+measured and reported, never asserted); the batches that could not be published go to the spool
+and are replayed once Redis answers again; the database ends with exactly the events sent. The
+server is shut down as an operator would (``SHUTDOWN SAVE``) so that the messages it had
+already accepted survive the restart: what is under test is the client's spool, not Redis's
+durability (a server killed without persistence loses its queue: the third case).
 
 A second case closes a tracker during the outage: its unsent batches stay in the spool, and a
 new tracker (same spool folder, same broker URL: the same spool file) replays them.
+
+A third case SIGKILLs Redis and starts it again *empty* (no persistence: a restarted cache, a
+failed-over replica), several times while agents record, each time while the queue holds
+messages no worker has taken. Those are gone with the server; the tracker sees them missing
+from the ledger and publishes them again, and the worker, which lost its connection in the
+middle of acknowledging and rejecting messages (``workers.stale_channel``), reconnects and
+applies them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
+from itertools import accumulate, takewhile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sessions.settings import Settings
-from sessions.tracker import SessionTracker
+from sessions.tracker import (
+    BACKLOG_RECHECK_INTERVAL,
+    CONFIRM_POLL_INTERVAL,
+    REPLAY_CHUNK,
+    SessionTracker,
+)
 from tests.faults.harness import (
+    SETTLE_DEADLINE,
     Fleet,
     Monitor,
     Producer,
@@ -39,6 +57,7 @@ from tests.faults.harness import (
 )
 from tests.faults.report import scaled
 from tests.faults.servers import PrivateRedis
+from tests.workers_harness import CeleryProcess
 
 pytestmark = [pytest.mark.slow]
 
@@ -48,8 +67,95 @@ OUTAGE_SECONDS = 5.0
 #: acknowledge over the lost connection comes back this soon (the ledger drops a second copy).
 VISIBILITY_SECONDS = 5
 #: A batch the ledger still lacks this long after it was published is published again: a
-#: worker that dies in a broker reconnect can take a batch it was receiving with it.
+#: Redis restarted empty forgets what it held, and a worker can lose a batch it was receiving.
 CONFIRM_TIMEOUT = 5.0
+#: How long Redis stays dead at least in the empty-restart case (agents record meanwhile).
+KILLED_SECONDS = 2.0
+#: Events one agent records at once just before a kill, so that the queue holds messages no
+#: worker has taken yet when Redis dies: 40 batches of 50 where a worker reserves 8 at a time
+#: (and under half the tracker's buffer of 100 batches, which the producers share).
+BURST_EVENTS = 2000
+#: Celery's consumer tries a lost broker again after 2, 4, 6, ... and at most 30 s (kombu's
+#: ``ensure_connection`` defaults, which Celery uses) ...
+CELERY_RETRY_INTERVALS = tuple(min(30, 2 * n) for n in range(1, 16))
+#: ... and ``broker_connection_timeout`` (celeryconfig) bounds each try.
+CONNECT_SECONDS = 2.0
+#: What a worker does after connecting before it consumes: mingle waits 1 s for neighbours.
+READY_SECONDS = 1.0
+#: Both cores are shared with other suites: whatever the sums above allow, allow this much more.
+BUSY_MACHINE = 3.0
+#: Messages a second the README's worker applies beyond what the agents of the empty-restart
+#: case send (10 a second: one per flush interval), at the least: it was seen applying 25 a
+#: second with both cores shared with a load average of 10.
+WORKER_SPARE_RATE = 5.0
+#: The empty-restart case's agents cut a batch every 100 ms (30 events), a load the worker can
+#: get ahead of on a busy machine: the tracker holds back republishing while the queue has a
+#: backlog, so an agent sending more than the worker applies would delay it until it stops.
+EMPTY_CASE_FLUSH_INTERVAL = 0.1
+#: The worker command, exactly as the README gives it ("Running it in production").
+README_WORKER = ["worker", "-Q", "sessions.events,sessions.maintenance", "--loglevel", "INFO"]
+
+
+@contextlib.contextmanager
+def readme_pipeline(
+    tmp_path: Path, url: str, broker: str
+) -> Iterator[tuple[Settings, Monitor, CeleryProcess]]:
+    """The agents' settings, a monitor of the database and one worker started as the README
+    says (Celery's own defaults: prefork with one process per core, mingle, gossip and
+    heartbeats on), consuming when this yields; the worker is killed at the end."""
+    environment, settings = _configuration(tmp_path, url, broker)
+    with Fleet(environment, tmp_path) as fleet, Monitor(url) as monitor:
+        worker = CeleryProcess("worker", README_WORKER, fleet.environment, fleet.logs)
+        fleet.started.append(worker)
+        worker.wait_for_log(r"@\S+ ready\.", timeout=60)
+        yield settings, monitor, worker
+
+
+def recording_agents(
+    tracker: SessionTracker, reference: Reference, sessions: list[str], rate: float
+) -> tuple[list[Recorder], list[Producer]]:
+    """Two agent threads recording through ``tracker``, each over half of ``sessions`` at
+    ``rate`` events a second; started."""
+    recorders = [Recorder(tracker, reference) for _ in range(2)]
+    producers = [
+        Producer(recorder, sessions[number::2], rate=rate)
+        for number, recorder in enumerate(recorders)
+    ]
+    for producer in producers:
+        producer.start()
+    return recorders, producers
+
+
+def reconnect_deadline(down_for: float) -> float:
+    """Seconds from Redis answering again until a worker that lost it ``down_for`` seconds
+    earlier is consuming: the gap between Celery's tries around that moment, one try, mingle."""
+    tried_at = [0.0, *accumulate(CELERY_RETRY_INTERVALS)]
+    passed = len(list(takewhile(lambda moment: moment <= down_for, tried_at)))
+    gap = CELERY_RETRY_INTERVALS[min(passed - 1, len(CELERY_RETRY_INTERVALS) - 1)]
+    return BUSY_MACHINE * (gap + CONNECT_SECONDS + READY_SECONDS)
+
+
+def recovery_deadline(backlog: int, unconfirmed: int) -> float:
+    """Seconds until everything a restart took with it is applied, once the worker consumes
+    again with ``backlog`` messages ahead of it (queued, or still in the tracker's spool) and
+    ``unconfirmed`` published batches (some lost) in the tracker's outbox.
+
+    The tracker publishes a lost batch again ``CONFIRM_TIMEOUT`` after its publish, but only
+    once the worker has no backlog (the queue is looked at again every
+    ``BACKLOG_RECHECK_INTERVAL``), and ``REPLAY_CHUNK`` at a look of the ledger (every
+    ``CONFIRM_POLL_INTERVAL``)."""
+    drain = backlog / WORKER_SPARE_RATE
+    looks = 1 + unconfirmed // REPLAY_CHUNK
+    return BUSY_MACHINE * (
+        drain + CONFIRM_TIMEOUT + BACKLOG_RECHECK_INTERVAL + looks * CONFIRM_POLL_INTERVAL
+    )
+
+
+def assert_same_worker(worker: CeleryProcess, pid: int) -> None:
+    """The worker the scenario started is alive and was never replaced."""
+    assert worker.process.pid == pid
+    assert worker.process.poll() is None, f"the worker exited:\n{worker.log[-3000:]}"
+    assert "Unrecoverable error" not in worker.log, worker.log[-3000:]
 
 
 def stop_redis(server: PrivateRedis) -> None:
@@ -88,49 +194,26 @@ def test_redis_down_while_agents_record_is_spooled_and_replayed_to_exact_counts(
 ) -> None:
     began = time.monotonic()
     url = fault_database_url
-    environment, settings = _configuration(tmp_path, url, redis_server.url)
     reference = Reference()
     outages = scaled(1)
     sessions = [f"broker-outage-{n}" for n in range(20)]
-    with Fleet(environment, tmp_path) as fleet, Monitor(url) as monitor:
-        worker = fleet.worker(concurrency=2)
-        worker_restarts = 0
-
-        def supervise() -> None:
-            """Restart the worker if it died, as systemd or a compose restart policy would.
-
-            Celery 5.7's consumer can die on a broker restart ("Unrecoverable error:
-            AttributeError: 'NoneType' object has no attribute 'hostname'" in
-            on_connection_error_after_connected); that is reported, not hidden.
-            """
-            nonlocal worker, worker_restarts
-            if worker.process.poll() is not None:
-                worker_restarts += 1
-                worker = fleet.worker(concurrency=2)
-
+    with readme_pipeline(tmp_path, url, redis_server.url) as (settings, monitor, worker):
+        pid = worker.process.pid
         tracker = SessionTracker(settings, max_batch_events=50, flush_interval=0.02)
-        recorders = [Recorder(tracker, reference) for _ in range(2)]
-        producers = [
-            Producer(recorder, sessions[number::2], rate=250)
-            for number, recorder in enumerate(recorders)
-        ]
-        for producer in producers:
-            producer.start()
+        recorders, producers = recording_agents(tracker, reference, sessions, rate=250)
         outage_worst = 0.0
         spooled_in_outages = 0
         #: Seconds from Redis answering again to the first replayed batch / an empty spool.
         first_replay: list[float] = []
         drained: list[float] = []
+        down_for = 0.0
         try:
             for _ in range(outages):
                 applied = monitor.ledger_count()
                 wait_until(
-                    lambda applied=applied: (  # type: ignore[misc]
-                        supervise() or monitor.ledger_count() >= applied + 5
-                    ),
-                    # After an earlier outage the worker reconnects with Celery's backoff
-                    # (2 s, 4 s, ... up to 30 s between tries): allow for it.
-                    timeout=120,
+                    lambda applied=applied: monitor.ledger_count() >= applied + 5,  # type: ignore[misc]
+                    # After an outage the worker is back when Celery's next try finds Redis.
+                    timeout=reconnect_deadline(down_for),
                     message="batches being applied before the outage",
                 )
                 spooled = tracker.stats.events_spooled
@@ -149,6 +232,7 @@ def test_redis_down_while_agents_record_is_spooled_and_replayed_to_exact_counts(
                 replayed = tracker.stats.events_replayed
                 redis_server.start()
                 restarted = time.monotonic()
+                down_for = restarted - stopped
                 outage_worst = max(outage_worst, *(r.worst for r in recorders))
                 spooled_in_outages += tracker.stats.events_spooled - spooled
                 wait_until(
@@ -166,7 +250,6 @@ def test_redis_down_while_agents_record_is_spooled_and_replayed_to_exact_counts(
         finally:
             for producer in producers:
                 producer.stop()  # raises if record() ever raised
-        supervise()
         problem = settle(tracker, redis_server.client())
         tracker.close()
         stats = tracker.stats
@@ -183,10 +266,12 @@ def test_redis_down_while_agents_record_is_spooled_and_replayed_to_exact_counts(
             f"record() after the outage began {overall * 1e6:,.0f} us; first replay "
             f"{', '.join(f'{t:.1f}' for t in first_replay)} s and spool empty "
             f"{', '.join(f'{t:.1f}' for t in drained)} s after Redis answered again; "
-            f"worker restarted after dying in a broker reconnect: {worker_restarts} time(s); "
-            f"{stats.batches_republished} batches published again for want of confirmation"
+            f"worker pid {pid} throughout ({worker.count('Connection to broker lost')} "
+            f"connection losses); {stats.batches_republished} batches published again for "
+            "want of confirmation"
         )
 
+        assert_same_worker(worker, pid)
         assert problem is None, problem
         assert spooled_in_outages > 0
         assert stats.events_lost == 0 and stats.events_dropped == 0, stats
@@ -252,3 +337,128 @@ def test_a_tracker_closed_in_the_outage_leaves_its_batches_for_the_next_one(
         assert replayed.events_replayed == events, replayed
         assert outcome.exact, outcome.describe()
         assert row.dead_lettered == 0
+
+
+def test_redis_killed_and_restarted_empty_while_agents_record_loses_nothing_and_keeps_the_worker(
+    tmp_path: Path, fault_database_url: str, redis_server: PrivateRedis
+) -> None:
+    began = time.monotonic()
+    url = fault_database_url
+    reference = Reference()
+    restarts = scaled(3)
+    sessions = [f"broker-empty-{n}" for n in range(20)]
+    with readme_pipeline(tmp_path, url, redis_server.url) as (settings, monitor, worker):
+        pid = worker.process.pid
+        tracker = SessionTracker(
+            settings, max_batch_events=50, flush_interval=EMPTY_CASE_FLUSH_INTERVAL
+        )
+        recorders, producers = recording_agents(tracker, reference, sessions, rate=150)
+        burst = Recorder(tracker, reference)
+        broker = redis_server.client()
+        #: Per restart: messages seen queued (taken by no worker) just before the kill, seconds
+        #: until the worker consumed again, seconds until everything recorded before the kill
+        #: was applied, and batches published again by then.
+        queued_at_kill: list[int] = []
+        reconnected: list[float] = []
+        recovered: list[float] = []
+        republished: list[int] = []
+        down_for = 0.0
+        try:
+            for round_number in range(restarts):
+                applied = monitor.ledger_count()
+                wait_until(
+                    lambda applied=applied: monitor.ledger_count() >= applied + 5,  # type: ignore[misc]
+                    timeout=reconnect_deadline(down_for),
+                    message="batches being applied before the kill",
+                )
+                # A burst fills the queue beyond what the worker reserves: the kill takes
+                # messages no worker has seen with it, which only a republish brings back.
+                first = round_number * BURST_EVENTS
+                for index in range(first, first + BURST_EVENTS):
+                    burst.record(sessions[index % len(sessions)], index)
+                tracker.flush()
+                seen: list[int] = []
+
+                def queued(broker: Any = broker, seen: list[int] = seen) -> bool:
+                    seen.append(int(broker.llen("sessions.events")))
+                    return seen[-1] > 0
+
+                wait_until(queued, timeout=30, message="messages queued that no worker has taken")
+                queued_at_kill.append(seen[-1])
+                before = tracker.stats
+                losses = worker.count("Connection to broker lost")
+                connections = worker.count(r"Connected to redis://")
+                redis_server.stop()  # SIGKILL: no persistence, so it comes back empty
+                killed = time.monotonic()
+                wait_until(
+                    lambda spooled=before.events_spooled, killed=killed: (  # type: ignore[misc]
+                        tracker.stats.events_spooled > spooled
+                        and deadline_passed(killed, KILLED_SECONDS)
+                    ),
+                    timeout=60,
+                    message="batches spooled while Redis is dead",
+                )
+                redis_server.start()
+                restarted = time.monotonic()
+                down_for = restarted - killed
+                broker = redis_server.client()
+                persistence = broker.info("persistence")  # type: ignore[attr-defined]
+                assert persistence["rdb_last_load_keys_loaded"] == 0, persistence
+
+                def connected_again(connections: int = connections) -> bool:
+                    assert_same_worker(worker, pid)  # fails at once, with its log, if it died
+                    return worker.count(r"Connected to redis://") > connections
+
+                wait_until(
+                    connected_again,
+                    timeout=reconnect_deadline(down_for),
+                    message="the worker to connect to the restarted Redis",
+                )
+                assert worker.count("Connection to broker lost") > losses
+                applied = monitor.ledger_count()
+                wait_until(
+                    lambda applied=applied: monitor.ledger_count() > applied,  # type: ignore[misc]
+                    timeout=reconnect_deadline(0),
+                    message="the worker applying batches again after the restart",
+                )
+                reconnected.append(time.monotonic() - restarted)
+                now = tracker.stats
+                backlog = int(broker.llen("sessions.events"))  # type: ignore[attr-defined]
+                backlog += now.batches_failed - now.batches_replayed
+                deadline = recovery_deadline(backlog, now.batches_unconfirmed)
+                problem = settle(tracker, timeout=deadline)
+                assert problem is None, f"restart {round_number + 1}: {problem}"
+                recovered.append(time.monotonic() - restarted)
+                republished.append(tracker.stats.batches_republished - before.batches_republished)
+                assert_same_worker(worker, pid)
+        finally:
+            for producer in producers:
+                producer.stop()  # raises if record() ever raised
+        problem = settle(tracker, timeout=SETTLE_DEADLINE)
+        tracker.close()
+        stats = tracker.stats
+
+        outcome = compare(reference, url)
+        row = record_outcome("3c Redis SIGKILLed, restarted empty", outcome, began)
+        row.worst_record_us = max(recorder.worst for recorder in recorders) * 1e6
+        row.dead_lettered = monitor.dead_letter_count()
+        row.notes.append(
+            f"{restarts} kill(s) of >= {KILLED_SECONDS:g} s, each with "
+            f"{', '.join(map(str, queued_at_kill))} messages seen queued and untaken just "
+            f"before; worker pid {pid} throughout, consuming again "
+            f"{', '.join(f'{t:.1f}' for t in reconnected)} s and everything recorded before "
+            f"the kill applied {', '.join(f'{t:.1f}' for t in recovered)} s after Redis "
+            f"answered; batches published again per restart {republished} "
+            f"({stats.batches_republished} in all); {worker.count('Couldn.t ack')} "
+            f"acknowledgements on a dead channel dropped; {stats.events_spooled} events "
+            f"spooled, {stats.events_replayed} replayed"
+        )
+
+        assert_same_worker(worker, pid)
+        assert problem is None, problem
+        # The kills took messages no worker had taken with them: only a republish brought
+        # them back (a queued message may also have been a copy, so not per restart).
+        assert stats.batches_republished > 0, republished
+        assert stats.events_lost == 0 and stats.events_dropped == 0, stats
+        assert row.dead_lettered == 0
+        assert outcome.exact, outcome.describe()

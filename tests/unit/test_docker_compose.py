@@ -99,3 +99,80 @@ def test_the_workers_metrics_port_is_published_on_the_hosts_loopback_only(
     # Inside the container the endpoint must not bind loopback, or the published port is dead.
     assert settings.metrics_host == "0.0.0.0"
     assert f"127.0.0.1:{settings.metrics_port}:{settings.metrics_port}" in worker["ports"]
+
+
+#: Services that run once and exit (no restart policy, no health check).
+ONE_SHOT = {"migrate"}
+#: Restart policies under which Docker starts a service again when its process exits.
+RESTARTING = {"always", "unless-stopped", "on-failure"}
+
+
+def _health_command(service: dict[str, Any]) -> list[str]:
+    """The health check's command as the container's shell would run it (``$$`` is compose's
+    escape for a ``$`` it must not substitute itself)."""
+    test = service["healthcheck"]["test"]
+    kind, *words = test
+    if kind == "CMD-SHELL":
+        (line,) = words
+        return shlex.split(line.replace("$$", "$"))
+    assert kind == "CMD", test
+    return [word.replace("$$", "$") for word in words]
+
+
+def test_every_long_running_service_is_restarted_when_it_exits(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        if name in ONE_SHOT:
+            assert service.get("restart") == "no", f"{name} runs once; it must not be restarted"
+        else:
+            assert service.get("restart") in RESTARTING, f"{name}: no restart policy"
+
+
+def test_every_long_running_service_has_a_health_check(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        if name in ONE_SHOT:
+            continue
+        assert "healthcheck" in service, f"{name}: no health check"
+        assert _health_command(service), f"{name}: an empty health check"
+        assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
+
+
+def test_no_health_check_leaves_a_dollar_to_compose(compose: dict[str, Any]) -> None:
+    """A lone ``$`` is substituted by compose from the host's environment (to nothing): the
+    container's ``$HOSTNAME`` must be written ``$$HOSTNAME``."""
+    for name, service in compose["services"].items():
+        for word in service.get("healthcheck", {}).get("test", []):
+            assert not re.search(r"(?<!\$)\$(?!\$)", word.replace("$$", "")), (name, word)
+
+
+@pytest.mark.parametrize(
+    ("service", "node"),
+    [("worker", "celery@$HOSTNAME"), ("beat", "celerybeat@$HOSTNAME")],
+)
+def test_worker_and_beat_are_checked_by_a_celery_ping_to_their_own_node(
+    compose: dict[str, Any], service: str, node: str
+) -> None:
+    from celery.beat import beat_nodename
+    from celery.bin.celery import celery
+    from celery.utils.nodenames import default_nodename
+    from celery.worker.control import Panel
+
+    command = _health_command(compose["services"][service])
+    assert command[:5] == ["celery", "-A", "workers", "inspect", "ping"], command
+    assert Panel.meta["ping"].type == "inspect"
+    options = {opt for param in celery.commands["inspect"].params for opt in param.opts}
+    assert {word for word in command[5:] if word.startswith("-")} <= options, command
+    assert command[command.index("--destination") + 1] == node
+    # The node answers under Celery's default name for this host (neither command sets -n).
+    started = _command(compose["services"][service])
+    assert not {"-n", "--hostname"} & set(started), started
+    default = default_nodename(None) if service == "worker" else beat_nodename()
+    assert node.replace("$HOSTNAME", default.split("@", 1)[1]) == default
+
+
+def test_beat_answers_pings(compose: dict[str, Any]) -> None:
+    from celery.bin.celery import celery
+
+    command = _command(compose["services"]["beat"])
+    assert "--enable-remote-control" in command
+    options = {opt for param in celery.commands["beat"].params for opt in param.opts}
+    assert "--enable-remote-control" in options
