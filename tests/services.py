@@ -90,7 +90,10 @@ def temporary_rabbitmq_vhost(prefix: str = "sessions-test") -> Iterator[str]:
     afterwards with everything in it; the machine's other vhosts are never touched."""
     require_rabbitmq()
     name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("add_vhost", name)
+    except subprocess.CalledProcessError as exc:
+        missing_service(f"{RABBITMQCTL} cannot manage the RabbitMQ node: {exc.stderr.strip()}")
     try:
         rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
         yield f"{RABBITMQ_URL.rstrip('/')}/{name}"
