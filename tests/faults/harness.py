@@ -467,9 +467,13 @@ def settle(
     empty (nothing queued, nothing unacknowledged, which includes retries waiting for their
     countdown) across a whole round of waiting: whatever is still unapplied then will never
     be, unless the tracker publishes unconfirmed batches again (then it waits to the deadline).
+
+    ``timeout`` counts from the last progress: while workers are still working off a backlog
+    (the tracker confirms batches), the wait goes on, up to ``timeout`` after the last one.
     """
     deadline = time.monotonic() + timeout
     drained_before = False
+    waiting = len(tracker._outbox)
     while True:
         remaining = deadline - time.monotonic()
         try:
@@ -477,6 +481,10 @@ def settle(
             return None
         except (FlushTimeoutError, BrokerUnavailableError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
+        if len(tracker._outbox) < waiting:  # batches applied since the last look: progress
+            waiting = len(tracker._outbox)
+            deadline = time.monotonic() + timeout
+            continue
         if remaining <= 3.0:
             return problem
         if redis_client is not None and not tracker._outbox.republishing:
