@@ -8,7 +8,7 @@ persistence, and a RabbitMQ node (its own node name, ports, data, logs and Erlan
 
 All are child processes of the test process, stopped through their own process handle (a
 stop "mode" is the signal ``pg_ctl`` would send: SIGINT fast, SIGQUIT immediate) and deleted
-when the test is done; both also carry a parent-death signal, so even a test run that is killed
+when the test is done; all also carry a parent-death signal, so even a test run that is killed
 outright leaves no server behind (and the next run deletes its stale files). When the binaries
 are missing the test is skipped with the reason, or fails under ``SESSIONS_REQUIRE_SERVICES=1``.
 
