@@ -21,8 +21,15 @@ EVENTS_QUEUE = "sessions.events"
 MAINTENANCE_QUEUE = "sessions.maintenance"
 #: The transport of a ``filesystem://`` broker (:mod:`sessions.filesystem_broker`).
 FILESYSTEM_TRANSPORT = "sessions.filesystem_broker:Transport"
+#: The exchange both queues are bound to, each under its own name as routing key.
+EXCHANGE = "sessions"
 #: Seconds a Redis socket may wait to connect or for a reply before the publish fails.
 REDIS_SOCKET_TIMEOUT = 2.0
+#: Seconds a publish on RabbitMQ waits for the broker's confirm before it counts as failed
+#: (the tracker then spools the batch; if the broker did take it, the ledger drops the copy).
+AMQP_CONFIRM_TIMEOUT = 5.0
+#: Arguments of the pipeline's queues on RabbitMQ (why quorum: see :func:`task_queues_for`).
+AMQP_QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
 #: Short, bounded publish retries: a refusing broker fails a publish in about half a second.
 PUBLISH_RETRY_POLICY = {
     "max_retries": 2,
@@ -68,7 +75,52 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             # its own encoding, so messages sent either way are read by every worker.
             "body_encoding": "utf-8",
         }
+    if _is_amqp(settings):
+        return {
+            # Publisher confirms on every channel (kombu passes these to amqp.Connection): a
+            # publish returns only once RabbitMQ has taken the message, and for a persistent
+            # message on a quorum queue that means written to disk by a majority of its
+            # replicas. Without it a publish returns when the bytes are in the socket, and a
+            # broker that dies then (or refuses the message) loses it with nobody told. The
+            # price is a round trip per publish: one per batch, not per event.
+            "confirm_publish": True,
+        }
     return {"polling_interval": settings.broker_polling_interval}
+
+
+def task_queues_for(settings: Settings) -> tuple[Queue, ...]:
+    """The pipeline's two queues on the broker ``settings`` names.
+
+    On RabbitMQ they are **quorum queues** (durable, replicated by Raft, every message written
+    to disk before it is confirmed), which Celery supports since 5.5 with two conditions, both
+    met here:
+
+    * no global QoS: Celery sees the queue type (``worker_detect_quorum_queues``) and sets the
+      prefetch per consumer instead, ``worker_prefetch_multiplier`` x concurrency as before;
+    * a countdown or ETA is not held in the worker (a quorum queue cannot raise a global
+      prefetch to make room for it) but sent through RabbitMQ's *native delayed delivery*:
+      Celery's ``celery_delayed_*`` exchanges and queues (quorum too, see
+      ``broker_native_delayed_delivery_queue_type``), which the worker declares at start.
+      Ingest retries a database outage with a countdown of up to 300 s, so this is needed;
+      it works only through a topic (or fanout) exchange, hence ``topic`` on RabbitMQ. The
+      routing keys are the queue names, so the topic exchange routes as the direct one does.
+
+    Classic queues would also be durable, but a classic queue lives on one node, and an ETA
+    message would sit unacknowledged in the worker for its countdown. An existing RabbitMQ
+    deployment whose queues were declared classic must delete them (or drain them and
+    delete) before these workers start: RabbitMQ refuses to redeclare a queue with another
+    ``x-queue-type``. On Redis and the filesystem broker a queue has no type: direct exchange.
+    """
+    if _is_amqp(settings):
+        exchange = Exchange(EXCHANGE, type="topic")  # type: ignore[no-untyped-call]
+        arguments: dict[str, Any] | None = AMQP_QUEUE_ARGUMENTS
+    else:
+        exchange = Exchange(EXCHANGE, type="direct")  # type: ignore[no-untyped-call]
+        arguments = None
+    return tuple(
+        Queue(name, exchange, routing_key=name, queue_arguments=arguments)  # type: ignore[no-untyped-call]
+        for name in (EVENTS_QUEUE, MAINTENANCE_QUEUE)
+    )
 
 
 def prepare_broker(settings: Settings) -> None:
@@ -87,6 +139,10 @@ def _broker_url(settings: Settings) -> str:
 
 def _is_filesystem(settings: Settings) -> bool:
     return settings.broker_url.startswith("filesystem:")
+
+
+def _is_amqp(settings: Settings) -> bool:
+    return settings.broker_url.startswith(("amqp:", "amqps:", "pyamqp:"))
 
 
 def _broker_folders(settings: Settings) -> dict[str, Path]:
@@ -149,7 +205,14 @@ def from_settings(settings: Settings) -> dict[str, Any]:
         # while a killed worker holds (and delays by a visibility timeout) few batches. On the
         # polling filesystem broker, 4 with a 0.1 s poll drains ~1,000 messages/s where 1 with
         # the default 1 s poll drains ~20 (measured, see DESIGN.md).
+        # On RabbitMQ (quorum queues: per-consumer QoS) this is the consumer's prefetch count
+        # divided by the concurrency. A killed worker's unacknowledged messages come back the
+        # moment its connection closes (no visibility timeout), so a larger prefetch costs no
+        # delay there; it is kept at the same default as the cost is the same: what one
+        # worker holds while others are idle.
         "worker_prefetch_multiplier": settings.worker_prefetch_multiplier,
+        "task_queues": task_queues_for(settings),
+        "task_default_exchange_type": "topic" if _is_amqp(settings) else "direct",
         "beat_schedule": beat_schedule_for(settings),
     }
 
@@ -170,6 +233,12 @@ accept_content = ["json"]
 event_serializer = "json"
 task_publish_retry = True
 task_publish_retry_policy = PUBLISH_RETRY_POLICY
+# Messages survive a broker restart (Celery's default, stated because the pipeline relies on
+# it): on RabbitMQ, persistent messages in durable queues; Redis keeps what it persists.
+task_default_delivery_mode = "persistent"
+# The queues of RabbitMQ's native delayed delivery (countdowns, see task_queues_for) are
+# quorum queues like the pipeline's, so a retry waiting for its countdown survives a crash.
+broker_native_delayed_delivery_queue_type = "quorum"
 
 # -- delivery: at least once; the store's ledger makes it exactly once in effect -------------
 # Acknowledge after the batch is committed, and put the message back when a prefork child is
@@ -182,13 +251,10 @@ result_backend = None
 worker_prefetch_multiplier: int = _configured["worker_prefetch_multiplier"]
 
 # -- queues and routes ------------------------------------------------------------------------
-_exchange = Exchange("sessions", type="direct")  # type: ignore[no-untyped-call]
-task_queues = (
-    Queue(EVENTS_QUEUE, _exchange, routing_key=EVENTS_QUEUE),  # type: ignore[no-untyped-call]
-    Queue(MAINTENANCE_QUEUE, _exchange, routing_key=MAINTENANCE_QUEUE),  # type: ignore[no-untyped-call]
-)
+task_queues: tuple[Queue, ...] = _configured["task_queues"]
 task_default_queue = EVENTS_QUEUE
-task_default_exchange = "sessions"
+task_default_exchange = EXCHANGE
+task_default_exchange_type: str = _configured["task_default_exchange_type"]
 task_default_routing_key = EVENTS_QUEUE
 task_routes = {
     "sessions.ingest": {"queue": EVENTS_QUEUE, "routing_key": EVENTS_QUEUE},

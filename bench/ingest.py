@@ -24,6 +24,12 @@ every run records the CPU seconds of producers, worker, PostgreSQL backends and 
 ``--scrape-interval`` seconds; the scraped event count must equal the database's) next to the
 run without, before it every other repeat, and the report gives the ratio of the two.
 
+With ``--broker amqp://...`` every repeat also runs ours (end to end and event to commit)
+through that RabbitMQ, right after the same runs through Redis, and the report sets the two
+side by side as ratios against Redis measured in the same invocation (the naive baseline and
+the other set-ups stay on Redis). The broker's CPU is that of the process listening on its
+port (Redis: its ``INFO``), which serves any other client of that server too: a bound.
+
 Producers are closed-loop: ``record`` never blocks, so a producer that outruns the pipeline
 would only fill its buffer until events are dropped (which the exactness check would catch);
 instead each producer pauses (outside the timed calls) while more than
@@ -36,6 +42,7 @@ instead each producer pauses (outside the timed calls) while more than
     python -m bench.ingest --profile /tmp/prof   # py-spy the worker and a producer
     python -m bench.ingest --metrics --only-ours --no-latency --no-scale   # metrics on vs off
     python -m bench.ingest --burst --only-ours --no-latency --no-scale     # unpaced vs paced
+    python -m bench.ingest --no-scale --broker amqp://guest:guest@127.0.0.1:5672/sessions-bench
 
 With ``--burst`` each repeat also runs *unpaced* producers: agents that make their tracker
 right after the start signal and at once record their N events in a plain loop, never
@@ -74,6 +81,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: What a run's label says about its broker: nothing for the baseline Redis.
+BROKER_SUFFIX = {"redis": "", "rabbitmq": " on RabbitMQ"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Every ``ERROR_EVERY``-th update of a producer is an error (10%).
 ERROR_EVERY = 10
@@ -427,6 +436,8 @@ class Run:
     events_spilled: int = 0
     #: CPU seconds by component during the run (where the time goes).
     cpu_seconds: dict[str, float] = field(default_factory=dict)
+    #: The broker the run went through: ``redis`` (the baseline) or ``rabbitmq`` (``--broker``).
+    broker: str = "redis"
 
 
 @dataclass
@@ -452,6 +463,19 @@ class Bench:
     #: Seconds between scrapes of the worker's endpoint in the metrics runs.
     scrape_interval: float = 1.0
     runs: list[Run] = field(default_factory=list)
+
+    @contextmanager
+    def through(self, broker_url: str) -> Iterator[None]:
+        """Runs started inside go through ``broker_url`` instead of the baseline Redis."""
+        baseline, self.broker_url = self.broker_url, broker_url
+        try:
+            yield
+        finally:
+            self.broker_url = baseline
+
+    @property
+    def broker(self) -> str:
+        return broker_kind(self.broker_url)
 
     # -- database helpers
 
@@ -683,7 +707,7 @@ class Bench:
         with ``burst`` the producers are unpaced and start their tracker with the burst.
         """
         events = self.events if kind == "ours" else self.naive_events
-        run = Run(kind, label or kind, self.producers, events)
+        run = Run(kind, label or kind, self.producers, events, broker=self.broker)
         self.reset_ours() if kind == "ours" else self.reset_naive()
         started_workers: list[Worker] = []
         profilers: list[subprocess.Popen[bytes]] = []
@@ -704,7 +728,7 @@ class Bench:
             if profile:
                 profilers.append(py_spy(worker.process.pid, self._profile_path(kind, "worker")))
             main_before, children_before = _cpu_of(started_workers)
-            redis_before = redis_cpu_seconds(self.broker_url)
+            broker_before = broker_cpu_seconds(self.broker_url)
             self.start_producers(
                 kind, events, rate=0, target=burst_producer_main if burst else producer_main
             )
@@ -727,7 +751,7 @@ class Bench:
                 "worker main processes": main_after - main_before,
                 "worker pool processes": children_after - children_before,
                 "postgresql backends": self.backend_cpu_seconds(url),
-                "redis": redis_cpu_seconds(self.broker_url) - redis_before,
+                "broker": broker_cpu_seconds(self.broker_url) - broker_before,
             }
         finally:
             if scraper is not None:
@@ -770,10 +794,11 @@ class Bench:
         events = warmup_events + int(self.latency_rate * self.latency_seconds / self.producers)
         run = Run(
             "ours",
-            f"ours at {self.latency_rate:,.0f} events/s",
+            f"ours{BROKER_SUFFIX[self.broker]} at {self.latency_rate:,.0f} events/s",
             self.producers,
             events,
             offered_rate=self.latency_rate,
+            broker=self.broker,
         )
         self.reset_ours()
         engine = self._engine(self.ours_url)
@@ -924,6 +949,45 @@ def listening(url: str, arrivals: dict[str, float]) -> Iterator[threading.Event]
         thread.join(10)
 
 
+def broker_kind(url: str) -> str:
+    """``rabbitmq`` for an AMQP URL, ``redis`` for a Redis one (nothing else is measured)."""
+    if url.startswith(("amqp:", "amqps:", "pyamqp:")):
+        return "rabbitmq"
+    if url.startswith(("redis:", "rediss:")):
+        return "redis"
+    raise ValueError(f"--broker: must be an amqp:// or redis:// URL, got {url!r}")
+
+
+def broker_cpu_seconds(url: str) -> float:
+    """CPU seconds the broker's server has used (it serves other clients too: a bound)."""
+    if broker_kind(url) == "redis":
+        return redis_cpu_seconds(url)
+    from urllib.parse import urlsplit
+
+    pid = listening_pid(urlsplit(url).port or 5672)
+    return _cpu_seconds(pid) if pid is not None else 0.0
+
+
+def listening_pid(port: int) -> int | None:
+    """The process listening on TCP ``port`` on this machine (``None`` if not found or not
+    ours to see): RabbitMQ's Erlang VM, whose CPU time is the broker's."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with suppress(OSError), open(table) as lines:
+            for line in list(lines)[1:]:
+                parts = line.split()
+                if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{parts[9]}]")
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with suppress(OSError):
+                for fd in os.listdir(f"/proc/{entry}/fd"):
+                    with suppress(OSError):
+                        if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                            return int(entry)
+    return None
+
+
 def redis_cpu_seconds(url: str) -> float:
     """CPU seconds the Redis server has used (it serves other clients too: a bound)."""
     import redis
@@ -1009,7 +1073,7 @@ def summarize(bench: Bench, repeat: int, ceiling: dict[str, float] | None) -> di
         return [r for r in bench.runs if r.label == label and r.exact]
 
     ours, naive = runs("ours"), runs("naive")
-    latency = [r for r in bench.runs if r.offered_rate and r.exact]
+    latency = [r for r in bench.runs if r.offered_rate and r.exact and r.broker == "redis"]
     labels = list(dict.fromkeys(r.label for r in bench.runs if not r.offered_rate))
     configurations = {
         label: {
@@ -1050,12 +1114,68 @@ def summarize(bench: Bench, repeat: int, ceiling: dict[str, float] | None) -> di
     bursts = runs(BURST_LABEL)
     if bursts and ours:
         summary["burst"] = _burst_summary(bursts, ours)
+    summary["brokers"] = broker_comparison(bench)
     with_metrics = runs(METRICS_LABEL)
     if with_metrics and ours:
         summary["metrics_ratio"] = median([r.events_per_second for r in with_metrics]) / median(
             [r.events_per_second for r in ours]
         )
     return summary
+
+
+def broker_comparison(bench: Bench) -> dict[str, dict[str, Any]]:
+    """Per broker measured: end-to-end events/s, event to commit, the broker's CPU per event."""
+    compared: dict[str, dict[str, Any]] = {}
+    for kind, suffix in BROKER_SUFFIX.items():
+        through = [r for r in bench.runs if r.label == f"ours{suffix}" and r.exact]
+        latency = [r for r in bench.runs if r.offered_rate and r.exact and r.broker == kind]
+        if not through and not latency:
+            continue
+        compared[kind] = {
+            "events_per_second": median([r.events_per_second for r in through]),
+            "commit_ms": {q: median([r.commit_ms[q] for r in latency]) for q in ("p50", "p99")},
+            "broker_cpu_us_per_event": median([_us_per_event(r, "broker") for r in through]),
+            "worker_cpu_us_per_event": median(
+                [
+                    _us_per_event(r, "worker main processes", "worker pool processes")
+                    for r in through
+                ]
+            ),
+            "runs": len(through),
+        }
+    return compared
+
+
+def _us_per_event(run: Run, *parts: str) -> float:
+    """CPU microseconds per event the run's ``parts`` used."""
+    used = sum(run.cpu_seconds.get(part, 0.0) for part in parts)
+    return used / (run.producers * run.events_per_producer) * 1e6
+
+
+def broker_table(s: dict[str, Any], rate: str) -> list[str]:
+    """The brokers side by side, each as a ratio against Redis measured in the same run."""
+    brokers = s["brokers"]
+    if "rabbitmq" not in brokers or "redis" not in brokers:
+        return []
+    base = brokers["redis"]
+    lines = [
+        "",
+        "| broker | end to end, events/s | vs Redis | event to commit p50 / p99 at "
+        f"{rate} events/s, ms | vs Redis (p99) | CPU us per event: broker / worker |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for kind, name in (("redis", "Redis"), ("rabbitmq", "RabbitMQ (quorum queues, confirms)")):
+        b = brokers[kind]
+        speed = (
+            b["events_per_second"] / base["events_per_second"] if base["events_per_second"] else 0
+        )
+        p99 = b["commit_ms"]["p99"] / base["commit_ms"]["p99"] if base["commit_ms"]["p99"] else 0
+        lines.append(
+            f"| {name} | {b['events_per_second']:,.0f} | {speed:.2f} | "
+            f"{b['commit_ms']['p50']:.0f} / {b['commit_ms']['p99']:.0f} | {p99:.2f} | "
+            f"{b['broker_cpu_us_per_event']:.1f} / {b['worker_cpu_us_per_event']:.1f} |"
+        )
+    return lines
 
 
 def _burst_summary(bursts: list[Run], paced: list[Run]) -> dict[str, Any]:
@@ -1121,7 +1241,9 @@ def report(bench: Bench, s: dict[str, Any], machine: dict[str, str]) -> str:
         f"Median of {s['repeat']} runs. P={bench.producers} producer processes x "
         f"N={bench.events:,} record() calls over K={bench.sessions:,} sessions, 10% errors"
         f"{batch}{naive_n}; one `celery -A workers worker` with its default "
-        f"pool; Redis {machine['redis']}, PostgreSQL {machine['postgresql']}; "
+        f"pool; Redis {machine['redis']}"
+        + (f", RabbitMQ {machine['rabbitmq']}" if "rabbitmq" in machine else "")
+        + f", PostgreSQL {machine['postgresql']}; "
         f"{machine['cpus']} cores ({machine['cpu']}), everything on this machine.",
         "",
         "| measure | ours | naive | ours vs naive | target | met |",
@@ -1141,7 +1263,7 @@ def report(bench: Bench, s: dict[str, Any], machine: dict[str, str]) -> str:
         f"| {n(s['naive_worker_rss_mb'])} | | <= 200 | {mark(0 < s['worker_rss_mb'] <= 200)} |",
         "",
         "| configuration | events/s | worker processes | worker peak RSS / PSS, MB | CPU us per "
-        "event: producers / worker / PostgreSQL / Redis |",
+        "event: producers / worker / PostgreSQL / broker |",
         "|---|---:|---:|---:|---|",
     ]
     for label, c in s["configurations"].items():
@@ -1150,7 +1272,7 @@ def report(bench: Bench, s: dict[str, Any], machine: dict[str, str]) -> str:
             cpu.get("producers", 0.0),
             cpu.get("worker main processes", 0.0) + cpu.get("worker pool processes", 0.0),
             cpu.get("postgresql backends", 0.0),
-            cpu.get("redis", 0.0),
+            cpu.get("broker", cpu.get("redis", 0.0)),
         ]
         shown = " / ".join(f"{v / c['events'] * 1e6:.1f}" for v in per_event) if cpu else ""
         lines.append(
@@ -1164,6 +1286,7 @@ def report(bench: Bench, s: dict[str, Any], machine: dict[str, str]) -> str:
             f"{a['events_per_second']:,.0f} | | | - / {a['client_us_per_event']:.1f} / "
             f"{a['postgresql_us_per_event']:.1f} / - |"
         )
+    lines += broker_table(s, rate)
     if "metrics_ratio" in s:
         lines += [
             "",
@@ -1195,7 +1318,7 @@ def progress(run: Run) -> str:
     )
 
 
-def machine_info(broker_url: str, database_url: str) -> dict[str, str]:
+def machine_info(broker_url: str, database_url: str, amqp_url: str | None = None) -> dict[str, str]:
     import celery
     import kombu
     import redis
@@ -1214,7 +1337,15 @@ def machine_info(broker_url: str, database_url: str) -> dict[str, str]:
     client = redis.Redis.from_url(broker_url)
     redis_version = client.info("server")["redis_version"]
     client.close()
-    return {
+    extra = {}
+    if amqp_url is not None:
+        from kombu.connection import Connection
+
+        with Connection(amqp_url) as connection:  # type: ignore[no-untyped-call]
+            connection.connect()
+            version = connection.connection.server_properties.get("version", b"?")
+        extra["rabbitmq"] = version.decode() if isinstance(version, bytes) else str(version)
+    return extra | {
         "cpus": str(os.cpu_count()),
         "cpu": cpu,
         "python": platform.python_version(),
@@ -1223,6 +1354,16 @@ def machine_info(broker_url: str, database_url: str) -> dict[str, str]:
         "celery": celery.__version__,
         "kombu": kombu.__version__,
     }
+
+
+def through_broker(bench: Bench, url: str, action: Callable[[], Run]) -> Callable[[], Run]:
+    """``action``, run through the broker at ``url`` instead of the baseline Redis."""
+
+    def run() -> Run:
+        with bench.through(url):
+            return action()
+
+    return run
 
 
 def main() -> None:
@@ -1263,6 +1404,12 @@ def main() -> None:
         action="store_true",
         help="also run unpaced producers that start their tracker with the burst",
     )
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="also run ours (throughput and event to commit) through this broker, e.g. "
+        "amqp://guest:guest@127.0.0.1:5672/sessions-bench, next to the Redis baseline",
+    )
     parser.add_argument("--quick", action="store_true", help="small N, one repeat, no scale")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     parser.add_argument(
@@ -1272,6 +1419,8 @@ def main() -> None:
         help="py-spy the worker and a producer in the first runs, into DIR",
     )
     arguments = parser.parse_args()
+    if arguments.broker is not None and broker_kind(arguments.broker) != "rabbitmq":
+        parser.error("--broker: the baseline is Redis already; give an amqp:// URL")
     if arguments.quick:
         arguments.events = min(arguments.events, 20_000)
         arguments.naive_events = min(arguments.naive_events, 300)
@@ -1295,7 +1444,7 @@ def main() -> None:
             store = SessionStore(url, settings=Settings())
             store.upgrade()
             store.dispose()
-        machine = machine_info(broker_url, ours_url)
+        machine = machine_info(broker_url, ours_url, arguments.broker)
         bench = Bench(
             arguments.producers,
             arguments.events,
@@ -1323,6 +1472,16 @@ def main() -> None:
             scenarios.append(lambda: bench.throughput("naive"))
         if not arguments.no_latency:
             scenarios.append(bench.latency)
+        if arguments.broker is not None:
+            scenarios.append(
+                through_broker(
+                    bench,
+                    arguments.broker,
+                    lambda: bench.throughput("ours", label="ours on RabbitMQ"),
+                )
+            )
+            if not arguments.no_latency:
+                scenarios.append(through_broker(bench, arguments.broker, bench.latency))
         if not arguments.no_scale:
             scenarios += [
                 functools.partial(bench.throughput, "ours", workers, extra, label)

@@ -50,7 +50,23 @@ class CeleryPublisher:
 
         The tracker hands over text it made straight from its buffer, without a dict between.
         """
-        self._celery().send_task(INGEST_TASK, args=[text])
+        self.send(text)
+
+    def send(self, text: str, task_id: str | None = None) -> None:
+        """Publish ``text`` as one ``sessions.ingest`` message (under ``task_id``, if given).
+
+        Returns once the broker has it: on RabbitMQ, once it confirmed the message (publisher
+        confirms, see ``celeryconfig``); raises when it refused or did not confirm in
+        ``AMQP_CONFIRM_TIMEOUT`` seconds, or when it cannot be reached.
+        """
+        import celeryconfig
+
+        self._celery().send_task(
+            INGEST_TASK,
+            args=[text],
+            task_id=task_id,
+            confirm_timeout=celeryconfig.AMQP_CONFIRM_TIMEOUT,
+        )
 
     def queued_messages(self) -> int:
         """Messages waiting in the ingest queue, taken by no worker yet (raises when the broker
@@ -59,17 +75,20 @@ class CeleryPublisher:
         The tracker asks before it republishes a batch the ledger lacks: while workers have a
         backlog, a missing batch is most likely just waiting in it.
         """
-        from kombu.exceptions import ChannelError
-
         import celeryconfig
 
+        # A connection of its own, closed afterwards: on RabbitMQ a passive declare of a queue
+        # that does not exist is answered by closing the channel (404 NOT_FOUND), which must
+        # not be a channel the publisher goes on using.
         with self._celery().connection_for_read() as connection:
             try:
                 declared = connection.default_channel.queue_declare(
                     queue=celeryconfig.EVENTS_QUEUE, passive=True
                 )
-            except ChannelError:  # "NOT_FOUND": Redis keeps no empty list
+            except connection.channel_errors:  # NOT_FOUND: no queue yet (Redis keeps no empty list)
                 return 0
+        # On RabbitMQ the count is of ready messages: those delivered to a worker and not yet
+        # acknowledged are not in it, as on Redis.
         return int(declared.message_count)
 
     def _celery(self) -> Celery:

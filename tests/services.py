@@ -1,4 +1,4 @@
-"""Finding the machine's PostgreSQL and Redis, and skipping (or failing, in CI) without them.
+"""Finding the machine's PostgreSQL, Redis and RabbitMQ; skipping (failing, in CI) without them.
 
 ``SESSIONS_REQUIRE_SERVICES=1`` turns every "service is absent" skip into a failure, so a
 CI run can never pass by silently skipping the tests that matter.
@@ -7,10 +7,13 @@ CI run can never pass by silently skipping the tests that matter.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -22,6 +25,10 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 #: Where the test suite finds Redis; each test uses a database number of its own choosing.
 REDIS_URL = os.environ.get("SESSIONS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+#: Where the test suite finds RabbitMQ (no vhost: each test creates and deletes its own).
+RABBITMQ_URL = os.environ.get("SESSIONS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
+#: The ``rabbitmqctl`` that manages that node (it creates the tests' vhosts).
+RABBITMQCTL = os.environ.get("SESSIONS_TEST_RABBITMQCTL", "rabbitmqctl")
 
 
 def services_required() -> bool:
@@ -65,6 +72,40 @@ def require_postgres() -> None:
 def require_redis() -> None:
     if not redis_reachable():
         missing_service(f"Redis is not answering at {REDIS_URL}")
+
+
+def require_rabbitmq() -> None:
+    """Skip (or fail, in CI) unless RabbitMQ answers and ``rabbitmqctl`` can manage it."""
+    url = urlsplit(RABBITMQ_URL)
+    host, port = url.hostname or "127.0.0.1", url.port or 5672
+    if not _port_open(host, port):
+        missing_service(f"RabbitMQ is not answering at {host}:{port}")
+    if shutil.which(RABBITMQCTL) is None:
+        missing_service(f"{RABBITMQCTL} is not on PATH (needed to create a vhost for the test)")
+
+
+@contextmanager
+def temporary_rabbitmq_vhost(prefix: str = "sessions-test") -> Iterator[str]:
+    """The AMQP URL of a new vhost on the machine's RabbitMQ (``guest`` may use it), deleted
+    afterwards with everything in it; the machine's other vhosts are never touched."""
+    require_rabbitmq()
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    try:
+        rabbitmqctl("add_vhost", name)
+    except subprocess.CalledProcessError as exc:
+        missing_service(f"{RABBITMQCTL} cannot manage the RabbitMQ node: {exc.stderr.strip()}")
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield f"{RABBITMQ_URL.rstrip('/')}/{name}"
+    finally:
+        rabbitmqctl("delete_vhost", name)
+
+
+def rabbitmqctl(*arguments: str) -> str:
+    """Run ``rabbitmqctl`` against the machine's node; its output (raises when it fails)."""
+    return subprocess.run(
+        [RABBITMQCTL, *arguments], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
 
 
 @contextmanager

@@ -1,4 +1,10 @@
-"""Fixtures of the fault suite: private servers, a fresh database and broker per scenario."""
+"""Fixtures of the fault suite: private servers, a fresh database and broker per scenario.
+
+The scenarios about the broker take ``fault_broker``, parametrized over both first-class brokers:
+a private ``redis-server`` of the test's own, or a vhost of its own on one private RabbitMQ
+node shared by the session (a node takes seconds to boot). A scenario that stops or kills the
+broker takes a server that nobody else uses (``redis_server``, ``rabbitmq_server``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,18 @@ from collections.abc import Iterator
 import pytest
 
 from tests.faults import report
-from tests.faults.servers import PrivatePostgres, PrivateRedis, private_postgres, private_redis
+from tests.faults.servers import (
+    FaultBroker,
+    PrivatePostgres,
+    PrivateRabbitMQ,
+    PrivateRedis,
+    private_postgres,
+    private_rabbitmq,
+    private_redis,
+)
+
+#: The brokers every broker scenario runs on.
+BROKERS = ("redis", "amqp")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -40,3 +57,33 @@ def redis_server() -> Iterator[PrivateRedis]:
 @pytest.fixture
 def fault_broker_url(redis_server: PrivateRedis) -> str:
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def shared_private_rabbitmq() -> Iterator[PrivateRabbitMQ]:
+    """One private RabbitMQ node for the scenarios that do not stop it (a vhost each)."""
+    with private_rabbitmq() as server:
+        yield server
+
+
+@pytest.fixture(params=BROKERS)
+def fault_broker(request: pytest.FixtureRequest) -> Iterator[FaultBroker]:
+    """This scenario's broker: a private Redis, or a fresh vhost on the shared private node."""
+    if request.param == "redis":
+        with private_redis() as server:
+            yield FaultBroker("redis", server.url, redis=server)
+        return
+    node: PrivateRabbitMQ = request.getfixturevalue("shared_private_rabbitmq")
+    vhost = f"faults-{uuid.uuid4().hex[:10]}"
+    url = node.add_vhost(vhost)
+    try:
+        yield FaultBroker("amqp", url, rabbitmq=node, vhost=vhost)
+    finally:
+        node.delete_vhost(vhost)
+
+
+@pytest.fixture
+def rabbitmq_server() -> Iterator[PrivateRabbitMQ]:
+    """A private RabbitMQ node for this scenario alone, which it may stop, kill and start."""
+    with private_rabbitmq() as node:
+        yield node

@@ -30,7 +30,7 @@ from sqlalchemy import create_engine, text
 
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError
 from sessions.events import Batch, RecordEvent, peek_batch_id
-from sessions.publisher import INGEST_TASK, CeleryPublisher
+from sessions.publisher import CeleryPublisher
 from sessions.tracker import SessionTracker
 from tests.faults import report
 from tests.workers_harness import CeleryProcess, service_environment, wait_until
@@ -470,13 +470,18 @@ def settle(
 ) -> str | None:
     """Wait until every event the tracker sent is applied; the reason if that never happened.
 
-    With ``redis_client`` it stops early once the broker has been empty (nothing queued,
-    nothing unacknowledged, which includes retries waiting for their countdown) across a
-    whole round of waiting: whatever is still unapplied then will never be, unless the
-    tracker publishes unconfirmed batches again (then it waits to the deadline).
+    With ``redis_client`` (a Redis client, or any broker view with an ``empty()`` method such
+    as :class:`tests.faults.servers.FaultBroker`) it stops early once the broker has been
+    empty (nothing queued, nothing unacknowledged, which includes retries waiting for their
+    countdown) across a whole round of waiting: whatever is still unapplied then will never
+    be, unless the tracker publishes unconfirmed batches again (then it waits to the deadline).
+
+    ``timeout`` counts from the last progress: while workers are still working off a backlog
+    (the tracker confirms batches), the wait goes on, up to ``timeout`` after the last one.
     """
     deadline = time.monotonic() + timeout
     drained_before = False
+    waiting = len(tracker._outbox)
     while True:
         remaining = deadline - time.monotonic()
         try:
@@ -484,10 +489,15 @@ def settle(
             return None
         except (FlushTimeoutError, BrokerUnavailableError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
+        if len(tracker._outbox) < waiting:  # batches applied since the last look: progress
+            waiting = len(tracker._outbox)
+            deadline = time.monotonic() + timeout
+            continue
         if remaining <= 3.0:
             return problem
         if redis_client is not None and not tracker._outbox.republishing:
-            drained = broker_empty(redis_client)
+            empty = getattr(redis_client, "empty", None)
+            drained = empty() if empty is not None else broker_empty(redis_client)
             if drained and drained_before:
                 return f"{problem} (and the broker has nothing left to deliver)"
             drained_before = drained
@@ -506,7 +516,7 @@ class CorrelatingPublisher(CeleryPublisher):
     """
 
     def publish_text(self, text: str) -> None:
-        self._celery().send_task(INGEST_TASK, args=[text], task_id=peek_batch_id(text))
+        self.send(text, task_id=peek_batch_id(text))
 
 
 def received_by_a_worker(log: str, batch_id: object) -> bool:

@@ -1,13 +1,14 @@
-"""Private PostgreSQL and Redis servers owned by one test, which it may stop and start at will.
+"""Private PostgreSQL, Redis and RabbitMQ servers owned by tests, which may stop and start them.
 
-The machine's PostgreSQL (5432) and Redis (6379) are shared with other users and must never be
-stopped, so every fault scenario runs on servers of its own: a throwaway PostgreSQL cluster
-(``initdb``, then ``postgres`` in the foreground; trust authentication, its own port on
-127.0.0.1, data under a temporary directory) and a ``redis-server`` without persistence.
+The machine's PostgreSQL (5432), Redis (6379) and RabbitMQ (5672) are shared with other users
+and must never be stopped, so every fault scenario runs on servers of its own: a throwaway
+PostgreSQL cluster (``initdb``, then ``postgres`` in the foreground; trust authentication, its
+own port on 127.0.0.1, data under a temporary directory), a ``redis-server`` without
+persistence, and a RabbitMQ node (its own node name, ports, data, logs and Erlang cookie).
 
-Both are child processes of the test process, stopped through their own process handle (a
+All are child processes of the test process, stopped through their own process handle (a
 stop "mode" is the signal ``pg_ctl`` would send: SIGINT fast, SIGQUIT immediate) and deleted
-when the test is done; both also carry a parent-death signal, so even a test run that is killed
+when the test is done; all also carry a parent-death signal, so even a test run that is killed
 outright leaves no server behind (and the next run deletes its stale files). When the binaries
 are missing the test is skipped with the reason, or fails under ``SESSIONS_REQUIRE_SERVICES=1``.
 
@@ -28,7 +29,9 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -70,13 +73,15 @@ def _wait(condition: object, what: str, timeout: float = SERVER_DEADLINE) -> Non
         time.sleep(0.05)
 
 
-def _remove_stale(prefix: str, max_age: float = 3600.0) -> None:
+def _remove_stale(
+    prefix: str, max_age: float = 3600.0, pid_file_name: str = "data/postmaster.pid"
+) -> None:
     """Delete what killed test runs left under ``prefix`` (no live server, over an hour old)."""
     for path in glob.glob(os.path.join(tempfile.gettempdir(), prefix + "*")):
         with contextlib.suppress(OSError):
             if time.time() - os.path.getmtime(path) < max_age:
                 continue
-            pid_file = Path(path) / "data" / "postmaster.pid"
+            pid_file = Path(path) / pid_file_name
             if pid_file.exists():
                 pid = int(pid_file.read_text().splitlines()[0])
                 if Path(f"/proc/{pid}").exists():
@@ -312,6 +317,13 @@ class PrivateRedis:
 
         return redis.Redis(port=self.port, socket_timeout=5)
 
+    def empty(self) -> bool:
+        """Nothing queued for ingest and nothing delivered but unacknowledged."""
+        import redis
+
+        client = redis.Redis(port=self.port, socket_timeout=5)
+        return int(client.llen("sessions.events")) == 0 and int(client.hlen("unacked")) == 0
+
     def stop(self) -> None:
         if self.process is None:
             return
@@ -337,3 +349,232 @@ def private_redis() -> Iterator[PrivateRedis]:
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# -- RabbitMQ ---------------------------------------------------------------------------------
+
+#: Where RabbitMQ's scripts (``rabbitmq-server``, ``rabbitmqctl``) are looked for first.
+RABBITMQ_BIN_ENV = "SESSIONS_FAULTS_RABBITMQ_BIN"
+#: Temporary directories of the private RabbitMQ nodes.
+RABBITMQ_PREFIX = "sessions-faults-rabbitmq-"
+#: Seconds a private node may take to boot (an Erlang VM, Mnesia, the quorum queue system).
+RABBITMQ_DEADLINE = 90.0
+
+
+def rabbitmq_bin_dir() -> Path | None:
+    """The directory holding the real ``rabbitmq-server`` and ``rabbitmqctl``, or ``None``.
+
+    Debian's ``/usr/sbin/rabbitmq-server`` is a wrapper that switches to the ``rabbitmq`` user
+    and its files; the scripts it wraps take every path from ``RABBITMQ_*`` variables.
+    """
+    candidates = [os.environ.get(RABBITMQ_BIN_ENV, ""), "/usr/lib/rabbitmq/bin"]
+    candidates += sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"), reverse=True)
+    for candidate in candidates:
+        if candidate and all(
+            (Path(candidate) / tool).exists() for tool in ("rabbitmq-server", "rabbitmqctl")
+        ):
+            return Path(candidate)
+    return None
+
+
+class PrivateRabbitMQ:
+    """A RabbitMQ node of this test's own on 127.0.0.1:``port``; stop, kill and start it freely.
+
+    Everything it reads or writes is under ``root``: its configuration (one AMQP listener on
+    loopback, no plugins, so no management or Prometheus port), its data and logs, its Erlang
+    cookie (``HOME``). Its node name and distribution port are its own, so it never meets the
+    machine's node (the shared ``epmd`` only maps names to ports). The Erlang VM replaces the
+    start script (``RUNNING_UNDER_SYSTEMD``), so it is the test's own child and carries the
+    parent-death signal. Data persists across a stop or a kill, as a real node's does.
+    """
+
+    def __init__(self, bin_dir: Path, root: Path):
+        self.bin_dir = bin_dir
+        self.root = root
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.node = f"faults-{uuid.uuid4().hex[:10]}@localhost"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = root / "rabbitmq.out"
+        home = root / "home"
+        home.mkdir()
+        cookie = home / ".erlang.cookie"
+        cookie.write_text(uuid.uuid4().hex.upper())
+        cookie.chmod(0o400)
+        (root / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
+            "loopback_users = none\n"
+            "log.console = false\n"
+            "log.file.level = info\n"
+        )
+        (root / "enabled_plugins").write_text("[].\n")
+        (root / "rabbitmq-env.conf").write_text("")
+
+    def environment(self) -> dict[str, str]:
+        """The ``RABBITMQ_*`` variables that confine the node (and ``rabbitmqctl``) to ``root``."""
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.root / "home"),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            # Not /etc/rabbitmq/rabbitmq-env.conf, which names the machine's node.
+            "RABBITMQ_CONF_ENV_FILE": str(self.root / "rabbitmq-env.conf"),
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_CONFIG_FILE": str(self.root / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.root / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.root / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.root / "log"),
+            "RABBITMQ_PID_FILE": str(self.root / "rabbitmq.pid"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            # Exec the Erlang VM instead of keeping a shell in between (see the class doc).
+            "RUNNING_UNDER_SYSTEMD": "1",
+        }
+
+    def url(self, vhost: str = "/") -> str:
+        from urllib.parse import quote
+
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{quote(vhost, safe='')}"
+
+    def start(self) -> None:
+        """Start the node and wait until it accepts an AMQP connection."""
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [str(self.bin_dir / "rabbitmq-server")],
+            env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_child_setup(None), cwd=self.root,
+        )  # fmt: skip
+        log.close()
+        _wait(self.answering, "the private RabbitMQ to accept AMQP connections", RABBITMQ_DEADLINE)
+
+    def answering(self) -> bool:
+        from kombu import Connection
+
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(
+                f"private rabbitmq-server exited with {self.process.returncode}:\n"
+                + self.log_tail()
+            )
+        if not _port_open(self.port):
+            return False
+        try:
+            with Connection(self.url(), connect_timeout=2) as connection:
+                connection.ensure_connection(max_retries=1)
+            return True
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        """An orderly shutdown (SIGTERM: the node stops its listeners, queues and Mnesia)."""
+        self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """A crash: SIGKILL the Erlang VM and its helper processes (the node's process group)."""
+        self._end(signal.SIGKILL)
+
+    def _end(self, signum: int) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signum)
+            try:
+                self.process.wait(timeout=RABBITMQ_DEADLINE)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # helpers that outlived the VM
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process = None
+        _wait(lambda: not _port_open(self.port), "the private RabbitMQ to stop")
+
+    def ctl(self, *arguments: str) -> str:
+        """Run ``rabbitmqctl`` against this node; its output (raises when it fails)."""
+        result = subprocess.run(
+            [str(self.bin_dir / "rabbitmqctl"), "-n", self.node, *arguments],
+            env=self.environment(), capture_output=True, text=True, timeout=SERVER_DEADLINE,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise AssertionError(
+                f"rabbitmqctl {' '.join(arguments)} failed:\n{result.stdout}{result.stderr}"
+            )
+        return result.stdout
+
+    def add_vhost(self, vhost: str) -> str:
+        """Create ``vhost``, open it to ``guest``; its AMQP URL."""
+        self.ctl("add_vhost", vhost)
+        self.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        return self.url(vhost)
+
+    def delete_vhost(self, vhost: str) -> None:
+        self.ctl("delete_vhost", vhost)
+
+    def messages(self, vhost: str) -> int:
+        """Messages in every queue of ``vhost``: ready, delivered but unacknowledged, and
+        waiting in the delayed-delivery queues for a retry's countdown."""
+        listed = self.ctl("list_queues", "-p", vhost, "messages", "--quiet", "--no-table-headers")
+        return sum(int(line) for line in listed.split() if line.strip().isdigit())
+
+    def log_tail(self, characters: int = 3000) -> str:
+        texts = [self.log_path.read_text(errors="replace")] if self.log_path.exists() else []
+        texts += [path.read_text(errors="replace") for path in (self.root / "log").glob("*.log")]
+        return "\n".join(text[-characters:] for text in texts)
+
+    def destroy(self) -> None:
+        self.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_rabbitmq() -> Iterator[PrivateRabbitMQ]:
+    """A running private RabbitMQ node, killed (by process group) and deleted afterwards."""
+    bin_dir = rabbitmq_bin_dir()
+    if bin_dir is None:
+        missing_service(
+            "RabbitMQ's rabbitmq-server and rabbitmqctl not found in /usr/lib/rabbitmq/bin "
+            f"or ${RABBITMQ_BIN_ENV} (needed for a private RabbitMQ node)"
+        )
+        raise AssertionError("unreachable")  # pragma: no cover
+    if shutil.which("erl") is None:
+        missing_service("Erlang (erl) is not on PATH (needed for a private RabbitMQ node)")
+    _remove_stale(RABBITMQ_PREFIX, pid_file_name="rabbitmq.pid")
+    root = Path(tempfile.mkdtemp(prefix=RABBITMQ_PREFIX))
+    server = PrivateRabbitMQ(bin_dir, root)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+# -- a scenario's broker, whichever it is -------------------------------------------------------
+
+
+@dataclass
+class FaultBroker:
+    """The broker one scenario publishes to: a private Redis, or a vhost of a private RabbitMQ.
+
+    ``kind`` is ``"redis"`` or ``"amqp"``; ``redis`` / ``rabbitmq`` is the server behind it
+    (a test that stops the broker owns that server; one that does not may share a node).
+    """
+
+    kind: str
+    url: str
+    redis: PrivateRedis | None = None
+    rabbitmq: PrivateRabbitMQ | None = None
+    vhost: str = "/"
+
+    def label(self, scenario: str) -> str:
+        """``scenario``'s name in the report: Redis rows as they always were, RabbitMQ's marked."""
+        return scenario if self.kind == "redis" else f"{scenario} (RabbitMQ)"
+
+    def empty(self) -> bool:
+        """The broker holds no message for the pipeline: none queued, none delivered and not
+        yet acknowledged, none waiting for a retry's countdown."""
+        if self.redis is not None:
+            return self.redis.empty()
+        assert self.rabbitmq is not None
+        return self.rabbitmq.messages(self.vhost) == 0

@@ -43,7 +43,7 @@ from tests.faults.harness import (
     wait_until,
 )
 from tests.faults.report import scaled
-from tests.faults.servers import PrivateRedis
+from tests.faults.servers import FaultBroker
 from workers.app import create_app
 
 pytestmark = [pytest.mark.slow]
@@ -343,10 +343,10 @@ def _celery_headers(task: str, task_id: str) -> dict[str, Any]:
 
 
 def test_bad_input_is_dead_lettered_or_refused_and_never_costs_good_events(
-    tmp_path: Path, fault_database_url: str, redis_server: PrivateRedis
+    tmp_path: Path, fault_database_url: str, fault_broker: FaultBroker
 ) -> None:
     began = time.monotonic()
-    url, broker = fault_database_url, redis_server.url
+    url, broker = fault_database_url, fault_broker.url
     environment = service_environment(
         SESSIONS_BROKER_URL=broker,
         SESSIONS_DATABASE_URL=url,
@@ -496,7 +496,7 @@ def test_bad_input_is_dead_lettered_or_refused_and_never_costs_good_events(
         whole = [letter for letter in letters if letter.batch_id is None]
         refused = [what for what, pattern in expect.refused if re.search(pattern, log)]
         row = record_outcome(
-            "9 bad input at the broker",
+            fault_broker.label("9 bad input at the broker"),
             outcome,
             began,
             sent=expect.events_sent + len(HAND_WRITTEN_BAD_ENVELOPES) + len(expect.refused),

@@ -12,6 +12,10 @@ server is shut down as an operator would (``SHUTDOWN SAVE``) so that the message
 already accepted survive the restart: what is under test is the client's spool, not Redis's
 durability (a server killed without persistence loses its queue: the third case).
 
+On RabbitMQ (a private node of the test's own) the node is SIGKILLed and stopped in turn, with
+the tracker's republishing off, and the worker is never restarted by the test: quorum queues
+and publisher confirms must keep every message the broker took, the spool every one it did not.
+
 A second case closes a tracker during the outage: its unsent batches stay in the spool, and a
 new tracker (same spool folder, same broker URL: the same spool file) replays them.
 
@@ -56,7 +60,7 @@ from tests.faults.harness import (
     wait_until,
 )
 from tests.faults.report import scaled
-from tests.faults.servers import PrivateRedis
+from tests.faults.servers import FaultBroker, PrivateRabbitMQ, PrivateRedis
 from tests.workers_harness import CeleryProcess
 
 pytestmark = [pytest.mark.slow]
@@ -460,5 +464,123 @@ def test_redis_killed_and_restarted_empty_while_agents_record_loses_nothing_and_
         # them back (a queued message may also have been a copy, so not per restart).
         assert stats.batches_republished > 0, republished
         assert stats.events_lost == 0 and stats.events_dropped == 0, stats
+        assert row.dead_lettered == 0
+        assert outcome.exact, outcome.describe()
+
+
+#: How a RabbitMQ outage ends the node, taken in turn: a crash first, then an orderly stop.
+RABBITMQ_STOPS = ("kill", "stop")
+
+
+def test_rabbitmq_killed_while_agents_record_loses_nothing_and_the_worker_lives_on(
+    tmp_path: Path, fault_database_url: str, rabbitmq_server: PrivateRabbitMQ
+) -> None:
+    """Scenario 3a on RabbitMQ: the node SIGKILLed (and, in turn, stopped) several times.
+
+    Unlike the Redis case, the broker is *crashed*: a confirmed message is on disk in a quorum
+    queue, so nothing the tracker handed over may be lost, and it runs with republishing off
+    (``confirm_timeout_seconds=0``) so that the broker and the spool alone must account for
+    every event. The worker is started once and never restarted by the test.
+    """
+    began = time.monotonic()
+    url = fault_database_url
+    environment, settings = _configuration(tmp_path, url, rabbitmq_server.url())
+    settings = settings.model_copy(update={"confirm_timeout_seconds": 0.0})
+    reference = Reference()
+    outages = scaled(3)
+    sessions = [f"rabbitmq-outage-{n}" for n in range(20)]
+    with Fleet(environment, tmp_path) as fleet, Monitor(url) as monitor:
+        worker = fleet.worker(concurrency=2)
+        tracker = SessionTracker(settings, max_batch_events=50, flush_interval=0.02)
+        recorders = [Recorder(tracker, reference) for _ in range(2)]
+        producers = [
+            Producer(recorder, sessions[number::2], rate=250)
+            for number, recorder in enumerate(recorders)
+        ]
+        for producer in producers:
+            producer.start()
+        outage_worst = 0.0
+        spooled_in_outages = 0
+        #: Seconds from the node answering again to an empty spool / the worker applying again.
+        drained: list[float] = []
+        resumed: list[float] = []
+        try:
+            for number in range(outages):
+                applied = monitor.ledger_count()
+                wait_until(
+                    lambda applied=applied: monitor.ledger_count() >= applied + 5,  # type: ignore[misc]
+                    # After an outage the worker reconnects with Celery's backoff (2 s, 4 s,
+                    # ... up to 30 s between tries) and the node restarts its queues: allow it.
+                    timeout=120,
+                    message="batches being applied before the outage",
+                )
+                spooled = tracker.stats.events_spooled
+                for recorder in recorders:
+                    recorder.worst = 0.0  # from here on: the outage's worst call
+                how = RABBITMQ_STOPS[number % len(RABBITMQ_STOPS)]
+                if how == "kill":
+                    rabbitmq_server.kill()
+                else:
+                    rabbitmq_server.stop()
+                stopped = time.monotonic()
+                wait_until(
+                    lambda spooled=spooled, stopped=stopped: (  # type: ignore[misc]
+                        tracker.stats.events_spooled > spooled
+                        and deadline_passed(stopped, OUTAGE_SECONDS)
+                    ),
+                    timeout=60,
+                    message="batches spooled during the outage",
+                )
+                rabbitmq_server.start()
+                restarted = time.monotonic()
+                outage_worst = max(outage_worst, *(r.worst for r in recorders))
+                spooled_in_outages += tracker.stats.events_spooled - spooled
+                wait_until(
+                    lambda: tracker.stats.events_replayed >= tracker.stats.events_spooled,
+                    timeout=60,
+                    message="the spool replayed after the outage",
+                )
+                drained.append(time.monotonic() - restarted)
+                applied = monitor.ledger_count()
+                wait_until(
+                    lambda applied=applied: monitor.ledger_count() > applied,  # type: ignore[misc]
+                    timeout=120,
+                    message="the same worker applying batches again after the outage",
+                )
+                resumed.append(time.monotonic() - restarted)
+                assert worker.process.poll() is None, (
+                    f"the worker died in RabbitMQ outage {number + 1}:\n{worker.log[-3000:]}"
+                )
+        finally:
+            for producer in producers:
+                producer.stop()  # raises if record() ever raised
+        broker = FaultBroker("amqp", rabbitmq_server.url(), rabbitmq=rabbitmq_server)
+        problem = settle(tracker, broker)
+        tracker.close()
+        stats = tracker.stats
+
+        outcome = compare(reference, url)
+        row = record_outcome("3a RabbitMQ killed while recording", outcome, began)
+        row.worst_record_us = outage_worst * 1e6
+        row.dead_lettered = monitor.dead_letter_count()
+        overall = max(recorder.worst for recorder in recorders)
+        reconnects = worker.count("Connection to broker lost")
+        row.notes.append(
+            f"{outages} outage(s) of >= {OUTAGE_SECONDS:g} s "
+            f"({', '.join(RABBITMQ_STOPS[n % 2] for n in range(outages))}); republishing off; "
+            f"{stats.events_spooled} events spooled ({stats.batches_failed} batches), "
+            f"{stats.events_replayed} replayed, {stats.events_lost} lost by the client, "
+            f"{stats.events_dropped} dropped; worst record() after the outage began "
+            f"{overall * 1e6:,.0f} us; spool empty {', '.join(f'{t:.1f}' for t in drained)} s "
+            f"and the worker applying again {', '.join(f'{t:.1f}' for t in resumed)} s after "
+            f"the node answered; worker pid {worker.process.pid} throughout, "
+            f"{reconnects} broker connection losses logged"
+        )
+
+        assert worker.process.poll() is None, f"the worker exited:\n{worker.log[-3000:]}"
+        assert problem is None, problem
+        assert spooled_in_outages > 0
+        assert stats.events_lost == 0 and stats.events_dropped == 0, stats
+        assert stats.events_replayed == stats.events_spooled, stats
         assert row.dead_lettered == 0
         assert outcome.exact, outcome.describe()

@@ -32,7 +32,7 @@ from tests.faults.harness import (
     wait_until,
 )
 from tests.faults.report import scaled
-from tests.faults.servers import PrivateRedis, private_postgres
+from tests.faults.servers import FaultBroker, private_postgres
 
 pytestmark = [pytest.mark.slow]
 
@@ -43,14 +43,14 @@ STOP_MODES = ("immediate", "fast")
 
 
 def test_postgres_down_for_seconds_mid_ingest_is_retried_to_exact_counts(
-    tmp_path: Path, redis_server: PrivateRedis
+    tmp_path: Path, fault_broker: FaultBroker
 ) -> None:
     began = time.monotonic()
     outages = scaled(1)
     reference = Reference()
     with private_postgres() as postgres:
         url = postgres.create_database("faults_outage")
-        broker = redis_server.url
+        broker = fault_broker.url
         environment = service_environment(SESSIONS_BROKER_URL=broker, SESSIONS_DATABASE_URL=url)
         settings = Settings(broker_url=broker, database_url=url)
         sessions = [f"outage-{n}" for n in range(20)]
@@ -89,11 +89,13 @@ def test_postgres_down_for_seconds_mid_ingest_is_retried_to_exact_counts(
                     )
             finally:
                 producer.stop()
-            problem = settle(tracker, redis_server.client())
+            problem = settle(tracker, fault_broker)
             tracker.close()
 
             outcome = compare(reference, url)
-            row = record_outcome("2 PostgreSQL down mid-ingest", outcome, began, recorder)
+            row = record_outcome(
+                fault_broker.label("2 PostgreSQL down mid-ingest"), outcome, began, recorder
+            )
             row.dead_lettered = monitor.dead_letter_count()
             log = worker.log
             retries = worker.count("database unavailable")

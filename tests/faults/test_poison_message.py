@@ -35,7 +35,7 @@ from tests.faults.harness import (
 )
 from tests.faults.poison_hook import KILLS_ENV, POISON_SESSION
 from tests.faults.report import scaled
-from tests.faults.servers import PrivateRedis
+from tests.faults.servers import FaultBroker
 from tests.workers_harness import CeleryProcess
 
 pytestmark = [pytest.mark.slow]
@@ -44,10 +44,10 @@ MAX_REDELIVERIES = 2
 
 
 def test_a_message_that_kills_the_worker_is_dead_lettered_after_bounded_deliveries(
-    tmp_path: Path, fault_database_url: str, redis_server: PrivateRedis
+    tmp_path: Path, fault_database_url: str, fault_broker: FaultBroker
 ) -> None:
     began = time.monotonic()
-    url, broker = fault_database_url, redis_server.url
+    url, broker = fault_database_url, fault_broker.url
     kills = tmp_path / "poison-kills"
     kills.touch()
     environment = service_environment(
@@ -123,7 +123,8 @@ def test_a_message_that_kills_the_worker_is_dead_lettered_after_bounded_deliveri
             )
             or 0
         )
-        row = record_outcome("8 poison message kills the worker", outcome, began)
+        scenario = fault_broker.label("8 poison message kills the worker")
+        row = record_outcome(scenario, outcome, began)
         row.dead_lettered = len(reasons)
         row.notes.append(
             f"poison batch handled {len(killed) // 2} times, each SIGKILLing a pool process "

@@ -35,7 +35,7 @@ from tests.faults.harness import (
     wait_until,
 )
 from tests.faults.report import scaled
-from tests.faults.servers import PrivateRedis
+from tests.faults.servers import FaultBroker, PrivateRedis
 
 pytestmark = [pytest.mark.slow]
 
@@ -50,10 +50,10 @@ def _outcomes(log: str, batch: Batch) -> tuple[int, int]:
 
 
 def test_the_same_message_published_twice_is_counted_once(
-    tmp_path: Path, fault_database_url: str, redis_server: PrivateRedis
+    tmp_path: Path, fault_database_url: str, fault_broker: FaultBroker
 ) -> None:
     began = time.monotonic()
-    url, broker = fault_database_url, redis_server.url
+    url, broker = fault_database_url, fault_broker.url
     environment = service_environment(SESSIONS_BROKER_URL=broker, SESSIONS_DATABASE_URL=url)
     reference = Reference()
     sessions = [f"twice-{n}" for n in range(5)]
@@ -77,7 +77,7 @@ def test_the_same_message_published_twice_is_counted_once(
             message="both copies of every batch handled",
         )
         outcome = compare(reference, url)
-        row = record_outcome("4a same message published twice", outcome, began)
+        row = record_outcome(fault_broker.label("4a same message published twice"), outcome, began)
         row.sent = outcome.sent
         row.dead_lettered = monitor.dead_letter_count()
         row.notes.append(f"{len(batches)} batches x 2 messages")

@@ -10,16 +10,19 @@ worker has a transaction open (found through ``pg_stat_activity`` and the socket
   running the pool the project configures (the whole process group is killed) and a prefork
   pool (only the main process is killed, orphaning its pool processes, which may still commit
   what they were applying, unacknowledged). Messages a killed worker held come back through Redis's
-  visibility timeout (2 s here).
-  Nothing may be counted twice, and nothing may be lost. The broker alone would lose batches
+  visibility timeout (2 s here), or on RabbitMQ the moment the worker's connection closes.
+  Nothing may be counted twice, and nothing may be lost. Redis alone would lose batches
   here: kombu's Redis transport takes a message off the queue (``BRPOP``) *before* it records
   it as unacknowledged, so a consumer killed in between takes the message with it, and no
-  worker ever logs it as received. The tracker closes that gap: it keeps each batch until the
-  ledger lists it and publishes it again after ``confirm_timeout_seconds`` (see
-  :mod:`sessions.outbox`); the report counts those republished batches.
+  worker ever logs it as received (kombu #305). The tracker closes that gap: it keeps each
+  batch until the ledger lists it and publishes it again after ``confirm_timeout_seconds``
+  (see :mod:`sessions.outbox`); the report counts those republished batches. RabbitMQ has no
+  such gap (a delivery is unacknowledged from the moment the broker sends it, and goes back
+  to the queue when the consumer's channel closes), so on RabbitMQ 1b runs with republishing
+  off: the broker alone must lose nothing.
 
-Scenario 1a runs with republishing off, so that it proves the worker side alone: a killed
-pool process's message comes back through ``task_reject_on_worker_lost``.
+Scenario 1a runs with republishing off on both brokers, so that it proves the worker side
+alone: a killed pool process's message comes back through ``task_reject_on_worker_lost``.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from tests.faults.harness import (
     wait_until,
 )
 from tests.faults.report import Row, scaled
-from tests.faults.servers import PrivateRedis
+from tests.faults.servers import FaultBroker, PrivateRedis
 from tests.workers_harness import CeleryProcess
 
 pytestmark = [pytest.mark.slow]
@@ -98,6 +101,15 @@ def _unacked_restorable(redis_server: PrivateRedis) -> bool:
     return all(score < time.time() - VISIBILITY_TIMEOUT - 0.5 for _, score in entries)
 
 
+def _locate(fault_broker: FaultBroker, batch_ids: list[object]) -> dict[str, str]:
+    """Where the broker has each batch (Redis can be read; RabbitMQ only counts its messages)."""
+    if fault_broker.redis is not None:
+        return locate_batches(fault_broker.redis.client(), batch_ids)
+    assert fault_broker.rabbitmq is not None
+    held = fault_broker.rabbitmq.messages(fault_broker.vhost)
+    return {str(batch_id): f"unknown ({held} messages in the vhost)" for batch_id in batch_ids}
+
+
 @dataclass
 class KillRun:
     outcome: Outcome
@@ -115,12 +127,13 @@ def _run(
     kinds: tuple[str, ...],
     tmp_path: Path,
     url: str,
-    redis_server: PrivateRedis,
+    fault_broker: FaultBroker,
     confirm_timeout: float = 0.0,
 ) -> KillRun:
     began = time.monotonic()
     kills = scaled(10, minimum=10)
-    broker = redis_server.url
+    broker = fault_broker.url
+    redis_server = fault_broker.redis
     environment = service_environment(
         SESSIONS_BROKER_URL=broker,
         SESSIONS_DATABASE_URL=url,
@@ -188,22 +201,25 @@ def _run(
             )
             assert alive(worker.process.pid), "killing pool processes killed the worker"
             # A killed pool process's message must come back by itself, the worker living on.
-            stuck = settle(tracker, redis_server.client(), timeout=10)
+            stuck = settle(tracker, fault_broker, timeout=10)
             stuck_batches = len(unconfirmed_batches(tracker)) if stuck else 0
         # A warm shutdown hands back what the last worker still holds; once every message the
         # dead workers held is past the visibility timeout, a fresh worker restores them all.
+        # (RabbitMQ put each back when its holder's connection closed.)
         worker.stop()
-        wait_until(
-            lambda: _unacked_restorable(redis_server),
-            message="unacknowledged messages to pass the visibility timeout",
-        )
-        # A worker killed while restoring leaves Redis's restore lock behind for 5 minutes.
-        stale_mutex = bool(redis_server.client().delete("unacked_mutex"))  # type: ignore[attr-defined]
+        stale_mutex = False
+        if redis_server is not None:
+            wait_until(
+                lambda: _unacked_restorable(redis_server),
+                message="unacknowledged messages to pass the visibility timeout",
+            )
+            # A worker killed while restoring leaves Redis's restore lock behind for 5 minutes.
+            stale_mutex = bool(redis_server.client().delete("unacked_mutex"))  # type: ignore[attr-defined]
         fleet.worker(CONCURRENCY)
-        problem = settle(tracker, redis_server.client())
+        problem = settle(tracker, fault_broker)
         unapplied: dict[str, tuple[str, str]] = {}
         if problem is not None:
-            places = locate_batches(redis_server.client(), unconfirmed_batches(tracker))
+            places = _locate(fault_broker, unconfirmed_batches(tracker))
             for batch_id, place in places.items():
                 receivers = [
                     w
@@ -218,7 +234,7 @@ def _run(
                     unapplied[batch_id] = (place, "a surviving worker")
         for session_id in sessions:
             tracker.end(session_id, status="completed")
-        ending = settle(tracker, redis_server.client(), timeout=30)
+        ending = settle(tracker, fault_broker, timeout=30)
         tracker.close()
         publisher.close()
 
@@ -237,7 +253,7 @@ def _run(
                 f"; {tracker.stats.batches_republished} batches published again for want of "
                 "confirmation"
                 if confirm_timeout
-                else ""
+                else "; republishing off"
             )
         )
         if stuck_batches:
@@ -262,10 +278,14 @@ def _run(
 
 
 def test_pool_processes_sigkilled_mid_transaction_lose_and_double_nothing(
-    tmp_path: Path, fault_database_url: str, redis_server: PrivateRedis
+    tmp_path: Path, fault_database_url: str, fault_broker: FaultBroker
 ) -> None:
     run = _run(
-        "1a pool process SIGKILL", ("pool process",), tmp_path, fault_database_url, redis_server
+        fault_broker.label("1a pool process SIGKILL"),
+        ("pool process",),
+        tmp_path,
+        fault_database_url,
+        fault_broker,
     )
     assert run.problem is None, f"{run.problem}; unapplied batches: {run.unapplied}"
     assert run.outcome.exact, run.outcome.describe()
@@ -278,15 +298,16 @@ def test_pool_processes_sigkilled_mid_transaction_lose_and_double_nothing(
 
 
 def test_whole_worker_sigkilled_and_restarted_counts_nothing_twice(
-    tmp_path: Path, fault_database_url: str, redis_server: PrivateRedis
+    tmp_path: Path, fault_database_url: str, fault_broker: FaultBroker
 ) -> None:
+    # On RabbitMQ with republishing off: its acknowledgements alone must lose nothing.
     run = _run(
-        "1b worker SIGKILL + restart",
+        fault_broker.label("1b worker SIGKILL + restart"),
         ("whole worker", "main process"),
         tmp_path,
         fault_database_url,
-        redis_server,
-        confirm_timeout=CONFIRM_TIMEOUT,
+        fault_broker,
+        confirm_timeout=CONFIRM_TIMEOUT if fault_broker.kind == "redis" else 0.0,
     )
     assert run.problem is None, f"{run.problem}; unapplied batches: {run.unapplied}"
     assert run.outcome.exact, run.outcome.describe()

@@ -1,5 +1,6 @@
-"""The publisher tells the tracker how many messages wait in the ingest queue, on Redis and
-on the embedded filesystem broker: the tracker republishes nothing while a backlog waits."""
+"""The publisher tells the tracker how many messages wait in the ingest queue, on Redis,
+RabbitMQ and the embedded filesystem broker: the tracker republishes nothing while a backlog
+waits. On RabbitMQ the look at a queue that does not exist yet must not break the publisher."""
 
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ import pytest
 from sessions.events import Batch, RecordEvent, utcnow
 from sessions.publisher import CeleryPublisher
 from sessions.settings import Settings
-from tests.services import require_redis
+from tests.services import rabbitmqctl, require_redis, temporary_rabbitmq_vhost
 from tests.workers_harness import claimed_redis_db
 
 
-@pytest.fixture(params=["redis", "filesystem"])
+@pytest.fixture(params=["redis", "amqp", "filesystem"])
 def broker_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
     if request.param == "filesystem":
         yield Settings(broker_url="filesystem://", broker_dir=tmp_path / "broker")
+        return
+    if request.param == "amqp":
+        with temporary_rabbitmq_vhost() as url:
+            yield Settings(broker_url=url)
         return
     require_redis()
     with claimed_redis_db() as url:
@@ -41,3 +46,25 @@ def test_queued_messages_counts_what_no_worker_has_taken(broker_settings: Settin
         assert publisher.queued_messages() == 3
     finally:
         publisher.close()
+
+
+def test_on_rabbitmq_the_queues_are_quorum_queues_and_publishes_are_confirmed() -> None:
+    with temporary_rabbitmq_vhost() as url:
+        vhost = url.rsplit("/", 1)[1]
+        publisher = CeleryPublisher(Settings(broker_url=url))
+        try:
+            publisher(_message())  # declares the queue and opens the publishing channel
+            # The confirmed message is in the queue by the time the publish returns.
+            assert publisher.queued_messages() == 1
+            queues = rabbitmqctl(
+                "list_queues", "-p", vhost, "name", "type", "durable", "--quiet",
+                "--no-table-headers",
+            ).splitlines()  # fmt: skip
+            channels = rabbitmqctl(
+                "list_channels", "vhost", "confirm", "--quiet", "--no-table-headers"
+            )
+        finally:
+            publisher.close()
+    assert "sessions.events\tquorum\ttrue" in queues, queues
+    confirming = [line.split("\t")[1] for line in channels.splitlines() if line.startswith(vhost)]
+    assert confirming == ["true"], channels
