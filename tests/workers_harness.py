@@ -15,10 +15,9 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,24 +30,30 @@ from tests.services import (
     require_redis,
     temporary_postgres_database,
 )
+from tests.waiting import cpu_budget, cpu_progress, wait_for
 
 #: The repository root: Celery subprocesses run here, so ``celeryconfig`` and ``workers`` import.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: How long a test waits for a worker to start or for its effects to show.
+#: How long a test waits without progress for a worker to start or for its effects to show.
 DEADLINE = 30.0
-#: Seconds between looks at a condition.
-POLL = 0.05
+#: CPU seconds a Celery process may use before it logs what a test waits for (starting one
+#: costs one or two, on a busy machine as on an idle one).
+CELERY_CPU_BUDGET = 60.0
 
 
 def wait_until(
-    condition: Callable[[], object], timeout: float = DEADLINE, message: str = "condition"
+    condition: Callable[[], object],
+    timeout: float = DEADLINE,
+    message: str = "condition",
+    progress: Callable[[], Hashable] | None = None,
 ) -> None:
-    """Return once ``condition()`` is truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
-        time.sleep(POLL)
+    """Return once ``condition()`` is truthy.
+
+    With ``progress`` (see :mod:`tests.waiting`), fail once it has not changed for
+    ``timeout`` seconds; without, after ``timeout`` seconds (for what the machine's load does
+    not slow down).
+    """
+    wait_for(condition, message, progress=progress, stall=timeout)
 
 
 def service_environment(**values: str) -> dict[str, str]:
@@ -89,6 +94,10 @@ class CeleryProcess:
         return len(re.findall(pattern, self.log))
 
     def wait_for_log(self, pattern: str, timeout: float = DEADLINE) -> None:
+        """Wait for ``pattern`` in the log while the process works towards it: fail if it
+        exits, uses no CPU for ``timeout`` seconds, or :data:`CELERY_CPU_BUDGET` seconds in
+        all (a busy machine slows a start down; it does not make it cost more)."""
+
         def seen() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(
@@ -97,7 +106,13 @@ class CeleryProcess:
             return re.search(pattern, self.log) is not None
 
         try:
-            wait_until(seen, timeout, f"{pattern!r} in the {self.name} log")
+            wait_for(
+                seen,
+                f"{pattern!r} in the {self.name} log",
+                progress=cpu_progress(self.process.pid),
+                stall=timeout,
+                budget=cpu_budget(CELERY_CPU_BUDGET),
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- {self.name} log ---\n{self.log[-3000:]}") from None
 

@@ -33,6 +33,7 @@ from sessions.events import Batch, RecordEvent, peek_batch_id
 from sessions.publisher import INGEST_TASK, CeleryPublisher
 from sessions.tracker import SessionTracker
 from tests.faults import report
+from tests.waiting import process_table
 from tests.workers_harness import CeleryProcess, service_environment, wait_until
 
 __all__ = ["service_environment", "wait_until"]
@@ -150,18 +151,11 @@ def alive(pid: int) -> bool:
 
 def children(pid: int) -> list[int]:
     """Live child processes of ``pid`` (a worker's pool processes)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
+    return sorted(
+        each
+        for each, fields in process_table().items()
+        if int(fields[1]) == pid and fields[0] != "Z"
+    )
 
 
 def owner_of_local_port(port: int, candidates: Iterable[int]) -> int | None:
