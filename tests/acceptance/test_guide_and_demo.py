@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -11,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.services import require_postgres, require_redis, temporary_postgres_database
-from tests.workers_harness import claimed_redis_db, service_environment, start_worker
+from tests.workers_harness import (
+    claimed_redis_db,
+    run_to_completion,
+    service_environment,
+    start_worker,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -54,12 +58,9 @@ def test_every_guide_pattern_runs_against_a_real_worker(
 ) -> None:
     worker = start_worker(production_environment, tmp_path)
     try:
-        result = subprocess.run(
+        result = run_to_completion(
             [sys.executable, str(ROOT / "examples" / "guide_patterns.py")],
             env=production_environment,
-            capture_output=True,
-            text=True,
-            timeout=240,
         )
     finally:
         worker.stop()
@@ -70,13 +71,10 @@ def test_every_guide_pattern_runs_against_a_real_worker(
 
 def test_the_demo_runs_end_to_end_on_the_embedded_default(tmp_path: Path) -> None:
     """`make demo` with nothing configured: SQLite and the filesystem broker, in a new folder."""
-    result = subprocess.run(
+    result = run_to_completion(
         [sys.executable, "-m", "sessions.cli", "demo", "--sessions", "30", "--requests", "20"],
         cwd=tmp_path,
         env=service_environment(COLUMNS="200"),
-        capture_output=True,
-        text=True,
-        timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout

@@ -34,11 +34,17 @@ from sessions.publisher import INGEST_TASK, CeleryPublisher
 from sessions.tracker import SessionTracker
 from tests.faults import report
 from tests.waiting import process_table
-from tests.workers_harness import CeleryProcess, service_environment, wait_until
+from tests.workers_harness import (
+    CeleryProcess,
+    service_environment,
+    wait_until,
+    worker_activity,
+)
 
 __all__ = ["service_environment", "wait_until"]
 
-#: How long a scenario waits for its pipeline to settle before it counts what is missing.
+#: How long a scenario waits for its pipeline to settle, without progress, before it counts
+#: what is missing.
 SETTLE_DEADLINE = float(os.environ.get("SESSIONS_FAULTS_SETTLE", "120"))
 
 
@@ -456,6 +462,8 @@ def settle(
 ) -> str | None:
     """Wait until every event the tracker sent is applied; the reason if that never happened.
 
+    It gives up once ``timeout`` seconds pass without progress: neither the workers' logs
+    (:func:`worker_activity`) nor the tracker's unconfirmed batches changed.
     With ``redis_client`` it stops early once the broker has been empty (nothing queued,
     nothing unacknowledged, which includes retries waiting for their countdown) across a
     whole round of waiting: whatever is still unapplied then will never be, unless the
@@ -463,7 +471,10 @@ def settle(
     """
     deadline = time.monotonic() + timeout
     drained_before = False
+    seen = (worker_activity(), len(tracker._outbox))
     while True:
+        if (now := (worker_activity(), len(tracker._outbox))) != seen:
+            seen, deadline = now, time.monotonic() + timeout
         remaining = deadline - time.monotonic()
         try:
             tracker.flush(wait=True, timeout=max(0.1, min(remaining, 3.0)))

@@ -21,7 +21,7 @@ from sessions.events import Batch
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
-from tests.workers_harness import wait_until
+from tests.workers_harness import DEADLINE, wait_until
 
 #: A flush interval no test waits for: batches are cut by size, flush or close only.
 NEVER = 3600.0
@@ -168,10 +168,13 @@ def test_the_tracker_publishes_again_once_the_broker_is_back(
     def sent_after_the_pause() -> bool:
         tracker.record("s-2")
         tracker.flush()
-        time.sleep(0.02)
         return tracker.stats.batches_sent > 0
 
-    wait_until(sent_after_the_pause, timeout=5, message="a batch sent after the pause")
+    wait_until(
+        sent_after_the_pause,
+        timeout=tracker_module.BROKER_DOWN_PAUSE + DEADLINE,
+        message="a batch sent after the pause",
+    )
     assert recorder.events()[-1]["session_id"] == "s-2"
 
 
@@ -275,16 +278,14 @@ def test_a_forked_child_starts_with_an_empty_buffer(make_tracker: Any, recorder:
     if pid == 0:  # pragma: no cover - the child reports through its exit code
         # Whatever happens, the child must not outlive the test nor hold its output open.
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        signal.alarm(20)
+        signal.alarm(int(2 * DEADLINE))
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
         ok = tracker.stats.events_recorded == 0
         tracker.record("s-child")
         tracker.flush()
-        deadline = time.monotonic() + 5
-        while tracker.stats.events_pending and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: not tracker.stats.events_pending, message="the child's batch")
         ok = ok and [e["session_id"] for e in recorder.events()] == ["s-child"]
         os.write(write_end, b"ok" if ok else b"no")
         os._exit(0)
@@ -297,7 +298,7 @@ def test_a_forked_child_starts_with_an_empty_buffer(make_tracker: Any, recorder:
         return done == pid
 
     try:
-        wait_until(child_exited, timeout=30, message="the forked child to finish")
+        wait_until(child_exited, timeout=3 * DEADLINE, message="the forked child to finish")
     except AssertionError:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

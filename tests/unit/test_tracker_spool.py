@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from sessions.settings import Settings
 from sessions.spool import BatchSpool
 from sessions.tracker import SessionTracker, open_spool
 from tests.unit.test_tracker import NEVER, Recorder
-from tests.workers_harness import wait_until
+from tests.workers_harness import run_to_completion, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -124,11 +123,8 @@ SIGTERM_AGENT = """
 
 def test_sigterm_flushes_the_buffer_before_the_agent_dies(tmp_path: Path) -> None:
     published = tmp_path / "published.jsonl"
-    agent = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SIGTERM_AGENT), str(published)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    agent = run_to_completion(
+        [sys.executable, "-c", textwrap.dedent(SIGTERM_AGENT), str(published)]
     )
     assert agent.returncode == -signal.SIGTERM, agent.stderr
     messages = [json.loads(line) for line in published.read_text().splitlines()]
