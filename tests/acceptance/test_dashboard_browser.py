@@ -8,7 +8,9 @@ screenshot (from the SQLite run): into the test's folder, or, with
 ordinary test run leaves the work tree as it was).
 
 Playwright's own browser downloads are never used: ``executable_path`` points at the
-``chromium`` package, which ``make`` installs when it is missing.
+``chromium`` found on ``PATH`` (Debian's package, which ``.ci/run`` installs when it is missing;
+``make`` never does, it needs root). Without it the test is skipped, saying so, or fails when
+``SESSIONS_REQUIRE_SERVICES=1``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from tests.workers_harness import service_environment, wait_until
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
+#: The browser's command, looked for on ``PATH``.
+CHROMIUM = "chromium"
 #: Headless, and quiet: without the background-networking flags Chromium keeps trying to
 #: reach Google's services, which this closed network answers with nothing.
 CHROMIUM_ARGS = [
@@ -111,9 +114,14 @@ def _free_port() -> int:
 
 @pytest.fixture
 def chromium() -> str:
-    if shutil.which("chromium") is None or not Path(CHROMIUM).exists():
-        missing_service("Debian's chromium is not installed (`make .venv/.installed` installs it)")
-    return CHROMIUM
+    """The path of the ``chromium`` executable; skips (or fails in CI) without one."""
+    found = shutil.which(CHROMIUM)
+    if found is None:
+        missing_service(
+            f"no {CHROMIUM!r} on PATH, so the dashboard's browser test cannot run "
+            "(install Debian's package: `apt-get install chromium`, as .ci/run does)"
+        )
+    return found
 
 
 @pytest.fixture
