@@ -81,7 +81,7 @@ def make_tracker(recorder: Recorder) -> Iterator[Any]:
     yield make
     for tracker in made:
         recorder.release.set()
-        tracker.close(timeout=5)
+        tracker.close(timeout=DEADLINE)
 
 
 def test_a_full_buffer_is_published_at_once_in_batches_of_max_size(
@@ -109,7 +109,7 @@ def test_a_partial_batch_goes_out_after_the_flush_interval(
     tracker.create("s-2", user_id="u-2", metadata={"a": 1})
     tracker.end("s-1", status="failed")
 
-    wait_until(lambda: recorder.messages, timeout=5, message="the interval flush")
+    wait_until(lambda: recorder.messages, message="the interval flush")
     assert [e["kind"] for e in recorder.events()] == ["record", "create", "end"]
     assert recorder.events()[1]["metadata"] == {"a": 1}
     assert recorder.events()[2]["status"] == "failed"
@@ -153,7 +153,7 @@ def test_record_never_raises_or_blocks_when_the_publisher_fails(
     # Only the first batch of the outage (and one per pause) was actually tried.
     assert len(recorder.calls) < 40 * tracker_module.PUBLISH_ATTEMPTS
     with pytest.raises(BrokerUnavailableError, match="40 batches"):
-        tracker.flush(wait=True, timeout=5)
+        tracker.flush(wait=True, timeout=DEADLINE)
 
 
 def test_the_tracker_publishes_again_once_the_broker_is_back(
@@ -263,7 +263,7 @@ def test_flush_wait_returns_once_every_batch_is_in_the_ledger(tmp_path: Path) ->
         with pytest.raises(FlushTimeoutError, match="not applied"):
             tracker.flush(wait=True, timeout=0.3)
         applying.set()
-        tracker.flush(wait=True, timeout=10)
+        tracker.flush(wait=True, timeout=DEADLINE)
         totals = store.aggregate()
         assert (totals.sessions, totals.request_count, totals.error_count) == (3, 50, 10)
     store.dispose()

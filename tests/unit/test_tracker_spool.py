@@ -18,7 +18,7 @@ from sessions.settings import Settings
 from sessions.spool import BatchSpool
 from sessions.tracker import SessionTracker, open_spool
 from tests.unit.test_tracker import NEVER, Recorder
-from tests.workers_harness import run_to_completion, wait_until
+from tests.workers_harness import DEADLINE, run_to_completion, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +32,7 @@ def trackers() -> Iterator[list[SessionTracker]]:
     made: list[SessionTracker] = []
     yield made
     for tracker in made:
-        tracker.close(timeout=5)
+        tracker.close(timeout=DEADLINE)
 
 
 def _tracker(made: list[SessionTracker], publisher: Recorder, **options: Any) -> SessionTracker:
