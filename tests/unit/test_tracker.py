@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -320,13 +320,32 @@ def test_batches_are_immutable_and_carry_a_uuid(make_tracker: Any, recorder: Rec
         batch.batch_id = uuid.uuid4()  # type: ignore[misc]
 
 
-def test_record_costs_microseconds(make_tracker: Any) -> None:
+#: Audit events (``sys.addaudithook``) that mean I/O: none may come from ``record``
+#: (``time.sleep`` is audited from Python 3.12 on).
+IO_AUDIT_EVENTS = ("open", "socket.", "subprocess.", "os.system", "sqlite3.", "time.sleep")
+#: Audit events seen on a thread while it is marked as recording (see the test below).
+_seen_while_recording: list[str] = []
+_recording = threading.local()
+
+
+def _audit(event: str, _arguments: tuple[Any, ...]) -> None:
+    if getattr(_recording, "on", False) and event.startswith(IO_AUDIT_EVENTS):
+        _seen_while_recording.append(event)
+
+
+def test_record_does_no_io(make_tracker: Any) -> None:
+    """What ``record`` costs is measured in ``bench.ingest`` (``record_us``), never asserted
+    here as a time; asserted is what keeps it cheap on a machine however busy: no file,
+    socket, process or database on the calling thread (that it never waits for the
+    publisher is the hanging-publisher test above)."""
+    sys.addaudithook(_audit)  # for the rest of the process; it reacts to marked threads only
     tracker = make_tracker(max_batch_events=500)
-    samples = []
-    for _ in range(20_000):
-        started = time.perf_counter_ns()
-        tracker.record("user-123-device-789", 0.25, False, "user-123")
-        samples.append(time.perf_counter_ns() - started)
-    samples.sort()
-    # ~5 us here; the bound only catches a regression to I/O or heavy work on the hot path.
-    assert samples[len(samples) // 2] < 50_000
+    _seen_while_recording.clear()
+    _recording.on = True
+    try:
+        for _ in range(20_000):
+            tracker.record("user-123-device-789", 0.25, False, "user-123")
+    finally:
+        _recording.on = False
+    assert _seen_while_recording == []
+    assert tracker.stats.events_recorded == 20_000
