@@ -21,6 +21,8 @@ EVENTS_QUEUE = "sessions.events"
 MAINTENANCE_QUEUE = "sessions.maintenance"
 #: Seconds a Redis socket may wait to connect or for a reply before the publish fails.
 REDIS_SOCKET_TIMEOUT = 2.0
+#: The transport of ``filesystem://`` broker URLs: kombu's, writing each message atomically.
+FILESYSTEM_TRANSPORT = "workers.filesystem_transport:Transport"
 #: Short, bounded publish retries: a refusing broker fails a publish in about half a second.
 PUBLISH_RETRY_POLICY = {
     "max_retries": 2,
@@ -137,6 +139,9 @@ def from_settings(settings: Settings) -> dict[str, Any]:
     """
     return {
         "broker_url": _broker_url(settings),
+        # kombu's own filesystem transport lets a consumer read a message half written (see
+        # workers/filesystem_transport.py); None: the transport the URL's scheme names.
+        "broker_transport": FILESYSTEM_TRANSPORT if _is_filesystem(settings) else None,
         "broker_transport_options": transport_options(settings),
         # Messages a worker process reserves ahead of the one it runs. Each message carries
         # up to batch_max_events events, so a small multiplier already keeps a process busy,
@@ -152,6 +157,7 @@ _configured = from_settings(get_settings())
 
 # -- broker ---------------------------------------------------------------------------------
 broker_url: str = _configured["broker_url"]
+broker_transport: str | None = _configured["broker_transport"]
 broker_transport_options: dict[str, Any] = _configured["broker_transport_options"]
 broker_connection_retry_on_startup = True
 broker_connection_timeout = REDIS_SOCKET_TIMEOUT

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sessions.errors import FlushTimeoutError
 from sessions.settings import Settings, get_settings, mask_url
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
@@ -43,7 +44,7 @@ DEMO_ENVIRONMENT = {
     "SESSIONS_HEALTH_SWEEP_INTERVAL": "1",
     "SESSIONS_PURGE_INTERVAL": "30",
 }
-#: Longest the demo waits for the worker and the sweeps before it reports a failure.
+#: Longest the demo waits for the sweeps to end one more session before it reports a failure.
 SETTLE_TIMEOUT = 60.0
 
 
@@ -123,14 +124,18 @@ class Services:
             log.close()
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float, services: Services) -> bool:
+def _wait_until(progress: Callable[[], int], goal: int, timeout: float, services: Services) -> bool:
+    """Wait until ``progress()`` reaches ``goal``; give up once it has not moved for
+    ``timeout`` seconds (a busy machine slows the worker and beat down, it does not stop
+    them)."""
+    reached = progress()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while reached < goal and time.monotonic() < deadline:
         services.check_alive()
-        if condition():
-            return True
         time.sleep(0.2)
-    return condition()
+        if (now := progress()) != reached:
+            reached, deadline = now, time.monotonic() + timeout
+    return reached >= goal
 
 
 def _prepare_environment(run_id: str) -> tuple[Path, dict[str, str]]:
@@ -194,7 +199,9 @@ def run_demo(config: DemoConfig) -> int:
         )
         fleet = plan_fleet(config, uuid.uuid4().hex[:4])
         run = _drive_fleet(config, fleet, settings)
-        settled = _wait_until(lambda: _fleet_settled(store, fleet), SETTLE_TIMEOUT, services)
+        settled = _wait_until(
+            lambda: _settled(store, fleet), _to_settle(fleet), SETTLE_TIMEOUT, services
+        )
     finally:
         services.stop()
     exact = _report(store, fleet, run)
@@ -255,20 +262,41 @@ def _drive_fleet(config: DemoConfig, fleet: list[SimulatedSession], settings: Se
                 tracker.end(session.session_id, status="completed")
         recording = time.monotonic() - started
         progress.update(task, description="waiting for the worker")
-        tracker.flush(wait=True, timeout=SETTLE_TIMEOUT)
+        _flush_applied(tracker)
         drain = time.monotonic() - started - recording
     return FleetRun(recorded, recording, drain)
 
 
-def _fleet_settled(store: SessionStore, fleet: list[SimulatedSession]) -> bool:
-    """Every session the sweeps should end has been ended by them."""
-    expected = {"failing": "failed", "idle": "expired", "old": "expired"}
+def _flush_applied(tracker: SessionTracker) -> None:
+    """``flush(wait=True)`` for as long as the worker confirms batches: it raises
+    :class:`FlushTimeoutError` only once no batch was applied for ``SETTLE_TIMEOUT``."""
+    while True:
+        unconfirmed = tracker.stats.batches_unconfirmed
+        try:
+            tracker.flush(wait=True, timeout=SETTLE_TIMEOUT)
+            return
+        except FlushTimeoutError:
+            if tracker.stats.batches_unconfirmed >= unconfirmed:
+                raise
+
+
+#: What the sweeps should make of each kind of simulated session.
+SWEPT_TO = {"failing": "failed", "idle": "expired", "old": "expired"}
+
+
+def _to_settle(fleet: list[SimulatedSession]) -> int:
+    """How many sessions of ``fleet`` the sweeps should end."""
+    return sum(session.kind in SWEPT_TO for session in fleet)
+
+
+def _settled(store: SessionStore, fleet: list[SimulatedSession]) -> int:
+    """How many of them the sweeps have ended as they should."""
+    ended = 0
     for session in fleet:
-        if session.kind in expected:
+        if session.kind in SWEPT_TO:
             record = store.get(session.session_id)
-            if record is None or record.status != expected[session.kind]:
-                return False
-    return True
+            ended += record is not None and record.status == SWEPT_TO[session.kind]
+    return ended
 
 
 def _report(store: SessionStore, fleet: list[SimulatedSession], run: FleetRun) -> bool:
