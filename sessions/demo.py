@@ -9,6 +9,7 @@ filesystem broker, in a fresh folder under ``.demo/``), so it needs no server at
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -34,9 +35,12 @@ from sessions.tracker import SessionTracker
 
 console = Console()
 
+#: Seconds without activity after which the demo's idle sweep expires a session (counted
+#: from when the worker caught up with the agents).
+IDLE_SECONDS = 4
 #: Shortened housekeeping so the sweeps act within the demo's few seconds.
 DEMO_ENVIRONMENT = {
-    "SESSIONS_MAX_IDLE_SECONDS": "4",
+    "SESSIONS_MAX_IDLE_SECONDS": str(IDLE_SECONDS),
     "SESSIONS_MAX_AGE_DAYS": str(30 / 86400),  # 30 seconds
     "SESSIONS_HEALTH_MIN_REQUESTS": "10",
     "SESSIONS_IDLE_SWEEP_INTERVAL": "1",
@@ -93,11 +97,12 @@ class Services:
         self.environment = environment
         self.processes: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
 
-    def start(self, name: str, arguments: list[str]) -> None:
+    def start(self, name: str, arguments: list[str], **environment: str) -> None:
+        """Start ``celery <arguments>``, with ``environment`` over the demo's own."""
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
         process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers", *arguments],
-            env=self.environment,
+            env={**self.environment, **environment},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -194,11 +199,17 @@ def run_demo(config: DemoConfig) -> int:
                 "--without-mingle",
             ],
         )
-        services.start(
-            "beat", ["beat", "--loglevel", "INFO", "--schedule", str(workdir / "beat-schedule")]
-        )
         fleet = plan_fleet(config, uuid.uuid4().hex[:4])
         run = _drive_fleet(config, fleet, settings)
+        # The sweeps start once every event is applied, and a session counts as idle only
+        # after the drain took plus IDLE_SECONDS: on a busy machine the worker lags behind the
+        # agents by seconds, and a sweep running meanwhile sees busy sessions as idle (their
+        # later events still queued) and expires them before the health sweep can judge them.
+        services.start(
+            "beat",
+            ["beat", "--loglevel", "INFO", "--schedule", str(workdir / "beat-schedule")],
+            SESSIONS_MAX_IDLE_SECONDS=str(IDLE_SECONDS + math.ceil(run.drain)),
+        )
         settled = _wait_until(
             lambda: _settled(store, fleet), _to_settle(fleet), SETTLE_TIMEOUT, services
         )
