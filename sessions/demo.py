@@ -9,6 +9,7 @@ filesystem broker, in a fresh folder under ``.demo/``), so it needs no server at
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -27,15 +28,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sessions.errors import FlushTimeoutError
 from sessions.settings import Settings, get_settings, mask_url
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
 
 console = Console()
 
+#: Seconds without activity after which the demo's idle sweep expires a session (counted
+#: from when the worker caught up with the agents).
+IDLE_SECONDS = 4
 #: Shortened housekeeping so the sweeps act within the demo's few seconds.
 DEMO_ENVIRONMENT = {
-    "SESSIONS_MAX_IDLE_SECONDS": "4",
+    "SESSIONS_MAX_IDLE_SECONDS": str(IDLE_SECONDS),
     "SESSIONS_MAX_AGE_DAYS": str(30 / 86400),  # 30 seconds
     "SESSIONS_HEALTH_MIN_REQUESTS": "10",
     "SESSIONS_IDLE_SWEEP_INTERVAL": "1",
@@ -43,9 +48,7 @@ DEMO_ENVIRONMENT = {
     "SESSIONS_HEALTH_SWEEP_INTERVAL": "1",
     "SESSIONS_PURGE_INTERVAL": "30",
 }
-#: Longest the demo waits for its worker to start consuming (a hang guard: it is seconds).
-START_TIMEOUT = 300.0
-#: Longest the demo waits for the worker and the sweeps before it reports a failure.
+#: Longest the demo waits for the sweeps to end one more session before it reports a failure.
 SETTLE_TIMEOUT = 60.0
 
 
@@ -94,11 +97,12 @@ class Services:
         self.environment = environment
         self.processes: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
 
-    def start(self, name: str, arguments: list[str]) -> None:
+    def start(self, name: str, arguments: list[str], **environment: str) -> None:
+        """Start ``celery <arguments>``, with ``environment`` over the demo's own."""
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
         process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers", *arguments],
-            env=self.environment,
+            env={**self.environment, **environment},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -111,15 +115,6 @@ class Services:
                     f"the {name} exited with code {process.returncode}; "
                     f"see {self.workdir / (name + '.log')}"
                 )
-
-    def wait_until_ready(self, name: str, marker: bytes, timeout: float) -> None:
-        """Wait until the ``name`` process's log shows ``marker``, while it runs.
-
-        :raises RuntimeError: it exited first, or ``timeout`` seconds passed without it.
-        """
-        log = self.workdir / f"{name}.log"
-        if not _wait_until(lambda: marker in log.read_bytes(), timeout, self):
-            raise RuntimeError(f"the {name} was not ready after {timeout:.0f} s; see {log}")
 
     def stop(self) -> None:
         for _, process, _ in self.processes:
@@ -134,14 +129,18 @@ class Services:
             log.close()
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float, services: Services) -> bool:
+def _wait_until(progress: Callable[[], int], goal: int, timeout: float, services: Services) -> bool:
+    """Wait until ``progress()`` reaches ``goal``; give up once it has not moved for
+    ``timeout`` seconds (a busy machine slows the worker and beat down, it does not stop
+    them)."""
+    reached = progress()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while reached < goal and time.monotonic() < deadline:
         services.check_alive()
-        if condition():
-            return True
         time.sleep(0.2)
-    return condition()
+        if (now := progress()) != reached:
+            reached, deadline = now, time.monotonic() + timeout
+    return reached >= goal
 
 
 def _prepare_environment(run_id: str) -> tuple[Path, dict[str, str]]:
@@ -200,16 +199,20 @@ def run_demo(config: DemoConfig) -> int:
                 "--without-mingle",
             ],
         )
-        # Agents record only once the worker consumes: on a busy machine a worker takes seconds
-        # to start, and the first idle sweep would find the sessions of its backlog idle by
-        # their event times (the demo's max idle is 4 s) and expire the whole fleet.
-        services.wait_until_ready("worker", b" ready.", START_TIMEOUT)
-        services.start(
-            "beat", ["beat", "--loglevel", "INFO", "--schedule", str(workdir / "beat-schedule")]
-        )
         fleet = plan_fleet(config, uuid.uuid4().hex[:4])
         run = _drive_fleet(config, fleet, settings)
-        settled = _wait_until(lambda: _fleet_settled(store, fleet), SETTLE_TIMEOUT, services)
+        # The sweeps start once every event is applied, and a session counts as idle only
+        # after the drain took plus IDLE_SECONDS: on a busy machine the worker lags behind the
+        # agents by seconds, and a sweep running meanwhile sees busy sessions as idle (their
+        # later events still queued) and expires them before the health sweep can judge them.
+        services.start(
+            "beat",
+            ["beat", "--loglevel", "INFO", "--schedule", str(workdir / "beat-schedule")],
+            SESSIONS_MAX_IDLE_SECONDS=str(IDLE_SECONDS + math.ceil(run.drain)),
+        )
+        settled = _wait_until(
+            lambda: _settled(store, fleet), _to_settle(fleet), SETTLE_TIMEOUT, services
+        )
     finally:
         services.stop()
     exact = _report(store, fleet, run)
@@ -270,20 +273,41 @@ def _drive_fleet(config: DemoConfig, fleet: list[SimulatedSession], settings: Se
                 tracker.end(session.session_id, status="completed")
         recording = time.monotonic() - started
         progress.update(task, description="waiting for the worker")
-        tracker.flush(wait=True, timeout=SETTLE_TIMEOUT)
+        _flush_applied(tracker)
         drain = time.monotonic() - started - recording
     return FleetRun(recorded, recording, drain)
 
 
-def _fleet_settled(store: SessionStore, fleet: list[SimulatedSession]) -> bool:
-    """Every session the sweeps should end has been ended by them."""
-    expected = {"failing": "failed", "idle": "expired", "old": "expired"}
+def _flush_applied(tracker: SessionTracker) -> None:
+    """``flush(wait=True)`` for as long as the worker confirms batches: it raises
+    :class:`FlushTimeoutError` only once no batch was applied for ``SETTLE_TIMEOUT``."""
+    while True:
+        unconfirmed = tracker.stats.batches_unconfirmed
+        try:
+            tracker.flush(wait=True, timeout=SETTLE_TIMEOUT)
+            return
+        except FlushTimeoutError:
+            if tracker.stats.batches_unconfirmed >= unconfirmed:
+                raise
+
+
+#: What the sweeps should make of each kind of simulated session.
+SWEPT_TO = {"failing": "failed", "idle": "expired", "old": "expired"}
+
+
+def _to_settle(fleet: list[SimulatedSession]) -> int:
+    """How many sessions of ``fleet`` the sweeps should end."""
+    return sum(session.kind in SWEPT_TO for session in fleet)
+
+
+def _settled(store: SessionStore, fleet: list[SimulatedSession]) -> int:
+    """How many of them the sweeps have ended as they should."""
+    ended = 0
     for session in fleet:
-        if session.kind in expected:
+        if session.kind in SWEPT_TO:
             record = store.get(session.session_id)
-            if record is None or record.status != expected[session.kind]:
-                return False
-    return True
+            ended += record is not None and record.status == SWEPT_TO[session.kind]
+    return ended
 
 
 def _report(store: SessionStore, fleet: list[SimulatedSession], run: FleetRun) -> bool:

@@ -13,6 +13,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import pytest
@@ -35,7 +36,7 @@ def services_required() -> bool:
     return os.environ.get("SESSIONS_REQUIRE_SERVICES", "") not in ("", "0", "false")
 
 
-def missing_service(reason: str) -> None:
+def missing_service(reason: str) -> NoReturn:
     """Skip the current test because a service is absent, or fail when CI requires it."""
     if services_required():
         pytest.fail(f"{reason} (SESSIONS_REQUIRE_SERVICES=1, so this is a failure)")

@@ -14,41 +14,121 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from sessions.errors import FlushTimeoutError
 from sessions.settings import Settings
 from sessions.store import SessionStore
+from sessions.tracker import SessionTracker
 from tests.services import (
     REDIS_URL,
     require_postgres,
     require_redis,
     temporary_postgres_database,
 )
+from tests.waiting import STALL, cpu_budget, cpu_progress, wait_for
 
 #: The repository root: Celery subprocesses run here, so ``celeryconfig`` and ``workers`` import.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: How long a test waits for a worker to start or for its effects to show.
+#: How long a test waits without progress for a worker to start or for its effects to show.
 DEADLINE = 30.0
-#: Seconds between looks at a condition.
-POLL = 0.05
+#: CPU seconds a Celery process may use before it logs what a test waits for (starting one
+#: costs one or two, on a busy machine as on an idle one).
+CELERY_CPU_BUDGET = 60.0
 
 
 def wait_until(
-    condition: Callable[[], object], timeout: float = DEADLINE, message: str = "condition"
+    condition: Callable[[], object],
+    timeout: float = DEADLINE,
+    message: str = "condition",
+    progress: Callable[[], Hashable] | None = None,
 ) -> None:
-    """Return once ``condition()`` is truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
-        time.sleep(POLL)
+    """Return once ``condition()`` is truthy; fail once ``progress`` has stood still for
+    ``timeout`` seconds (see :mod:`tests.waiting`).
+
+    ``progress`` defaults to :func:`worker_activity` while the test has Celery workers
+    running (what a test waits for, they do, however slowly a busy machine lets them), else
+    the wait is a plain deadline of ``timeout`` seconds.
+    """
+    if progress is None and _running_workers:
+        progress = worker_activity
+    wait_for(condition, message, progress=progress, stall=timeout)
+
+
+#: Seconds one ``flush(wait=True)`` of :func:`flush_applied` waits before progress is checked.
+FLUSH_SLICE = 5.0
+
+
+def flush_applied(tracker: SessionTracker, timeout: float = DEADLINE) -> None:
+    """``tracker.flush(wait=True)``, for as long as the pipeline makes progress: fails once
+    neither the workers' logs (:func:`worker_activity`) nor the tracker's published events
+    changed for ``timeout`` seconds. :class:`BrokerUnavailableError` propagates."""
+    last_error: list[FlushTimeoutError] = []
+
+    def flushed() -> bool:
+        try:
+            tracker.flush(wait=True, timeout=FLUSH_SLICE)
+        except FlushTimeoutError as exc:
+            last_error[:] = [exc]
+            return False
+        return True
+
+    try:
+        wait_for(
+            flushed,
+            "every event recorded to be applied",
+            progress=lambda: (worker_activity(), tracker.stats.events_sent),
+            stall=timeout,
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the tracker said: {last_error[-1:]}") from None
+
+
+def run_to_completion(
+    arguments: list[str], timeout: float = STALL, **options: Any
+) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(arguments, capture_output=True, text=True, **options)``, waiting for as
+    long as the run makes progress: fails (killing it) once neither its processes' CPU time
+    nor the workers' logs advanced for ``timeout`` seconds."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(arguments, stdout=out, stderr=err, text=True, **options)
+        watched = cpu_progress(process.pid)
+        try:
+            wait_for(
+                lambda: process.poll() is not None,
+                f"{' '.join(arguments)} to finish",
+                progress=lambda: (watched(), worker_activity()),
+                stall=timeout,
+            )
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(arguments, process.returncode, out.read(), err.read())
+
+
+#: The Celery workers this test process has running (started, not yet stopped).
+_running_workers: set[CeleryProcess] = set()
+
+
+def worker_activity() -> int:
+    """Bytes the running Celery workers have logged so far: it grows while they receive,
+    apply, retry or reconnect, and stands still while they idle or hang."""
+    total = 0
+    for worker in list(_running_workers):
+        with suppress(OSError):
+            total += worker.log_path.stat().st_size
+    return total
 
 
 def service_environment(**values: str) -> dict[str, str]:
@@ -80,6 +160,8 @@ class CeleryProcess:
             # A group of its own, so that stopping it also reaches its prefork children.
             start_new_session=True,
         )
+        if name == "worker":
+            _running_workers.add(self)
 
     @property
     def log(self) -> str:
@@ -89,6 +171,10 @@ class CeleryProcess:
         return len(re.findall(pattern, self.log))
 
     def wait_for_log(self, pattern: str, timeout: float = DEADLINE) -> None:
+        """Wait for ``pattern`` in the log while the process works towards it: fail if it
+        exits, uses no CPU for ``timeout`` seconds, or :data:`CELERY_CPU_BUDGET` seconds in
+        all (a busy machine slows a start down; it does not make it cost more)."""
+
         def seen() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(
@@ -97,7 +183,13 @@ class CeleryProcess:
             return re.search(pattern, self.log) is not None
 
         try:
-            wait_until(seen, timeout, f"{pattern!r} in the {self.name} log")
+            wait_for(
+                seen,
+                f"{pattern!r} in the {self.name} log",
+                progress=cpu_progress(self.process.pid),
+                stall=timeout,
+                budget=cpu_budget(CELERY_CPU_BUDGET),
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- {self.name} log ---\n{self.log[-3000:]}") from None
 
@@ -111,6 +203,7 @@ class CeleryProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
         self._log.close()
+        _running_workers.discard(self)
 
 
 def start_worker(environment: Mapping[str, str], logs: Path, concurrency: int = 2) -> CeleryProcess:

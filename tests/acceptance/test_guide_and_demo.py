@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -18,6 +17,7 @@ from tests.integration.support import run_rows
 from tests.services import require_postgres, require_redis, temporary_postgres_database
 from tests.workers_harness import (
     claimed_redis_db,
+    run_to_completion,
     running_pipeline,
     service_environment,
     start_worker,
@@ -65,12 +65,9 @@ def test_every_guide_pattern_runs_against_a_real_worker(
 ) -> None:
     worker = start_worker(production_environment, tmp_path)
     try:
-        result = subprocess.run(
+        result = run_to_completion(
             [sys.executable, str(ROOT / "examples" / "guide_patterns.py")],
             env=production_environment,
-            capture_output=True,
-            text=True,
-            timeout=240,
         )
     finally:
         worker.stop()
@@ -129,13 +126,10 @@ def test_the_guides_pool_and_timeout_replace_what_beats_idle_sweep_expired(
 
 def test_the_demo_runs_end_to_end_on_the_embedded_default(tmp_path: Path) -> None:
     """`make demo` with nothing configured: SQLite and the filesystem broker, in a new folder."""
-    result = subprocess.run(
+    result = run_to_completion(
         [sys.executable, "-m", "sessions.cli", "demo", "--sessions", "30", "--requests", "20"],
         cwd=tmp_path,
         env=service_environment(COLUMNS="200"),
-        capture_output=True,
-        text=True,
-        timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout

@@ -20,6 +20,7 @@ from sessions.tracker import SessionTracker
 from tests.services import require_postgres, require_redis, temporary_postgres_database
 from tests.workers_harness import (
     claimed_redis_db,
+    flush_applied,
     service_environment,
     start_beat,
     start_worker,
@@ -90,7 +91,7 @@ def test_agents_workers_and_beat_end_to_end(environment: dict[str, str], tmp_pat
                     )
                 if kind == "done":
                     tracker.end(session_id, status="completed")
-            tracker.flush(wait=True, timeout=60)
+            flush_applied(tracker)
             assert tracker.stats.events_sent == tracker.stats.events_recorded == 24 * 21 + 4
 
         store = SessionStore.from_settings(get_settings())

@@ -33,11 +33,18 @@ from sessions.events import Batch, RecordEvent, peek_batch_id
 from sessions.publisher import CeleryPublisher
 from sessions.tracker import SessionTracker
 from tests.faults import report
-from tests.workers_harness import CeleryProcess, service_environment, wait_until
+from tests.waiting import process_table
+from tests.workers_harness import (
+    CeleryProcess,
+    service_environment,
+    wait_until,
+    worker_activity,
+)
 
 __all__ = ["service_environment", "wait_until"]
 
-#: How long a scenario waits for its pipeline to settle before it counts what is missing.
+#: How long a scenario waits for its pipeline to settle, without progress, before it counts
+#: what is missing.
 SETTLE_DEADLINE = float(os.environ.get("SESSIONS_FAULTS_SETTLE", "120"))
 
 
@@ -158,18 +165,11 @@ def alive(pid: int) -> bool:
 
 def children(pid: int) -> list[int]:
     """Live child processes of ``pid`` (a worker's pool processes)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
+    return sorted(
+        each
+        for each, fields in process_table().items()
+        if int(fields[1]) == pid and fields[0] != "Z"
+    )
 
 
 def owner_of_local_port(port: int, candidates: Iterable[int]) -> int | None:
@@ -470,29 +470,26 @@ def settle(
 ) -> str | None:
     """Wait until every event the tracker sent is applied; the reason if that never happened.
 
+    It gives up once ``timeout`` seconds pass without progress: neither the workers' logs
+    (:func:`worker_activity`) nor the tracker's unconfirmed batches changed.
     With ``redis_client`` (a Redis client, or any broker view with an ``empty()`` method such
-    as :class:`tests.faults.servers.FaultBroker`) it stops early once the broker has been
-    empty (nothing queued, nothing unacknowledged, which includes retries waiting for their
+    as :class:`tests.faults.servers.FaultBroker`) it stops early once the broker has been empty
+    (nothing queued, nothing unacknowledged, which includes retries waiting for their
     countdown) across a whole round of waiting: whatever is still unapplied then will never
     be, unless the tracker publishes unconfirmed batches again (then it waits to the deadline).
-
-    ``timeout`` counts from the last progress: while workers are still working off a backlog
-    (the tracker confirms batches), the wait goes on, up to ``timeout`` after the last one.
     """
     deadline = time.monotonic() + timeout
     drained_before = False
-    waiting = len(tracker._outbox)
+    seen = (worker_activity(), len(tracker._outbox))
     while True:
+        if (now := (worker_activity(), len(tracker._outbox))) != seen:
+            seen, deadline = now, time.monotonic() + timeout
         remaining = deadline - time.monotonic()
         try:
             tracker.flush(wait=True, timeout=max(0.1, min(remaining, 3.0)))
             return None
         except (FlushTimeoutError, BrokerUnavailableError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
-        if len(tracker._outbox) < waiting:  # batches applied since the last look: progress
-            waiting = len(tracker._outbox)
-            deadline = time.monotonic() + timeout
-            continue
         if remaining <= 3.0:
             return problem
         if redis_client is not None and not tracker._outbox.republishing:

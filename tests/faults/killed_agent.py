@@ -1,10 +1,16 @@
 """An agent that records until it is SIGKILLed: ``python -m tests.faults.killed_agent '<json>'``.
 
 It records into one session at a steady ``rate`` through a real :class:`SessionTracker` with
-the shipped flush interval, and after every ``record`` writes two counters to a shared file
-(``struct`` ``<QQ``): the events recorded so far and the events its tracker had published by
-then. The scenario reads them at the moment it kills the process: the published count is a
-floor of what must be applied, the recorded count a ceiling.
+the shipped flush interval, and keeps three counters in a shared file (``struct`` ``<QQQ``):
+
+* ``recorded``: events recorded so far, and ``published``: the events its tracker had
+  published by then (``stats.events_sent``), both written by the recording loop after every
+  ``record``;
+* ``handed``: events in every publish the tracker *began*, written by its publisher thread
+  before the message goes to the broker.
+
+The scenario reads them once the process is dead: ``published`` is a floor of what must be
+applied, ``handed`` a ceiling of what can be (nothing else ever reached the broker).
 """
 
 from __future__ import annotations
@@ -13,13 +19,36 @@ import json
 import mmap
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
+from sessions.publisher import CeleryPublisher
 from sessions.settings import Settings
 from sessions.tracker import SessionTracker
 
-COUNTERS = struct.Struct("<QQ")
+#: recorded, published, handed (see the module docstring).
+COUNTERS = struct.Struct("<QQQ")
+#: The counters the recording loop writes, at the start of the file ...
+LOOP_SLOTS = struct.Struct("<QQ")
+#: ... and the one the publisher thread writes, after them.
+HANDED_SLOT = struct.Struct("<Q")
+
+
+class CountingPublisher(CeleryPublisher):
+    """The real publisher, noting the events of each publish before it begins."""
+
+    def __init__(self, settings: Settings, counters: mmap.mmap):
+        super().__init__(settings)
+        self.counters = counters
+        self.handed = 0
+        self.counting = threading.Lock()
+
+    def publish_text(self, text: str) -> None:
+        with self.counting:
+            self.handed += len(json.loads(text)["events"])
+            self.counters[LOOP_SLOTS.size : COUNTERS.size] = HANDED_SLOT.pack(self.handed)
+        super().publish_text(text)
 
 
 def main(arguments: dict[str, object]) -> None:
@@ -34,7 +63,7 @@ def main(arguments: dict[str, object]) -> None:
     path.write_bytes(bytes(COUNTERS.size))
     with path.open("r+b") as file:
         counters = mmap.mmap(file.fileno(), COUNTERS.size)
-    tracker = SessionTracker(settings)
+    tracker = SessionTracker(settings, publisher=CountingPublisher(settings, counters))
     print("ready", flush=True)
     began = time.monotonic()
     recorded = 0
@@ -43,7 +72,7 @@ def main(arguments: dict[str, object]) -> None:
         while recorded < due:
             tracker.record(session_id, processing_time=0.01)
             recorded += 1
-            counters[:] = COUNTERS.pack(recorded, tracker.stats.events_sent)
+            counters[: LOOP_SLOTS.size] = LOOP_SLOTS.pack(recorded, tracker.stats.events_sent)
         time.sleep(0.001)  # pacing the load until the SIGKILL comes
 
 

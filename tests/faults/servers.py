@@ -37,10 +37,12 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 
 from tests.services import missing_service
+from tests.waiting import cpu_progress, wait_for
+from tests.workers_harness import run_to_completion
 
 #: Where PostgreSQL's server binaries are looked for (newest version first).
 POSTGRES_BIN_ENV = "SESSIONS_FAULTS_POSTGRES_BIN"
-#: How long a server may take to start or stop before the test fails.
+#: How long a server may go without progress while it starts or stops before the test fails.
 SERVER_DEADLINE = 30.0
 #: ``prctl`` option: the signal a process gets when its parent exits.
 PR_SET_PDEATHSIG = 1
@@ -64,13 +66,12 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def _wait(condition: object, what: str, timeout: float = SERVER_DEADLINE) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
+def _wait(
+    condition: Callable[[], object], what: str, timeout: float = SERVER_DEADLINE, pid: int = 0
+) -> None:
+    """Wait for ``condition``; while the server ``pid`` is at work (its CPU time grows: a
+    start, a crash recovery), ``timeout`` seconds without progress."""
+    wait_for(condition, what, progress=cpu_progress(pid) if pid else None, stall=timeout)
 
 
 def _remove_stale(
@@ -136,11 +137,10 @@ class PrivatePostgres:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
     def initdb(self) -> None:
-        result = subprocess.run(
+        result = run_to_completion(
             [str(self.bin_dir / "initdb"), "-D", str(self.data), "-A", "trust", "-U",
              "postgres", "-E", "UTF8", "--no-sync"],
-            capture_output=True, text=True, timeout=SERVER_DEADLINE * 2,
-            preexec_fn=_child_setup(self.owner), cwd=self.root,
+            SERVER_DEADLINE, preexec_fn=_child_setup(self.owner), cwd=self.root,
         )  # fmt: skip
         if result.returncode != 0:
             raise AssertionError(f"initdb failed:\n{result.stdout}{result.stderr}")
@@ -164,7 +164,7 @@ class PrivatePostgres:
                 raise AssertionError(f"private PostgreSQL exited:\n{self.log_tail()}")
             return self.accepting()
 
-        _wait(accepting, "the private PostgreSQL to accept connections")
+        _wait(accepting, "the private PostgreSQL to accept connections", pid=self.process.pid)
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server: ``fast`` (orderly, SIGINT) or ``immediate`` (as a crash, SIGQUIT)."""
@@ -297,7 +297,7 @@ class PrivateRedis:
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup(None),
         )  # fmt: skip
         log.close()
-        _wait(self.answering, "the private Redis to answer")
+        _wait(self.answering, "the private Redis to answer", pid=self.process.pid)
 
     def answering(self) -> bool:
         import redis

@@ -30,7 +30,8 @@ from tests.faults.harness import (
 )
 from tests.faults.report import scaled
 from tests.faults.servers import PrivateRedis
-from tests.workers_harness import REPO_ROOT
+from tests.waiting import cpu_progress, wait_for
+from tests.workers_harness import REPO_ROOT, worker_activity
 
 pytestmark = [pytest.mark.slow]
 
@@ -81,9 +82,18 @@ def test_sixteen_producers_four_workers_three_sessions_count_exactly(
                 assert producer.stdin is not None
                 producer.stdin.write("go\n")
                 producer.stdin.flush()
+            # The producers record, then close their trackers (which waits for the broker).
+            wait_for(
+                lambda: all(producer.poll() is not None for producer in producers),
+                "every producer to finish",
+                progress=lambda: (
+                    cpu_progress(*(producer.pid for producer in producers))(),
+                    worker_activity(),
+                ),
+            )
             results = []
             for producer in producers:
-                output, _ = producer.communicate(timeout=180)
+                output, _ = producer.communicate()
                 assert producer.returncode == 0, f"a producer failed: {output}"
                 results.append(json.loads(output.strip().splitlines()[-1]))
         finally:

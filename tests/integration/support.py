@@ -22,11 +22,12 @@ from sessions.tables import (
     runs_table,
     sessions_table,
 )
+from tests.waiting import STALL, wait_for
 
 #: A fixed past instant the tests count event times from (events may not lie in the future).
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 #: How long a test waits for a condition in another thread or process before failing.
-DEADLINE = 20.0
+DEADLINE = STALL
 
 
 def at(minutes: float) -> datetime:
@@ -224,12 +225,7 @@ class Worker(threading.Thread):
 
 def wait_until(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
     """Poll ``condition`` until it holds, failing after ``deadline`` seconds."""
-    stop = threading.Event()
-    limit = datetime.now(UTC) + timedelta(seconds=deadline)
-    while not condition():
-        if datetime.now(UTC) > limit:
-            raise AssertionError(f"timed out waiting until {what}")
-        stop.wait(0.005)
+    wait_for(condition, what, stall=deadline)
 
 
 def blocked_on_lock(store: SessionStore, count: int = 1) -> Callable[[], bool]:

@@ -8,6 +8,7 @@ Processing time and cost are multiples of 1/64, so their float sums are exact as
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import queue
 import uuid
@@ -22,6 +23,7 @@ from sessions.settings import Settings
 from sessions.store import SessionStore
 from tests.integration.support import DEADLINE, T0, ledger_ids, live_rows, run_rows
 from tests.reference_model import COUNTERS
+from tests.waiting import POLL, cpu_progress, wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -110,10 +112,20 @@ def test_eight_processes_with_redeliveries_count_every_event_once(
     ]
     for process in processes:
         process.start()
+    outcomes: list[Any] = []
+
+    def reported() -> bool:
+        with contextlib.suppress(queue.Empty):
+            while len(outcomes) < len(processes):
+                outcomes.append(results.get(timeout=POLL))
+        return len(outcomes) == len(processes)
+
     try:
-        outcomes = [results.get(timeout=120) for _ in processes]
-    except queue.Empty:
-        pytest.fail("a process did not report back in time")
+        wait_for(
+            reported,
+            "every process to report back",
+            progress=cpu_progress(*(process.pid for process in processes if process.pid)),
+        )
     finally:
         for process in processes:
             process.join(DEADLINE)

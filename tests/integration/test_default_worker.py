@@ -22,6 +22,7 @@ from tests.services import require_postgres, require_redis, temporary_postgres_d
 from tests.workers_harness import (
     CeleryProcess,
     claimed_redis_db,
+    flush_applied,
     service_environment,
     wait_until,
 )
@@ -51,7 +52,7 @@ def test_the_default_worker_counts_every_event_once(tmp_path: Path) -> None:
                 for n in range(EVENTS_PER_AGENT):
                     tracker.record(f"s-{n % SESSIONS}", processing_time=0.5, error=n % 10 == 0)
                 tracker.end(f"s-{number}", status="failed")
-                tracker.flush(wait=True, timeout=60)
+                flush_applied(tracker)
 
         agents = [threading.Thread(target=agent, args=(n,)) for n in range(AGENTS)]
         for thread in agents:

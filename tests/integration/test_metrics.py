@@ -32,6 +32,7 @@ from tests.integration.support import record_message
 from tests.workers_harness import (
     Pipeline,
     Scrape,
+    flush_applied,
     free_port,
     running_pipeline,
     scrape_metrics,
@@ -224,11 +225,14 @@ def test_the_endpoint_counts_what_the_database_holds(pipeline: tuple[Pipeline, i
         def agent(number: int) -> None:
             with SessionTracker(running.settings, spool=None) as tracker:
                 for n in range(EVENTS_PER_AGENT):
-                    if n == EVENTS_PER_AGENT // 2 and not scraper.first.wait(30):
-                        failures.append("no scrape mid-ingest within 30 s")
+                    if n == EVENTS_PER_AGENT // 2:
+                        try:
+                            wait_until(scraper.first.is_set, message="a scrape mid-ingest")
+                        except AssertionError as exc:
+                            failures.append(str(exc))
                     session = f"agent-{(n * 7 + number) % SESSIONS}"
                     tracker.record(session, processing_time=0.25, error=n % 10 == 0)
-                tracker.flush(wait=True, timeout=60)
+                flush_applied(tracker)
 
         agents = [threading.Thread(target=agent, args=(n,)) for n in range(AGENTS)]
         for thread in agents:

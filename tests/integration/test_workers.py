@@ -31,6 +31,7 @@ from tests.workers_harness import (
     Pipeline,
     SilentServer,
     TcpProxy,
+    flush_applied,
     running_pipeline,
     wait_until,
 )
@@ -84,7 +85,7 @@ def test_a_fresh_database_is_migrated_by_the_worker_and_counts_are_exact(
             thread.join()
         for session_id in sessions[:5]:
             tracker.end(session_id, status="completed")
-        tracker.flush(wait=True, timeout=60)
+        flush_applied(tracker)
         stats = tracker.stats
 
     assert stats.events_sent == stats.events_recorded == 25 + 10_000 + 5
@@ -178,7 +179,7 @@ def test_a_database_outage_during_ingest_is_retried_to_exact_counts(tmp_path: Pa
                 )
                 assert pipeline.store.aggregate(user_id=user).request_count == 0
                 proxy.restore()
-                tracker.flush(wait=True, timeout=60)
+                flush_applied(tracker)
 
             totals = pipeline.store.aggregate(user_id=user)
             assert (totals.sessions, totals.request_count, totals.error_count) == (10, 1000, 250)

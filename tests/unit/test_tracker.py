@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,7 +21,7 @@ from sessions.events import Batch
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
-from tests.workers_harness import wait_until
+from tests.workers_harness import DEADLINE, wait_until
 
 #: A flush interval no test waits for: batches are cut by size, flush or close only.
 NEVER = 3600.0
@@ -81,7 +81,7 @@ def make_tracker(recorder: Recorder) -> Iterator[Any]:
     yield make
     for tracker in made:
         recorder.release.set()
-        tracker.close(timeout=5)
+        tracker.close(timeout=DEADLINE)
 
 
 def test_a_full_buffer_is_published_at_once_in_batches_of_max_size(
@@ -109,7 +109,7 @@ def test_a_partial_batch_goes_out_after_the_flush_interval(
     tracker.create("s-2", user_id="u-2", metadata={"a": 1})
     tracker.end("s-1", status="failed")
 
-    wait_until(lambda: recorder.messages, timeout=5, message="the interval flush")
+    wait_until(lambda: recorder.messages, message="the interval flush")
     assert [e["kind"] for e in recorder.events()] == ["record", "create", "end"]
     assert recorder.events()[1]["metadata"] == {"a": 1}
     assert recorder.events()[2]["status"] == "failed"
@@ -153,7 +153,7 @@ def test_record_never_raises_or_blocks_when_the_publisher_fails(
     # Only the first batch of the outage (and one per pause) was actually tried.
     assert len(recorder.calls) < 40 * tracker_module.PUBLISH_ATTEMPTS
     with pytest.raises(BrokerUnavailableError, match="40 batches"):
-        tracker.flush(wait=True, timeout=5)
+        tracker.flush(wait=True, timeout=DEADLINE)
 
 
 def test_the_tracker_publishes_again_once_the_broker_is_back(
@@ -168,10 +168,13 @@ def test_the_tracker_publishes_again_once_the_broker_is_back(
     def sent_after_the_pause() -> bool:
         tracker.record("s-2")
         tracker.flush()
-        time.sleep(0.02)
         return tracker.stats.batches_sent > 0
 
-    wait_until(sent_after_the_pause, timeout=5, message="a batch sent after the pause")
+    wait_until(
+        sent_after_the_pause,
+        timeout=tracker_module.BROKER_DOWN_PAUSE + DEADLINE,
+        message="a batch sent after the pause",
+    )
     assert recorder.events()[-1]["session_id"] == "s-2"
 
 
@@ -261,7 +264,7 @@ def test_flush_wait_returns_once_every_batch_is_in_the_ledger(tmp_path: Path) ->
         with pytest.raises(FlushTimeoutError, match="not applied"):
             tracker.flush(wait=True, timeout=0.3)
         applying.set()
-        tracker.flush(wait=True, timeout=10)
+        tracker.flush(wait=True, timeout=DEADLINE)
         totals = store.aggregate()
         assert (totals.sessions, totals.request_count, totals.error_count) == (3, 50, 10)
     store.dispose()
@@ -276,16 +279,14 @@ def test_a_forked_child_starts_with_an_empty_buffer(make_tracker: Any, recorder:
     if pid == 0:  # pragma: no cover - the child reports through its exit code
         # Whatever happens, the child must not outlive the test nor hold its output open.
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        signal.alarm(20)
+        signal.alarm(int(2 * DEADLINE))
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
         ok = tracker.stats.events_recorded == 0
         tracker.record("s-child")
         tracker.flush()
-        deadline = time.monotonic() + 5
-        while tracker.stats.events_pending and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: not tracker.stats.events_pending, message="the child's batch")
         ok = ok and [e["session_id"] for e in recorder.events()] == ["s-child"]
         os.write(write_end, b"ok" if ok else b"no")
         os._exit(0)
@@ -298,7 +299,7 @@ def test_a_forked_child_starts_with_an_empty_buffer(make_tracker: Any, recorder:
         return done == pid
 
     try:
-        wait_until(child_exited, timeout=30, message="the forked child to finish")
+        wait_until(child_exited, timeout=3 * DEADLINE, message="the forked child to finish")
     except AssertionError:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -320,13 +321,32 @@ def test_batches_are_immutable_and_carry_a_uuid(make_tracker: Any, recorder: Rec
         batch.batch_id = uuid.uuid4()  # type: ignore[misc]
 
 
-def test_record_costs_microseconds(make_tracker: Any) -> None:
+#: Audit events (``sys.addaudithook``) that mean I/O: none may come from ``record``
+#: (``time.sleep`` is audited from Python 3.12 on).
+IO_AUDIT_EVENTS = ("open", "socket.", "subprocess.", "os.system", "sqlite3.", "time.sleep")
+#: Audit events seen on a thread while it is marked as recording (see the test below).
+_seen_while_recording: list[str] = []
+_recording = threading.local()
+
+
+def _audit(event: str, _arguments: tuple[Any, ...]) -> None:
+    if getattr(_recording, "on", False) and event.startswith(IO_AUDIT_EVENTS):
+        _seen_while_recording.append(event)
+
+
+def test_record_does_no_io(make_tracker: Any) -> None:
+    """What ``record`` costs is measured in ``bench.ingest`` (``record_us``), never asserted
+    here as a time; asserted is what keeps it cheap on a machine however busy: no file,
+    socket, process or database on the calling thread (that it never waits for the
+    publisher is the hanging-publisher test above)."""
+    sys.addaudithook(_audit)  # for the rest of the process; it reacts to marked threads only
     tracker = make_tracker(max_batch_events=500)
-    samples = []
-    for _ in range(20_000):
-        started = time.perf_counter_ns()
-        tracker.record("user-123-device-789", 0.25, False, "user-123")
-        samples.append(time.perf_counter_ns() - started)
-    samples.sort()
-    # ~5 us here; the bound only catches a regression to I/O or heavy work on the hot path.
-    assert samples[len(samples) // 2] < 50_000
+    _seen_while_recording.clear()
+    _recording.on = True
+    try:
+        for _ in range(20_000):
+            tracker.record("user-123-device-789", 0.25, False, "user-123")
+    finally:
+        _recording.on = False
+    assert _seen_while_recording == []
+    assert tracker.stats.events_recorded == 20_000

@@ -20,7 +20,7 @@ from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker, open_spool
 from tests.unit.test_tracker import NEVER
-from tests.workers_harness import wait_until
+from tests.workers_harness import DEADLINE, wait_until
 
 CONFIRM_TIMEOUT = 0.3
 
@@ -76,7 +76,7 @@ def test_a_batch_a_worker_lost_is_published_again_and_counted_once(
     ) as tracker:
         for index in range(30):
             tracker.record(f"s-{index % 3}", processing_time=0.01, error=index % 10 == 0)
-        tracker.flush(wait=True, timeout=10)
+        tracker.flush(wait=True, timeout=DEADLINE)
 
         totals = store.aggregate()
         assert (totals.request_count, totals.error_count) == (30, 3)
@@ -118,7 +118,7 @@ def test_nothing_is_republished_while_the_queue_holds_a_backlog(store: SessionSt
         wait_until(lambda: len(asked) >= 3, message="three looks at the queue")
         assert tracker.stats.batches_republished == 0
         backlog[0] = 0  # the workers caught up
-        tracker.flush(wait=True, timeout=10)
+        tracker.flush(wait=True, timeout=DEADLINE)
         assert tracker.stats.batches_republished == 1
 
 
@@ -137,7 +137,7 @@ def test_a_republish_the_broker_refuses_is_kept_and_tried_again(store: SessionSt
     ) as tracker:
         for _ in range(20):
             tracker.record("s-1")
-        tracker.flush(wait=True, timeout=30)
+        tracker.flush(wait=True, timeout=DEADLINE)
         assert refusals[0] == 4  # refused, kept in the outbox, tried again until it went out
         assert tracker.stats.batches_republished == 1
     record = store.get("s-1")
@@ -161,7 +161,7 @@ def test_a_copy_of_an_applied_batch_changes_nothing(store: SessionStore) -> None
     ) as tracker:
         for _ in range(5):
             tracker.record("s-1", processing_time=0.5)
-        tracker.flush(wait=True, timeout=10)
+        tracker.flush(wait=True, timeout=DEADLINE)
         assert release.is_set()
         store.apply(held[0])  # the first copy, late
 
@@ -197,7 +197,7 @@ def test_unconfirmed_batches_go_to_the_spool_at_close_and_the_next_run_sends_the
     workers = LossyWorkers(store)
     with SessionTracker(_settings(), publisher=workers, store=store) as second:
         wait_until(lambda: second.stats.batches_replayed == 2, message="the replay")
-        second.flush(wait=True, timeout=10)
+        second.flush(wait=True, timeout=DEADLINE)
     record = store.get("s-1")
     assert record is not None and record.request_count == 8
     assert len(spool) == 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -23,7 +22,7 @@ from sessions.spool import BatchSpool
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker, open_spool
 from tests.unit.test_tracker import NEVER, Recorder
-from tests.workers_harness import wait_until
+from tests.workers_harness import DEADLINE, run_to_completion, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +36,7 @@ def trackers() -> Iterator[list[SessionTracker]]:
     made: list[SessionTracker] = []
     yield made
     for tracker in made:
-        tracker.close(timeout=5)
+        tracker.close(timeout=DEADLINE)
 
 
 def _tracker(made: list[SessionTracker], publisher: Any, **options: Any) -> SessionTracker:
@@ -298,11 +297,8 @@ SIGTERM_AGENT = """
 
 def test_sigterm_flushes_the_buffer_before_the_agent_dies(tmp_path: Path) -> None:
     published = tmp_path / "published.jsonl"
-    agent = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SIGTERM_AGENT), str(published)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    agent = run_to_completion(
+        [sys.executable, "-c", textwrap.dedent(SIGTERM_AGENT), str(published)]
     )
     assert agent.returncode == -signal.SIGTERM, agent.stderr
     messages = [json.loads(line) for line in published.read_text().splitlines()]
