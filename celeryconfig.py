@@ -28,8 +28,15 @@ REDIS_SOCKET_TIMEOUT = 2.0
 #: Seconds a publish on RabbitMQ waits for the broker's confirm before it counts as failed
 #: (the tracker then spools the batch; if the broker did take it, the ledger drops the copy).
 AMQP_CONFIRM_TIMEOUT = 5.0
+#: Returns of one message a quorum queue allows before it drops it: far more than any batch
+#: meets (the ledger and max_redeliveries end a batch long before), but never the default.
+#: Since RabbitMQ 4.0 a quorum queue drops a message returned more than 20 times, and a batch
+#: rejected back to the queue while its dead letter cannot be written (workers.tasks) comes
+#: back every few seconds until the database is repaired. Not -1: RabbitMQ 3.x reads that as
+#: "drop on the first return" (measured on 3.10.8).
+AMQP_DELIVERY_LIMIT = 1_000_000
 #: Arguments of the pipeline's queues on RabbitMQ (why quorum: see :func:`task_queues_for`).
-AMQP_QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
+AMQP_QUEUE_ARGUMENTS = {"x-queue-type": "quorum", "x-delivery-limit": AMQP_DELIVERY_LIMIT}
 #: Short, bounded publish retries: a refusing broker fails a publish in about half a second.
 PUBLISH_RETRY_POLICY = {
     "max_retries": 2,
@@ -107,9 +114,10 @@ def task_queues_for(settings: Settings) -> tuple[Queue, ...]:
 
     Classic queues would also be durable, but a classic queue lives on one node, and an ETA
     message would sit unacknowledged in the worker for its countdown. An existing RabbitMQ
-    deployment whose queues were declared classic must delete them (or drain them and
-    delete) before these workers start: RabbitMQ refuses to redeclare a queue with another
-    ``x-queue-type``. On Redis and the filesystem broker a queue has no type: direct exchange.
+    deployment whose queues were declared classic, or whose ``sessions`` exchange was declared
+    ``direct`` (this project's earlier releases), must delete them (drain the queues first)
+    before these workers start: RabbitMQ refuses to redeclare a queue with other arguments or
+    an exchange with another type (``PRECONDITION_FAILED``). On Redis and the filesystem broker a queue has no type: direct exchange.
     """
     if _is_amqp(settings):
         exchange = Exchange(EXCHANGE, type="topic")  # type: ignore[no-untyped-call]

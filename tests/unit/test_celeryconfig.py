@@ -19,7 +19,7 @@ def test_on_rabbitmq_both_queues_are_durable_quorum_queues_on_a_topic_exchange()
     assert [queue.name for queue in queues] == ["sessions.events", "sessions.maintenance"]
     for queue in queues:
         assert queue.durable and not queue.auto_delete
-        assert queue.queue_arguments == {"x-queue-type": "quorum"}
+        assert queue.queue_arguments == {"x-queue-type": "quorum", "x-delivery-limit": 1_000_000}
         assert queue.exchange.type == "topic" and queue.exchange.durable
         assert queue.routing_key == queue.name
 
