@@ -94,6 +94,9 @@ class SpillItem:
 @dataclass(frozen=True)
 class SpoolStats:
     batches: int
+    #: Events in the waiting batches (``None`` where a batch from an older spool file does not
+    #: say, counted as 0 here).
+    events: int
     bytes: int
     #: Batches refused because the spool was full (since this object was opened).
     overflowed_batches: int
@@ -282,11 +285,13 @@ class BatchSpool:
 
     def stats(self) -> SpoolStats:
         with self._lock:
-            batches, used = self._connection.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM spooled_batches"
+            batches, events, used = self._connection.execute(
+                "SELECT count(*), coalesce(sum(events), 0), coalesce(sum(size), 0)"
+                " FROM spooled_batches"
             ).fetchone()
         return SpoolStats(
             batches=batches,
+            events=events,
             bytes=used,
             overflowed_batches=self._overflowed_batches,
             overflowed_events=self._overflowed_events,

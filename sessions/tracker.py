@@ -578,6 +578,27 @@ class SessionTracker:
             found |= store.applied_batch_ids(wanted[start : start + LEDGER_QUERY_CHUNK])
         return found
 
+    def _report_spool_left(self) -> None:
+        """Say at close what waits in the spool: kept, not lost, but only a tracker that opens
+        the same spool later publishes it (a burst can leave many batches a short close did not
+        replay)."""
+        if self._spool is None:
+            return
+        try:
+            left = self._spool.stats()
+        except Exception:
+            log.exception("session tracker: could not read the spool at close")
+            return
+        if left.batches:
+            log.warning(
+                "session tracker closed with %d batches (%d events) waiting in the spool at %s: "
+                "the next tracker that opens it publishes them (they expire after %g days)",
+                left.batches,
+                left.events,
+                self._spool.path,
+                self.settings.spool_max_age_days,
+            )
+
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Publish what is buffered and stop the background thread (waits up to ``timeout``).
 
@@ -606,6 +627,7 @@ class SessionTracker:
         if self._confirmer is not None:
             self._confirmer.join(max(0.0, deadline - time.monotonic()))
         self._keep_unconfirmed_in_spool(deadline)
+        self._report_spool_left()
         if self._owns_publisher and isinstance(self._publisher, CeleryPublisher):
             self._publisher.close()
         if self._owns_store and self._store is not None:

@@ -209,14 +209,24 @@ def test_close_publishes_what_a_burst_spilled_before_it_returns(
 
 
 def test_spilled_batches_the_broker_would_not_take_wait_in_the_spool_for_the_next_tracker(
-    trackers: list[SessionTracker],
+    trackers: list[SessionTracker], caplog: pytest.LogCaptureFixture
 ) -> None:
     publisher, first = _burst_while_stuck(trackers)
     spilled = first.stats.events_spilled
     _unstick(publisher, failures=10**9)  # the broker went away meanwhile
-    first.close()
+    with caplog.at_level(logging.WARNING, logger="sessions"):
+        first.close()
     spool = open_spool(Settings())
     assert spool is not None and len(spool) >= spilled // BATCH
+    # Kept, and the close says so: how many batches and events wait, and where.
+    left = spool.stats()
+    warned = [r.getMessage() for r in caplog.records if "waiting in the spool" in r.getMessage()]
+    assert warned == [
+        f"session tracker closed with {left.batches} batches ({left.events} events) waiting in "
+        f"the spool at {spool.path}: the next tracker that opens it publishes them (they "
+        f"expire after {Settings().spool_max_age_days:g} days)"
+    ]
+    assert left.events >= spilled
 
     up = Recorder()
     second = _tracker(trackers, up)
