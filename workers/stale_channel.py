@@ -35,11 +35,14 @@ before calling kombu's own method.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import redis.exceptions
 from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger(__name__)
 
 #: Marks kombu's method once wrapped, so that installing twice wraps it once.
 _WRAPPED = "_sessions_detached_guard"
@@ -51,19 +54,25 @@ class DetachedChannelError(redis.exceptions.ConnectionError):
 
 def install() -> None:
     """Wrap kombu's ``Channel._connparams`` (idempotent; every Redis channel of the process)."""
-    original: Callable[..., dict[str, Any]] = kombu_redis.Channel._connparams
+    original: Callable[..., dict[str, Any]] | None = getattr(
+        kombu_redis.Channel, "_connparams", None
+    )
+    if original is None:
+        # A kombu that no longer has the method has reworked what it guarded: nothing to wrap.
+        log.warning("kombu's Redis Channel has no _connparams; the stale-channel guard is off")
+        return
     if getattr(original, _WRAPPED, False):
         return
 
     @functools.wraps(original)
-    def _connparams(self: kombu_redis.Channel, asynchronous: bool = False) -> dict[str, Any]:
+    def _connparams(self: kombu_redis.Channel, *args: Any, **kwargs: Any) -> dict[str, Any]:
         transport = self.connection
-        if transport is None or transport.client is None:
+        if transport is None or getattr(transport, "client", None) is None:
             raise DetachedChannelError(
                 "this Redis channel's broker connection was closed (after a connection loss);"
                 " its command is dropped, the consumer goes on with a new connection"
             )
-        return original(self, asynchronous=asynchronous)
+        return original(self, *args, **kwargs)
 
     setattr(_connparams, _WRAPPED, True)
     kombu_redis.Channel._connparams = _connparams  # type: ignore[method-assign]

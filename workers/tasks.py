@@ -171,8 +171,17 @@ def retry_later(task: Task, exc: Exception, countdown: float) -> Retry | Reject:
     ``Reject(requeue=False)``, which drops the message: instead, wait a bounded time
     (:data:`REQUEUE_DELAY_MAX` at most) and reject it back to its queue.
     """
+    import celeryconfig
+
     try:
-        retry: Retry = task.retry(exc=exc, countdown=countdown, throw=False)
+        # On RabbitMQ the copy waits for the broker's confirm, at most AMQP_CONFIRM_TIMEOUT:
+        # a broker blocking publishers (a memory or disk alarm) must not hang the pool process.
+        retry: Retry = task.retry(
+            exc=exc,
+            countdown=countdown,
+            throw=False,
+            confirm_timeout=celeryconfig.AMQP_CONFIRM_TIMEOUT,
+        )
         return retry
     except Reject as refused:
         delay = min(countdown, REQUEUE_DELAY_MAX)
