@@ -117,7 +117,8 @@ def task_queues_for(settings: Settings) -> tuple[Queue, ...]:
     deployment whose queues were declared classic, or whose ``sessions`` exchange was declared
     ``direct`` (this project's earlier releases), must delete them (drain the queues first)
     before these workers start: RabbitMQ refuses to redeclare a queue with other arguments or
-    an exchange with another type (``PRECONDITION_FAILED``). On Redis and the filesystem broker a queue has no type: direct exchange.
+    an exchange with another type (``PRECONDITION_FAILED``). On Redis and the filesystem
+    broker a queue has no type: direct exchange.
     """
     if _is_amqp(settings):
         exchange = Exchange(EXCHANGE, type="topic")  # type: ignore[no-untyped-call]

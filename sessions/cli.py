@@ -21,8 +21,12 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from sessions.database import missing_sqlite_file
-from sessions.errors import BrokerUnavailableError, StoreUnavailableError, StoreUnusableError
+from sessions.database import check_supported, missing_sqlite_file
+from sessions.errors import (
+    StoreUnavailableError,
+    StoreUnusableError,
+    UnsupportedDatabaseError,
+)
 from sessions.histogram import LOWEST
 from sessions.records import Aggregate, SessionRecord
 from sessions.settings import Settings, get_settings, mask_url
@@ -127,31 +131,20 @@ def open_store(settings: Settings | None = None, *, create: bool = False) -> Ite
         store.dispose()
 
 
-def check_broker(settings: Settings) -> None:
-    """Fail fast, with the masked URL, when the broker does not answer.
-
-    The app is built for ``settings``: the process-wide one may have been configured
-    before the environment was.
-    """
-    from workers.app import create_app
-
-    try:
-        with create_app(settings).connection_for_write() as connection:
-            connection.ensure_connection(max_retries=1, interval_start=0, timeout=5)
-    except Exception as exc:
-        raise BrokerUnavailableError(
-            f"cannot reach the broker at {mask_url(settings.broker_url)}: {exc}"
-        ) from exc
-
-
 def _exec_celery(arguments: list[str]) -> NoReturn:
+    """Replace this process with ``celery -A workers <arguments>``, the README's command.
+
+    Nothing is asked of the servers first, so that this behaves as the plain command does: a
+    worker or beat started while the database or the broker is down waits for it (no
+    supervisor needed), and one pointed at a database it cannot use refuses at start with
+    exit status 78 (``EX_CONFIG``). Only a URL naming a database the store does not support
+    is refused here already, before any connection, with the same status.
+    """
     settings = get_settings()
-    with open_store(settings, create=True) as store:
-        store.upgrade()
     try:
-        check_broker(settings)
-    except BrokerUnavailableError as exc:
-        fail(str(exc))
+        check_supported(settings.database_url)
+    except UnsupportedDatabaseError as exc:
+        fail(str(exc), code=os.EX_CONFIG)
     command = [sys.executable, "-m", "celery", "-A", "workers", *arguments]
     sys.stdout.flush()
     os.execv(sys.executable, command)
