@@ -357,7 +357,8 @@ def private_redis() -> Iterator[PrivateRedis]:
 RABBITMQ_BIN_ENV = "SESSIONS_FAULTS_RABBITMQ_BIN"
 #: Temporary directories of the private RabbitMQ nodes.
 RABBITMQ_PREFIX = "sessions-faults-rabbitmq-"
-#: Seconds a private node may take to boot (an Erlang VM, Mnesia, the quorum queue system).
+#: Seconds a private node may boot (an Erlang VM, Mnesia, the quorum queue system) without its
+#: CPU time growing; and the longest an orderly stop may take.
 RABBITMQ_DEADLINE = 90.0
 
 
@@ -448,7 +449,12 @@ class PrivateRabbitMQ:
             preexec_fn=_child_setup(None), cwd=self.root,
         )  # fmt: skip
         log.close()
-        _wait(self.answering, "the private RabbitMQ to accept AMQP connections", RABBITMQ_DEADLINE)
+        _wait(
+            self.answering,
+            "the private RabbitMQ to accept AMQP connections",
+            RABBITMQ_DEADLINE,
+            pid=self.process.pid,  # the Erlang VM itself (RUNNING_UNDER_SYSTEMD: exec, no shell)
+        )
 
     def answering(self) -> bool:
         from kombu import Connection
