@@ -15,6 +15,7 @@ from sessions.errors import (
     SessionLimitError,
     SessionsError,
     StoreUnavailableError,
+    UnserializableBatchError,
 )
 from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent, SessionEvent
 from sessions.records import (
@@ -69,6 +70,7 @@ __all__ = [
     "Settings",
     "StoreUnavailableError",
     "SweepResult",
+    "UnserializableBatchError",
     "UserAggregate",
     "get_settings",
 ]

@@ -35,6 +35,12 @@ class BrokerUnavailableError(SessionsError):
     """The broker cannot be reached; the message names its URL with the password masked."""
 
 
+class UnserializableBatchError(SessionsError, ValueError):
+    """Events cannot be serialised as JSON: the data is at fault, not the broker, and trying
+    again cannot help. The tracker sets them aside (logged at ERROR, counted in
+    ``stats.events_refused``) and sends the rest; ``flush(wait=True)`` raises this for them."""
+
+
 class FlushTimeoutError(SessionsError, TimeoutError):
     """``flush(wait=True)`` did not see every sent event applied before its deadline."""
 

@@ -16,7 +16,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -40,10 +40,21 @@ MAX_PROCESSING_TIME = 86_400.0
 #: Largest accepted cost of one request: far above any real one, and small enough that no
 #: sum of them in a session can overflow to infinity.
 MAX_COST = 1e9
+#: Largest accepted token count of one request, in or out: far above any model's context
+#: window (the largest hold about 10**7 tokens), and small enough that a session's sum stays
+#: within a BIGINT for more than 9 * 10**9 such requests (as ``MAX_COST`` keeps cost finite).
+MAX_TOKENS = 10**9
 #: Largest accepted metadata object, serialized as compact JSON.
 MAX_METADATA_BYTES = 16 * 1024
+#: Deepest accepted nesting of objects and arrays in metadata, the metadata object itself
+#: being level 1: ample for structured metadata, far below the depths at which pydantic's
+#: serializer (255) and Python's JSON codec (about 990: the recursion limit) give up.
+MAX_METADATA_DEPTH = 32
 #: How far in the future an event's ``at`` may lie (producer clocks drift a little).
 MAX_CLOCK_SKEW = timedelta(minutes=5)
+#: The earliest accepted ``at``: before any agent recorded a session, and a time every
+#: database and every timezone offset can represent (year 1 plus an offset cannot be).
+MIN_EVENT_TIME = datetime(2000, 1, 1, tzinfo=UTC)
 #: The states an ``end`` event may put a session in.
 EndStatus = Literal["completed", "failed", "expired"]
 
@@ -71,14 +82,24 @@ def _check_id(value: str) -> str:
 _at_limit = datetime.min.replace(tzinfo=UTC)
 
 
+_TOO_EARLY = f"must not lie before {MIN_EVENT_TIME:%Y-%m-%dT%H:%M:%SZ}"
+_TOO_LATE = "must not lie more than 5 minutes in the future"
+
+
 def _check_at(value: datetime) -> datetime:
     global _at_limit
     if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
+        try:
+            value = value.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00+01:00: no year 0 to normalise to
+            early = value.year < MIN_EVENT_TIME.year
+            raise ValueError(_TOO_EARLY if early else _TOO_LATE) from None
+    if value < MIN_EVENT_TIME:
+        raise ValueError(_TOO_EARLY)
     if value > _at_limit:
         _at_limit = datetime.now(UTC) + MAX_CLOCK_SKEW
         if value > _at_limit:
-            raise ValueError("must not lie more than 5 minutes in the future")
+            raise ValueError(_TOO_LATE)
     return value
 
 
@@ -102,7 +123,71 @@ def _refuse_numbers(value: Any) -> Any:
     return value
 
 
+def _text_problem(text: str) -> str | None:
+    """What keeps ``text`` out of a JSON document every database stores, if anything."""
+    if "\x00" in text:
+        return "must not contain a NUL character (\\x00: PostgreSQL cannot store it in JSON)"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return (
+                "must not contain a lone surrogate (such as \\udcff from a surrogate-escaped "
+                "file name: it is no Unicode character, and JSON text cannot carry it)"
+            )
+    return None
+
+
+#: Where a value sits in metadata, for an error message: ``(parent, key)`` links, formatted
+#: only when something is refused (most metadata is refused by nothing).
+_Where = tuple["_Where", Any] | None
+
+
+def _place(where: _Where) -> str:
+    keys: list[Any] = []
+    while where is not None:
+        where, key = where
+        keys.append(key)
+    return "metadata" + "".join(f"[{key!r}]" for key in reversed(keys))
+
+
+def _metadata_problem(metadata: dict[str, Any]) -> str | None:
+    """Why ``metadata`` cannot be stored as it is, or ``None``: nested deeper than
+    :data:`MAX_METADATA_DEPTH`, or holding text no JSON document can (:func:`_text_problem`).
+
+    A loop over an explicit stack, not recursion: a deep (or cyclic) object must cost a
+    refusal, not a ``RecursionError``; it stops at the first level beyond the bound.
+    """
+    stack: list[tuple[Any, int, _Where]] = [(metadata, 1, None)]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, str):
+            problem = _text_problem(value)
+            if problem:
+                return f"{problem} (at {_place(where)})"
+            continue
+        if not isinstance(value, dict | list | tuple):
+            continue
+        if depth > MAX_METADATA_DEPTH:
+            return (
+                f"must be nested at most {MAX_METADATA_DEPTH} levels deep (objects and arrays, "
+                f"counting the metadata object; deeper at {_place(where)})"
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                problem = _text_problem(key) if isinstance(key, str) else None
+                if problem:
+                    return f"{problem} (in a key of {_place(where)})"
+                stack.append((item, depth + 1, (where, key)))
+        else:
+            stack.extend((item, depth + 1, (where, index)) for index, item in enumerate(value))
+    return None
+
+
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    problem = _metadata_problem(value)
+    if problem:
+        raise ValueError(problem)
     try:
         size = len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
     except (TypeError, ValueError) as exc:
@@ -117,7 +202,7 @@ EventTime = Annotated[AwareDatetime, BeforeValidator(_refuse_numbers), AfterVali
 #: Numbers must be numbers: a numeric string is refused, not converted (``Strict``).
 ProcessingTime = Annotated[float, Strict(), AfterValidator(_check_processing_time)]
 Cost = Annotated[float, Strict(), AfterValidator(_check_cost)]
-TokenCount = Annotated[StrictInt, Field(ge=0)]
+TokenCount = Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
 Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
 
 
@@ -244,9 +329,9 @@ def plain_record(
         and type(error) is bool
         and type(counts_request) is bool
         and type(input_tokens) is int
-        and input_tokens >= 0
+        and 0 <= input_tokens <= MAX_TOKENS
         and type(output_tokens) is int
-        and output_tokens >= 0
+        and 0 <= output_tokens <= MAX_TOKENS
         and type(cost) in (float, int)
         and 0 <= cost <= MAX_COST
     ):
@@ -294,8 +379,31 @@ def event_json(item: CreateEvent | RecordEvent | EndEvent | RecordFields) -> str
 def batch_json(
     batch_id: uuid.UUID, items: Sequence[CreateEvent | RecordEvent | EndEvent | RecordFields]
 ) -> str:
-    """A batch's wire form (see :func:`encode_message`), made straight from its events."""
+    """A batch's wire form (see :func:`encode_message`), made straight from its events.
+
+    Raises (``PydanticSerializationError``, say) when an event cannot be serialised, which
+    the model's validation rules out; :func:`serialisable` tells such events apart.
+    """
     return f'{{"batch_id":"{batch_id}","events":[{",".join(map(event_json, items))}]}}'
+
+
+Item = TypeVar("Item", bound=CreateEvent | RecordEvent | EndEvent | RecordFields)
+
+
+def serialisable(items: Sequence[Item]) -> tuple[list[Item], list[tuple[Item, str]]]:
+    """``items`` split into those :func:`event_json` serialises and those it cannot, each with
+    the reason (for a batch :func:`batch_json` could not make: one bad event must cost only
+    itself)."""
+    good: list[Item] = []
+    bad: list[tuple[Item, str]] = []
+    for item in items:
+        try:
+            event_json(item)
+        except Exception as exc:  # whatever the serializer raises, the event is at fault
+            bad.append((item, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"))
+        else:
+            good.append(item)
+    return good, bad
 
 
 def record_event(fields: RecordFields) -> RecordEvent:
@@ -389,6 +497,11 @@ def decode_batch(payload: Any, max_events: int) -> DecodedBatch:
             rejected.append(
                 RejectedEvent(payload=raw, reason=f"events[{index}]: {describe_error(exc)}")
             )
+        except Exception as exc:  # a validator's bug: the event is the unit
+            # Validators raise ``ValueError`` (a refusal naming the field); anything else
+            # escaping one must cost this event, not the batch (nor a retry of it).
+            reason = f"events[{index}]: cannot be validated: {type(exc).__name__}: {exc}"
+            rejected.append(RejectedEvent(payload=raw, reason=reason))
     return DecodedBatch(batch_id=batch_id, events=tuple(events), rejected=tuple(rejected))
 
 
@@ -396,7 +509,7 @@ def _decode_text(payload: str | bytes, max_events: int) -> DecodedBatch:
     """The fast way for a valid batch's JSON text, the event-by-event way for the rest."""
     try:
         batch = Batch.model_validate_json(payload)
-    except ValidationError:
+    except Exception:  # refused, or a validator's bug: decoded event by event below
         pass
     else:
         if len(batch.events) <= max_events:
@@ -406,6 +519,14 @@ def _decode_text(payload: str | bytes, max_events: int) -> DecodedBatch:
     except ValueError as exc:
         kind = type(payload).__name__
         return _reject_whole(payload, f"batch: must be a JSON object, got {kind} (not JSON: {exc})")
+    except RecursionError:
+        # Deeper than Python's JSON decoder goes (about a thousand levels): no event of it
+        # can be told from another, so it is set aside whole, once (its batch id is claimed).
+        return _reject_whole(
+            payload,
+            "batch: nested too deeply to decode as JSON (event metadata may be nested at most "
+            f"{MAX_METADATA_DEPTH} levels)",
+        )
     if isinstance(decoded, dict):
         return decode_batch(decoded, max_events)
     return _reject_whole(decoded, f"batch: must be a JSON object, got {type(decoded).__name__}")

@@ -1,9 +1,11 @@
 """Handing a batch to the broker: the one place where ``sessions`` imports ``workers``.
 
 A publisher is any callable that takes a batch's message (:meth:`Batch.to_message`) and
-returns once the broker has it, or raises. :class:`CeleryPublisher` is the real one: it sends
-the message as one JSON text (:func:`sessions.events.encode_message`), which the worker
-validates in one call. Tests pass a function instead.
+returns once the broker has it, or raises (:class:`~sessions.errors.UnserializableBatchError`
+when the message itself cannot be encoded: then the broker is not to blame).
+:class:`CeleryPublisher` is the real one: it sends the message as one JSON text
+(:func:`sessions.events.encode_message`), which the worker validates in one call. Tests pass
+a function instead.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pydantic_core import PydanticSerializationError
+
+from sessions.errors import UnserializableBatchError
 from sessions.events import encode_message
 from sessions.settings import Settings, get_settings
 
@@ -43,7 +48,11 @@ class CeleryPublisher:
         self._celery()
 
     def __call__(self, message: dict[str, Any]) -> None:
-        self.publish_text(encode_message(message))
+        try:
+            text = encode_message(message)
+        except PydanticSerializationError as exc:
+            raise UnserializableBatchError(f"batch cannot be serialised: {exc}") from exc
+        self.publish_text(text)
 
     def publish_text(self, text: str) -> None:
         """Send a batch's wire form, one JSON text (see :func:`sessions.events.encode_message`).
@@ -57,16 +66,23 @@ class CeleryPublisher:
 
         Returns once the broker has it: on RabbitMQ, once it confirmed the message (publisher
         confirms, see ``celeryconfig``); raises when it refused or did not confirm in
-        ``AMQP_CONFIRM_TIMEOUT`` seconds, or when it cannot be reached.
+        ``AMQP_CONFIRM_TIMEOUT`` seconds, or when it cannot be reached; raises
+        :class:`~sessions.errors.UnserializableBatchError` when kombu cannot encode ``text``
+        (the message's fault, not the broker's: the tracker does not wait for the broker then).
         """
+        from kombu.exceptions import EncodeError
+
         import celeryconfig
 
-        self._celery().send_task(
-            INGEST_TASK,
-            args=[text],
-            task_id=task_id,
-            confirm_timeout=celeryconfig.AMQP_CONFIRM_TIMEOUT,
-        )
+        try:
+            self._celery().send_task(
+                INGEST_TASK,
+                args=[text],
+                task_id=task_id,
+                confirm_timeout=celeryconfig.AMQP_CONFIRM_TIMEOUT,
+            )
+        except EncodeError as exc:
+            raise UnserializableBatchError(f"the broker client cannot encode it: {exc}") from exc
 
     def queued_messages(self) -> int:
         """Messages waiting in the ingest queue, taken by no worker yet (raises when the broker

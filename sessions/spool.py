@@ -16,6 +16,13 @@ been cut off that long is told loudly, and nothing vanishes silently.
 The tracker also spills here: when a burst of ``record`` calls outruns its publisher and the
 in-memory buffer is full, whole batches are written as their wire text
 (:meth:`BatchSpool.put_texts`, several in one statement) and replayed like unsent ones.
+
+A batch no replay could ever publish (its text is not UTF-8, not JSON, or not the text of
+its batch, after damage to the file or a bug; or the publisher refused to serialise it) is
+never retried: it is moved to the table ``quarantined_batches`` of the same file with its
+reason, logged at ERROR and counted (:attr:`SpoolStats.quarantined_batches`), and the batches
+behind it go out. Quarantined batches are kept for the spool's maximum age, for an operator
+to read (``sqlite3 <spool file> "SELECT batch_id, reason FROM quarantined_batches"``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from sessions.events import peek_batch_id
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +62,31 @@ CREATE TABLE IF NOT EXISTS spooled_batches (
     claimed_until REAL NOT NULL DEFAULT 0
 )
 """
+_QUARANTINE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS quarantined_batches (
+    seq INTEGER PRIMARY KEY,
+    batch_id TEXT NOT NULL,
+    message BLOB NOT NULL,
+    spooled_at REAL NOT NULL,
+    quarantined_at REAL NOT NULL,
+    reason TEXT NOT NULL
+)
+"""
 #: Columns added since the first spool files (``events`` ``NULL``: counted from the text).
 _ADDED_COLUMNS = {
     "events": "ALTER TABLE spooled_batches ADD COLUMN events INTEGER",
     "claimed_until": "ALTER TABLE spooled_batches ADD COLUMN claimed_until REAL NOT NULL DEFAULT 0",
 }
 _COLUMNS = "(batch_id, message, size, spooled_at, events)"
-_RETURNED = "seq, batch_id, message, spooled_at, events"
+#: What a replay reads of a row: its text as bytes (a text that is not UTF-8 must not fail the
+#: read of the rows around it), whether SQLite's JSON parser takes it (in C, without the GIL),
+#: and its events, counted from the text for rows of older files that do not say.
+_RETURNED = (
+    "seq, batch_id, CAST(message AS BLOB), spooled_at,"
+    " coalesce(events, CASE WHEN json_valid(message)"
+    " THEN json_array_length(message, '$.events') END),"
+    " json_valid(message)"
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +105,18 @@ class SpooledBatch:
         """The batch message the text holds."""
         decoded: dict[str, Any] = json.loads(self.text)
         return decoded
+
+
+@dataclass(frozen=True)
+class QuarantinedBatch:
+    """A spooled batch set aside because it can never be published, and why."""
+
+    batch_id: str
+    #: Its text as stored (damaged bytes shown with replacement characters).
+    text: str
+    spooled_at: float
+    quarantined_at: float
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -103,6 +142,8 @@ class SpoolStats:
     overflowed_events: int
     #: Batches dropped because they waited longer than the spool's maximum age.
     expired_batches: int
+    #: Batches in ``quarantined_batches``: set aside, never to be replayed (see the module).
+    quarantined_batches: int = 0
 
 
 class BatchSpool:
@@ -143,6 +184,7 @@ class BatchSpool:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute(_SCHEMA)
+            connection.execute(_QUARANTINE_SCHEMA)
             columns = {row[1] for row in connection.execute("PRAGMA table_info(spooled_batches)")}
             for column, statement in _ADDED_COLUMNS.items():
                 if column not in columns:
@@ -231,13 +273,14 @@ class BatchSpool:
         return kept
 
     def oldest(self, limit: int = 100) -> list[SpooledBatch]:
-        """Up to ``limit`` batches in the order they were spooled, dropping expired ones."""
+        """Up to ``limit`` batches in the order they were spooled, dropping expired ones
+        (and quarantining those that cannot be published, see the module)."""
         self._drop_expired()
-        with self._lock:
-            rows = self._connection.execute(
+        with self._transaction() as connection:
+            rows = connection.execute(
                 f"SELECT {_RETURNED} FROM spooled_batches ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
-        return _spooled(rows)
+            return self._readable(connection, rows)
 
     def claim(self, limit: int, seconds: float) -> list[SpooledBatch]:
         """Up to ``limit`` of the oldest batches no other process is replaying, claimed for
@@ -255,7 +298,69 @@ class BatchSpool:
                 f") RETURNING {_RETURNED}",
                 (now + seconds, now, limit),
             ).fetchall()
-        return _spooled(sorted(rows))
+            return self._readable(connection, sorted(rows))
+
+    def quarantine(self, seq: int, reason: str) -> None:
+        """Set the batch ``seq`` aside for good, with ``reason``: it can never be published
+        (the publisher could not serialise it, say), and must not hold up the ones behind it."""
+        with self._transaction() as connection:
+            self._quarantine(connection, [(seq, reason)])
+
+    def quarantined(self, limit: int = 100) -> list[QuarantinedBatch]:
+        """The batches set aside, newest first (what an operator looks at)."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT batch_id, message, spooled_at, quarantined_at, reason"
+                " FROM quarantined_batches ORDER BY quarantined_at DESC, seq DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            QuarantinedBatch(batch_id, bytes(text).decode("utf-8", "replace"), at, moved, reason)
+            for batch_id, text, at, moved, reason in rows
+        ]
+
+    def _readable(
+        self, connection: sqlite3.Connection, rows: list[tuple[Any, ...]]
+    ) -> list[SpooledBatch]:
+        """The batches of ``rows`` that can be published; the others are quarantined, in the
+        caller's transaction (call with ``_lock`` held)."""
+        readable: list[SpooledBatch] = []
+        unreadable: list[tuple[int, str]] = []
+        for seq, batch_id, data, spooled_at, events, valid_json in rows:
+            try:
+                text = bytes(data).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                unreadable.append((seq, f"its text is not UTF-8 text ({exc})"))
+                continue
+            if not valid_json or events is None:
+                unreadable.append((seq, "its text is not a JSON document of a batch of events"))
+            elif peek_batch_id(text) != batch_id:
+                unreadable.append((seq, f"its text is not the text of batch {batch_id}"))
+            else:
+                readable.append(SpooledBatch(seq, batch_id, text, spooled_at, events))
+        self._quarantine(connection, unreadable)
+        return readable
+
+    def _quarantine(self, connection: sqlite3.Connection, rows: Sequence[tuple[int, str]]) -> None:
+        """Move ``(seq, reason)`` rows to ``quarantined_batches`` (in the caller's transaction)."""
+        for seq, reason in rows:
+            moved = connection.execute(
+                "INSERT INTO quarantined_batches"
+                " (seq, batch_id, message, spooled_at, quarantined_at, reason)"
+                " SELECT seq, batch_id, CAST(message AS BLOB), spooled_at, ?, ?"
+                " FROM spooled_batches WHERE seq = ? RETURNING batch_id",
+                (time.time(), reason, seq),
+            ).fetchone()
+            connection.execute("DELETE FROM spooled_batches WHERE seq = ?", (seq,))
+            if moved is not None:
+                log.error(
+                    "spooled batch %s can never be published: %s; moved it to the table "
+                    "quarantined_batches of %s (kept %.0f days for inspection, never replayed)",
+                    moved[0],
+                    reason,
+                    self.path,
+                    self.max_age_seconds / 86_400,
+                )
 
     def release(self, *seqs: int) -> None:
         """Give claimed batches back (they could not be published now)."""
@@ -289,6 +394,9 @@ class BatchSpool:
                 "SELECT count(*), coalesce(sum(events), 0), coalesce(sum(size), 0)"
                 " FROM spooled_batches"
             ).fetchone()
+            (quarantined,) = self._connection.execute(
+                "SELECT count(*) FROM quarantined_batches"
+            ).fetchone()
         return SpoolStats(
             batches=batches,
             events=events,
@@ -296,13 +404,21 @@ class BatchSpool:
             overflowed_batches=self._overflowed_batches,
             overflowed_events=self._overflowed_events,
             expired_batches=self._expired_batches,
+            quarantined_batches=quarantined,
         )
 
     def _drop_expired(self) -> None:
         cutoff = time.time() - self.max_age_seconds
         with self._lock:
-            oldest = self._connection.execute("SELECT min(spooled_at) FROM spooled_batches")
-            first = oldest.fetchone()[0]
+            first, set_aside = self._connection.execute(
+                "SELECT (SELECT min(spooled_at) FROM spooled_batches),"
+                " (SELECT min(quarantined_at) FROM quarantined_batches)"
+            ).fetchone()
+        if set_aside is not None and set_aside < cutoff:
+            with self._transaction() as connection:
+                connection.execute(
+                    "DELETE FROM quarantined_batches WHERE quarantined_at < ?", (cutoff,)
+                )
         if first is None or first >= cutoff:
             return
         with self._transaction() as connection:
@@ -335,15 +451,3 @@ class BatchSpool:
                 self._opened.close()
                 self._opened = None
 
-
-def _spooled(rows: list[tuple[int, str, str, float, int | None]]) -> list[SpooledBatch]:
-    return [
-        SpooledBatch(
-            seq,
-            batch_id,
-            text,
-            at,
-            len(json.loads(text).get("events", ())) if events is None else events,
-        )
-        for seq, batch_id, text, at, events in rows
-    ]

@@ -30,6 +30,7 @@ from sessions.database import (
 )
 from sessions.errors import SessionLimitError, StoreUnavailableError, first_line
 from sessions.events import (
+    MAX_METADATA_DEPTH,
     Batch,
     CreateEvent,
     DecodedBatch,
@@ -659,9 +660,16 @@ def _claimed_uuid(payload: Any) -> uuid.UUID | None:
         return None
 
 
+#: Levels of a dead-lettered payload kept when it is too deep to serialise whole: a batch's
+#: envelope, its event and metadata at the deepest the model accepts, and some more.
+DEAD_LETTER_LEVELS = MAX_METADATA_DEPTH + 8
+
+
 def _payload_text(payload: Any) -> str:
     try:
         text = json.dumps(payload, default=repr, ensure_ascii=False)
+    except RecursionError:  # deeper than json goes (an event the model refused as too deep)
+        text = json.dumps(_pruned(payload, DEAD_LETTER_LEVELS), default=repr, ensure_ascii=False)
     except (TypeError, ValueError):
         text = repr(payload)
     encoded = _storable(text).encode("utf-8")
@@ -669,6 +677,18 @@ def _payload_text(payload: Any) -> str:
         cut = encoded[:MAX_DEAD_LETTER_BYTES].decode("utf-8", "ignore")
         return f"{cut}... [cut at {MAX_DEAD_LETTER_BYTES} of {len(encoded)} bytes]"
     return encoded.decode("utf-8")
+
+
+def _pruned(value: Any, levels: int) -> Any:
+    """``value`` with the objects and arrays below ``levels`` replaced by a note saying so
+    (recursion bounded by ``levels``: safe whatever the depth, even for a cycle)."""
+    if not isinstance(value, dict | list | tuple):
+        return value
+    if levels <= 0:
+        return f"[cut: nested deeper than {DEAD_LETTER_LEVELS} levels]"
+    if isinstance(value, dict):
+        return {key: _pruned(item, levels - 1) for key, item in value.items()}
+    return [_pruned(item, levels - 1) for item in value]
 
 
 def _storable(text: str) -> str:

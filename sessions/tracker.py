@@ -24,6 +24,13 @@ thread replays them like unsent batches, and ``close`` goes on replaying until t
 empty or its timeout is near (what is left stays for the next tracker). Only when the buffer
 and the spool are both full is an event dropped, counted and logged at ERROR.
 
+What cannot be serialised is never taken for a broker outage. The event model refuses every
+value a JSON text cannot carry, so ``record``/``create``/``end`` raise for it; should an event
+still fail (a hole in those rules), it alone is set aside (``stats.events_refused``, an ERROR,
+and :class:`UnserializableBatchError` from ``flush(wait=True)``) and the rest of its batch goes
+out; a spooled batch that can never be published is quarantined by the spool and the replay
+goes on behind it.
+
 A published batch is not forgotten yet: it waits in the :mod:`~sessions.outbox` until a second
 thread sees its ``batch_id`` in the database's ledger, and is published again if it is still
 missing ``confirm_timeout_seconds`` later (then after twice that, and so on) and the evidence
@@ -59,10 +66,17 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
+from pydantic_core import PydanticSerializationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from sessions.database import missing_sqlite_file
-from sessions.errors import BrokerUnavailableError, FlushTimeoutError, StoreUnavailableError
+from sessions.errors import (
+    BrokerUnavailableError,
+    FlushTimeoutError,
+    StoreUnavailableError,
+    UnserializableBatchError,
+    first_line,
+)
 from sessions.events import (
     Batch,
     CreateEvent,
@@ -73,6 +87,7 @@ from sessions.events import (
     batch_json,
     plain_record,
     record_event,
+    serialisable,
 )
 from sessions.outbox import Outbox, Unconfirmed
 from sessions.publisher import CeleryPublisher, Publisher
@@ -174,6 +189,10 @@ class TrackerStats:
     batches_unverified: int = 0
     #: Unconfirmed batches kept in the spool at close, for the next run to publish again.
     batches_spooled_unconfirmed: int = 0
+    #: Events accepted that could not be serialised as JSON (which the event model rules out:
+    #: a bug): set aside, logged at ERROR, neither published nor spooled; they cost no other
+    #: event, and ``flush(wait=True)`` raises :class:`UnserializableBatchError` for them.
+    events_refused: int = 0
 
 
 class SessionTracker:
@@ -268,6 +287,9 @@ class SessionTracker:
         self._stop_confirming = threading.Event()
         #: Batches given up and not yet reported by a ``flush(wait=True)``: (seq, events).
         self._failed: list[tuple[int, int]] = []
+        #: Events set aside as unserialisable, not yet reported: (seq, events, why).
+        self._refused: list[tuple[int, int, str]] = []
+        self._events_refused = 0
         self._dropped = 0
         self._batches_sent = self._events_sent = 0
         self._batches_failed = self._events_failed = 0
@@ -448,22 +470,28 @@ class SessionTracker:
         the spool's write (measured in ``bench.ingest --burst``) instead of losing events.
         """
         assert self._spool is not None
+        texts = [self._wire_text(batch_id, events, seq) for batch_id, events, seq in spill]
+        items = [
+            SpillItem(str(batch_id), text, len(events))
+            for (batch_id, _, _), (text, events) in zip(spill, texts, strict=True)
+            if text is not None
+        ]
         kept = 0
         try:
-            kept = self._spool.put_texts(
-                [SpillItem(str(b), batch_json(b, events), len(events)) for b, events, _ in spill]
-            )
+            kept = self._spool.put_texts(items)
         except Exception:
             log.exception("could not spill %d batches to %s", len(spill), self._spool.path)
-        refused = sum(len(events) for _, events, _ in spill[kept:])
+        refused = sum(item.events for item in items[kept:])
         with self._lock:
-            for index, (batch_id, events, seq) in enumerate(spill):
-                if index < kept:
+            index = 0  # of the batch in ``items``
+            for (batch_id, _, seq), (text, events) in zip(spill, texts, strict=True):
+                if text is not None and index < kept:
                     self._batches_spilled += 1
                     self._events_spilled += len(events)
                 else:
                     self._spilled.pop(batch_id, None)
                     self._dropped += len(events)
+                index += text is not None
                 self._handled_batch(seq)
             if kept:
                 self._spool_pending = True
@@ -499,7 +527,9 @@ class SessionTracker:
         With ``wait=False`` this only asks the background thread and returns at once. With
         ``wait=True`` it returns once every event recorded before the call is applied in the
         database, and raises :class:`BrokerUnavailableError` if some of them could not be
-        published, or :class:`FlushTimeoutError` after ``timeout`` seconds.
+        published, :class:`UnserializableBatchError` if some could not be serialised (and were
+        set aside: ``stats.events_refused``), or :class:`FlushTimeoutError` after ``timeout``
+        seconds.
         """
         deadline = time.monotonic() + timeout
         with self._lock:
@@ -522,6 +552,14 @@ class SessionTracker:
                 )
             failed = [item for item in self._failed if item[0] <= target]
             self._failed = [item for item in self._failed if item[0] > target]
+            refused = [item for item in self._refused if item[0] <= target]
+            self._refused = [item for item in self._refused if item[0] > target]
+        if refused:
+            also = f"; {len(failed)} batches could not be published to the broker" if failed else ""
+            raise UnserializableBatchError(
+                f"{sum(n for _, n, _ in refused)} events could not be serialised as JSON and "
+                f"were not published ({refused[0][2]}); the other events were{also}"
+            )
         if failed:
             raise BrokerUnavailableError(
                 f"{len(failed)} batches ({sum(n for _, n in failed)} events) could not be "
@@ -598,6 +636,14 @@ class SessionTracker:
                 self._spool.path,
                 self.settings.spool_max_age_days,
             )
+        if left.quarantined_batches:
+            log.error(
+                "the spool at %s holds %d quarantined batches that can never be published "
+                "(see its table quarantined_batches for why); they expire after %g days",
+                self._spool.path,
+                left.quarantined_batches,
+                self.settings.spool_max_age_days,
+            )
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Publish what is buffered and stop the background thread (waits up to ``timeout``).
@@ -669,6 +715,7 @@ class SessionTracker:
                 events_republished=self._events_republished,
                 batches_unverified=self._outbox.forgotten,
                 batches_spooled_unconfirmed=self._batches_spooled_unconfirmed,
+                events_refused=self._events_refused,
             )
 
     @property
@@ -730,15 +777,59 @@ class SessionTracker:
                 return None
             return self._cut_head(self.max_batch_events)
 
+    def _wire_text(
+        self, batch_id: uuid.UUID, events: tuple[Event | RecordFields, ...], seq: int
+    ) -> tuple[str | None, tuple[Event | RecordFields, ...]]:
+        """The wire text of a batch cut off the buffer, and the events it holds.
+
+        Events that cannot be serialised (the model's validation rules them out, so only a bug
+        lets one through) are set aside, counted and logged, and cost no other event: the text
+        holds the others (``None`` if there are none). Never the broker's fault, so never
+        spooled: a replay would fail on them every time, in every process.
+        """
+        try:
+            return batch_json(batch_id, events), events
+        except Exception as exc:  # never raised into ``record`` (which spills) nor the thread
+            good, bad = serialisable(events)
+            if not bad:  # each event serialises, the batch does not: a bug, it goes whole
+                good, bad = [], [(event, first_line(exc)) for event in events]
+        event, why = bad[0]
+        session_id = event[0] if isinstance(event, tuple) else event.session_id
+        self._refuse(seq, len(bad), f"{why}, in an event of session {session_id}", batch_id)
+        return (batch_json(batch_id, good) if good else None), tuple(good)
+
+    def _refuse(self, seq: int, events: int, why: str, batch_id: uuid.UUID | str) -> None:
+        """``events`` of the batch ending at ``seq`` cannot be serialised: counted, logged, and
+        reported by the next ``flush(wait=True)`` that covers them."""
+        log.error(
+            "session tracker set aside %d events of batch %s that cannot be serialised as JSON "
+            "(%s): not published, not spooled (counted in stats.events_refused)",
+            events,
+            batch_id,
+            why,
+        )
+        with self._lock:
+            self._events_refused += events
+            self._refused.append((seq, events, why))
+            if len(self._refused) > MAX_UNCONFIRMED_BATCHES:
+                del self._refused[0]
+
     def _send(self, events: tuple[Event | RecordFields, ...], seq: int) -> None:
         batch_id = uuid.uuid4()
-        text = ""
-        try:
-            text = batch_json(batch_id, events)
-            error = self._publish_message(text, str(batch_id), len(events))
-        except Exception as exc:  # a bug, not the broker; it must not kill the thread
-            log.exception("could not form or publish a batch of %d events", len(events))
-            error = exc
+        text, events = self._wire_text(batch_id, events, seq)
+        error: BaseException | None = None
+        if text is not None:
+            try:
+                error = self._publish_message(text, str(batch_id), len(events))
+            except Exception as exc:  # a bug, not the broker; it must not kill the thread
+                log.exception("could not publish a batch of %d events", len(events))
+                error = exc
+        if text is None or isinstance(error, UnserializableBatchError):
+            if error is not None:
+                self._refuse(seq, len(events), first_line(error), batch_id)
+            with self._lock:
+                self._handled_batch(seq)
+            return
         batch: Batch | None = None
         spooled = False
         if error is not None:
@@ -810,9 +901,15 @@ class SessionTracker:
                 self._spool_pending = left
             return 0
         published: list[int] = []
+        quarantined: list[int] = []
         try:
             for spooled in waiting:
                 error = self._publish_message(spooled.text, spooled.batch_id, spooled.events)
+                if isinstance(error, UnserializableBatchError):
+                    # It would fail the same way every time: set aside, the rest goes on.
+                    self._spool.quarantine(spooled.seq, first_line(error))
+                    quarantined.append(spooled.seq)
+                    continue
                 if error is not None:
                     return len(published)  # the broker is down again: the rest waits
                 published.append(spooled.seq)
@@ -832,7 +929,8 @@ class SessionTracker:
         finally:
             # Removed once published (a crash before this costs a harmless second copy).
             self._spool.remove(*published)
-            self._spool.release(*(b.seq for b in waiting[len(published) :]))
+            handled = {*published, *quarantined}
+            self._spool.release(*(b.seq for b in waiting if b.seq not in handled))
             if published:
                 log.info("replayed %d spooled batches", len(published))
         return len(published)
@@ -916,7 +1014,13 @@ class SessionTracker:
             return  # the next look at the ledger finds them missing again, if they still are
         for entry in due:
             assert entry.message is not None  # kept whenever republishing is on
-            if self._publish_message(entry.message, str(entry.batch_id), entry.events) is not None:
+            error = self._publish_message(entry.message, str(entry.batch_id), entry.events)
+            if isinstance(error, UnserializableBatchError):  # it went out once: a bug
+                log.error("batch %s cannot be published again (%s)", entry.batch_id, error)
+                with self._lock:
+                    self._outbox.confirm({entry.batch_id})
+                continue
+            if error is not None:
                 # The broker is down again: the batch stays in the outbox, due, and is tried
                 # again after the broker-down pause (or goes to the spool at close).
                 return
@@ -1041,6 +1145,8 @@ class SessionTracker:
                 time.sleep(PUBLISH_RETRY_DELAYS[min(attempt, len(PUBLISH_RETRY_DELAYS)) - 1])
             try:
                 self._hand_over(message)
+            except UnserializableBatchError as exc:
+                return exc  # the message's fault: no retry, and the broker is not down
             except Exception as exc:
                 error = exc
                 log.debug("publishing batch %s failed (attempt %d)", batch_id, attempt + 1)
@@ -1053,15 +1159,21 @@ class SessionTracker:
 
     def _hand_over(self, message: dict[str, Any] | str) -> None:
         """Give ``message`` to the publisher: as text to one that takes text (``publish_text``,
-        as :class:`CeleryPublisher` does), else as the dict :meth:`Batch.to_message` makes."""
-        if isinstance(message, str):
-            publish_text = getattr(self._publisher, "publish_text", None)
-            if publish_text is not None:
-                publish_text(message)
-                return
-            message = json.loads(message)
-            assert isinstance(message, dict)
-        self._publisher(message)
+        as :class:`CeleryPublisher` does), else as the dict :meth:`Batch.to_message` makes.
+
+        Raises :class:`UnserializableBatchError` when the message cannot be encoded (by the
+        publisher, or into that dict): then the broker is not to blame.
+        """
+        try:
+            if isinstance(message, str):
+                publish_text = getattr(self._publisher, "publish_text", None)
+                if publish_text is not None:
+                    publish_text(message)
+                    return
+                message = _message_of(message)
+            self._publisher(message)
+        except (UnicodeError, PydanticSerializationError, RecursionError) as exc:
+            raise UnserializableBatchError(f"cannot be serialised: {first_line(exc)}") from exc
 
     def _note_failure(self, batch_id: str, events: int, error: BaseException | None) -> None:
         if self._failing_since is None:
@@ -1105,6 +1217,18 @@ class SessionTracker:
             self._store.engine.dispose(close=False)
         if not closed:
             self._start()
+
+
+def _message_of(text: str) -> dict[str, Any]:
+    """The batch message a wire text holds, for a publisher that takes dicts; raises
+    :class:`UnserializableBatchError` when it holds none."""
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise UnserializableBatchError(f"not a JSON document: {first_line(exc)}") from exc
+    if not isinstance(message, dict):
+        raise UnserializableBatchError(f"not a JSON object but {type(message).__name__}")
+    return message
 
 
 def open_spool(settings: Settings) -> BatchSpool | None:

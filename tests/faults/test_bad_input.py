@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from kombu import Connection
 from sqlalchemy import text
 
+from sessions.events import peek_batch_id
 from sessions.settings import Settings
 from tests.faults.harness import (
     Fleet,
@@ -137,7 +138,8 @@ HAND_WRITTEN_BAD_EVENTS: list[tuple[str, Any]] = [
     ("NUL in session_id", _record(session_id="nul\x00byte")),
     ("empty session_id", _record(session_id="")),
     ("256-character session_id", _record(session_id="s" * 256)),
-    # Valid for the event model, refused by the database: each must cost only itself.
+    # Once valid for the event model and refused by the database, now refused by the model
+    # (issue 12: what the client accepts the worker applies); each must cost only itself.
     ("tokens beyond bigint", _record(input_tokens=2**70)),
     (
         "NUL inside metadata",
@@ -148,6 +150,83 @@ HAND_WRITTEN_BAD_EVENTS: list[tuple[str, Any]] = [
         {"kind": "create", "session_id": "bad-target", "at": _now(), "metadata": {"k": "\ud800"}},
     ),
 ]
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    """An object ``levels`` deep (made without recursion)."""
+    value: Any = "x"
+    for _ in range(levels):
+        value = {"a": value}
+    return dict(value)
+
+
+def _nested_text(levels: int) -> str:
+    """The JSON text of :func:`_nested`, made without recursion (json.dumps would give up)."""
+    return '{"a":' * levels + '"x"' + "}" * levels
+
+
+def _create(metadata: Any) -> dict[str, Any]:
+    return {"kind": "create", "session_id": "bad-target", "at": _now(), "metadata": metadata}
+
+
+#: Marks where a wire text gets metadata too deep for json.dumps to write.
+DEEP = "__nested_700_levels__"
+
+#: Issue 12's probes of the worker's input: (what, bad events, rule every dead letter of them
+#: must state). Each batch holds them between two good events, which must be applied.
+FIELD_NAMED_BAD_EVENTS: list[tuple[str, list[Any], str]] = [
+    (
+        "at in year 1 with an offset (OverflowError)",
+        [_record(at="0001-01-01T00:00:00+01:00")],
+        "record.at: must not lie before 2000-01-01T00:00:00Z",
+    ),
+    (
+        "at at the end of year 9999 with an offset (OverflowError)",
+        [_record(at="9999-12-31T23:59:59-01:00")],
+        "record.at: must not lie more than 5 minutes in the future",
+    ),
+    (
+        "at before 2000",
+        [_record(at="1999-12-31T23:59:59Z")],
+        "record.at: must not lie before 2000-01-01T00:00:00Z",
+    ),
+    (
+        "input_tokens 2**64",
+        [_record(input_tokens=2**64)],
+        "record.input_tokens: Input should be less than or equal to 1000000000",
+    ),
+    (
+        "input_tokens 2**63-1 twice (the sum passes BIGINT)",
+        [_record(input_tokens=2**63 - 1), _record(input_tokens=2**63 - 1)],
+        "record.input_tokens: Input should be less than or equal to 1000000000",
+    ),
+    (
+        "NUL in a metadata value and in a key",
+        [_create({"k": "a\x00b"}), _create({"k\x00": 1})],
+        "create.metadata: must not contain a NUL character",
+    ),
+    (
+        "lone surrogate in a metadata value and in a key",
+        [_create({"note": "\ud800"}), _create({"\udcff": 1})],
+        "create.metadata: must not contain a lone surrogate",
+    ),
+    (
+        "metadata nested 33 and 300 levels",
+        [_create(_nested(33)), _create(_nested(300))],
+        "create.metadata: must be nested at most 32 levels deep",
+    ),
+    (
+        "metadata nested 700 levels, in a wire text",
+        [_create(DEEP)],
+        "create.metadata: must be nested at most 32 levels deep",
+    ),
+]
+
+#: A wire text no JSON decoder of Python's can read (far beyond its recursion limit).
+TOO_DEEP_TO_DECODE = (
+    f'{{"batch_id":"{uuid.uuid4()}","events":[{{"kind":"create","session_id":"deep",'
+    f'"at":"{_now()}","metadata":{_nested_text(100_000)}}}]}}'
+)
 
 #: Hand-written bad envelopes: each is one message, dead-lettered whole.
 HAND_WRITTEN_BAD_ENVELOPES: list[tuple[str, Any, str]] = [
@@ -183,6 +262,7 @@ HAND_WRITTEN_BAD_ENVELOPES: list[tuple[str, Any, str]] = [
         {"batch_id": str(uuid.uuid4()), "events": [{}] * (MAX_BATCH_EVENTS + 1)},
         "events: at most",
     ),
+    ("JSON text nested 100,000 levels", TOO_DEEP_TO_DECODE, "batch: nested too deeply to decode"),
 ]
 
 
@@ -215,6 +295,8 @@ class Expectations:
     events_sent: int = 0
     #: Messages that must be refused with a logged reason: (what, log pattern).
     refused: list[tuple[str, str]] = field(default_factory=list)
+    #: batch id -> the rule each of its dead letters must state (naming the field).
+    rules: dict[str, str] = field(default_factory=dict)
 
     def batch(self, events: list[tuple[bool, Any]]) -> dict[str, Any]:
         """A batch of (good?, event) items, noted as expected."""
@@ -390,6 +472,19 @@ def test_bad_input_is_dead_lettered_or_refused_and_never_costs_good_events(
                 )
             )
         )
+        # ... and issue 12's probes, each between two good events: dead-lettered naming the
+        # field, never retried, never costing the good ones.
+        for number, (_, bad_events, rule) in enumerate(FIELD_NAMED_BAD_EVENTS):
+            payload = expect.batch(
+                [(True, good_event(f"named-{number}", 0))]
+                + [(False, bad) for bad in bad_events]
+                + [(True, good_event(f"named-{number}", 1))]
+            )
+            expect.rules[payload["batch_id"]] = rule
+            if any(bad.get("metadata") == DEEP for bad in bad_events):
+                send(json.dumps(payload).replace(json.dumps(DEEP), _nested_text(700)))
+            else:
+                send(payload)
         # 2. Bad envelopes, each dead-lettered whole.
         for _, envelope, _ in HAND_WRITTEN_BAD_ENVELOPES:
             send(envelope)
@@ -533,6 +628,19 @@ def test_bad_input_is_dead_lettered_or_refused_and_never_costs_good_events(
             for batch_id, got in list(wrong.items())[:5]
         )
         assert outcome.exact, outcome.describe()
+        misnamed = [
+            (rule, letter.reason)
+            for letter in letters
+            if (rule := expect.rules.get(str(letter.batch_id))) is not None
+            and not re.fullmatch(rf"events\[\d+\]: {re.escape(rule)}.*", letter.reason, re.S)
+        ]
+        assert not misnamed, f"dead letters not naming the field and the rule: {misnamed}"
+        # Every per-event failure was refused at once: none was retried as unexpected.
+        assert "unexpected error; will retry" not in log
+        too_deep = peek_batch_id(TOO_DEEP_TO_DECODE)
+        assert monitor.scalar(
+            "SELECT count(*) FROM applied_batches WHERE batch_id = :id", id=too_deep
+        ), "the batch too deep to decode was not settled (it would be retried)"
         unmatched = [letter.reason for letter in whole]
         for _, _, prefix in sorted(HAND_WRITTEN_BAD_ENVELOPES, key=lambda c: -len(c[2])):
             match = next((reason for reason in unmatched if reason.startswith(prefix)), None)

@@ -191,3 +191,70 @@ def test_a_spool_file_from_before_the_event_and_claim_columns_still_replays(
         assert [(b.batch_id, b.events, b.message) for b in claimed] == [(old["batch_id"], 3, old)]
     finally:
         spool.close()
+
+
+def _insert_raw(spool: BatchSpool, batch_id: str, text: str | bytes) -> None:
+    """A row as a damaged file (or a buggy writer) could hold it, beside the good ones."""
+    len(spool)  # opens the file, with its tables
+    with sqlite3.connect(spool.path) as connection:
+        connection.execute(
+            "INSERT INTO spooled_batches (batch_id, message, size, spooled_at, events)"
+            " VALUES (?, CAST(? AS TEXT), 10, ?, 1)",
+            (batch_id, text, time.time()),
+        )
+
+
+#: Rows no replay could ever publish, and why each is set aside.
+UNREADABLE = {
+    "not UTF-8": (b'{"batch_id":"%s","events":[{"note":"\xff\xfe"}]}', "not UTF-8 text"),
+    "not JSON": (b'{"batch_id":"%s","events":[{"kind":', "not a JSON document"),
+    "another batch's text": (b'{"batch_id":"x-%s","events":[]}', "not the text of batch"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE))
+def test_a_spooled_batch_that_cannot_be_read_is_quarantined_and_the_others_replayed(
+    open_spool: Any, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    spool = open_spool()
+    before, after = message(), message()
+    spool.put(before)
+    bad_id = str(uuid.uuid4())
+    text, reason = UNREADABLE[case]
+    _insert_raw(spool, bad_id, text.replace(b"%s", bad_id.encode()))
+    spool.put(after)
+    with caplog.at_level(logging.ERROR, logger="sessions.spool"):
+        claimed = spool.claim(10, seconds=60)
+    assert [b.message for b in claimed] == [before, after]
+    assert spool.stats().quarantined_batches == 1 and len(spool) == 2
+    assert spool.claim(10, seconds=60) == []  # claimed already; the bad one never again
+    spool.release(*(b.seq for b in claimed))
+    assert [b.message for b in open_spool().oldest()] == [before, after]  # another process too
+    (quarantined,) = spool.quarantined()
+    assert quarantined.batch_id == bad_id and reason in quarantined.reason
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(bad_id in m and reason in m and "quarantined_batches" in m for m in logged), logged
+
+
+def test_a_batch_the_publisher_cannot_send_is_quarantined_with_its_reason(open_spool: Any) -> None:
+    spool = open_spool()
+    spool.put(message())
+    (waiting,) = spool.claim(1, seconds=60)
+    spool.quarantine(waiting.seq, "UnserializableBatchError: surrogates not allowed")
+    assert len(spool) == 0 and spool.claim(1, seconds=60) == []
+    (quarantined,) = spool.quarantined()
+    assert (quarantined.batch_id, quarantined.text) == (waiting.batch_id, waiting.text)
+    assert quarantined.reason == "UnserializableBatchError: surrogates not allowed"
+    stats = spool.stats()
+    assert (stats.batches, stats.quarantined_batches) == (0, 1)
+
+
+def test_quarantined_batches_expire_with_the_spools_maximum_age(
+    open_spool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(max_age_seconds=60)
+    spool.put(message())
+    spool.quarantine(spool.oldest()[0].seq, "bad")
+    real_time = spool_module.time.time
+    monkeypatch.setattr(spool_module.time, "time", lambda: real_time() + 3600)
+    assert spool.claim(1, seconds=60) == [] and spool.stats().quarantined_batches == 0

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import textwrap
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from typing import Any
 import pytest
 
 from sessions import tracker as tracker_module
+from sessions.errors import UnserializableBatchError
 from sessions.settings import Settings
 from sessions.spool import BatchSpool
 from sessions.store import SessionStore
@@ -313,3 +317,87 @@ def test_sigterm_flushes_the_buffer_before_the_agent_dies(tmp_path: Path) -> Non
     assert agent.returncode == -signal.SIGTERM, agent.stderr
     messages = [json.loads(line) for line in published.read_text().splitlines()]
     assert [e["processing_time"] for m in messages for e in m["events"]] == list(range(10))
+
+
+# -- what can never be published is set aside, never retried, and holds up nothing -------------
+
+
+def test_a_spill_with_an_event_that_cannot_be_serialised_keeps_every_other_event(
+    trackers: list[SessionTracker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sessions import events
+
+    publisher = Recorder()
+    tracker = _tracker(trackers, publisher, max_buffered_events=BUFFER)
+    _stuck(publisher, tracker)
+    # A hole in the model's rules (a bug) lets a lone surrogate into the first spilled batch.
+    monkeypatch.setattr(events, "_metadata_problem", lambda metadata: None)
+    tracker.create("bad", metadata={"note": "\ud800"})
+    _burst(tracker)
+    stats = tracker.stats
+    assert stats.events_refused == 1 and stats.events_dropped == 0
+    assert stats.events_spilled == stats.batches_spilled * BATCH - 1  # one batch is one short
+
+    _unstick(publisher)
+    tracker.flush()
+    wait_until(lambda: len(publisher.events()) == EVENTS, message="every other event published")
+    assert sorted(e["processing_time"] for e in publisher.events()) == list(range(EVENTS))
+
+
+def _put_raw(spool: BatchSpool, batch_id: str, text: bytes) -> None:
+    len(spool)  # the file and its tables
+    with sqlite3.connect(spool.path) as connection:
+        connection.execute(
+            "INSERT INTO spooled_batches (batch_id, message, size, spooled_at, events)"
+            " VALUES (?, CAST(? AS TEXT), ?, ?, 1)",
+            (batch_id, text, len(text), time.time()),
+        )
+
+
+def test_a_spooled_batch_that_can_never_be_published_is_quarantined_and_the_rest_replayed(
+    trackers: list[SessionTracker], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Damage in the file (a text that is not UTF-8), or a text the publisher cannot encode:
+    neither is a broker outage, neither is retried, and the batches behind them go out, in
+    this process and the next one that opens the spool."""
+    spool = open_spool(Settings())
+    assert spool is not None
+    down = _tracker(trackers, Recorder(failures=10**9))  # an earlier run, the broker away
+    for index in range(10):
+        down.record("first", processing_time=index)
+    wait_until(lambda: down.stats.events_spooled == 10, message="the first batch spooled")
+    down.close()
+    damaged = str(uuid.uuid4())
+    _put_raw(spool, damaged, b'{"batch_id":"%s","events":["\xff"]}' % damaged.encode())
+    poison = {"batch_id": str(uuid.uuid4()), "events": [{"kind": "record", "session_id": "p"}]}
+    spool.put(poison)
+    spool.put({"batch_id": str(uuid.uuid4()), "events": [{"kind": "record", "session_id": "z"}]})
+
+    class Picky(Recorder):
+        """Takes text, as CeleryPublisher does; refuses to encode the poison batch."""
+
+        def publish_text(self, text: str) -> None:
+            if poison["batch_id"] in text:
+                with self.lock:
+                    self.calls.append({"refused": text})
+                raise UnserializableBatchError("the broker client cannot encode it")
+            self(json.loads(text))
+
+    up = Picky()
+    with caplog.at_level(logging.ERROR, logger="sessions"):
+        tracker = _tracker(trackers, up)
+        wait_until(lambda: len(up.messages) == 2, message="the good spooled batches replayed")
+        tracker.record("new")
+        tracker.flush()
+        wait_until(lambda: len(up.messages) == 3, message="a new batch published straight away")
+    assert [m["events"][0]["session_id"] for m in up.messages] == ["first", "z", "new"]
+    assert sum("refused" in call for call in up.calls) == 1  # tried once, never again
+    assert tracker.stats.batches_failed == 0  # nobody blamed the broker
+    assert len(spool) == 0 and spool.stats().quarantined_batches == 2
+    reasons = {q.batch_id: q.reason for q in spool.quarantined()}
+    assert "not UTF-8" in reasons[damaged]
+    assert "cannot encode" in reasons[poison["batch_id"]]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert sum("quarantined_batches" in m for m in errors) == 2, errors
+    tracker.close()
+    assert any("holds 2 quarantined batches" in r.getMessage() for r in caplog.records)
