@@ -386,9 +386,12 @@ def cleanup(
 @app.command()
 def dashboard(
     host: Annotated[str | None, typer.Option(help="Address (SESSIONS_DASHBOARD_HOST).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (SESSIONS_DASHBOARD_PORT).")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="Port (SESSIONS_DASHBOARD_PORT); 0 = any free port."),
+    ] = None,
 ) -> None:
-    """Serve the read-only dashboard page (README: Dashboard)."""
+    """Serve the read-only dashboard page (README: Dashboard); its log names the address."""
     from sessions.dashboard.server import DashboardConfigError, serve
 
     with open_store() as store:

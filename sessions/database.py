@@ -53,9 +53,18 @@ SUPPORTED_BACKENDS = ("postgresql", "sqlite")
 def check_supported(url: str) -> None:
     """Refuse a URL naming a database the store is not written for.
 
-    Raises :class:`UnsupportedDatabaseError` naming the (masked) URL and its backend.
+    Raises :class:`UnsupportedDatabaseError` naming the (masked) URL and its backend, or
+    saying that its password holds an ``@`` that is not percent-encoded.
     """
-    backend = make_url(url).get_backend_name()
+    parsed = make_url(url)
+    if parsed.host is not None and "@" in parsed.host:
+        # SQLAlchemy ends the password at its first '@' and takes the rest for the host: the
+        # driver would fail to resolve it and print it, a piece of the password, in its error.
+        raise UnsupportedDatabaseError(
+            f"the database URL {mask_url(url)} has an '@' in its password (or user name) "
+            "that is not percent-encoded: write it as %40"
+        )
+    backend = parsed.get_backend_name()
     if backend not in SUPPORTED_BACKENDS:
         raise UnsupportedDatabaseError(
             f"the database at {mask_url(url)} is {backend}, which the store does not support: "

@@ -2,7 +2,9 @@
 
 Agents, workers, beat, the CLI and the tests all read the same :class:`Settings`, so a
 deployment is configured in one place. Credentials only ever come from the environment
-and are masked whenever a URL is shown (:func:`mask_url`).
+and are masked whenever a URL is shown (:func:`mask_url`, from :mod:`sessions.redact`):
+a settings object's ``repr`` masks its URLs, the dashboard token is a ``SecretStr``, and a
+validation error names the field and the rule but never shows the value it was given.
 """
 
 from __future__ import annotations
@@ -11,10 +13,16 @@ import os
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
+
+from sessions.redact import mask_url as mask_url  # re-exported: callers import it from here
+from sessions.redact import mask_value
+
+#: Fewest characters of a dashboard token (``openssl rand -hex 24`` gives 48).
+MIN_TOKEN_LENGTH = 16
 
 
 def default_spool_dir() -> Path:
@@ -26,7 +34,11 @@ def default_spool_dir() -> Path:
 class Settings(BaseSettings):
     """Configuration of the session-metrics pipeline (environment prefix ``SESSIONS_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="SESSIONS_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a ValidationError shows no input, since the input may be the token
+    # (too short) or hold it (a model-level error shows every value it was given).
+    model_config = SettingsConfigDict(
+        env_prefix="SESSIONS_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     #: SQLAlchemy URL of the store; the embedded default is a SQLite file in the working dir.
     database_url: str = "sqlite:///sessions.db"
@@ -99,10 +111,19 @@ class Settings(BaseSettings):
 
     #: Address ``sessions dashboard`` binds; the loopback default keeps the page on this host.
     dashboard_host: str = "127.0.0.1"
-    #: Port ``sessions dashboard`` listens on.
-    dashboard_port: int = Field(8750, ge=1, le=65535)
+    #: Port ``sessions dashboard`` listens on; 0 = any free port (its log says which).
+    dashboard_port: int = Field(8750, ge=0, le=65535)
     #: Bearer token the dashboard asks for; unset, it asks for none (loopback only).
-    dashboard_token: SecretStr | None = Field(None, min_length=16)
+    dashboard_token: SecretStr | None = None
+
+    @field_validator("dashboard_token")
+    @classmethod
+    def _check_token(cls, token: SecretStr | None) -> SecretStr | None:
+        # Checked here, not by Field(min_length=...): pydantic's message for a SecretStr speaks
+        # of "items". The value stays out of the error (hide_input_in_errors).
+        if token is not None and len(token.get_secret_value()) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} characters long")
+        return token
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
@@ -120,6 +141,11 @@ class Settings(BaseSettings):
                 "would be counted twice"
             )
         return self
+
+    def __repr_args__(self) -> Any:
+        # repr() and str() mask what could hold a credential (the URLs' passwords).
+        for name, value in super().__repr_args__():
+            yield name, mask_value(name or "", value)
 
     @property
     def max_age(self) -> timedelta:
@@ -142,14 +168,3 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read from the environment on first use."""
     return Settings()
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, safe for logs and error messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        scheme, sep, rest = url.partition("://")
-        if "@" in rest:
-            return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
-        return url

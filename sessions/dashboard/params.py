@@ -2,14 +2,25 @@
 
 Every page validates its whole query string against one model before it reads anything.
 Unknown parameters and repeated ones are refused too, so a typo (``?limt=5``) says so
-instead of silently showing the default page.
+instead of silently showing the default page. Numbers are whole numbers in the digits 0-9
+and nothing else: Python's ``int()`` (and pydantic's lax mode) would read ``1_0`` as 10 and
+accept ``+5``, `` 5``, ``5.0``.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+from pydantic_core import PydanticCustomError
 
 from sessions.events import ID_PATTERN
 from sessions.records import Status, UserRanking
@@ -21,7 +32,28 @@ Id = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN.pattern}$")]
 #: What the top-users table can be ordered by: what ``store.top_users`` ranks by.
 TopBy = UserRanking
 
+#: Longest name or value an error message repeats before it cuts it with ``...``.
+SHOWN = 40
+#: Most digits a number may have (no parameter needs more; ``int()`` refuses over 4,300).
+MAX_DIGITS = 18
+_DIGITS = re.compile(r"[0-9]+")
+
 M = TypeVar("M", bound="PageParams")
+
+
+def _whole_number(value: object) -> object:
+    """A query value as a whole number, written in ASCII digits only."""
+    if not isinstance(value, str):
+        return value  # a default, or a test passing a number: the int schema checks it
+    if _DIGITS.fullmatch(value) is None:
+        raise PydanticCustomError("int_digits", "Input should be a valid integer in the digits 0-9")
+    if len(value.lstrip("0")) > MAX_DIGITS:
+        raise PydanticCustomError("int_digits", f"Input should have at most {MAX_DIGITS} digits")
+    return int(value)
+
+
+#: A count or size given in the query string (bounded by each field's ``Field``).
+Count = Annotated[int, BeforeValidator(_whole_number)]
 
 
 class BadParameter(ValueError):
@@ -38,13 +70,13 @@ class OverviewParams(PageParams):
     """``GET /``: the fleet at a glance."""
 
     #: Minutes of activity the chart covers, ending now.
-    minutes: int = Field(60, ge=5, le=1440)
+    minutes: Count = Field(60, ge=5, le=1440)
     #: Rows of the top-users table.
-    top: int = Field(10, ge=1, le=100)
+    top: Count = Field(10, ge=1, le=100)
     #: Order of the top-users table.
     by: TopBy = "requests"
     #: Rows of the health list (the counts above it are always complete).
-    unhealthy: int = Field(20, ge=1, le=500)
+    unhealthy: Count = Field(20, ge=1, le=500)
 
 
 class SessionListParams(PageParams):
@@ -54,7 +86,7 @@ class SessionListParams(PageParams):
     status: Status | None = None
     #: Keyset cursor: the last session id of the previous page.
     after: Id | None = None
-    limit: int = Field(50, ge=1, le=500)
+    limit: Count = Field(50, ge=1, le=500)
 
 
 def parse_query(model: type[M], items: list[tuple[str, str]]) -> M:
@@ -83,18 +115,22 @@ def describe(exc: ValidationError) -> str:
     """Every error of ``exc`` as ``query parameter 'x': rule (got 'value')``, joined by ``; ``."""
     messages = []
     for error in exc.errors(include_url=False):
-        name = ".".join(str(part) for part in error["loc"]) or "query"
+        name = ".".join(str(part) for part in error["loc"])
+        # A parameter may have an empty name (``?=1``): it is named, not called 'query'.
+        label = f"query parameter '{_cut(name)}'" + ("" if name else " (no name)")
         if error["type"] in ("extra_forbidden", "missing"):
             problem = "unknown parameter" if error["type"] == "extra_forbidden" else "required"
-            messages.append(f"query parameter '{name}': {problem}")
+            messages.append(f"{label}: {problem}")
             continue
         rule = error["msg"][:1].lower() + error["msg"][1:]
         if error["type"] == "string_pattern_mismatch":
             rule = "must be 1 to 255 printable ASCII characters without spaces"
-        shown = str(error["input"])
-        shown = shown if len(shown) <= 40 else shown[:40] + "..."
-        messages.append(f"query parameter '{name}': {rule} (got {shown!r})")
+        messages.append(f"{label}: {rule} (got {_cut(str(error['input']))!r})")
     return "; ".join(messages)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
 
 
 class SessionParams(PageParams):

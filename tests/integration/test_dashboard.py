@@ -7,15 +7,20 @@ required, only GET and HEAD exist, and its database connections cannot write.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from html import unescape
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+from httpx2 import Response
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 from starlette.testclient import TestClient
@@ -27,7 +32,7 @@ from sessions.dashboard.reads import (
     health_level,
     open_read_only_store,
 )
-from sessions.dashboard.security import COOKIE
+from sessions.dashboard.security import COOKIE, COOKIE_MAX_AGE, cookie_value
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tables import ledger_table, sessions_table
@@ -210,6 +215,11 @@ def test_unknown_session_is_404(client: TestClient) -> None:
         ("/session", {"id": "healthy", "full": "1"}, "query parameter 'full': unknown parameter"),
         ("/session", {"id": "x" * 256}, "query parameter 'id': must be 1 to 255"),
         ("/session", {}, "query parameter 'id': required"),
+        # the issue's probes: an empty name is named, and int() is not the rule for numbers
+        ("/", [("", "1")], "query parameter '' (no name): unknown parameter"),
+        ("/", {"top": "1_0"}, "query parameter 'top': input should be a valid integer in the"),
+        ("/", {"minutes": " 60"}, "query parameter 'minutes': input should be a valid integer"),
+        ("/sessions", {"limit": "+5"}, "query parameter 'limit': input should be a valid integer"),
     ],
 )
 def test_bad_parameters_are_a_400_naming_the_parameter_and_rule(
@@ -341,6 +351,92 @@ def test_a_wrong_token_in_the_address_sets_no_cookie(token_client: TestClient) -
     assert token_client.get("/").status_code == 401
 
 
+def test_the_token_in_any_encoding_is_a_login_that_leaves_the_address(
+    token_client: TestClient,
+) -> None:
+    """``?%74oken=`` is ``?token=`` to Starlette: it logs in, and is taken out of the address."""
+    response = token_client.get(f"/sessions?status=active&%74oken={TOKEN}")
+    assert response.status_code == 303
+    assert response.headers["location"] == "/sessions?status=active"
+    assert token_client.get(response.headers["location"]).status_code == 200
+
+
+def test_the_token_in_the_address_is_taken_out_even_when_already_logged_in(
+    token_client: TestClient,
+) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    response = token_client.get("/", params={"token": TOKEN, "top": "5"}, headers=headers)
+    assert response.status_code == 303 and response.headers["location"] == "/?top=5"
+    # A wrong or repeated one is refused, whatever else the request presents.
+    assert token_client.get("/", params={"token": "wrong"}, headers=headers).status_code == 401
+    repeated = token_client.get("/", params=[("token", TOKEN), ("token", TOKEN)])
+    assert repeated.status_code == 401 and "set-cookie" not in repeated.headers
+
+
+def _login_cookie(client: TestClient) -> str:
+    response = client.get("/", params={"token": TOKEN})
+    assert response.status_code == 303
+    client.cookies.clear()
+    return response.cookies[COOKIE]
+
+
+def _with_cookie(client: TestClient, value: str) -> Response:
+    client.cookies.clear()
+    client.cookies.set(COOKIE, value)
+    try:
+        return client.get("/")
+    finally:
+        client.cookies.clear()
+
+
+def test_the_cookie_is_signed_with_its_issue_time_and_expires_on_the_server(
+    token_client: TestClient,
+) -> None:
+    before = int(time.time())
+    value = _login_cookie(token_client)
+    issued = int(value.split(".")[0])
+    assert before <= issued <= time.time() and TOKEN not in value
+    assert _with_cookie(token_client, value).status_code == 200
+    # The same cookie, as the server would have issued it 12 hours ago: refused now, although
+    # a browser (or an attacker) that kept it would still send it.
+    old = cookie_value(TOKEN, issued - COOKIE_MAX_AGE)
+    assert _with_cookie(token_client, old).status_code == 401
+    almost = cookie_value(TOKEN, issued - COOKIE_MAX_AGE + 120)
+    assert _with_cookie(token_client, almost).status_code == 200
+
+
+def test_cookies_of_the_old_kind_or_of_another_token_are_refused(token_client: TestClient) -> None:
+    forever = hmac.new(TOKEN.encode(), b"sessions-dashboard-cookie", hashlib.sha256).hexdigest()
+    other = cookie_value("another-token-of-enough-length", int(time.time()))
+    for value in (forever, other, TOKEN, ""):
+        assert _with_cookie(token_client, value).status_code == 401, value
+
+
+@pytest.mark.parametrize(
+    ("path", "location"),
+    [
+        ("//evil.example/", "/evil.example/"),  # the issue's probe: was //evil.example/
+        ("///evil.example/", "/evil.example/"),
+        ("/%2F%2Fevil.example/", "/evil.example/"),
+        ("/%2F/evil.example/", "/evil.example/"),
+        ("/\\evil.example/", "/%5Cevil.example/"),  # browsers read a backslash as /
+        ("/%5C%5Cevil.example/", "/%5C%5Cevil.example/"),
+        ("/%5C/evil.example/", "/%5C/evil.example/"),
+        ("/%09/evil.example/", "/%09/evil.example/"),
+        ("/%0D%0A/evil.example/", "/%0D%0A/evil.example/"),
+        ("/https://evil.example/", "/https%3A//evil.example/"),
+        ("/sessions", "/sessions"),
+    ],
+)
+def test_the_login_redirects_only_to_a_path_of_this_server(
+    token_client: TestClient, path: str, location: str
+) -> None:
+    response = token_client.get(f"{LOCAL}{path}?token={TOKEN}")
+    assert response.status_code == 303
+    assert response.headers["location"] == location
+    assert urlsplit(response.headers["location"]).netloc == ""
+
+
 # -- what the browser may do ------------------------------------------------------------------
 
 
@@ -359,6 +455,20 @@ def test_without_a_token_only_local_host_names_are_served(client: TestClient) ->
     """Otherwise a web page could read the dashboard by DNS rebinding."""
     assert client.get("/", headers={"Host": "localhost:8750"}).status_code == 200
     assert client.get("/", headers={"Host": "attacker.example"}).status_code == 400
+
+
+def test_the_header_shows_the_database_url_without_its_credentials(
+    seeded: SessionStore, postgres_url: str
+) -> None:
+    """The issue's probe: ``?password=`` was shown in clear in every page's header."""
+    url = f"{postgres_url}?password=hunter2&application_name=dashboard"
+    app = create_app(Settings(database_url=url))
+    with TestClient(app, base_url=LOCAL) as client:
+        response = client.get("/")
+    app.state.store.dispose()
+    assert response.status_code == 200
+    assert "password=***&amp;application_name=dashboard" in response.text
+    assert "hunter2" not in response.text
 
 
 def test_a_database_without_the_schema_is_a_503_that_says_so(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from sessions.dashboard.server import DashboardConfigError, RedactToken, is_loop
 from sessions.settings import Settings
 
 NOW = datetime(2024, 1, 1, 12, 30, 15, tzinfo=UTC)
+DIGITS_ONLY = "input should be a valid integer in the digits 0-9"
 
 
 def test_defaults_when_no_parameter_is_given() -> None:
@@ -51,12 +52,26 @@ def test_the_token_parameter_belongs_to_the_gate_not_the_page() -> None:
         ([("by", "p99")], "query parameter 'by': input should be 'requests', 'errors', 'cost'"),
         ([("minutes", "1.5")], "query parameter 'minutes': input should be a valid integer"),
         ([("top", "1"), ("top", "1")], "query parameter 'top': given more than once"),
+        ([("", "1")], "query parameter '' (no name): unknown parameter"),
+        ([("", "")], "query parameter '' (no name): unknown parameter"),
+        # Python's int() reads all of these as a number; a query parameter is digits only.
+        *(
+            ([("top", text)], f"query parameter 'top': {DIGITS_ONLY} (got {text!r})")
+            for text in ("1_0", " 10", "10 ", "+10", "10.0", "10\n", "-1", "\u0661\u0660")
+        ),
+        ([("top", "9" * 30)], "query parameter 'top': input should have at most 18 digits"),
     ],
 )
 def test_overview_rules(items: list[tuple[str, str]], message: str) -> None:
     with pytest.raises(BadParameter) as raised:
         parse_query(OverviewParams, items)
     assert str(raised.value).startswith(message)
+
+
+def test_numbers_may_have_leading_zeros() -> None:
+    assert parse_query(OverviewParams, [("top", "010"), ("minutes", "0" * 40 + "5")]) == (
+        OverviewParams(top=10, minutes=5)
+    )
 
 
 def test_long_values_are_cut_in_the_message() -> None:
