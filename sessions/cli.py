@@ -1,7 +1,9 @@
 """The ``sessions`` command: run workers and beat, migrate, and read sessions from a shell.
 
 Read commands talk to the database directly (no broker needed). Every command that cannot
-reach a service exits non-zero with the service's URL, password masked.
+reach a service exits non-zero with the service's URL, password masked. Every error is one
+line, ``Error: ...``, click's: an option out of bounds names the option and its rule, exit
+status 2 (a usage error); the bounds are the store's own (:mod:`sessions.bounds`).
 """
 
 from __future__ import annotations
@@ -13,14 +15,24 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
 import typer
 from alembic.util import CommandError
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
+from sessions.bounds import (
+    MAX_DAYS,
+    MAX_PAGE_SIZE,
+    REFUSED_ARGUMENTS,
+    ArgumentError,
+    check_days,
+    check_id,
+    check_moment,
+    check_seconds,
+)
 from sessions.database import check_supported, missing_sqlite_file
 from sessions.errors import (
     StoreUnavailableError,
@@ -32,21 +44,27 @@ from sessions.records import Aggregate, SessionRecord
 from sessions.settings import Settings, get_settings, mask_url
 from sessions.store import SessionStore
 
+T = TypeVar("T")
+
 app = typer.Typer(
     help="Session metrics for AI agents: workers, beat, migrations and read-only reports.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # click's own rendering: an error is one ``Error: ...`` line (typer's rich panel wraps it
+    # over several), after the usage line for a usage error.
+    rich_markup_mode=None,
 )
 db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
 console = Console()
-errors = Console(stderr=True)
 
 #: The queues a ``sessions worker`` consumes unless told otherwise.
 ALL_QUEUES = "sessions.events,sessions.maintenance"
 StatusOption = Literal["active", "completed", "failed", "expired"]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+#: Most users, sessions and requests per session ``sessions demo`` simulates.
+DEMO_MAX = 10_000
 #: A duration ago as ``--since`` / ``--until`` take it: ``90s``, ``15m``, ``2h``, ``7d``, ``1h30m``.
 DURATION = re.compile(
     r"(?:(?P<days>\d+)d)?(?:(?P<hours>\d+)h)?(?:(?P<minutes>\d+)m)?(?:(?P<seconds>\d+)s)?"
@@ -64,7 +82,7 @@ def parse_moment(text: str, now: datetime | None = None) -> datetime:
         parts = {unit: int(value or 0) for unit, value in duration.groupdict().items()}
         try:
             return (now or datetime.now(UTC)) - timedelta(**parts)
-        except OverflowError:
+        except OverflowError:  # a moment before the year 1: far out of check_moment's bounds
             raise ValueError(f"{text!r} reaches back before the year 1") from None
     try:
         moment = datetime.fromisoformat(text.strip())
@@ -76,12 +94,32 @@ def parse_moment(text: str, now: datetime | None = None) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _moment_option(text: str) -> datetime:
-    """:func:`parse_moment` for an option: click names the option in the error."""
+def _option(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """``parse`` as a typer parser: its ``ValueError`` becomes click's ``BadParameter``, which
+    names the option (``Invalid value for '--idle': must be ...``)."""
+
+    def parser(text: str) -> T:
+        try:
+            return parse(text)
+        except ArgumentError as exc:
+            raise typer.BadParameter(exc.problem) from None
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return parser
+
+
+def _number(text: str) -> float:
     try:
-        return parse_moment(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+
+
+#: ``--since`` / ``--until``: :func:`parse_moment`, within the store's bounds for a moment.
+_moment_option = _option(lambda text: check_moment("moment", parse_moment(text)))
+#: A session or user id, by the event model's rule (1-255 printable ASCII characters).
+_id_option = _option(lambda text: check_id("id", text))
 
 
 #: How ``--since`` / ``--until`` say what they take.
@@ -89,7 +127,9 @@ MOMENT_HELP = "an ISO 8601 time (UTC unless it says otherwise) or a duration ago
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    """Stop with ``Error: message`` on one line, as click shows its own errors, and exit
+    status ``code``."""
+    typer.echo(f"Error: {' '.join(message.split())}", err=True)
     raise typer.Exit(code)
 
 
@@ -126,7 +166,11 @@ def open_store(settings: Settings | None = None, *, create: bool = False) -> Ite
     except ProgrammingError as exc:
         if "does not exist" in str(exc.orig):
             fail(f"the database at {url} has no schema yet: run `sessions db upgrade`")
-        raise
+        fail(f"the database at {url} refused the command: {exc.orig}")
+    except DBAPIError as exc:  # e.g. SQLite's "file is not a database"
+        fail(f"cannot open the database at {url}: {exc.orig}")
+    except REFUSED_ARGUMENTS as exc:  # the options are checked first: this is a safety net
+        fail(str(exc))
     finally:
         store.dispose()
 
@@ -171,9 +215,11 @@ def beat(
 
 @app.command()
 def demo(
-    users: Annotated[int, typer.Option(help="Simulated users.")] = 20,
-    sessions: Annotated[int, typer.Option(help="Simulated sessions.")] = 60,
-    requests: Annotated[int, typer.Option(help="Requests per healthy session.")] = 40,
+    users: Annotated[int, typer.Option(min=1, max=DEMO_MAX, help="Simulated users.")] = 20,
+    sessions: Annotated[int, typer.Option(min=1, max=DEMO_MAX, help="Simulated sessions.")] = 60,
+    requests: Annotated[
+        int, typer.Option(min=1, max=DEMO_MAX, help="Requests per healthy session.")
+    ] = 40,
 ) -> None:
     """Run the pipeline end to end: worker, beat and a simulated fleet of agents."""
     from sessions.demo import DemoConfig, run_demo
@@ -223,12 +269,19 @@ def _sessions_table(
     return table
 
 
+UserOption = Annotated[
+    str | None, typer.Option("--user", parser=_id_option, help="Only this user's sessions.")
+]
+
+
 @app.command("list")
 def list_sessions(
-    user: Annotated[str | None, typer.Option("--user", help="Only this user's sessions.")] = None,
+    user: UserOption = None,
     status: Annotated[StatusOption | None, typer.Option("--status")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
-    after: Annotated[str | None, typer.Option(help="Start after this session id.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE_SIZE)] = 50,
+    after: Annotated[
+        str | None, typer.Option(parser=_id_option, help="Start after this session id.")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """List sessions by id, a page at a time."""
@@ -241,7 +294,9 @@ def list_sessions(
 
 
 @app.command()
-def show(session_id: str, as_json: JsonFlag = False) -> None:
+def show(
+    session_id: Annotated[str, typer.Argument(parser=_id_option)], as_json: JsonFlag = False
+) -> None:
     """Show one session with every field."""
     with open_store() as store:
         record = store.get(session_id)
@@ -303,7 +358,7 @@ def _stats_title(
 
 @app.command()
 def stats(
-    user: Annotated[str | None, typer.Option("--user", help="Only this user's sessions.")] = None,
+    user: UserOption = None,
     status: Annotated[StatusOption | None, typer.Option("--status")] = None,
     since: Annotated[
         datetime | None,
@@ -322,7 +377,10 @@ def stats(
     """Requests, errors, tokens, cost and p50/p95/p99 processing time over sessions (their
     current runs), computed by the database; --since/--until select by last activity."""
     if since is not None and until is not None and since >= until:
-        fail(f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})")
+        raise typer.BadParameter(
+            f"must be before --until ({since.isoformat()} is not before {until.isoformat()})",
+            param_hint="'--since'",
+        )
     with open_store() as store:
         aggregate = store.aggregate(user_id=user, status=status, since=since, until=until)
     if as_json:
@@ -356,10 +414,22 @@ def health(as_json: JsonFlag = False) -> None:
 @app.command()
 def cleanup(
     idle: Annotated[
-        float | None, typer.Option("--idle", help="Expire sessions idle this many seconds.")
+        float | None,
+        typer.Option(
+            "--idle",
+            parser=_option(lambda text: check_seconds("idle", _number(text))),
+            metavar="SECONDS",
+            help="Expire sessions idle this many seconds (above 0, at most 100 years).",
+        ),
     ] = None,
     age: Annotated[
-        float | None, typer.Option("--age", help="Expire sessions older than this many days.")
+        float | None,
+        typer.Option(
+            "--age",
+            parser=_option(lambda text: check_days("age", _number(text))),
+            metavar="DAYS",
+            help=f"Expire sessions older than this many days (above 0, at most {MAX_DAYS}).",
+        ),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, change nothing.")] = False,
 ) -> None:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from sessions.bounds import check_id, check_seconds
 from sessions.errors import SessionLimitError
+from sessions.queries import session_filter
 from sessions.records import SessionRecord
 from sessions.settings import Settings, get_settings
 from sessions.store import SessionStore
@@ -155,8 +157,11 @@ class ContextEngine:
         threshold than the idle sweep's does not cut a run the sweep would keep.
 
         With ``SESSIONS_MAX_ACTIVE_SESSIONS`` set, a full system first reclaims sessions idle
-        for 15 minutes and then raises :class:`SessionLimitError`, as the guide does.
+        for 15 minutes and then raises :class:`SessionLimitError`, as the guide does. A
+        ``session_id`` that is not a ``str`` raises ``TypeError``, one that breaks the id rule
+        ``ValueError``.
         """
+        check_id("session_id", session_id)  # before any wait
         await self._read_own_writes()
         current = await asyncio.to_thread(self.store.get, session_id)
         limit = self.settings.max_active_sessions
@@ -202,7 +207,12 @@ class ContextEngine:
         self.tracker.end(session_id, status=status)
 
     async def cleanup_inactive_sessions(self, max_idle_seconds: float = 1800) -> int:
-        """Expire sessions idle longer than ``max_idle_seconds``; returns how many."""
+        """Expire sessions idle longer than ``max_idle_seconds``; returns how many.
+
+        :raises ValueError: ``max_idle_seconds`` is not above 0 and at most 100 years
+            (``SESSIONS_MAX_IDLE_SECONDS``' bounds); ``TypeError`` if it is not a number.
+        """
+        check_seconds("max_idle_seconds", max_idle_seconds)  # before any wait
         await self._read_own_writes()
         result = await asyncio.to_thread(self.store.expire_idle, max_idle_seconds)
         return result.count
@@ -210,6 +220,12 @@ class ContextEngine:
     # -- reads ---------------------------------------------------------------------------
 
     async def get_session(self, session_id: str) -> GuideSession | None:
+        """The session's current run; ``None`` for a session never heard of.
+
+        :raises TypeError: ``session_id`` is not a ``str``.
+        :raises ValueError: it breaks the id rule (1 to 255 printable ASCII characters).
+        """
+        check_id("session_id", session_id)  # before any wait
         await self._read_own_writes()
         record = await asyncio.to_thread(self.store.get, session_id)
         return None if record is None else GuideSession.from_record(record)
@@ -217,7 +233,12 @@ class ContextEngine:
     async def list_sessions(
         self, user_id: str | None = None, status: str | None = None
     ) -> list[GuideSession]:
-        """Every matching session (paged from the database by id)."""
+        """Every matching session (paged from the database by id).
+
+        :raises ValueError: ``status`` is not ``active``, ``completed``, ``failed`` or
+            ``expired``, or ``user_id`` breaks the id rule (``TypeError``: not a ``str``).
+        """
+        session_filter(user_id, status)  # checks them, before any wait
         await self._read_own_writes()
         records = await asyncio.to_thread(
             lambda: list(self.store.iter_sessions(user_id=user_id, status=status))

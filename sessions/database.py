@@ -30,6 +30,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
+from sessions import deep_json
 from sessions.errors import (
     SchemaNotAtHeadError,
     StoreUnavailableError,
@@ -92,6 +93,8 @@ def create_store_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> 
     :class:`UnsupportedDatabaseError` for a backend other than PostgreSQL and SQLite.
     """
     check_supported(url)
+    # Every read of a JSON column answers, however deep the stored document (deep_json).
+    kwargs.setdefault("json_deserializer", deep_json.loads)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _create_sqlite_engine(url, read_only=read_only, **kwargs)

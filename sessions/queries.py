@@ -32,6 +32,7 @@ from sqlalchemy import (
 )
 
 from sessions.apply import COUNTERS
+from sessions.bounds import check_choice, check_id, check_limit, check_moment
 from sessions.database import minute_of
 from sessions.records import Status, UserRanking
 from sessions.tables import (
@@ -63,19 +64,24 @@ def session_filter(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> list[ColumnElement[bool]]:
-    """Conditions on ``sessions`` selecting a user's, a status's and a window's sessions."""
+    """Conditions on ``sessions`` selecting a user's, a status's and a window's sessions.
+
+    :raises ValueError: a ``user_id`` that breaks the id rule, a ``status`` not in
+        :data:`STATUSES`, a ``since`` / ``until`` naive or out of bounds
+        (:func:`sessions.bounds.check_moment`); ``TypeError`` for an argument of the wrong type.
+    """
     t = sessions_table.c
     where: list[ColumnElement[bool]] = []
     if user_id is not None:
-        where.append(t.user_id == user_id)
+        where.append(t.user_id == check_id("user_id", user_id))
     if status is not None:
-        where.append(t.status == status)
+        where.append(t.status == check_choice("status", status, STATUSES))
     elif since is not None or until is not None:
         where.append(t.status.in_(STATUSES))
     if since is not None:
-        where.append(t.last_activity >= since)
+        where.append(t.last_activity >= check_moment("since", since))
     if until is not None:
-        where.append(t.last_activity < until)
+        where.append(t.last_activity < check_moment("until", until))
     return where
 
 
@@ -111,11 +117,9 @@ def run_histograms(runs: list[tuple[str, int]]) -> Select[Any]:
 def rank_users(by: UserRanking, limit: int, where: list[ColumnElement[bool]]) -> Select[str]:
     """The ids of the ``limit`` users highest by ``by``, then by id; sessions without a user
     are nobody's and left out. Raises ``ValueError`` for an unknown ``by`` or a ``limit``
-    below 1."""
-    if by not in RANKINGS:
-        raise ValueError(f"by: must be one of {', '.join(RANKINGS)}, got {by!r}")
-    if limit < 1:
-        raise ValueError(f"limit: must be at least 1, got {limit}")
+    outside 1 to :data:`~sessions.bounds.MAX_PAGE_SIZE`."""
+    check_choice("by", by, RANKINGS)
+    check_limit("limit", limit)
     t = sessions_table.c
     where = [*where, t.user_id.is_not(None)]
     if by == "p95":

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from math import isfinite
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from sessions.bounds import check_seconds
 from sessions.histogram import percentile
 
 #: Every state a session can be in; only ``active`` is not final.
@@ -101,13 +101,10 @@ class SessionRecord(BaseModel):
         :param max_idle_seconds: idle seconds an active run may have (the guide's 30 minutes
             by default; the idle sweep uses ``SESSIONS_MAX_IDLE_SECONDS``).
         :param now: the moment to judge at, timezone-aware; the wall clock by default.
-        :raises ValueError: ``max_idle_seconds`` is negative or not a finite number.
+        :raises ValueError: ``max_idle_seconds`` is negative, above 100 years or not a finite
+            number (``TypeError``: not a number).
         """
-        if not (isfinite(max_idle_seconds) and max_idle_seconds >= 0):
-            raise ValueError(
-                f"max_idle_seconds: must be a finite number of seconds >= 0 "
-                f"(got {max_idle_seconds!r})"
-            )
+        check_seconds("max_idle_seconds", max_idle_seconds, zero=True)
         if self.status != "active":
             return True
         now = now or datetime.now(UTC)

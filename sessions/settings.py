@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sessions.bounds import MAX_DAYS, MAX_SECONDS
 from sessions.redact import mask_url as mask_url  # re-exported: callers import it from here
 from sessions.redact import mask_value
 
@@ -48,9 +49,10 @@ class Settings(BaseSettings):
     broker_dir: Path = Path(".sessions-broker")
 
     #: A session idle this long is expired by the idle sweep (the guide's 30 minutes).
-    max_idle_seconds: int = Field(1800, gt=0)
+    #: Every duration is at most 100 years (``sessions.bounds``), which the sweeps take too.
+    max_idle_seconds: int = Field(1800, gt=0, le=MAX_SECONDS)
     #: A session older than this is expired by the age sweep (the guide's 7 days).
-    max_age_days: float = Field(7.0, gt=0)
+    max_age_days: float = Field(7.0, gt=0, le=MAX_DAYS)
     #: Error rate above which the health sweep warns (the guide's 0.3).
     health_warn_rate: float = Field(0.3, ge=0, le=1)
     #: Error rate above which the health sweep ends a session as ``failed`` (the guide's 0.5).
@@ -60,16 +62,16 @@ class Settings(BaseSettings):
     #: Cap on active sessions for ``create_session``; ``None`` means no cap.
     max_active_sessions: int | None = Field(None, gt=0)
     #: Idle time after which ``create_session`` at the cap reclaims sessions (the guide's 15 min).
-    session_limit_idle_seconds: int = Field(900, gt=0)
+    session_limit_idle_seconds: int = Field(900, gt=0, le=MAX_SECONDS)
 
     #: Ended sessions (and their past runs) are purged this long after they ended.
-    ended_retention_days: float = Field(30.0, gt=0)
+    ended_retention_days: float = Field(30.0, gt=0, le=MAX_DAYS)
     #: Applied-batch ids are kept this long to recognise redelivered batches.
-    ledger_retention_days: float = Field(14.0, gt=0)
+    ledger_retention_days: float = Field(14.0, gt=0, le=MAX_DAYS)
     #: Where a client keeps batches it could not publish (one SQLite file, shared per user).
     spool_dir: Path = Field(default_factory=default_spool_dir)
     #: Longest time a client keeps an unsent batch in its local spool before giving up.
-    spool_max_age_days: float = Field(7.0, gt=0)
+    spool_max_age_days: float = Field(7.0, gt=0, le=MAX_DAYS)
     #: Most batches the spool holds; beyond, new batches are refused (counted, logged).
     spool_max_batches: int = Field(20_000, gt=0)
     #: Most megabytes the spool holds; beyond, new batches are refused (counted, logged).
@@ -80,7 +82,7 @@ class Settings(BaseSettings):
     #: A message redelivered unfinished this many times (it kills the worker) is dead-lettered.
     max_redeliveries: int = Field(5, ge=1)
     #: Redis visibility timeout: an unacknowledged message is redelivered after this long.
-    visibility_timeout_seconds: int = Field(3600, gt=0)
+    visibility_timeout_seconds: int = Field(3600, gt=0, le=MAX_SECONDS)
 
     #: The client publishes its buffer at least this often ...
     flush_interval_ms: int = Field(50, gt=0)

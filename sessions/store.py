@@ -21,6 +21,15 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from sessions import queries, sweeps
 from sessions.apply import Event, add_activity, apply_events
+from sessions.bounds import (
+    check_count,
+    check_duration,
+    check_id,
+    check_limit,
+    check_moment,
+    check_rate,
+    check_seconds,
+)
 from sessions.database import (
     READ_ONLY_OPTION,
     create_store_engine,
@@ -269,7 +278,8 @@ class SessionStore:
         return self._transaction(lambda c: int(c.execute(statement).scalar_one()))
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """The newest dead-lettered payloads, newest first."""
+        """The newest dead-lettered payloads, newest first (``limit``: 1 to 10,000)."""
+        check_limit("limit", limit)
         with self._reading() as connection:
             rows = connection.execute(
                 select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)
@@ -314,9 +324,18 @@ class SessionStore:
     ) -> SweepResult:
         """Expire sessions idle (by event time) longer than ``max_idle_seconds``.
 
+        :param max_idle_seconds: above 0 and at most 100 years; ``SESSIONS_MAX_IDLE_SECONDS``
+            by default.
+        :param now: the sweep's clock, timezone-aware; the wall clock by default.
         :param session_id: sweep only this session (the guide's pool replacing an idle one).
+        :raises ValueError: an argument is out of bounds (``TypeError``: of the wrong type),
+            before the database is asked anything.
         """
         idle = self.settings.max_idle_seconds if max_idle_seconds is None else max_idle_seconds
+        check_seconds("max_idle_seconds", idle)
+        _check_now(now)
+        if session_id is not None:
+            check_id("session_id", session_id)
         return self._transaction(
             lambda c: sweeps.expire_idle(c, idle, now or datetime.now(UTC), session_id=session_id),
             commit=not dry_run,
@@ -329,8 +348,15 @@ class SessionStore:
         *,
         dry_run: bool = False,
     ) -> SweepResult:
-        """Expire active sessions created longer than ``max_age`` ago."""
+        """Expire active sessions created longer than ``max_age`` ago.
+
+        :param max_age: above 0 and at most 100 years; ``SESSIONS_MAX_AGE_DAYS`` by default.
+        :param now: the sweep's clock, timezone-aware; the wall clock by default.
+        :raises ValueError: an argument is out of bounds (``TypeError``: of the wrong type).
+        """
         age = self.settings.max_age if max_age is None else max_age
+        check_duration("max_age", age)
+        _check_now(now)
         return self._transaction(
             lambda c: sweeps.expire_older_than(c, age, now or datetime.now(UTC)),
             commit=not dry_run,
@@ -344,16 +370,20 @@ class SessionStore:
         *,
         dry_run: bool = False,
     ) -> SweepResult:
-        """End sessions above the fail error rate; report those above the warn rate."""
+        """End sessions above the fail error rate; report those above the warn rate.
+
+        Each threshold defaults to its setting (``SESSIONS_HEALTH_*``) and has its bounds:
+        rates from 0 to 1, the warn rate not above the fail rate, at least one request.
+
+        :raises ValueError: a threshold is out of bounds (``TypeError``: not a number).
+        """
         s = self.settings
+        warn = s.health_warn_rate if warn_rate is None else warn_rate
+        fail = s.health_fail_rate if fail_rate is None else fail_rate
+        minimum = s.health_min_requests if min_requests is None else min_requests
+        sweeps.check_health_thresholds(warn, fail, minimum)
         return self._transaction(
-            lambda c: sweeps.sweep_health(
-                c,
-                s.health_warn_rate if warn_rate is None else warn_rate,
-                s.health_fail_rate if fail_rate is None else fail_rate,
-                s.health_min_requests if min_requests is None else min_requests,
-            ),
-            commit=not dry_run,
+            lambda c: sweeps.sweep_health(c, warn, fail, minimum), commit=not dry_run
         )
 
     def purge(
@@ -362,6 +392,19 @@ class SessionStore:
         ledger_before: datetime | None = None,
         dead_letters_before: datetime | None = None,
     ) -> PurgeResult:
+        """Delete what ended before ``ended_before`` (default: ``SESSIONS_ENDED_RETENTION_DAYS``
+        ago), ledger rows applied before ``ledger_before`` (``SESSIONS_LEDGER_RETENTION_DAYS``)
+        and, if given, dead letters received before ``dead_letters_before``.
+
+        :raises ValueError: a moment naive or out of bounds (``TypeError``: not a datetime).
+        """
+        for name, moment in (
+            ("ended_before", ended_before),
+            ("ledger_before", ledger_before),
+            ("dead_letters_before", dead_letters_before),
+        ):
+            if moment is not None:
+                check_moment(name, moment)
         now = datetime.now(UTC)
         return self._transaction(
             lambda c: sweeps.purge(
@@ -416,7 +459,12 @@ class SessionStore:
         ]
 
     def get(self, session_id: str) -> SessionRecord | None:
-        """The live run of ``session_id``; ``None`` for a session never heard of."""
+        """The live run of ``session_id``; ``None`` for a session never heard of.
+
+        :raises TypeError: ``session_id`` is not a ``str``.
+        :raises ValueError: it breaks the id rule (1 to 255 printable ASCII characters).
+        """
+        check_id("session_id", session_id)
         found = self._records(
             select(sessions_table).where(sessions_table.c.session_id == session_id)
         )
@@ -429,14 +477,18 @@ class SessionStore:
         limit: int = DEFAULT_PAGE_SIZE,
         after: str | None = None,
     ) -> builtins.list[SessionRecord]:
-        """One page of sessions ordered by id; pass the last id as ``after`` for the next."""
+        """One page of sessions ordered by id; pass the last id as ``after`` for the next.
+
+        :param limit: the page size, 1 to 10,000.
+        :raises ValueError: an unknown ``status``, a ``limit`` out of bounds, or an id
+            (``user_id``, ``after``) that breaks the id rule; ``TypeError`` for a wrong type.
+        """
+        where = queries.session_filter(user_id, status)
+        check_limit("limit", limit)
+        if after is not None:
+            check_id("after", after)
         t = sessions_table.c
-        query = (
-            select(sessions_table)
-            .where(*queries.session_filter(user_id, status))
-            .order_by(t.session_id)
-            .limit(limit)
-        )
+        query = select(sessions_table).where(*where).order_by(t.session_id).limit(limit)
         if after is not None:
             query = query.where(t.session_id > after)
         return self._records(query)
@@ -444,7 +496,10 @@ class SessionStore:
     def iter_sessions(
         self, user_id: str | None = None, status: str | None = None, page_size: int = 500
     ) -> Iterator[SessionRecord]:
-        """Every matching session, fetched page by page (keyset, so pages never shift)."""
+        """Every matching session, fetched page by page (keyset, so pages never shift).
+
+        Raises as :meth:`list` does (``page_size`` is its ``limit``), at the first ``next``.
+        """
         after: str | None = None
         while True:
             page = self.list(user_id=user_id, status=status, limit=page_size, after=after)
@@ -464,6 +519,9 @@ class SessionStore:
         the percentiles of their merged histograms.
 
         ``since`` / ``until`` select sessions by last activity, ``since`` included.
+
+        :raises ValueError: an unknown ``status``, an id that breaks the id rule, or a
+            ``since`` / ``until`` naive or outside 1970-01-01 to 9999-12-31 (UTC).
         """
         where = queries.session_filter(user_id, status, since, until)
         with self._reading() as connection:
@@ -483,12 +541,14 @@ class SessionStore:
 
         Sessions without a ``user_id`` are left out; ``since`` / ``until`` as in
         :meth:`aggregate`.
+
+        :raises ValueError: an unknown ``by``, a ``limit`` outside 1 to 10,000, or a
+            ``since`` / ``until`` as :meth:`aggregate` refuses it.
         """
         where = queries.session_filter(since=since, until=until)
+        ranking = queries.rank_users(by, limit, where)
         with self._reading() as connection:
-            users = builtins.list(
-                connection.execute(queries.rank_users(by, limit, where)).scalars()
-            )
+            users = builtins.list(connection.execute(ranking).scalars())
             if not users:
                 return []
             theirs = [*where, sessions_table.c.user_id.in_(users)]
@@ -527,8 +587,10 @@ class SessionStore:
     ) -> builtins.list[SessionRecord]:
         """Active sessions above the warn error rate, worst first (what the health sweep sees)."""
         s = self.settings
-        rate = s.health_warn_rate if warn_rate is None else warn_rate
+        rate = check_rate("warn_rate", s.health_warn_rate if warn_rate is None else warn_rate)
         minimum = s.health_min_requests if min_requests is None else min_requests
+        check_count("min_requests", minimum)
+        check_limit("limit", limit)
         t = sessions_table.c
         query = (
             select(sessions_table)
@@ -562,6 +624,8 @@ class SessionStore:
         guide's 15 minutes), then raises :class:`SessionLimitError` if still full.
         """
         limit = max_active if max_active is not None else self.settings.max_active_sessions
+        if max_active is not None:
+            check_count("max_active", max_active)
         existing = self.get(session_id)
         already_active = existing is not None and existing.status == "active"
         if limit is not None and not already_active and self.count_active() >= limit:
@@ -604,6 +668,11 @@ def _by_reason(
     return {reason: n for reason, n in counts.items() if n}
 
 
+def _check_now(now: datetime | None) -> None:
+    if now is not None:
+        check_moment("now", now)
+
+
 def _by_key(rows: Iterable[Sequence[Any]]) -> dict[Any, dict[int, int]]:
     """``(key, bucket, count)`` rows as one histogram per key."""
     histograms: dict[Any, dict[int, int]] = {}
@@ -614,8 +683,8 @@ def _by_key(rows: Iterable[Sequence[Any]]) -> dict[Any, dict[int, int]]:
 
 def _minute_window(since: datetime, until: datetime) -> tuple[datetime, datetime]:
     """``since`` rounded down to its minute (UTC), and ``until``; checked."""
-    if since.tzinfo is None or until.tzinfo is None:
-        raise ValueError("since, until: must be aware datetimes (UTC, say)")
+    check_moment("since", since)
+    check_moment("until", until)
     first = since.astimezone(UTC).replace(second=0, microsecond=0)
     if until - first > MAX_ACTIVITY_MINUTES * _MINUTE:
         raise ValueError(f"since, until: at most {MAX_ACTIVITY_MINUTES} minutes apart")

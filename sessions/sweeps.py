@@ -18,6 +18,15 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, Connection, delete, select, tuple_, update
 
+from sessions.bounds import (
+    ArgumentError,
+    check_count,
+    check_duration,
+    check_id,
+    check_moment,
+    check_rate,
+    check_seconds,
+)
 from sessions.database import add_seconds
 from sessions.records import PurgeResult, SweepResult
 from sessions.tables import (
@@ -61,18 +70,28 @@ def expire_idle(
     now: datetime,
     session_id: str | None = None,
 ) -> SweepResult:
-    """Expire active sessions without activity (by event time) for ``max_idle_seconds``."""
+    """Expire active sessions without activity (by event time) for ``max_idle_seconds``.
+
+    :raises ValueError: ``max_idle_seconds`` or ``now`` is out of bounds (:mod:`sessions.bounds`).
+    """
+    check_seconds("max_idle_seconds", max_idle_seconds)
+    check_moment("now", now)
     t = sessions_table.c
     condition = t.last_activity < now - timedelta(seconds=max_idle_seconds)
     if session_id is not None:
-        condition = condition & (t.session_id == session_id)
+        condition = condition & (t.session_id == check_id("session_id", session_id))
     expired_at = add_seconds(t.last_activity, max_idle_seconds)
     changed = _end_active(connection, condition, "expired", "idle", expired_at)
     return SweepResult(sweep="expire_idle", changed=changed)
 
 
 def expire_older_than(connection: Connection, max_age: timedelta, now: datetime) -> SweepResult:
-    """Expire active sessions created more than ``max_age`` ago (the guide's 7-day cleanup)."""
+    """Expire active sessions created more than ``max_age`` ago (the guide's 7-day cleanup).
+
+    :raises ValueError: ``max_age`` or ``now`` is out of bounds (:mod:`sessions.bounds`).
+    """
+    check_duration("max_age", max_age)
+    check_moment("now", now)
     t = sessions_table.c
     expired_at = add_seconds(t.created_at, max_age.total_seconds())
     changed = _end_active(connection, t.created_at < now - max_age, "expired", "age", expired_at)
@@ -89,10 +108,25 @@ def error_rate_above(rate: float, min_requests: int) -> ColumnElement[bool]:
     return (t.status == ACTIVE) & (rate < ERROR_RATE) & (t.request_count >= min_requests)
 
 
+def check_health_thresholds(warn_rate: float, fail_rate: float, min_requests: int) -> None:
+    """The health sweep's thresholds as the settings bound them: rates from 0 to 1, the warn
+    rate not above the fail rate, at least one request. Raises ``ValueError`` naming the one
+    out of bounds (``TypeError`` for a value that is not a number)."""
+    check_rate("warn_rate", warn_rate)
+    check_rate("fail_rate", fail_rate)
+    check_count("min_requests", min_requests)
+    if warn_rate > fail_rate:
+        raise ArgumentError.of("warn_rate", f"must not exceed fail_rate ({fail_rate!r})", warn_rate)
+
+
 def sweep_health(
     connection: Connection, warn_rate: float, fail_rate: float, min_requests: int
 ) -> SweepResult:
-    """End active sessions above ``fail_rate`` as ``failed``; report those above ``warn_rate``."""
+    """End active sessions above ``fail_rate`` as ``failed``; report those above ``warn_rate``.
+
+    :raises ValueError: a threshold is out of bounds (:func:`check_health_thresholds`).
+    """
+    check_health_thresholds(warn_rate, fail_rate, min_requests)
     failed = _end_active(
         connection,
         error_rate_above(fail_rate, min_requests),

@@ -18,6 +18,8 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -31,6 +33,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from sessions.bounds import REFUSED_ARGUMENTS, check_days
 from sessions.errors import StoreUnavailableError, first_line
 from sessions.events import peek_batch_id
 from sessions.records import DeadLetterReason
@@ -228,33 +231,51 @@ def _dead_letter(task: Task, batch: Any, reason: str, kind: DeadLetterReason) ->
     return {"applied": 0, "duplicate": 0, "rejected": 1}
 
 
-@app.task(name="sessions.expire_idle")  # type: ignore[untyped-decorator]
+@contextmanager
+def _refusing(task: str) -> Iterator[None]:
+    """Arguments out of bounds (sent by ``celery call`` or a beat entry) fail the sweep with
+    one ERROR line naming them, before it changes anything; Celery reports the failure to the
+    caller (the tasks declare them in ``throws``, so it logs no traceback for them)."""
+    try:
+        yield
+    except REFUSED_ARGUMENTS as exc:
+        log.error("%s refused its arguments, changed nothing: %s", task, exc)
+        raise
+
+
+@app.task(name="sessions.expire_idle", throws=REFUSED_ARGUMENTS)  # type: ignore[untyped-decorator]
 def expire_idle(max_idle_seconds: float | None = None) -> list[str]:
-    """End as ``expired`` every active session idle longer than ``max_idle_seconds``."""
-    result = get_store().expire_idle(max_idle_seconds)
+    """End as ``expired`` every active session idle longer than ``max_idle_seconds`` (above 0
+    and at most 100 years, like ``SESSIONS_MAX_IDLE_SECONDS``, the default)."""
+    with _refusing("idle sweep"):
+        result = get_store().expire_idle(max_idle_seconds)
     _log_sweep("idle sweep expired", result.changed)
     metrics.record_sweep(result, get_store().count_active)
     return list(result.changed)
 
 
-@app.task(name="sessions.expire_older_than")  # type: ignore[untyped-decorator]
+@app.task(name="sessions.expire_older_than", throws=REFUSED_ARGUMENTS)  # type: ignore[untyped-decorator]
 def expire_older_than(max_age_days: float | None = None) -> list[str]:
-    """End as ``expired`` every active session created more than ``max_age_days`` ago."""
-    max_age = None if max_age_days is None else timedelta(days=max_age_days)
-    result = get_store().expire_older_than(max_age)
+    """End as ``expired`` every active session created more than ``max_age_days`` ago (above
+    0 and at most 36,525, like ``SESSIONS_MAX_AGE_DAYS``, the default)."""
+    with _refusing("age sweep"):
+        days = None if max_age_days is None else check_days("max_age_days", max_age_days)
+        result = get_store().expire_older_than(None if days is None else timedelta(days=days))
     _log_sweep("age sweep expired", result.changed)
     metrics.record_sweep(result, get_store().count_active)
     return list(result.changed)
 
 
-@app.task(name="sessions.sweep_health")  # type: ignore[untyped-decorator]
+@app.task(name="sessions.sweep_health", throws=REFUSED_ARGUMENTS)  # type: ignore[untyped-decorator]
 def sweep_health(
     warn_rate: float | None = None,
     fail_rate: float | None = None,
     min_requests: int | None = None,
 ) -> dict[str, list[str]]:
-    """End as ``failed`` the sessions erring above ``fail_rate``; warn above ``warn_rate``."""
-    result = get_store().sweep_health(warn_rate, fail_rate, min_requests)
+    """End as ``failed`` the sessions erring above ``fail_rate``; warn above ``warn_rate``
+    (rates from 0 to 1, warn not above fail, ``min_requests`` at least 1: the settings')."""
+    with _refusing("health sweep"):
+        result = get_store().sweep_health(warn_rate, fail_rate, min_requests)
     _log_sweep("health sweep failed", result.changed)
     if result.warned:
         log.warning(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from sessions.context_engine import ContextEngine
 from sessions.settings import Settings
 from sessions.store import SessionStore
+from sessions.tracker import SessionTracker
 from tests.integration.support import reset
 
 
@@ -19,6 +23,21 @@ def task_store(store: SessionStore, monkeypatch: pytest.MonkeyPatch) -> SessionS
     monkeypatch.setattr(tasks, "_store", store)
     monkeypatch.setattr(tasks, "RETRY_BACKOFF_BASE", 0.0)
     return store
+
+
+@pytest.fixture
+def context_engine(task_store: SessionStore, settings: Settings) -> Iterator[ContextEngine]:
+    """A ContextEngine whose writes are applied to ``task_store`` as soon as published (the
+    tracker's publisher stands in for the broker and the worker)."""
+
+    def apply_now(message: dict[str, Any]) -> None:
+        task_store.apply(message)
+
+    tracker = SessionTracker(settings, publisher=apply_now, store=task_store, spool=None)
+    engine = ContextEngine(settings, tracker=tracker, store=task_store)
+    asyncio.run(engine.initialize())
+    yield engine
+    tracker.close()
 
 
 @pytest.fixture

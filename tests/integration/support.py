@@ -251,3 +251,39 @@ def record_message(session_id: str = "s-1", events: int = 3) -> dict[str, Any]:
     return Batch(
         events=tuple(RecordEvent(session_id=session_id, at=now) for _ in range(events))
     ).to_message()
+
+
+def nested_document(depth: int) -> str:
+    """A JSON object nested ``depth`` levels deep: ``{"a": {"a": ... 1 ...}}``."""
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+def nesting(document: Any) -> tuple[int, Any]:
+    """How deep a :func:`nested_document` (as read back) goes, and what it holds there."""
+    depth = 0
+    while isinstance(document, dict):
+        document, depth = document["a"], depth + 1
+    return depth, document
+
+
+def _metadata_as(store: SessionStore) -> str:
+    return "CAST(:document AS jsonb)" if store.engine.dialect.name == "postgresql" else ":document"
+
+
+def store_metadata_text(store: SessionStore, session_id: str, document: str) -> None:
+    """Store ``document`` as the session's metadata with plain SQL, past every check: a row as
+    one written before writes were bounded may be."""
+    statement = f"UPDATE sessions SET metadata = {_metadata_as(store)} WHERE session_id = :id"
+    with store.engine.begin() as connection:
+        changed = connection.execute(text(statement), {"document": document, "id": session_id})
+        assert changed.rowcount == 1, f"no session {session_id!r}"
+    assert stored_metadata_is(store, session_id, document)
+
+
+def stored_metadata_is(store: SessionStore, session_id: str, document: str) -> bool:
+    """Whether the session's stored metadata is ``document`` (compared by the database)."""
+    statement = f"SELECT metadata = {_metadata_as(store)} FROM sessions WHERE session_id = :id"
+    with store.engine.connect() as connection:
+        return bool(
+            connection.execute(text(statement), {"document": document, "id": session_id}).scalar()
+        )

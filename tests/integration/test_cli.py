@@ -9,14 +9,24 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
-from sessions import cli
+from sessions import cli, deep_json
 from sessions import histogram as h
 from sessions.cli import app
 from sessions.settings import get_settings
 from sessions.store import SessionStore
-from tests.integration.support import at, batch, create, end, record
+from tests.integration.support import (
+    at,
+    batch,
+    create,
+    end,
+    nested_document,
+    nesting,
+    record,
+    snapshot,
+    store_metadata_text,
+)
 
 runner = CliRunner()
 
@@ -25,7 +35,6 @@ runner = CliRunner()
 def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tables as wide as they need, so no cell is cut in the captured output."""
     monkeypatch.setattr(cli, "console", Console(width=200))
-    monkeypatch.setattr(cli, "errors", Console(stderr=True, width=200))
 
 
 @pytest.fixture
@@ -114,20 +123,52 @@ def test_stats_table_shows_rates_tokens_cost_and_percentiles(seeded: SessionStor
     assert "all sessions of user-789, last active since 2024-01-01 00:00:00 UTC" in title
 
 
+def _usage_error(result: Result, message: str) -> None:
+    """A usage error as click shows one: exit status 2, ``message`` on one ``Error:`` line,
+    no traceback."""
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+#: What --since / --until take: the store's bounds for a moment (sessions.bounds).
+MOMENT_RULE = "must be from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z"
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--since", "3 days"], "Invalid value for '--since'"),
+        (["--since", "3 days"], "Invalid value for '--since': '3 days' is neither"),
         (["--until", "soon"], "Invalid value for '--until'"),
-        (["--since", "2h", "--until", "3h"], "must be before --until"),
+        (
+            ["--since", "2h", "--until", "3h"],
+            "Invalid value for '--since': must be before --until",
+        ),
+        (  # converts to a time in the year 0: once a StatementError (OverflowError) traceback
+            ["--since", "0001-01-01T00:00:00+01:00"],
+            f"Invalid value for '--since': {MOMENT_RULE} (got 0001-01-01T00:00:00+01:00)",
+        ),
+        (  # the year 10000 in UTC
+            ["--until", "9999-12-31T23:59:59-01:00"],
+            f"Invalid value for '--until': {MOMENT_RULE} (got 9999-12-31T23:59:59-01:00)",
+        ),
+        (["--since", "1969-12-31T23:59:59Z"], f"Invalid value for '--since': {MOMENT_RULE}"),
+        (["--since", "999999999d"], "Invalid value for '--since': '999999999d' reaches back"),
+        (["--since", "40000d"], f"Invalid value for '--since': {MOMENT_RULE}"),  # 110 years
+        (["--user", "user 456"], "Invalid value for '--user': must be 1 to 255 printable ASCII"),
     ],
 )
 def test_stats_refuses_a_bad_window_naming_the_option(
     seeded: SessionStore, arguments: list[str], message: str
 ) -> None:
-    result = runner.invoke(app, ["stats", *arguments])
-    assert result.exit_code == 2
-    assert message in " ".join(result.output.replace("│", " ").split())
+    _usage_error(runner.invoke(app, ["stats", *arguments]), message)
+
+
+def test_stats_takes_a_window_at_the_bounds(seeded: SessionStore) -> None:
+    window = ["--since", "1970-01-01T00:00:00Z", "--until", "9999-12-31T23:59:59Z"]
+    assert _json("stats", *window) == seeded.aggregate().model_dump(mode="json")
 
 
 def test_health_lists_sessions_above_the_warn_rate(seeded: SessionStore) -> None:
@@ -150,6 +191,70 @@ def test_cleanup_dry_run_changes_nothing_then_cleanup_expires(seeded: SessionSto
 def test_cleanup_by_age(seeded: SessionStore) -> None:
     result = runner.invoke(app, ["cleanup", "--age", "7"])
     assert result.exit_code == 0 and "expired 2 sessions (older than 7 days)" in result.output
+
+
+IDLE_RULE = "must be a finite number of seconds above 0 and at most 3155760000 (100 years)"
+AGE_RULE = "must be a finite number of days above 0 and at most 36525 (100 years)"
+
+
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []], ids=["dry-run", "real"])
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--idle", "-1", f"{IDLE_RULE} (got -1.0)"),  # once: "would expire" every session
+        ("--idle", "0", f"{IDLE_RULE} (got 0.0)"),
+        ("--idle", "nan", f"{IDLE_RULE} (got nan)"),  # these three: tracebacks from timedelta
+        ("--idle", "inf", f"{IDLE_RULE} (got inf)"),
+        ("--idle", "1e300", f"{IDLE_RULE} (got 1e+300)"),
+        ("--idle", "soon", "'soon' is not a number"),
+        ("--age", "-1", f"{AGE_RULE} (got -1.0)"),
+        ("--age", "0", f"{AGE_RULE} (got 0.0)"),
+        ("--age", "nan", f"{AGE_RULE} (got nan)"),
+        ("--age", "1e300", f"{AGE_RULE} (got 1e+300)"),  # 1e300 days: timedelta's overflow
+    ],
+)
+def test_cleanup_refuses_a_threshold_out_of_the_settings_bounds_and_expires_nothing(
+    seeded: SessionStore, option: str, value: str, message: str, dry_run: list[str]
+) -> None:
+    before = snapshot(seeded)
+    result = runner.invoke(app, ["cleanup", option, value, *dry_run])
+    _usage_error(result, f"Invalid value for '{option}': {message}")
+    assert snapshot(seeded) == before and seeded.count_active() == 2
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["list", "--limit", "0"], "Invalid value for '--limit'"),
+        (["list", "--limit", "10001"], "Invalid value for '--limit'"),
+        (["list", "--user", "a\x01"], "Invalid value for '--user': must be 1 to 255 printable"),
+        (["list", "--after", "x y"], "Invalid value for '--after': must be 1 to 255 printable"),
+        (["list", "--status", "bogus"], "Invalid value for '--status'"),
+        (["show", "a b"], "Invalid value for 'session_id': must be 1 to 255 printable ASCII"),
+        (["demo", "--users", "0"], "Invalid value for '--users'"),  # was a ZeroDivisionError
+        (["demo", "--sessions", "-1"], "Invalid value for '--sessions'"),
+        (["demo", "--requests", "0"], "Invalid value for '--requests'"),
+    ],
+)
+def test_an_option_out_of_bounds_is_a_usage_error_naming_it(
+    seeded: SessionStore, arguments: list[str], message: str
+) -> None:
+    _usage_error(runner.invoke(app, arguments), message)
+
+
+def test_show_and_list_print_a_session_whose_stored_metadata_is_nested_too_deep(
+    seeded: SessionStore,
+) -> None:
+    """A row written before writes were depth-bounded (5,000 levels: beyond ``json``'s
+    decoder, let alone pydantic's serializer): every read prints it, cut, and the others."""
+    store_metadata_text(seeded, "user-456-device-1", nested_document(5_000))
+    shown = _json("show", "user-456-device-1")
+    assert isinstance(shown, dict)
+    assert nesting(shown["metadata"]) == (deep_json.MAX_READ_DEPTH, deep_json.CUT)
+    listed = _json("list")
+    assert isinstance(listed, list) and len(listed) == 3 and listed[0] == shown
+    table = runner.invoke(app, ["show", "user-456-device-1"])
+    assert table.exit_code == 0 and "<cut: nested deeper than" in table.output
 
 
 def test_an_unreachable_database_is_a_clear_error_with_the_password_masked(
@@ -184,6 +289,38 @@ def test_an_unmigrated_database_says_to_upgrade(
         assert runner.invoke(app, ["list"]).exit_code == 0
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["list"],
+        ["stats"],
+        ["health"],
+        ["show", "s-1"],
+        ["cleanup"],
+        ["db", "upgrade"],
+        ["dashboard"],
+    ],
+)
+def test_a_sqlite_file_that_is_not_a_database_is_a_clear_error(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a ``DatabaseError`` traceback: now one line naming the URL and what is wrong."""
+    garbage = tmp_path / "sessions.db"
+    garbage.write_bytes(b"this is not a SQLite database, just some bytes\n" * 10)
+    monkeypatch.setenv("SESSIONS_DATABASE_URL", f"sqlite:///{garbage}")
+    get_settings.cache_clear()
+    try:
+        result = runner.invoke(app, command)
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2, result.output
+    [error] = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert f"the database at sqlite:///{garbage}: " in error
+    assert error.endswith("file is not a database")
+    assert "Traceback" not in result.output
+    assert garbage.read_bytes().startswith(b"this is not a SQLite database")  # left as it was
 
 
 @pytest.mark.parametrize(

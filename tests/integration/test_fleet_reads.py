@@ -156,8 +156,9 @@ def test_activity_refuses_naive_times_and_windows_beyond_a_week(store: SessionSt
     assert len(store.activity(at(0), until=at(0) + timedelta(days=7))) == MAX_ACTIVITY_MINUTES
 
 
-def test_top_users_refuse_an_unknown_measure_and_a_limit_below_one(store: SessionStore) -> None:
+def test_top_users_refuse_an_unknown_measure_and_a_limit_out_of_bounds(store: SessionStore) -> None:
     with pytest.raises(ValueError, match="by: must be one of requests, errors, cost, p95"):
         store.top_users("latency")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="limit: must be at least 1"):
-        store.top_users(limit=0)
+    for limit in (0, -1, 10_001):
+        with pytest.raises(ValueError, match=r"^limit: must be an integer from 1 to 10000 \(got"):
+            store.top_users(limit=limit)

@@ -11,33 +11,15 @@ patterns with a real worker and beat.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 
 from examples.guide_patterns import session_pool_of, timeout_check
 from sessions.context_engine import ContextEngine
-from sessions.settings import Settings
 from sessions.store import SessionStore
-from sessions.tracker import SessionTracker
 from tests.guide_agent import agent_went_quiet, serve
 from tests.integration.support import run_rows
-
-
-@pytest.fixture
-def context_engine(task_store: SessionStore, settings: Settings) -> Iterator[ContextEngine]:
-    """A ContextEngine whose writes are applied to ``task_store`` as soon as published."""
-
-    def apply_now(message: dict[str, Any]) -> None:
-        task_store.apply(message)
-
-    tracker = SessionTracker(settings, publisher=apply_now, store=task_store, spool=None)
-    engine = ContextEngine(settings, tracker=tracker, store=task_store)
-    asyncio.run(engine.initialize())
-    yield engine
-    tracker.close()
 
 
 def idle_sweep(max_idle_seconds: float | None = None) -> list[str]:

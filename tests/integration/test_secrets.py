@@ -38,7 +38,6 @@ SECRET = "hunter2"
 def wide_console(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Lines as long as they need (a wrapped URL could not be compared), fresh settings."""
     monkeypatch.setattr(cli, "console", Console(width=400))
-    monkeypatch.setattr(cli, "errors", Console(stderr=True, width=400))
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()

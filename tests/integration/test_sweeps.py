@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from functools import partial
 
 import pytest
 
+from sessions import sweeps
+from sessions.bounds import MAX_COUNT, MAX_DURATION, MAX_SECONDS, REFUSED_ARGUMENTS
 from sessions.events import RecordEvent
 from sessions.store import SessionStore
 from tests.integration.support import (
@@ -305,3 +308,154 @@ def test_a_second_sweep_waiting_on_the_first_changes_nothing(
     expected = ("a", "b") if sweep == "sweep_health" else ("a", "b", "c")
     assert changed_first == expected
     assert changed_second == ()
+
+
+# -- bounds: a sweep refuses an argument out of the settings' bounds and changes nothing -----
+
+#: Idle thresholds the settings refuse (SESSIONS_MAX_IDLE_SECONDS is above 0, at most 100
+#: years); ``-1`` once expired every active session, the others raised from ``timedelta``.
+BAD_IDLE = [-1, 0, float("nan"), float("inf"), float("-inf"), 1e300]
+BAD_AGE = [timedelta(0), timedelta(seconds=-1), timedelta(days=36_526)]
+BAD_HEALTH = [
+    ({"warn_rate": -0.1}, "warn_rate: must be a number from 0 to 1"),
+    ({"fail_rate": 1.5}, "fail_rate: must be a number from 0 to 1"),
+    ({"fail_rate": float("nan")}, "fail_rate: must be a number from 0 to 1"),
+    ({"warn_rate": 0.6, "fail_rate": 0.5}, "warn_rate: must not exceed fail_rate (0.5)"),
+    ({"min_requests": 0}, "min_requests: must be an integer from 1 to"),
+]
+
+
+def _active_fleet(store: SessionStore) -> tuple[object, ...]:
+    """Three active sessions, one of them erring (the health sweep's prey), and a snapshot."""
+    store.apply(batch(record("a", 0), record("b", 0), *_requests("bad", 4, 4)))
+    return snapshot(store)
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real"])
+@pytest.mark.parametrize("max_idle_seconds", BAD_IDLE)
+def test_an_idle_threshold_out_of_bounds_is_refused_and_expires_nothing(
+    store: SessionStore, max_idle_seconds: float, dry_run: bool
+) -> None:
+    before = _active_fleet(store)
+    with pytest.raises(ValueError, match=r"^max_idle_seconds: must be a finite number of seconds"):
+        store.expire_idle(max_idle_seconds, now=at(24 * 60), dry_run=dry_run)
+    with pytest.raises(ValueError, match=r"^max_idle_seconds: must be a finite number of seconds"):
+        store.get_or_create("a", max_idle_seconds=max_idle_seconds)  # the pool's idle check
+    assert snapshot(store) == before and store.count_active() == 3
+
+
+@pytest.mark.parametrize("max_age", BAD_AGE)
+def test_an_age_out_of_bounds_is_refused_and_expires_nothing(
+    store: SessionStore, max_age: timedelta
+) -> None:
+    before = _active_fleet(store)
+    with pytest.raises(ValueError, match=r"^max_age: must be above 0 and at most 36525 days"):
+        store.expire_older_than(max_age, now=at(24 * 60))
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize(("thresholds", "message"), BAD_HEALTH)
+def test_health_thresholds_out_of_bounds_are_refused_and_fail_nothing(
+    store: SessionStore, thresholds: dict[str, float], message: str
+) -> None:
+    before = _active_fleet(store)
+    with pytest.raises(ValueError) as caught:
+        store.sweep_health(**thresholds)  # type: ignore[arg-type]
+    assert str(caught.value).startswith(message)
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        (lambda s: s.expire_idle("60"), "max_idle_seconds: must be a number of seconds, not str"),
+        (lambda s: s.expire_idle(True), "max_idle_seconds: must be a number of seconds, not bool"),
+        (lambda s: s.expire_older_than(7), "max_age: must be a timedelta, not int"),
+        (lambda s: s.sweep_health("0.3"), "warn_rate: must be a number from 0 to 1, not str"),
+        (lambda s: s.sweep_health(min_requests=1.0), "min_requests: must be an integer, not float"),
+        (lambda s: s.expire_idle(60, session_id=7), "session_id: must be a str, not int"),
+    ],
+)
+def test_a_sweep_argument_of_the_wrong_type_is_a_type_error_naming_it(
+    store: SessionStore, sweep: Callable[[SessionStore], object], message: str
+) -> None:
+    before = _active_fleet(store)
+    with pytest.raises(TypeError) as caught:
+        sweep(store)
+    assert str(caught.value) == message
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize(
+    "now",
+    [datetime(2024, 1, 2, 12, 0), datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))],
+    ids=["naive", "year-0-utc"],
+)
+def test_a_sweeps_clock_out_of_bounds_is_refused(store: SessionStore, now: datetime) -> None:
+    before = _active_fleet(store)
+    for sweep in (
+        lambda: store.expire_idle(1800, now=now),
+        lambda: store.expire_older_than(timedelta(days=7), now=now),
+    ):
+        with pytest.raises(ValueError, match=r"^now: must be"):
+            sweep()
+    assert snapshot(store) == before
+
+
+def test_the_sweep_statements_check_their_arguments_too(store: SessionStore) -> None:
+    """sessions.sweeps' functions are public: called on a connection directly, they refuse
+    what the store's methods refuse (the same checks), inside the caller's transaction."""
+    before = _active_fleet(store)
+    with store.engine.connect() as connection:
+        with pytest.raises(ValueError, match=r"^max_idle_seconds: must be a finite number"):
+            sweeps.expire_idle(connection, -1, at(24 * 60))
+        with pytest.raises(ValueError, match=r"^max_age: must be above 0"):
+            sweeps.expire_older_than(connection, timedelta(days=-1), at(24 * 60))
+        with pytest.raises(ValueError, match=r"^warn_rate: must not exceed fail_rate"):
+            sweeps.sweep_health(connection, 0.9, 0.5, 1)
+        connection.rollback()
+    assert snapshot(store) == before
+
+
+def test_the_longest_thresholds_are_accepted(store: SessionStore) -> None:
+    before = _active_fleet(store)
+    assert store.expire_idle(MAX_SECONDS, now=at(24 * 60)).changed == ()
+    assert store.expire_older_than(MAX_DURATION, now=at(24 * 60)).changed == ()
+    assert store.sweep_health(1.0, 1.0, MAX_COUNT).changed == ()
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize(
+    ("task", "kwargs", "message"),
+    [
+        ("expire_idle", {"max_idle_seconds": -1}, "max_idle_seconds: must be a finite number"),
+        ("expire_idle", {"max_idle_seconds": 1e300}, "max_idle_seconds: must be a finite number"),
+        ("expire_idle", {"max_idle_seconds": "60"}, "max_idle_seconds: must be a number"),
+        ("expire_older_than", {"max_age_days": -1}, "max_age_days: must be a finite number"),
+        ("expire_older_than", {"max_age_days": 1e300}, "max_age_days: must be a finite number"),
+        ("expire_older_than", {"max_age_days": "7"}, "max_age_days: must be a number of days"),
+        ("sweep_health", {"warn_rate": 0.9, "fail_rate": 0.5}, "warn_rate: must not exceed"),
+        ("sweep_health", {"min_requests": -1}, "min_requests: must be an integer from 1"),
+    ],
+)
+def test_a_sweep_task_sent_arguments_out_of_bounds_fails_naming_them_and_changes_nothing(
+    task_store: SessionStore,
+    task: str,
+    kwargs: dict[str, object],
+    message: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What ``celery call sessions.expire_idle --kwargs '{"max_idle_seconds": -1}'`` or a beat
+    entry could send: the task fails (the caller sees the error), with one ERROR line."""
+    from workers import tasks
+
+    before = _active_fleet(task_store)
+    with caplog.at_level(logging.INFO, logger="workers.tasks"):
+        result = getattr(tasks, task).apply(kwargs=kwargs)
+    assert result.failed()
+    assert isinstance(result.result, REFUSED_ARGUMENTS)  # not a bare ValueError: it pickles
+    assert str(result.result).startswith(message)
+    [refused] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert refused.name == "workers.tasks" and refused.exc_info is None  # one line, no traceback
+    assert "refused its arguments, changed nothing: " + message in refused.getMessage()
+    assert snapshot(task_store) == before

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 from pydantic import ValidationError
 
+from sessions.bounds import MAX_DAYS, MAX_DURATION, MAX_SECONDS
 from sessions.settings import Settings
 
 
@@ -94,3 +95,34 @@ def test_warn_rate_equal_to_fail_rate_is_accepted() -> None:
 def test_out_of_range_values_are_refused(overrides: dict[str, float]) -> None:
     with pytest.raises(ValidationError, match=next(iter(overrides))):
         Settings(**overrides)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "max_idle_seconds",
+        "session_limit_idle_seconds",
+        "visibility_timeout_seconds",
+        "max_age_days",
+        "ended_retention_days",
+        "ledger_retention_days",
+        "spool_max_age_days",
+    ],
+)
+@pytest.mark.parametrize("text", ["1e300", "inf", "nan", "-1"])
+def test_a_duration_beyond_the_sweeps_bounds_is_refused_naming_it(
+    name: str, text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweeps take at most 100 years (sessions.bounds): so do the settings they default to,
+    refused with pydantic's error naming the variable, never an ``OverflowError`` later."""
+    monkeypatch.setenv(f"SESSIONS_{name.upper()}", text)
+    with pytest.raises(ValidationError, match=name):
+        Settings()
+
+
+def test_the_longest_durations_the_sweeps_take_are_accepted() -> None:
+    settings = Settings(
+        max_idle_seconds=MAX_SECONDS, max_age_days=MAX_DAYS, ledger_retention_days=MAX_DAYS
+    )
+    assert settings.max_age == MAX_DURATION
+    assert settings.ledger_retention == MAX_DURATION

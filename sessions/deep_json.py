@@ -1,0 +1,77 @@
+"""JSON as the store reads it back (session metadata): nested at most :data:`MAX_READ_DEPTH`.
+
+A stored document may be nested deeper than its readers can handle: Python's ``json`` raises
+``RecursionError`` near 1,000 levels, pydantic refuses to serialize beyond 255 and to parse
+JSON beyond 200 (so ``SessionRecord.model_dump``, every ``--json`` and dashboard answer, and
+whoever parses them would fail), and rows written before writes were bounded may be that
+deep. The store's engines decode JSON with :func:`loads`, which keeps a document as it is up
+to :data:`MAX_READ_DEPTH` levels and replaces every object or array below that with
+:data:`CUT`, so a read of such a row answers (and says what it left out) instead of failing,
+and costs no other row of a page. Nothing is written back: the stored document stays whole.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+#: Deepest nesting a read returns (an object in an object is two levels): at least the depth
+#: the event model accepts for new writes, and far enough below pydantic's JSON limit of 200
+#: levels that a record in a list in an envelope still parses.
+MAX_READ_DEPTH = 128
+#: What stands for an object or array nested deeper than :data:`MAX_READ_DEPTH`.
+CUT = f"<cut: nested deeper than {MAX_READ_DEPTH} levels>"
+#: The JSON tokens that change the depth, and strings (skipped whole: they may hold brackets).
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+
+
+def loads(document: str | bytes) -> Any:
+    """``json.loads``, with anything nested deeper than :data:`MAX_READ_DEPTH` levels replaced
+    by :data:`CUT`; raises what ``json.loads`` raises for a text that is not JSON."""
+    # psycopg hands over bytes, SQLite a str
+    text = document.decode() if isinstance(document, bytes) else document
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        # Too deep for the decoder itself: cut the text first (linear, no recursion).
+        return json.loads(cut_text(text))
+    # A document with fewer brackets than the limit cannot be nested deeper (the usual case).
+    return value if text.count("{") + text.count("[") <= MAX_READ_DEPTH else _cut(value, 1)
+
+
+def _cut(value: Any, depth: int) -> Any:
+    """``value`` (at ``depth``) with its containers below :data:`MAX_READ_DEPTH` cut."""
+    if isinstance(value, dict):
+        if depth > MAX_READ_DEPTH:
+            return CUT
+        return {key: _cut(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, list):
+        if depth > MAX_READ_DEPTH:
+            return CUT
+        return [_cut(item, depth + 1) for item in value]
+    return value
+
+
+def cut_text(text: str) -> str:
+    """A JSON text with every object or array nested deeper than :data:`MAX_READ_DEPTH`
+    replaced by :data:`CUT` (as a JSON string), without parsing it."""
+    parts: list[str] = []
+    depth = 0
+    kept_until = 0  # text[:kept_until] is in parts, or cut
+    cut_from: int | None = None  # where the container being cut began
+    for token in _TOKENS.finditer(text):
+        symbol = token.group()
+        if symbol in "{[":
+            depth += 1
+            if depth == MAX_READ_DEPTH + 1 and cut_from is None:
+                parts.append(text[kept_until : token.start()])
+                cut_from = token.start()
+        elif symbol in "}]":
+            depth -= 1
+            if depth == MAX_READ_DEPTH and cut_from is not None:
+                parts.append(json.dumps(CUT))
+                kept_until = token.end()
+                cut_from = None
+    parts.append(text[kept_until:] if cut_from is None else text[kept_until:cut_from])
+    return "".join(parts)
