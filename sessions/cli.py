@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
 import typer
 from alembic.util import CommandError
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
@@ -41,7 +42,7 @@ from sessions.errors import (
 )
 from sessions.histogram import LOWEST
 from sessions.records import Aggregate, SessionRecord
-from sessions.settings import Settings, get_settings, mask_url
+from sessions.settings import Settings, describe_settings_error, get_settings, mask_url
 from sessions.store import SessionStore
 
 T = TypeVar("T")
@@ -54,6 +55,18 @@ app = typer.Typer(
     # over several), after the usage line for a usage error.
     rich_markup_mode=None,
 )
+
+
+@app.callback()
+def _check_settings() -> None:
+    """Read the ``SESSIONS_*`` settings once, before any command, so a bad value is one
+    ``Error:`` line naming the variable (exit status 2), not a traceback from deep inside."""
+    try:
+        get_settings()
+    except ValidationError as error:
+        fail(describe_settings_error(error))
+
+
 db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sessions.bounds import MAX_DAYS, MAX_SECONDS
@@ -164,6 +164,19 @@ class Settings(BaseSettings):
     @property
     def spool_max_age(self) -> timedelta:
         return timedelta(days=self.spool_max_age_days)
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """``error`` as one line naming each environment variable and its rule, never its value.
+
+    ``Settings`` hides inputs from its errors, so nothing here can show a credential.
+    """
+    problems = []
+    for detail in error.errors(include_input=False, include_url=False):
+        names = "_".join(str(part) for part in detail["loc"]).upper()
+        message = detail["msg"].removeprefix("Value error, ")
+        problems.append(f"SESSIONS_{names}: {message}" if names else message)
+    return "invalid settings: " + "; ".join(problems)
 
 
 @lru_cache(maxsize=1)

@@ -382,3 +382,24 @@ def test_worker_starts_celery_without_asking_the_broker_or_the_database_first(
         "1",
     ]
     assert "hunter2" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named_rule"),
+    [
+        ("SESSIONS_DASHBOARD_PORT", "70000", "SESSIONS_DASHBOARD_PORT: Input should be less than"),
+        ("SESSIONS_DASHBOARD_TOKEN", "short-secret", "SESSIONS_DASHBOARD_TOKEN: must be at least 16"),
+        ("SESSIONS_MAX_AGE_DAYS", "nan", "SESSIONS_MAX_AGE_DAYS:"),
+    ],
+)
+def test_a_bad_setting_is_one_error_line_naming_the_variable_not_its_value(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, named_rule: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    get_settings.cache_clear()
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Error: invalid settings: "), result.output
+    assert named_rule in result.output
+    assert value not in result.output.replace(variable, "")
+    assert "Traceback" not in result.output and len(result.output.splitlines()) == 1
