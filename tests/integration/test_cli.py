@@ -388,7 +388,7 @@ def test_worker_starts_celery_without_asking_the_broker_or_the_database_first(
     ("variable", "value", "named_rule"),
     [
         ("SESSIONS_DASHBOARD_PORT", "70000", "SESSIONS_DASHBOARD_PORT: Input should be less than"),
-        ("SESSIONS_DASHBOARD_TOKEN", "short-secret", "SESSIONS_DASHBOARD_TOKEN: must be at least 16"),
+        ("SESSIONS_DASHBOARD_TOKEN", "short-secret", "SESSIONS_DASHBOARD_TOKEN: must be at least"),
         ("SESSIONS_MAX_AGE_DAYS", "nan", "SESSIONS_MAX_AGE_DAYS:"),
     ],
 )
