@@ -69,8 +69,8 @@ class ErrorLog(logging.Handler):
         self.messages.append(f"{record.name}: {record.getMessage()}")
 
 
-async def pattern_1(context_engine: ContextEngine, llm_client: StubLLM) -> None:
-    """The guide's "Pattern 1: Basic Lifecycle" (HybridAgent also needs ``name``)."""
+async def guide_agent(context_engine: ContextEngine, llm_client: StubLLM) -> HybridAgent:
+    """The agent both patterns make, as the guide makes it (HybridAgent also needs ``name``)."""
     agent = HybridAgent(
         agent_id="agent-1",
         name="agent-1",
@@ -80,6 +80,12 @@ async def pattern_1(context_engine: ContextEngine, llm_client: StubLLM) -> None:
         context_engine=context_engine,
     )
     await agent.initialize()
+    return agent
+
+
+async def pattern_1(context_engine: ContextEngine, llm_client: StubLLM) -> None:
+    """The guide's "Pattern 1: Basic Lifecycle"."""
+    agent = await guide_agent(context_engine, llm_client)
 
     # 1. Create session (automatic on first request)
     session_id = "user-123"
@@ -98,15 +104,7 @@ async def pattern_2(context_engine: ContextEngine, llm_client: StubLLM) -> Hybri
         user_id="user-456",
         metadata={"source": "web", "device": "mobile", "ip_address": "192.168.1.1"},
     )
-    agent = HybridAgent(
-        agent_id="agent-1",
-        name="agent-1",
-        llm_client=llm_client,
-        tools=["search"],
-        config=AgentConfiguration(),
-        context_engine=context_engine,
-    )
-    await agent.initialize()
+    agent = await guide_agent(context_engine, llm_client)
     await agent.execute_task({"description": "Hello"}, {"session_id": "user-123"})
     await context_engine.end_session("user-123", status="completed")
     return agent

@@ -74,15 +74,17 @@ def aiecs_python() -> Path:
             return python
         shutil.rmtree(venv, ignore_errors=True)
         began = time.monotonic()
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        # Whether the index answers, asked with this interpreter's pip before anything is built.
         with tempfile.TemporaryDirectory() as probe:
-            reached = _pip(python, "download", "--no-deps", "--dest", probe, _requirements()[0])
+            reached = _pip(
+                Path(sys.executable), "download", "--no-deps", "--dest", probe, _requirements()[0]
+            )
         if reached.returncode != 0:
-            shutil.rmtree(venv, ignore_errors=True)
             missing_service(
                 f"cannot build the aiecs {AIECS_VERSION} virtualenv: pip could not download "
                 f"aiecs from the package index (no network?):\n{_last_lines(reached)}"
             )
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
         installed = _pip(python, "install", "--quiet", *_requirements())
         if installed.returncode != 0:
             raise AssertionError(
