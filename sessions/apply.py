@@ -634,24 +634,22 @@ def apply_events(
     creates an unknown session and moves ``last_activity``; the message itself goes to the
     conversation of the run live at its time.
     """
-    # One pass: a delta per session for as long as it only records (nearly always).
+    # One pass: a delta per session for as long as it only records or speaks (nearly always).
     fast: dict[str, Delta] = {}
     slow: set[str] = set()
     messages: list[MessageEvent] = []
     for event in events:
         session_id = event.session_id
-        if isinstance(event, MessageEvent):
-            messages.append(event)
-        if session_id in slow:
-            continue
-        if isinstance(event, RecordEvent | MessageEvent):
-            delta = fast.get(session_id)
-            if delta is None:
-                delta = fast[session_id] = Delta()
-            if isinstance(event, RecordEvent):
+        if isinstance(event, RecordEvent):
+            if session_id not in slow:
+                delta = fast.get(session_id)
+                if delta is None:
+                    delta = fast[session_id] = Delta()
                 delta.add(event)
-            else:
-                delta.touch(event.at)
+        elif isinstance(event, MessageEvent):
+            messages.append(event)
+            if session_id not in slow:
+                fast.setdefault(session_id, Delta()).touch(event.at)
         else:
             slow.add(session_id)
             fast.pop(session_id, None)

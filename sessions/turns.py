@@ -75,9 +75,9 @@ class TurnInference:
 
     def history_read(self, session_id: str) -> None:
         """The session's history was read: a task may be starting."""
-        turn = self._turn(session_id)
-        if turn.asked_at is None:
-            turn.read = self._clock()
+        # Kept even while a question is pending: after a failed task (no answer written),
+        # the next task's read is its start, though the failure shows only at its question.
+        self._turn(session_id).read = self._clock()
 
     def message(self, session_id: str, role: str, at: datetime) -> InferredRequest | None:
         """A message was added; the request it completes (or shows failed), if any."""
@@ -89,7 +89,7 @@ class TurnInference:
             if turn.asked_at is None:
                 return None  # an answer to no question seen here: nothing to count
             served = InferredRequest(session_id, _seconds(now - turn.started), False, at)
-            turn.asked_at = None
+            turn.asked_at = turn.read = None  # a read during the turn started nothing
             return served
         unanswered = self._unanswered(session_id, turn)
         turn.asked_at, turn.asked = at, now

@@ -1,11 +1,12 @@
 """A virtualenv with aiecs, for the test that runs a real AIECS agent on this project.
 
-aiecs is large (some 100 packages, 600 MB) and never a dependency of this project, so it gets
-a virtualenv of its own under the repository's ignored ``.cache/``, built once and reused
-while its key stays the same: the aiecs version, this project's runtime dependencies (which
-it installs beside aiecs; the project itself is imported from the working tree) and the
-Python version. A build in progress elsewhere (another test process) is waited for, behind a
-file lock; a build cut short is begun again, since only a finished one is marked complete.
+aiecs is large (with this project's dependencies some 115 packages, 700 MB) and never a
+dependency of this project, so it gets a virtualenv of its own under the repository's ignored
+``.cache/``, built once and reused while its key stays the same: the aiecs version, this
+project's runtime dependencies (which it installs beside aiecs; the project itself is imported
+from the working tree) and the Python version. A build in progress elsewhere (another test
+process) is waited for, behind a file lock; a build cut short is begun again, since only a
+finished one is marked complete.
 """
 
 from __future__ import annotations
