@@ -281,6 +281,11 @@ class ContextEngine:
 
         :raises ValueError: ``updates`` is not empty, or a metric is invalid (field named).
         """
+        if updates is not None and not isinstance(updates, dict):
+            raise ValueError(
+                f"updates: must be a dict or None (got {type(updates).__name__}); it is the "
+                "second parameter, as in aiecs: pass increment_requests= and the rest by keyword"
+            )
         if updates:
             raise ValueError(
                 f"updates: not supported (got keys {sorted(updates)}); counters change only "

@@ -175,6 +175,8 @@ def test_the_calls_aiecs_makes_have_its_signatures_and_returns(engine: ContextEn
         assert await engine.update_session("user-1", None, True, 0.25, True) is True
         with pytest.raises(ValueError, match=r"updates: not supported \(got keys \['status'\]\)"):
             await engine.update_session("user-1", {"status": "completed"})
+        with pytest.raises(ValueError, match=r"updates: must be a dict or None \(got bool\)"):
+            await engine.update_session("user-1", True)  # type: ignore[arg-type]
         # aiecs's ConversationMemory.clear_conversation_history ends a session "cleared".
         assert await engine.end_session("user-1", status="cleared") is True
         session = await engine.get_session("user-1")
