@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sessions.conversation import Conversation, GuideMessage
+from sessions.conversation import Conversation, GuideMessage, check_limit
 from sessions.errors import SessionLimitError
 from sessions.mapping import MappingAccess
 from sessions.records import SessionRecord
@@ -390,8 +390,11 @@ class ContextEngine:
         return None if found is None else found.to_dict()
 
     async def list_checkpoints(self, thread_id: str, limit: int = 10) -> list[dict[str, Any]]:
-        """The thread's newest ``limit`` checkpoints, newest first, as :meth:`get_checkpoint`."""
-        found = await asyncio.to_thread(self.store.list_checkpoints, thread_id, limit)
+        """The thread's newest ``limit`` checkpoints, newest first, as :meth:`get_checkpoint`.
+
+        :raises ValueError: ``limit`` is not a whole number from 1 to 10,000.
+        """
+        found = await asyncio.to_thread(self.store.list_checkpoints, thread_id, check_limit(limit))
         return [checkpoint.to_dict() for checkpoint in found]
 
     async def put_writes(

@@ -71,6 +71,14 @@ class GuideMessage(MappingAccess):
         }
 
 
+def check_limit(limit: int) -> int:
+    """``limit`` if it is a whole number from 1 to :data:`MAX_HISTORY_LIMIT`, else
+    :class:`ValueError` naming the rule (a negative ``LIMIT`` means "all" to SQLite)."""
+    if type(limit) is not int or not 1 <= limit <= MAX_HISTORY_LIMIT:
+        raise ValueError(f"limit: must be a whole number from 1 to {MAX_HISTORY_LIMIT}")
+    return limit
+
+
 def _order(item: MessageRecord | MessageEvent) -> tuple[int, str]:
     return item.seq, str(item.message_id)
 
@@ -140,8 +148,7 @@ class Conversation:
 
         :raises ValueError: ``limit`` is not a whole number from 1 to :data:`MAX_HISTORY_LIMIT`.
         """
-        if type(limit) is not int or not 1 <= limit <= MAX_HISTORY_LIMIT:
-            raise ValueError(f"limit: must be a whole number from 1 to {MAX_HISTORY_LIMIT}")
+        check_limit(limit)
         if self.turns is not None:
             self.turns.history_read(session_id)
         stored = await asyncio.to_thread(self._store.conversation, session_id, limit)

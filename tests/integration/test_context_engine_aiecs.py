@@ -263,5 +263,7 @@ def test_checkpoints_through_the_engine_as_aiecs_reads_them(engine: ContextEngin
         assert [c["checkpoint_id"] for c in listed] == ["v2", "v1"]
         assert await engine.put_writes("agent-1", "v2", "task-1", [("channel", 1)]) is True
         assert await engine.get_writes("agent-1", "v2") == [("channel", 1)]
+        with pytest.raises(ValueError, match="limit: must be a whole number from 1 to"):
+            await engine.list_checkpoints("agent-1", limit=-1)
 
     asyncio.run(scenario())
