@@ -178,7 +178,7 @@ class ContextEngine:
             self._conversation = Conversation(
                 self._tracker,
                 self._store,
-                max_unapplied=self.settings.conversation_max_messages,
+                retention=self.settings.conversation_max_messages,
                 infer_requests=self.infer_requests,
             )
         return True

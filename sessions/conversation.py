@@ -96,8 +96,9 @@ class _Session:
 class Conversation:
     """Writes, reads and counts a conversation for one engine (see the module).
 
-    ``max_unapplied`` bounds the unapplied messages kept per session (the oldest are
-    forgotten; they are still stored once applied). With ``infer_requests=False`` no request
+    ``retention`` is the store's ``SESSIONS_CONVERSATION_MAX_MESSAGES``: no more of the
+    engine's own unapplied messages are kept per session (the oldest are forgotten from the
+    reads; they are still stored once applied). With ``infer_requests=False`` no request
     is counted from the turns (for code that calls ``update_session`` per task itself).
     """
 
@@ -106,12 +107,12 @@ class Conversation:
         tracker: SessionTracker,
         store: SessionStore,
         *,
-        max_unapplied: int,
+        retention: int,
         infer_requests: bool = True,
     ) -> None:
         self._tracker = tracker
         self._store = store
-        self._max_unapplied = max_unapplied
+        self._retention = retention
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self.turns: TurnInference | None = TurnInference() if infer_requests else None
 
@@ -137,7 +138,7 @@ class Conversation:
         event = self._tracker.message(session_id, role, content, metadata, seq=seq)
         kept.last_seq = seq
         kept.unapplied[event.message_id] = event
-        while len(kept.unapplied) > self._max_unapplied:
+        while len(kept.unapplied) > self._retention:
             kept.unapplied.popitem(last=False)
         if self.turns is not None:
             self._record(self.turns.message(session_id, role, event.at))
@@ -157,9 +158,10 @@ class Conversation:
         if kept.unapplied:
             for message in stored:
                 kept.unapplied.pop(message.message_id, None)
-            if len(stored) == limit:
-                # A full page: an own message older than its oldest is outside this window
-                # and every later one (they only move on), applied or not.
+            if len(stored) >= self._retention:
+                # The run holds as many messages as it keeps: an own message older than all
+                # of them is trimmed already, or will be as soon as it is applied. (One kept
+                # beyond a smaller page is harmless: the merge below cuts it.)
                 oldest = _order(stored[0])
                 for message_id, event in list(kept.unapplied.items()):
                     if _order(event) < oldest:

@@ -22,6 +22,7 @@ from sessions.context_engine import ContextEngine
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
+from tests.waiting import wait_for
 
 Publish = Callable[[dict[str, Any]], None]
 
@@ -267,3 +268,40 @@ def test_checkpoints_through_the_engine_as_aiecs_reads_them(engine: ContextEngin
             await engine.list_checkpoints("agent-1", limit=-1)
 
     asyncio.run(scenario())
+
+
+def test_an_own_message_the_runs_bound_drops_is_not_shown(database_url: str) -> None:
+    """An engine's unapplied message that the run's retention will drop as soon as it is
+    applied (three newer ones are stored, and the run keeps three) is not read back either."""
+    bounded = Settings(conversation_max_messages=3)
+    store = SessionStore(database_url, settings=bounded)
+    pipeline = Pipeline(store)
+    trackers = [
+        SessionTracker(bounded, publisher=pipeline, store=store, spool=None) for _ in range(2)
+    ]
+    slow, other = (ContextEngine(bounded, tracker=t, store=store) for t in trackers)
+
+    async def scenario() -> None:
+        await slow.initialize()
+        await other.initialize()
+        pipeline.holding = True
+        await slow.add_conversation_message("user-1", "user", "Held back")
+        slow.tracker.flush(wait=False)
+        await asyncio.to_thread(
+            lambda: wait_for(lambda: pipeline.held, "the held batch", stall=30)
+        )
+        pipeline.holding = False
+        for n in range(3):
+            await other.add_conversation_message("user-1", "assistant", f"Newer {n}")
+        await asyncio.to_thread(other.tracker.flush, wait=True)
+        expected = ["Newer 0", "Newer 1", "Newer 2"]
+        assert [m.content for m in await slow.get_conversation_history("user-1")] == expected
+        pipeline.release()
+        assert [m.content for m in store.conversation("user-1")] == expected
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for tracker in trackers:
+            tracker.close()
+        store.dispose()
