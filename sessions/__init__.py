@@ -17,7 +17,7 @@ from sessions.errors import (
     StoreUnavailableError,
     UnserializableBatchError,
 )
-from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent, SessionEvent
+from sessions.events import Batch, CreateEvent, EndEvent, MessageEvent, RecordEvent, SessionEvent
 from sessions.records import (
     Aggregate,
     ApplyResult,
@@ -32,12 +32,14 @@ from sessions.store import SessionStore
 
 if TYPE_CHECKING:
     from sessions.context_engine import ContextEngine, GuideSession
+    from sessions.conversation import GuideMessage
     from sessions.tracker import SessionTracker
 
 #: Imported on first use: the client brings in Celery, which a store-only user never needs.
 _LAZY = {
     "ContextEngine": "sessions.context_engine",
     "GuideSession": "sessions.context_engine",
+    "GuideMessage": "sessions.conversation",
     "SessionTracker": "sessions.tracker",
 }
 
@@ -57,7 +59,9 @@ __all__ = [
     "CreateEvent",
     "EndEvent",
     "FlushTimeoutError",
+    "GuideMessage",
     "GuideSession",
+    "MessageEvent",
     "MinuteActivity",
     "PurgeResult",
     "RecordEvent",

@@ -52,8 +52,9 @@ from sqlalchemy import (
 from sqlalchemy import update as sql_update
 
 from sessions.database import upsert_into, upsert_into_table
-from sessions.events import CreateEvent, EndEvent, RecordEvent
+from sessions.events import AnyEvent, CreateEvent, EndEvent, MessageEvent, RecordEvent
 from sessions.histogram import bucket_of
+from sessions.messages import insert_messages, trim
 from sessions.tables import (
     JSONDocument,
     UTCDateTime,
@@ -63,7 +64,9 @@ from sessions.tables import (
     sessions_table,
 )
 
-Event = CreateEvent | RecordEvent | EndEvent
+Event = AnyEvent
+#: Messages kept per run when the caller does not say (``SESSIONS_CONVERSATION_MAX_MESSAGES``).
+DEFAULT_MAX_MESSAGES = 1000
 
 #: The additive counters, in the order deltas carry them.
 COUNTERS = (
@@ -400,6 +403,9 @@ class SessionWalk:
                 self._insert_first(event)
             elif isinstance(event, RecordEvent):
                 self._record(event)
+            elif isinstance(event, MessageEvent):
+                if self._belongs_to_live(event.at):
+                    self.pending.touch(event.at)  # activity; the message itself is stored apart
             elif isinstance(event, CreateEvent):
                 self._create(event)
             else:
@@ -432,7 +438,7 @@ class SessionWalk:
                 created_at=event.at,
                 last_activity=event.at,
                 ended_at=event.at if ended else None,
-                metadata=getattr(event, "metadata", None),
+                metadata=event.metadata if isinstance(event, CreateEvent) else None,
             )
         )
         self.live = _LiveRun(1, status, event.at, event.at if ended else None)
@@ -617,21 +623,33 @@ def add_activity(connection: Connection, events: Iterable[Event]) -> None:
         )
 
 
-def apply_events(connection: Connection, events: Sequence[Event]) -> None:
-    """Write ``events`` (already deduplicated and validated) to their sessions and their
-    runs' histograms, in the open transaction; :func:`add_activity` counts them after."""
-    # One pass: a delta per session for as long as it only records (nearly always).
+def apply_events(
+    connection: Connection, events: Sequence[Event], max_messages: int = DEFAULT_MAX_MESSAGES
+) -> None:
+    """Write ``events`` (already deduplicated and validated) to their sessions, their runs'
+    histograms and conversations (each kept to its newest ``max_messages``), in the open
+    transaction; :func:`add_activity` counts them after.
+
+    A ``message`` is activity of its session, as a ``record`` without a request is: it
+    creates an unknown session and moves ``last_activity``; the message itself goes to the
+    conversation of the run live at its time.
+    """
+    # One pass: a delta per session for as long as it only records or speaks (nearly always).
     fast: dict[str, Delta] = {}
     slow: set[str] = set()
+    messages: list[MessageEvent] = []
     for event in events:
         session_id = event.session_id
-        if session_id in slow:
-            continue
         if isinstance(event, RecordEvent):
-            delta = fast.get(session_id)
-            if delta is None:
-                delta = fast[session_id] = Delta()
-            delta.add(event)
+            if session_id not in slow:
+                delta = fast.get(session_id)
+                if delta is None:
+                    delta = fast[session_id] = Delta()
+                delta.add(event)
+        elif isinstance(event, MessageEvent):
+            messages.append(event)
+            if session_id not in slow:
+                fast.setdefault(session_id, Delta()).touch(event.at)
         else:
             slow.add(session_id)
             fast.pop(session_id, None)
@@ -641,3 +659,5 @@ def apply_events(connection: Connection, events: Sequence[Event]) -> None:
         groups = group_by_session(event for event in events if event.session_id in slow)
         for session_id in sorted(slow):
             SessionWalk(connection, session_id).run(groups[session_id])
+    if messages:
+        trim(connection, insert_messages(connection, messages), max_messages)

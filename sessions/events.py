@@ -1,4 +1,4 @@
-"""What an agent says about a session: three kinds of event, carried in immutable batches.
+"""What an agent says about a session: four kinds of event, carried in immutable batches.
 
 Everything that reaches the store is a :data:`SessionEvent`. Events travel in a
 :class:`Batch` whose ``batch_id`` the producer makes once; retries, redelivery and replay
@@ -248,8 +248,66 @@ class EndEvent(_Event):
     status: EndStatus = "completed"
 
 
-SessionEvent = Annotated[CreateEvent | RecordEvent | EndEvent, Field(discriminator="kind")]
-_event_adapter: TypeAdapter[CreateEvent | RecordEvent | EndEvent] = TypeAdapter(SessionEvent)
+#: Longest message content, in bytes of UTF-8 (an LLM answer of some 16,000 tokens).
+MAX_MESSAGE_BYTES = 64 * 1024
+#: Message roles: ``user``, ``assistant``, ``system``, ``tool`` and the like.
+ROLE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+#: Largest message sequence number (a signed 64-bit column).
+MAX_SEQ = 2**63 - 1
+
+
+def _check_role(value: str) -> str:
+    if not ROLE_PATTERN.fullmatch(value):
+        raise ValueError("must be 1 to 32 lowercase letters, digits, '_' or '-', from a letter")
+    return value
+
+
+def check_storable(text: str, max_bytes: int, form: str, nul: str = "\x00") -> str:
+    """``text`` if a database text (or JSON) column can take it: no ``nul`` (NUL, or its
+    JSON escape), no lone surrogate, at most ``max_bytes`` as UTF-8 (``form`` names how
+    it is measured); else :class:`ValueError` naming the rule, so that it is refused here
+    rather than dead-lettered by the worker."""
+    if nul in text:
+        raise ValueError("must not contain NUL characters")
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    if size > max_bytes:
+        raise ValueError(f"must be at most {max_bytes} bytes {form} (got {size})")
+    return text
+
+
+def _check_content(value: str) -> str:
+    return check_storable(value, MAX_MESSAGE_BYTES, "as UTF-8")
+
+
+Role = Annotated[str, AfterValidator(_check_role)]
+MessageContent = Annotated[str, Strict(), AfterValidator(_check_content)]
+MessageSeq = Annotated[StrictInt, Field(ge=0, le=MAX_SEQ)]
+
+
+class MessageEvent(_Event):
+    """One message of a session's conversation (a user turn, an assistant's answer, ...).
+
+    ``seq`` places it in its session's conversation: messages are read in ``seq`` order
+    (then ``message_id``), whatever order their batches are applied in. The client makes it
+    a hybrid logical clock (:mod:`sessions.conversation`). ``message_id`` is made once by the
+    producer.
+    """
+
+    kind: Literal["message"] = "message"
+    message_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    seq: MessageSeq
+    role: Role
+    content: MessageContent
+    metadata: Metadata | None = None
+
+
+#: Every kind of event.
+AnyEvent = CreateEvent | RecordEvent | EndEvent | MessageEvent
+SessionEvent = Annotated[AnyEvent, Field(discriminator="kind")]
+_event_adapter: TypeAdapter[AnyEvent] = TypeAdapter(SessionEvent)
 
 
 class Batch(BaseModel):
@@ -349,7 +407,7 @@ def plain_record(
     return None
 
 
-def event_json(item: CreateEvent | RecordEvent | EndEvent | RecordFields) -> str:
+def event_json(item: AnyEvent | RecordFields) -> str:
     """One event as compact JSON, as :func:`decode_batch` reads it.
 
     Fields at their default are left out of a :data:`RecordFields` event (the model fills
@@ -377,7 +435,7 @@ def event_json(item: CreateEvent | RecordEvent | EndEvent | RecordFields) -> str
 
 
 def batch_json(
-    batch_id: uuid.UUID, items: Sequence[CreateEvent | RecordEvent | EndEvent | RecordFields]
+    batch_id: uuid.UUID, items: Sequence[AnyEvent | RecordFields]
 ) -> str:
     """A batch's wire form (see :func:`encode_message`), made straight from its events.
 
@@ -387,7 +445,7 @@ def batch_json(
     return f'{{"batch_id":"{batch_id}","events":[{",".join(map(event_json, items))}]}}'
 
 
-Item = TypeVar("Item", bound=CreateEvent | RecordEvent | EndEvent | RecordFields)
+Item = TypeVar("Item", bound=AnyEvent | RecordFields)
 
 
 def serialisable(items: Sequence[Item]) -> tuple[list[Item], list[tuple[Item, str]]]:
@@ -441,7 +499,7 @@ class DecodedBatch(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     batch_id: uuid.UUID | None
-    events: tuple[CreateEvent | RecordEvent | EndEvent, ...] = ()
+    events: tuple[AnyEvent, ...] = ()
     rejected: tuple[RejectedEvent, ...] = ()
 
 
@@ -455,7 +513,7 @@ def describe_error(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_event(payload: Any) -> CreateEvent | RecordEvent | EndEvent:
+def parse_event(payload: Any) -> AnyEvent:
     """Validate one event from its wire form; raises :class:`ValidationError`."""
     return _event_adapter.validate_python(payload)
 
@@ -488,7 +546,7 @@ def decode_batch(payload: Any, max_events: int) -> DecodedBatch:
         return _reject_whole(
             payload, f"events: at most {max_events} events per batch (got {len(raw_events)})"
         )
-    events: list[CreateEvent | RecordEvent | EndEvent] = []
+    events: list[AnyEvent] = []
     rejected: list[RejectedEvent] = []
     for index, raw in enumerate(raw_events):
         try:

@@ -10,6 +10,7 @@ estimated from a latency histogram (``sessions.histogram``: within 2.47 % for ti
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -200,7 +201,54 @@ class PurgeResult(BaseModel):
     ledger: int
     #: Histogram rows (``session_latency``) of the purged sessions and runs.
     latency: int = 0
+    #: Conversation messages of the purged sessions and runs.
+    messages: int = 0
+    #: Checkpoints stored before the cutoff (with their writes).
+    checkpoints: int = 0
     #: Rows of ``activity_minutes``.
     minutes: int = 0
     redeliveries: int = 0
     dead_letters: int = 0
+
+
+class MessageRecord(BaseModel):
+    """One message of a session run's conversation, as stored."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    run: int
+    message_id: uuid.UUID
+    #: Its place in the conversation (the producer's hybrid logical clock).
+    seq: int
+    #: When it was said, by the producer's clock.
+    at: datetime
+    role: str
+    content: str
+    metadata: dict[str, Any] | None = None
+
+
+class CheckpointRecord(BaseModel):
+    """One stored checkpoint of a thread: its data and metadata as JSON values."""
+
+    model_config = ConfigDict(frozen=True)
+
+    thread_id: str
+    checkpoint_id: str
+    #: Counts up per thread with every store: the latest checkpoint has the highest.
+    version: int
+    data: Any
+    metadata: dict[str, Any] | None = None
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint as aiecs's own context engine returns it (``created_at`` as ISO text,
+        ``metadata`` an object), plus ``version``."""
+        return {
+            "checkpoint_id": self.checkpoint_id,
+            "thread_id": self.thread_id,
+            "data": self.data,
+            "metadata": self.metadata or {},
+            "created_at": self.created_at.isoformat(),
+            "version": self.version,
+        }

@@ -64,8 +64,13 @@ class Settings(BaseSettings):
     #: Idle time after which ``create_session`` at the cap reclaims sessions (the guide's 15 min).
     session_limit_idle_seconds: int = Field(900, gt=0, le=MAX_SECONDS)
 
-    #: Ended sessions (and their past runs) are purged this long after they ended.
+    #: Ended sessions (and their past runs, with their conversations) are purged this long
+    #: after they ended; checkpoints this long after they were stored.
     ended_retention_days: float = Field(30.0, gt=0, le=MAX_DAYS)
+    #: Messages kept per session run (the oldest go first); the conversation of a run.
+    conversation_max_messages: int = Field(1000, gt=0, le=1_000_000)
+    #: Checkpoints kept per thread (``ContextEngineAdapter``: per agent), the newest versions.
+    checkpoints_per_thread: int = Field(100, gt=0, le=1_000_000)
     #: Applied-batch ids are kept this long to recognise redelivered batches.
     ledger_retention_days: float = Field(14.0, gt=0, le=MAX_DAYS)
     #: Where a client keeps batches it could not publish (one SQLite file, shared per user).

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, Row, Select, func, insert, select
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
-from sessions import queries, sweeps
+from sessions import checkpoints, messages, queries, sweeps
 from sessions.apply import Event, add_activity, apply_events
 from sessions.bounds import (
     check_count,
@@ -50,7 +50,9 @@ from sessions.events import (
 from sessions.records import (
     Aggregate,
     ApplyResult,
+    CheckpointRecord,
     DeadLetterReason,
+    MessageRecord,
     MinuteActivity,
     PurgeResult,
     SessionRecord,
@@ -155,7 +157,7 @@ class SessionStore:
         if not self._claim(connection, decoded.batch_id, now):
             return ApplyResult(duplicate=len(decoded.events) + len(decoded.rejected))
         self._dead_letter(connection, decoded.batch_id, decoded.rejected, now)
-        apply_events(connection, decoded.events)
+        apply_events(connection, decoded.events, self.settings.conversation_max_messages)
         add_activity(connection, decoded.events)
         return ApplyResult(
             applied=len(decoded.events),
@@ -177,7 +179,7 @@ class SessionStore:
         for event in decoded.events:
             try:
                 with connection.begin_nested():
-                    apply_events(connection, (event,))
+                    apply_events(connection, (event,), self.settings.conversation_max_messages)
                 applied.append(event)
             except REFUSED_VALUES as exc:
                 reason = f"{event.kind} of {event.session_id}: refused by the database: "
@@ -599,6 +601,66 @@ class SessionStore:
             .limit(limit)
         )
         return self._records(query)
+
+    def conversation(self, session_id: str, limit: int = 50) -> builtins.list[MessageRecord]:
+        """The newest ``limit`` messages of the session's live run, oldest first (in ``seq``
+        order); empty for a session never heard of."""
+        with self._reading() as connection:
+            rows = connection.execute(messages.newest_of_live_run(session_id, limit)).mappings()
+            found = [MessageRecord.model_validate(row) for row in rows]
+        found.reverse()
+        return found
+
+    def store_checkpoint(
+        self,
+        thread_id: str,
+        checkpoint_id: str,
+        data: Any,
+        metadata: dict[str, Any] | None = None,
+    ) -> CheckpointRecord:
+        """Store a checkpoint as its thread's newest version, committed when this returns.
+
+        :raises pydantic.ValidationError: an id is not a valid id, or ``data`` / ``metadata``
+            is not JSON-serializable, too large, or not storable (the field and rule named).
+        """
+        checkpoint = checkpoints.CheckpointInput(
+            thread_id=thread_id, checkpoint_id=checkpoint_id, data=data, metadata=metadata
+        )
+        now = datetime.now(UTC)
+        keep = self.settings.checkpoints_per_thread
+        return self._transaction(
+            lambda connection: checkpoints.store_checkpoint(connection, checkpoint, now, keep)
+        )
+
+    def get_checkpoint(
+        self, thread_id: str, checkpoint_id: str | None = None
+    ) -> CheckpointRecord | None:
+        """The thread's checkpoint ``checkpoint_id``, or its latest when ``None``."""
+        with self._reading() as connection:
+            return checkpoints.get_checkpoint(connection, thread_id, checkpoint_id)
+
+    def list_checkpoints(self, thread_id: str, limit: int = 10) -> builtins.list[CheckpointRecord]:
+        """The thread's newest ``limit`` checkpoints, newest first."""
+        with self._reading() as connection:
+            return checkpoints.list_checkpoints(connection, thread_id, limit)
+
+    def put_writes(
+        self, thread_id: str, checkpoint_id: str, task_id: str, writes: Sequence[Any]
+    ) -> None:
+        """Store one task's intermediate writes towards a checkpoint.
+
+        :raises pydantic.ValidationError: as :meth:`store_checkpoint`.
+        """
+        checked = checkpoints.WritesInput(
+            thread_id=thread_id, checkpoint_id=checkpoint_id, task_id=task_id, writes=writes
+        )
+        now = datetime.now(UTC)
+        self._transaction(lambda connection: checkpoints.put_writes(connection, checked, now))
+
+    def get_writes(self, thread_id: str, checkpoint_id: str) -> builtins.list[tuple[Any, ...]]:
+        """Every write put towards the checkpoint, by task id."""
+        with self._reading() as connection:
+            return checkpoints.get_writes(connection, thread_id, checkpoint_id)
 
     def count_active(self) -> int:
         t = sessions_table.c

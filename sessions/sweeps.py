@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Connection, delete, select, tuple_, update
+from sqlalchemy import ColumnElement, Connection, Table, delete, select, tuple_, update
 
 from sessions.bounds import (
     ArgumentError,
@@ -27,6 +27,7 @@ from sessions.bounds import (
     check_rate,
     check_seconds,
 )
+from sessions.checkpoints import purge_checkpoints
 from sessions.database import add_seconds
 from sessions.records import PurgeResult, SweepResult
 from sessions.tables import (
@@ -38,6 +39,7 @@ from sessions.tables import (
     dead_letters_table,
     latency_table,
     ledger_table,
+    messages_table,
     redeliveries_table,
     runs_table,
     sessions_table,
@@ -148,7 +150,8 @@ def purge(
     dead_letters_before: datetime | None = None,
 ) -> PurgeResult:
     """Delete sessions and past runs that ended before ``ended_before``, with their latency
-    histograms, the activity minutes before it too, and old ledger rows.
+    histograms and conversations, the activity minutes and checkpoints before it too, and old
+    ledger rows.
 
     Each run's row is deleted before its histogram, the order in which ``apply`` locks them,
     so a purge and a late record for the same run wait for each other instead of deadlocking.
@@ -162,7 +165,9 @@ def purge(
     runs = connection.execute(
         delete(runs_table).where(r.ended_at < ended_before).returning(r.session_id, r.run)
     ).all()
-    latency = _delete_histograms(connection, [*sessions, *runs])
+    latency = _delete_by_run(connection, latency_table, [*sessions, *runs])
+    messages = _delete_by_run(connection, messages_table, [*sessions, *runs])
+    checkpoints = purge_checkpoints(connection, ended_before)
     minutes = connection.execute(
         delete(activity_table).where(activity_table.c.minute < ended_before)
     ).rowcount
@@ -181,6 +186,8 @@ def purge(
         sessions=len(sessions),
         runs=len(runs),
         latency=latency,
+        messages=messages,
+        checkpoints=checkpoints,
         minutes=minutes,
         ledger=ledger,
         redeliveries=redeliveries,
@@ -188,11 +195,11 @@ def purge(
     )
 
 
-def _delete_histograms(connection: Connection, runs: Sequence[tuple[str, int]]) -> int:
-    """Delete the ``session_latency`` rows of ``runs`` (session id, run); how many."""
-    key = tuple_(latency_table.c.session_id, latency_table.c.run)
+def _delete_by_run(connection: Connection, table: Table, runs: Sequence[tuple[str, int]]) -> int:
+    """Delete the rows of ``table`` (histograms, messages) of ``runs`` (session id, run)."""
+    key = tuple_(table.c.session_id, table.c.run)
     deleted = 0
     for start in range(0, len(runs), PURGE_CHUNK):
         chunk = [tuple(run) for run in runs[start : start + PURGE_CHUNK]]
-        deleted += connection.execute(delete(latency_table).where(key.in_(chunk))).rowcount
+        deleted += connection.execute(delete(table).where(key.in_(chunk))).rowcount
     return deleted

@@ -153,6 +153,64 @@ class ActivityMinute(Base):
     errors: Mapped[int] = mapped_column(BigInteger)
 
 
+class ConversationMessageRow(Base):
+    """One message of a session run's conversation, as a ``message`` event brought it.
+
+    Read by ``(session_id, run, seq)``: the conversation of a run in the order its producers
+    gave it (``seq``, then ``message_id``), never the order batches happened to be applied in.
+    ``message_id`` is the producer's. Kept per run up to ``SESSIONS_CONVERSATION_MAX_MESSAGES``
+    (the oldest go first), and purged with the run.
+    """
+
+    __tablename__ = "conversation_messages"
+
+    session_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    message_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    run: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    role: Mapped[str] = mapped_column(String(32))
+    content: Mapped[str] = mapped_column(Text)
+    message_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONDocument)
+
+    __table_args__ = (
+        Index("ix_conversation_messages_run_seq", "session_id", "run", "seq", "message_id"),
+    )
+
+
+class CheckpointRow(Base):
+    """One stored checkpoint of a thread (an agent's state, for ``ContextEngineAdapter``).
+
+    ``version`` counts up per thread with every store, so the latest is the highest, however
+    clocks compare; storing a ``checkpoint_id`` again replaces it under a new version.
+    """
+
+    __tablename__ = "checkpoints"
+
+    thread_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    checkpoint_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    data: Mapped[Any] = mapped_column(JSONDocument, nullable=False)
+    checkpoint_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONDocument)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+    __table_args__ = (
+        Index("ux_checkpoints_thread_checkpoint", "thread_id", "checkpoint_id", unique=True),
+    )
+
+
+class CheckpointWriteRow(Base):
+    """The intermediate writes one task made towards a checkpoint (LangGraph's ``put_writes``)."""
+
+    __tablename__ = "checkpoint_writes"
+
+    thread_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    checkpoint_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    writes: Mapped[Any] = mapped_column(JSONDocument, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
 class AppliedBatch(Base):
     """The dedupe ledger: one row per batch ever applied."""
 
@@ -212,3 +270,6 @@ dead_letters_table = cast(Table, DeadLetter.__table__)
 redeliveries_table = cast(Table, Redelivery.__table__)
 latency_table = cast(Table, SessionLatency.__table__)
 activity_table = cast(Table, ActivityMinute.__table__)
+messages_table = cast(Table, ConversationMessageRow.__table__)
+checkpoints_table = cast(Table, CheckpointRow.__table__)
+checkpoint_writes_table = cast(Table, CheckpointWriteRow.__table__)

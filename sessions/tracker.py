@@ -78,10 +78,12 @@ from sessions.errors import (
     first_line,
 )
 from sessions.events import (
+    AnyEvent,
     Batch,
     CreateEvent,
     EndEvent,
     EndStatus,
+    MessageEvent,
     RecordEvent,
     RecordFields,
     batch_json,
@@ -97,7 +99,7 @@ from sessions.store import SessionStore
 
 log = logging.getLogger(__name__)
 
-Event = CreateEvent | RecordEvent | EndEvent
+Event = AnyEvent
 T = TypeVar("T")
 #: Called with each batch that could not be published and the last error (the spool's seam).
 UnsentHandler = Callable[[Batch, BaseException], None]
@@ -387,6 +389,34 @@ class SessionTracker:
                 metadata=metadata,
             )
         )
+
+    def message(
+        self,
+        session_id: str,
+        role: str,
+        content: str,
+        metadata: dict[str, Any] | None = None,
+        *,
+        seq: int,
+        message_id: uuid.UUID | None = None,
+        at: datetime | None = None,
+    ) -> MessageEvent:
+        """Record one message of ``session_id``'s conversation at place ``seq``; the event.
+
+        Raises :class:`pydantic.ValidationError` naming the field for a bad role, content
+        (too long, NUL, lone surrogates), metadata or ``seq``.
+        """
+        event = MessageEvent(
+            session_id=session_id,
+            at=at or datetime.now(UTC),
+            message_id=message_id or uuid.uuid4(),
+            seq=seq,
+            role=role,
+            content=content,
+            metadata=metadata,
+        )
+        self._append(event)
+        return event
 
     def end(
         self, session_id: str, status: str = "completed", *, at: datetime | None = None
