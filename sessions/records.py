@@ -28,7 +28,8 @@ EndReason = Literal["explicit", "idle", "age", "health"]
 #: (accepted by the model, refused by a column) and ``malformed_batch`` (no usable envelope:
 #: not an object, no UUID, too many events); the worker sets aside whole messages that are
 #: ``poison`` (redelivered unfinished too often), that it ``cannot_apply`` (a permanent error)
-#: or that kept failing with an ``unexpected_error``.
+#: or that kept failing with an ``unexpected_error``, and queue items that were no message at
+#: all, ``unreadable_message`` (``workers.envelopes``).
 DeadLetterReason = Literal[
     "invalid_event",
     "refused_by_database",
@@ -36,6 +37,7 @@ DeadLetterReason = Literal[
     "poison",
     "cannot_apply",
     "unexpected_error",
+    "unreadable_message",
 ]
 #: What ``top_users`` can rank users by: their requests, errors, cost or p95 processing time.
 UserRanking = Literal["requests", "errors", "cost", "p95"]
