@@ -91,7 +91,7 @@ class WorkerMetrics:
             "sessions_dead_letters",
             "Rows written to dead_letters: one per invalid event, one per whole payload set "
             "aside (malformed_batch, poison, cannot_apply, unexpected_error, "
-            "unreadable_message).",
+            "unreadable_message, batch_id_reused).",
             ["reason"],
         )
         self.batches_applied = counter(
@@ -101,6 +101,11 @@ class WorkerMetrics:
         self.batches_duplicate = counter(
             "sessions_batches_duplicate",
             "Batches whose id was already in the ledger: they changed nothing.",
+        )
+        self.batches_reused = counter(
+            "sessions_batches_reused",
+            "Batches whose id the ledger holds for other content (a reused batch id): set "
+            "aside whole in dead_letters (reason batch_id_reused), not applied.",
         )
         self.messages_refused = counter(
             "sessions_messages_refused",
@@ -146,6 +151,8 @@ class WorkerMetrics:
         if result.claimed:
             self.batches_applied.inc()
             self.apply_seconds.observe(seconds)
+        elif result.reused:
+            self.batches_reused.inc()
         elif not result.rejected:  # not claimed, nothing set aside: already in the ledger
             self.batches_duplicate.inc()
         if result.duplicate:

@@ -14,7 +14,7 @@ afterwards; nothing from a payload is executed; SQL in a session id is only ever
 9b (issue 12) goes below the message: items pushed into the Redis list that are no kombu message
 at all (not JSON, not UTF-8, JSON that is not an envelope, an envelope missing a field or with a
 body that does not decode, 20 MB of junk), and on both brokers kombu messages whose headers or
-body Celery's main process choked on.
+body Celery's main process choked on, and a batch id reused for other events.
 """
 
 from __future__ import annotations
@@ -627,8 +627,9 @@ def test_malformed_arrivals_are_set_aside_or_refused_and_the_same_worker_goes_on
     """``redis-cli LPUSH sessions.events "this is not json {"`` killed the worker (issue 12).
 
     On Redis every raw item lands in ``dead_letters`` as ``unreadable_message`` with its
-    reason; on both brokers every malformed task message is refused and counted; and the
-    worker process that started is the one that applies the good batch sent last.
+    reason; on both brokers every malformed task message is refused and counted; a batch id
+    reused for other events is set aside as ``batch_id_reused``; and the worker process that
+    started is the one that applies the good batch sent last.
     """
     began = time.monotonic()
     url, broker = fault_database_url, fault_broker.url
@@ -680,6 +681,10 @@ def test_malformed_arrivals_are_set_aside_or_refused_and_the_same_worker_goes_on
                     content_encoding="utf-8",
                     headers={k: v for k, v in headers.items() if v is not _MISSING},
                 )
+        # The first batch's id again: the same content (a redelivery), then other events.
+        app.send_task("sessions.ingest", args=[first])
+        reused = good_batch("reusing-an-id", first["batch_id"])
+        app.send_task("sessions.ingest", args=[json.dumps(reused)])
         last = expect(good_batch("after-the-junk"))
         app.send_task("sessions.ingest", args=[json.dumps(last)])
 
@@ -699,8 +704,9 @@ def test_malformed_arrivals_are_set_aside_or_refused_and_the_same_worker_goes_on
             )
             return (
                 applied(last["batch_id"])
-                and len(letters()) == len(raw)
+                and len(letters()) == len(raw) + 1
                 and refused == len(BAD_TASK_MESSAGES)
+                and (scrape.value("sessions_batches_duplicate_total") or 0) >= 1
                 and fault_broker.empty()
             )
 
@@ -712,19 +718,21 @@ def test_malformed_arrivals_are_set_aside_or_refused_and_the_same_worker_goes_on
             fault_broker.label("9b unreadable messages at the broker"),
             outcome,
             began,
-            sent=outcome.sent + len(raw) + len(BAD_TASK_MESSAGES),
+            sent=outcome.sent + len(raw) + len(BAD_TASK_MESSAGES) + 1,
         )
         row.dead_lettered = len(found)
         row.refused = len(BAD_TASK_MESSAGES)
         row.notes.append(
-            f"{len(raw)} raw queue items, {len(BAD_TASK_MESSAGES)} malformed task messages"
+            f"{len(raw)} raw queue items, {len(BAD_TASK_MESSAGES)} malformed task messages, "
+            "1 reused batch id"
         )
         log = worker.log
 
         assert worker.process.poll() is None and worker.process.pid == started_pid
         assert "Unrecoverable error" not in log and "Connection to broker lost" not in log
         assert outcome.exact, outcome.describe()
-        unreadable = found
+        (reuse,) = [letter for letter in found if letter.reason.startswith("batch_id_reused")]
+        unreadable = [letter for letter in found if letter is not reuse]
         assert all(
             letter.reason.startswith("unreadable message on sessions.events (")
             for letter in unreadable
@@ -742,7 +750,15 @@ def test_malformed_arrivals_are_set_aside_or_refused_and_the_same_worker_goes_on
         huge = [letter for letter in unreadable if f"({HUGE_ITEM_BYTES} bytes)" in letter.reason]
         assert len(huge) == len([1 for what, _, _ in raw if what.startswith("huge")])
         assert all(len(letter.payload) < 70 * 1024 for letter in huge)
+        assert reuse.reason.startswith(f"batch_id_reused: batch {first['batch_id']}")
+        assert str(reuse.batch_id) == first["batch_id"] and "reusing-an-id" in reuse.payload
+        assert (
+            monitor.scalar("SELECT count(*) FROM sessions WHERE session_id = 'reusing-an-id'") == 0
+        )
         assert scrape.value("sessions_dead_letters_total", reason="unreadable_message") == len(raw)
+        assert scrape.value("sessions_dead_letters_total", reason="batch_id_reused") == 1
+        assert scrape.value("sessions_batches_reused_total") == 1
+        assert scrape.value("sessions_batches_duplicate_total") == 1
         for reason in ("invalid_task_message", "undecodable_body"):
             expected = sum(1 for *_, counted in BAD_TASK_MESSAGES if counted == reason)
             assert scrape.value("sessions_messages_refused_total", reason=reason) == expected
