@@ -123,7 +123,9 @@ class SessionStore:
 
         ``batch`` is a :class:`Batch` or its wire form. Invalid events are dead-lettered with
         their reason and the others applied. A batch whose id is in the ledger already
-        changes nothing and is reported as ``duplicate``.
+        changes nothing and is reported as ``duplicate``; if the ledger holds that id for
+        other content (a reused batch id), the batch is set aside whole in ``dead_letters``
+        (``batch_id_reused``) and reported as ``reused``.
         """
         decoded = decode_batch(batch, self.settings.store_max_batch_events)
         digest = None if decoded.batch_id is None else content_digest(decoded)

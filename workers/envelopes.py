@@ -54,7 +54,6 @@ from kombu.serialization import dumps
 from kombu.transport import filesystem as kombu_filesystem
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import base as kombu_virtual
-from kombu.utils import json as kombu_json
 from kombu.utils.uuid import uuid
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
@@ -135,13 +134,19 @@ class Envelope(BaseModel):
     properties: Properties
 
 
-def loads(text: str | bytes, **options: Any) -> Any:
-    """kombu's ``loads``, but an :class:`Unreadable` for text that is not JSON."""
-    try:
-        return kombu_json.loads(text, **options)  # type: ignore[no-untyped-call]
-    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes
-        readable = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
-        return Unreadable(readable, exc)
+def tolerant(parse: Callable[..., Any]) -> Callable[..., Any]:
+    """``parse`` (a transport's ``loads``), returning an :class:`Unreadable` for text that is
+    not JSON instead of raising."""
+
+    @functools.wraps(parse)
+    def loads(text: str | bytes, **options: Any) -> Any:
+        try:
+            return parse(text, **options)
+        except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes
+            readable = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
+            return Unreadable(readable, exc)
+
+    return _marked(loads)
 
 
 def problem(payload: Any, codecs: Mapping[str, Any]) -> str | None:
@@ -231,7 +236,7 @@ def install(replace: Replace) -> None:
     """
     for module in PARSING_MODULES:
         if not getattr(module.loads, _WRAPPED, False):
-            module.loads = _marked(functools.wraps(module.loads)(loads))  # type: ignore[attr-defined]
+            module.loads = tolerant(module.loads)  # type: ignore[attr-defined]
     original = kombu_virtual.Transport._deliver
     if getattr(original, _WRAPPED, False):
         return

@@ -24,7 +24,6 @@ from kombu.message import Message
 from kombu.transport import filesystem as kombu_filesystem
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import base as kombu_virtual
-from kombu.utils import json as kombu_json
 
 from sessions import filesystem_broker
 from sessions.events import Batch, RecordEvent
@@ -121,7 +120,7 @@ def without_the_guard(monkeypatch: pytest.MonkeyPatch) -> None:
     import workers.app  # noqa: F401  (installs it, so that kombu's originals are reachable)
 
     for module in envelopes.PARSING_MODULES:
-        monkeypatch.setattr(module, "loads", kombu_json.loads)
+        monkeypatch.setattr(module, "loads", module.loads.__wrapped__)
     original = kombu_virtual.Transport._deliver.__wrapped__  # type: ignore[attr-defined]
     monkeypatch.setattr(kombu_virtual.Transport, "_deliver", original)
     assert not envelopes.installed()
