@@ -287,6 +287,9 @@ enable_utc = True
 # ``sessions.*`` loggers (dead letters, retried transactions) reach the worker's log.
 worker_hijack_root_logger = True
 worker_send_task_events = False
+# Celery's consumer, refusing (logged, counted) a task message whose headers or body it would
+# choke on in the main process, instead of exiting: see workers/consumer.py.
+worker_consumer = "workers.consumer:Consumer"
 # A task still running when the broker connection drops is redelivered (acks_late): cancel
 # it rather than let it run alongside its redelivery (the ledger would drop one, but why work).
 worker_cancel_long_running_tasks_on_connection_loss = True

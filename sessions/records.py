@@ -29,7 +29,9 @@ EndReason = Literal["explicit", "idle", "age", "health"]
 #: (accepted by the model, refused by a column) and ``malformed_batch`` (no usable envelope:
 #: not an object, no UUID, too many events); the worker sets aside whole messages that are
 #: ``poison`` (redelivered unfinished too often), that it ``cannot_apply`` (a permanent error)
-#: or that kept failing with an ``unexpected_error``.
+#: or that kept failing with an ``unexpected_error``, and queue items that were no message at
+#: all, ``unreadable_message`` (``workers.envelopes``). ``batch_id_reused`` is a batch whose id
+#: the ledger holds for other content: set aside whole, not applied.
 DeadLetterReason = Literal[
     "invalid_event",
     "refused_by_database",
@@ -37,6 +39,8 @@ DeadLetterReason = Literal[
     "poison",
     "cannot_apply",
     "unexpected_error",
+    "unreadable_message",
+    "batch_id_reused",
 ]
 #: What ``top_users`` can rank users by: their requests, errors, cost or p95 processing time.
 UserRanking = Literal["requests", "errors", "cost", "p95"]
@@ -172,6 +176,9 @@ class ApplyResult(BaseModel):
     claimed: bool = False
     #: ``rejected`` split by why each was dead-lettered (reasons with none left out).
     rejected_by_reason: dict[DeadLetterReason, int] = Field(default_factory=dict)
+    #: The batch's id was in the ledger already, for other content: it was set aside whole
+    #: (``batch_id_reused``), not applied. ``False`` for a plain duplicate.
+    reused: bool = False
     #: Event time of the oldest applied event (``None`` when none was applied): the worker's
     #: event-to-commit lag is measured from it, once per batch.
     oldest_event_at: datetime | None = None

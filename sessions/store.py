@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from sessions import checkpoints, messages, queries, sweeps
 from sessions.apply import Event, add_activity, apply_events
+from sessions.batch_digest import content_digest, same_content
 from sessions.bounds import (
     check_count,
     check_duration,
@@ -93,6 +95,15 @@ MAX_ACTIVITY_MINUTES = 7 * 24 * 60
 _MINUTE = timedelta(minutes=1)
 
 
+@dataclass(frozen=True, slots=True)
+class _Arrival:
+    """A batch as it arrived (``payload``, the caller's), decoded, and its content's digest."""
+
+    payload: Any
+    decoded: DecodedBatch
+    digest: str | None
+
+
 class SessionStore:
     """Reads and writes session metrics in a SQLAlchemy database (SQLite or PostgreSQL)."""
 
@@ -124,14 +135,16 @@ class SessionStore:
 
         ``batch`` is a :class:`Batch` or its wire form. Invalid events are dead-lettered with
         their reason and the others applied. A batch whose id is in the ledger already
-        changes nothing and is reported as ``duplicate``.
+        changes nothing and is reported as ``duplicate``; if the ledger holds that id for
+        other content (a reused batch id), the batch is set aside whole in ``dead_letters``
+        (``batch_id_reused``) and reported as ``reused``.
         """
         decoded = decode_batch(batch, self.settings.store_max_batch_events)
+        digest = None if decoded.batch_id is None else content_digest(decoded)
+        arrival = _Arrival(batch, decoded, digest)
         now = now or datetime.now(UTC)
         try:
-            return self._transaction(
-                lambda connection: self._apply(connection, decoded, now, payload=batch)
-            )
+            return self._transaction(lambda connection: self._apply(connection, arrival, now))
         except REFUSED_VALUES as exc:
             if decoded.batch_id is None or not decoded.events:
                 raise
@@ -142,20 +155,20 @@ class SessionStore:
                 decoded.batch_id,
                 first_line(exc),
             )
-            return self._transaction(lambda connection: self._apply_each(connection, decoded, now))
+            return self._transaction(lambda connection: self._apply_each(connection, arrival, now))
 
-    def _apply(
-        self, connection: Connection, decoded: DecodedBatch, now: datetime, payload: Any = None
-    ) -> ApplyResult:
+    def _apply(self, connection: Connection, arrival: _Arrival, now: datetime) -> ApplyResult:
+        decoded = arrival.decoded
         if decoded.batch_id is None:
             self._dead_letter(connection, None, decoded.rejected, now)
-            self._settle(connection, payload, now)  # e.g. too many events, under a good id
+            self._settle(connection, arrival.payload, now)  # e.g. too many events, good id
             return ApplyResult(
                 rejected=len(decoded.rejected),
                 rejected_by_reason=_by_reason(malformed_batch=len(decoded.rejected)),
             )
-        if not self._claim(connection, decoded.batch_id, now):
-            return ApplyResult(duplicate=len(decoded.events) + len(decoded.rejected))
+        known = self._claim_or_compare(connection, arrival, now)
+        if known is not None:
+            return known
         self._dead_letter(connection, decoded.batch_id, decoded.rejected, now)
         apply_events(connection, decoded.events, self.settings.conversation_max_messages)
         add_activity(connection, decoded.events)
@@ -167,13 +180,13 @@ class SessionStore:
             oldest_event_at=min((event.at for event in decoded.events), default=None),
         )
 
-    def _apply_each(
-        self, connection: Connection, decoded: DecodedBatch, now: datetime
-    ) -> ApplyResult:
+    def _apply_each(self, connection: Connection, arrival: _Arrival, now: datetime) -> ApplyResult:
         """``_apply`` one event at a time, each in a savepoint; refused events are dead-lettered."""
+        decoded = arrival.decoded
         assert decoded.batch_id is not None
-        if not self._claim(connection, decoded.batch_id, now):
-            return ApplyResult(duplicate=len(decoded.events) + len(decoded.rejected))
+        known = self._claim_or_compare(connection, arrival, now)
+        if known is not None:
+            return known
         refused: list[RejectedEvent] = []
         applied: list[Event] = []
         for event in decoded.events:
@@ -201,15 +214,56 @@ class SessionStore:
             oldest_event_at=min((event.at for event in applied), default=None),
         )
 
-    def _claim(self, connection: Connection, batch_id: uuid.UUID, now: datetime) -> bool:
-        """Insert ``batch_id`` into the ledger; ``False`` if some transaction already did."""
+    def _claim(
+        self,
+        connection: Connection,
+        batch_id: uuid.UUID,
+        now: datetime,
+        digest: str | None = None,
+    ) -> bool:
+        """Insert ``batch_id`` (with the content's ``digest``) into the ledger; ``False`` if
+        some transaction already did."""
         statement = (
             upsert_into(connection, ledger_table)
-            .values(batch_id=batch_id, applied_at=now)
+            .values(batch_id=batch_id, applied_at=now, content_digest=digest)
             .on_conflict_do_nothing(index_elements=["batch_id"])
             .returning(AppliedBatch.batch_id)
         )
         return connection.execute(statement).first() is not None
+
+    def _claim_or_compare(
+        self, connection: Connection, arrival: _Arrival, now: datetime
+    ) -> ApplyResult | None:
+        """Claim the arrival's batch id for its content (``None``: go on and apply it), or say
+        what the batch is to a ledger that has the id: a duplicate, or a reused batch id.
+
+        A duplicate (the ledger's digest is this content's, or there is none to compare)
+        changes nothing. Other content under a claimed id is set aside whole in
+        ``dead_letters`` (``batch_id_reused``) and not applied: the first batch under the
+        id counted, and applying this one could count a legitimate retry twice if the
+        digests ever disagreed about it.
+        """
+        decoded, digest = arrival.decoded, arrival.digest
+        assert decoded.batch_id is not None
+        if self._claim(connection, decoded.batch_id, now, digest):
+            return None
+        stored = connection.execute(
+            select(ledger_table.c.content_digest).where(ledger_table.c.batch_id == decoded.batch_id)
+        ).scalar_one_or_none()
+        events = len(decoded.events) + len(decoded.rejected)
+        if same_content(stored, digest):
+            return ApplyResult(duplicate=events)
+        reason = (
+            f"batch_id_reused: batch {decoded.batch_id} was applied before with other content "
+            f"(digest {stored}); these {events} events (digest {digest}) are set aside, "
+            "not applied"
+        )
+        log.warning("batch %s: %s", decoded.batch_id, reason)
+        payload = arrival.payload
+        wire = payload.to_message() if isinstance(payload, Batch) else payload
+        rejected = [RejectedEvent(payload=wire, reason=reason)]
+        self._dead_letter(connection, decoded.batch_id, rejected, now, quiet=True)
+        return ApplyResult(rejected=1, reused=True, rejected_by_reason={"batch_id_reused": 1})
 
     def _dead_letter(
         self,
@@ -217,10 +271,14 @@ class SessionStore:
         batch_id: uuid.UUID | str | None,
         rejected: Sequence[RejectedEvent],
         now: datetime,
+        *,
+        quiet: bool = False,
     ) -> None:
+        """Write ``rejected`` to ``dead_letters``, each logged unless ``quiet`` (the caller
+        logs)."""
         if not rejected:
             return
-        for item in rejected:
+        for item in rejected if not quiet else ():
             log.warning("dead-lettered an event of batch %s: %s", batch_id, item.reason)
         connection.execute(
             insert(dead_letters_table),
@@ -255,10 +313,12 @@ class SessionStore:
         self._transaction(set_aside)
 
     def _settle(self, connection: Connection, payload: Any, now: datetime) -> None:
-        """Claim in the ledger the batch id a payload set aside whole says it has, if any."""
+        """Claim in the ledger the batch id a payload set aside whole says it has, if any,
+        with the payload's digest: other content under that id later is a reused id."""
         claimed = _claimed_uuid(payload)
         if claimed is not None:
-            self._claim(connection, claimed, now)
+            decoded = decode_batch(payload, self.settings.store_max_batch_events)
+            self._claim(connection, claimed, now, content_digest(decoded))
 
     def count_redelivery(self, message_id: str, now: datetime | None = None) -> int:
         """Note that ``message_id`` came back unfinished once more; how often it has, in all.

@@ -35,6 +35,8 @@ from sqlalchemy.types import DateTime, TypeDecorator
 
 #: Longest session or user id (the events module enforces the same bound).
 ID_LENGTH = 255
+#: Longest ledger digest: ``<version>:`` and 64 hex digits, with room for a longer version.
+DIGEST_LENGTH = 80
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -212,12 +214,18 @@ class CheckpointWriteRow(Base):
 
 
 class AppliedBatch(Base):
-    """The dedupe ledger: one row per batch ever applied."""
+    """The dedupe ledger: one row per batch ever applied (or set aside whole).
+
+    ``content_digest`` is what the batch said (:mod:`sessions.batch_digest`), so that other
+    events under the same id are told from a redelivery; ``None`` for rows claimed before
+    revision 0006 and for content that could not be digested.
+    """
 
     __tablename__ = "applied_batches"
 
     batch_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     applied_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    content_digest: Mapped[str | None] = mapped_column(String(DIGEST_LENGTH), nullable=True)
 
 
 class Redelivery(Base):

@@ -12,7 +12,10 @@ ends).
 
 Before any connection is made, :mod:`workers.stale_channel` makes a Redis channel whose broker
 connection is gone fail with a connection error instead of killing the worker (Celery 5.7 with
-kombu's Redis transport, after a broker restart).
+kombu's Redis transport, after a broker restart), and :mod:`workers.envelopes` makes a queue item
+that is not a kombu message (Redis, filesystem broker) a ``sessions.set_aside`` task instead of
+a crash. A task message that kombu reads but Celery would choke on is refused by the worker's
+consumer (:mod:`workers.consumer`, configured in ``celeryconfig``).
 
 Metrics (:mod:`workers.metrics`) start in the main process with the worker, before the pool
 forks (so pool processes inherit multiprocess mode); a pool process lets go of the endpoint's
@@ -44,7 +47,7 @@ from sessions.errors import (
     first_line,
 )
 from sessions.settings import Settings, get_settings, mask_url
-from workers import metrics, stale_channel
+from workers import envelopes, metrics, stale_channel
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,31 @@ def create_app(settings: Settings | None = None) -> Celery:
     return own
 
 
+#: The task an unreadable queue item becomes (``workers.tasks.set_aside``).
+SET_ASIDE_TASK = "sessions.set_aside"
+
+
+def _install_envelope_guard(celery: Celery) -> None:
+    """:func:`envelopes.install`: an unreadable item of the pipeline's queues is set aside as
+    a :data:`SET_ASIDE_TASK`; one of another queue is dropped, and counted."""
+    import celeryconfig
+
+    set_aside = envelopes.set_aside_as_task(
+        celery, SET_ASIDE_TASK, (celeryconfig.EVENTS_QUEUE, celeryconfig.MAINTENANCE_QUEUE)
+    )
+
+    def replace(text: str, reason: str, queue: str) -> dict[str, Any] | None:
+        replacement = set_aside(text, reason, queue)
+        if replacement is None:
+            metrics.record_refusal("unreadable_envelope")
+        return replacement
+
+    envelopes.install(replace)
+
+
 stale_channel.install()
 app = create_app()
+_install_envelope_guard(app)
 
 #: Whether this process, or the one it was forked from, found the schema at the newest revision.
 _schema_ready = False

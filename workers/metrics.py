@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from sessions.records import ApplyResult, DeadLetterReason, SweepResult
 from sessions.settings import Settings
@@ -35,8 +35,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Why the worker's consumer refused a message it could not run (logged, acknowledged, not
+#: dead-lettered): a queue item of a queue not the pipeline's that was no message at all, a
+#: task message Celery could not take (headers, body shape, a content type not accepted), a
+#: body it could not decode, an unregistered task, a message with no task.
+RefusalReason = Literal[
+    "unreadable_envelope",
+    "invalid_task_message",
+    "undecodable_body",
+    "unknown_task",
+    "unknown_message",
+]
 #: Every value of the ``reason`` label, each exported (at 0) from the start.
 DEAD_LETTER_REASONS: tuple[DeadLetterReason, ...] = get_args(DeadLetterReason)
+#: Every value of the refusals' ``reason`` label, each exported (at 0) from the start.
+REFUSAL_REASONS: tuple[RefusalReason, ...] = get_args(RefusalReason)
 #: Every ``(sweep, result)`` label pair: the sweeps end sessions, the health sweep also warns.
 SWEEP_RESULTS = (
     ("expire_idle", "ended"),
@@ -77,7 +90,8 @@ class WorkerMetrics:
         self.dead_letters = counter(
             "sessions_dead_letters",
             "Rows written to dead_letters: one per invalid event, one per whole payload set "
-            "aside (malformed_batch, poison, cannot_apply, unexpected_error).",
+            "aside (malformed_batch, poison, cannot_apply, unexpected_error, "
+            "unreadable_message, batch_id_reused).",
             ["reason"],
         )
         self.batches_applied = counter(
@@ -87,6 +101,17 @@ class WorkerMetrics:
         self.batches_duplicate = counter(
             "sessions_batches_duplicate",
             "Batches whose id was already in the ledger: they changed nothing.",
+        )
+        self.batches_reused = counter(
+            "sessions_batches_reused",
+            "Batches whose id the ledger holds for other content (a reused batch id): set "
+            "aside whole in dead_letters (reason batch_id_reused), not applied.",
+        )
+        self.messages_refused = counter(
+            "sessions_messages_refused",
+            "Messages the worker's consumer refused without running them: logged and "
+            "acknowledged, not dead-lettered.",
+            ["reason"],
         )
         self.apply_seconds = histogram(
             "sessions_batch_apply_seconds",
@@ -116,6 +141,7 @@ class WorkerMetrics:
             registry=registry,
         )
         self._dead_letters = {r: self.dead_letters.labels(reason=r) for r in DEAD_LETTER_REASONS}
+        self._refused = {r: self.messages_refused.labels(reason=r) for r in REFUSAL_REASONS}
         self._swept = {pair: self.swept.labels(*pair) for pair in SWEEP_RESULTS}
 
     def applied(self, result: ApplyResult, seconds: float, committed_at: float) -> None:
@@ -125,6 +151,8 @@ class WorkerMetrics:
         if result.claimed:
             self.batches_applied.inc()
             self.apply_seconds.observe(seconds)
+        elif result.reused:
+            self.batches_reused.inc()
         elif not result.rejected:  # not claimed, nothing set aside: already in the ledger
             self.batches_duplicate.inc()
         if result.duplicate:
@@ -138,6 +166,10 @@ class WorkerMetrics:
     def dead_lettered(self, reason: DeadLetterReason) -> None:
         """Count one whole payload the worker set aside."""
         self._dead_letters[reason].inc()
+
+    def refused(self, reason: RefusalReason) -> None:
+        """Count one message the consumer refused."""
+        self._refused[reason].inc()
 
     def sweep(self, result: SweepResult, active_sessions: int) -> None:
         """Count what one sweep ended or warned about; ``active_sessions`` counted after it."""
@@ -166,6 +198,12 @@ def record_dead_letter(reason: DeadLetterReason) -> None:
     """Count one whole payload set aside by the worker (a no-op unless metrics are on)."""
     if _metrics is not None:
         _metrics.dead_lettered(reason)
+
+
+def record_refusal(reason: RefusalReason) -> None:
+    """Count one message the consumer refused (a no-op unless metrics are on)."""
+    if _metrics is not None:
+        _metrics.refused(reason)
 
 
 def record_sweep(result: SweepResult, count_active: Callable[[], int]) -> None:

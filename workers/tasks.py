@@ -4,6 +4,9 @@ Each task is one call into the process's :class:`SessionStore` and a log line sa
 changed. Delivery is at least once (``acks_late``); the store's ledger makes a redelivered
 batch change nothing.
 
+``sessions.set_aside`` dead-letters a queue item that was no message at all (see
+:mod:`workers.envelopes`).
+
 An ingest message ends in exactly one of three places: applied (its batch id in the
 ledger), set aside (in ``dead_letters``, its batch id claimed), or back on the queue. Celery
 acknowledges a task that raises (``task_acks_on_failure_or_timeout`` is true by default, and
@@ -241,6 +244,22 @@ def _refusing(task: str) -> Iterator[None]:
     except REFUSED_ARGUMENTS as exc:
         log.error("%s refused its arguments, changed nothing: %s", task, exc)
         raise
+
+
+@app.task(name="sessions.set_aside", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+def set_aside(self: Task, text: str, reason: str) -> dict[str, int]:
+    """Dead-letter a queue item that was no message (``workers.envelopes`` made this call).
+
+    ``text`` is the item (cut to its first 64 KiB), ``reason`` what is wrong with it. Like
+    :func:`ingest`, it lets nothing escape but a retry: the item is set aside or retried.
+    """
+    try:
+        return _dead_letter(self, text, reason, "unreadable_message")
+    except (Retry, Reject):
+        raise
+    except Exception as exc:
+        why = "an unreadable message could not be set aside, back on the queue"
+        raise _retry(self, peek_batch_id(text), exc, why, logging.ERROR) from exc
 
 
 @app.task(name="sessions.expire_idle", throws=REFUSED_ARGUMENTS)  # type: ignore[untyped-decorator]

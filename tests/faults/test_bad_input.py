@@ -10,6 +10,11 @@ Every bad event must end in ``dead_letters`` (under its batch's id, the batch's 
 applied), every bad envelope in ``dead_letters`` whole, every message the worker cannot run must
 be refused with a logged reason; the worker never crashes and still applies a good batch
 afterwards; nothing from a payload is executed; SQL in a session id is only ever data.
+
+9b (issue 12) goes below the message: items pushed into the Redis list that are no kombu message
+at all (not JSON, not UTF-8, JSON that is not an envelope, an envelope missing a field or with a
+body that does not decode, 20 MB of junk), and on both brokers kombu messages whose headers or
+body Celery's main process choked on, and a batch id reused for other events.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from tests.faults.harness import (
 )
 from tests.faults.report import scaled
 from tests.faults.servers import FaultBroker
+from tests.workers_harness import free_port, scrape_metrics
 from workers.app import create_app
 
 pytestmark = [pytest.mark.slow]
@@ -655,4 +661,216 @@ def test_bad_input_is_dead_lettered_or_refused_and_never_costs_good_events(
             "SELECT request_count FROM sessions WHERE session_id = :id", id=SQL_LOOKING_VALID_ID
         )
         assert sql_session == 3
+    app.close()
+
+
+# -- 9b: what is not even a message, or not a task Celery can take ---------------------------------
+
+
+def _envelope(body: Any, **properties: Any) -> bytes:
+    """A queue item as kombu's Redis transport stores a message, ``properties`` changed."""
+    made = {
+        "delivery_tag": str(uuid.uuid4()),
+        "body_encoding": "utf-8",
+        "delivery_info": {"exchange": "sessions", "routing_key": "sessions.events"},
+        "priority": 0,
+        **properties,
+    }
+    return json.dumps(
+        {
+            "body": body,
+            "content-type": "application/json",
+            "content-encoding": "utf-8",
+            "headers": _celery_headers("sessions.ingest", str(uuid.uuid4())),
+            "properties": {key: value for key, value in made.items() if value is not _MISSING},
+        }
+    ).encode()
+
+
+#: The body of a call of ingest with an empty batch (what a kombu envelope here carries).
+_CALL = json.dumps([[{"batch_id": str(uuid.uuid4()), "events": []}], {}, {}])
+#: A batch pushed straight into the list, without a Celery message around it.
+BARE_BATCH_ID = str(uuid.uuid4())
+HUGE_ITEM_BYTES = 20 * 1024 * 1024
+
+#: Redis only: items pushed into the queue's list as they are (``redis-cli LPUSH``), each with
+#: the start of the reason its dead letter must give.
+RAW_ITEMS: list[tuple[str, bytes, str]] = [
+    ("the issue's probe", b"this is not json {", "not JSON (Expecting value"),
+    ("not UTF-8", b"\xff\xfe\x00junk", "not JSON"),
+    ("empty", b"", "not JSON"),
+    ("a JSON array", b"[1, 2]", "a JSON array, not an object"),
+    ("an empty object", b"{}", "properties: Field required"),
+    ("no delivery_tag", _envelope(_CALL, delivery_tag=_MISSING), "properties.delivery_tag"),
+    ("no properties", json.dumps({"body": _CALL}).encode(), "properties: Field required"),
+    ("body not base64", _envelope("!!!not base64!!!", body_encoding="base64"), "body: not base64"),
+    ("unknown body encoding", _envelope(_CALL, body_encoding="rot13"), "properties.body_encoding"),
+    ("delivery_info a string", _envelope(_CALL, delivery_info="x"), "properties.delivery_info"),
+    ("a body that is a number", _envelope(5), "body: Input should be a valid string"),
+    (
+        "a bare batch",
+        json.dumps({"batch_id": BARE_BATCH_ID, "events": [good_event("bare", 0)]}).encode(),
+        "properties: Field required",
+    ),
+    ("huge, not JSON", b"x" * HUGE_ITEM_BYTES, "not JSON"),
+]
+
+#: Both brokers: kombu messages with a body or headers Celery's main process cannot take,
+#: published as any client of the broker could: (what, headers changed, body, refusal reason).
+BAD_TASK_MESSAGES: list[tuple[str, dict[str, Any], bytes, str]] = [
+    ("task a list", {"task": ["x"]}, _CALL.encode(), "invalid_task_message"),
+    ("no id", {"id": _MISSING}, _CALL.encode(), "invalid_task_message"),
+    ("id a list", {"id": ["x"]}, _CALL.encode(), "invalid_task_message"),
+    ("timelimit a word", {"timelimit": "x"}, _CALL.encode(), "invalid_task_message"),
+    ("retries a word", {"retries": "x"}, _CALL.encode(), "invalid_task_message"),
+    ("body of one", {}, json.dumps([[]]).encode(), "invalid_task_message"),
+    ("body an object", {}, json.dumps({"args": [{}]}).encode(), "invalid_task_message"),
+    ("huge body, not JSON", {}, b"x" * HUGE_ITEM_BYTES, "undecodable_body"),
+]
+
+
+def test_malformed_arrivals_are_set_aside_or_refused_and_the_same_worker_goes_on(
+    tmp_path: Path, fault_database_url: str, fault_broker: FaultBroker
+) -> None:
+    """``redis-cli LPUSH sessions.events "this is not json {"`` killed the worker (issue 12).
+
+    On Redis every raw item lands in ``dead_letters`` as ``unreadable_message`` with its
+    reason; on both brokers every malformed task message is refused and counted; a batch id
+    reused for other events is set aside as ``batch_id_reused``; and the worker process that
+    started is the one that applies the good batch sent last.
+    """
+    began = time.monotonic()
+    url, broker = fault_database_url, fault_broker.url
+    port = free_port()
+    environment = service_environment(
+        SESSIONS_BROKER_URL=broker, SESSIONS_DATABASE_URL=url, SESSIONS_METRICS_PORT=str(port)
+    )
+    app = create_app(Settings(broker_url=broker, database_url=url))
+    reference = Reference()
+    raw = RAW_ITEMS if fault_broker.redis is not None else []
+
+    def good_batch(session_id: str, batch_id: str | None = None) -> dict[str, Any]:
+        events = [good_event(session_id, n) for n in range(3)]
+        return {"batch_id": batch_id or str(uuid.uuid4()), "events": events}
+
+    def expect(batch: dict[str, Any]) -> dict[str, Any]:
+        for event in batch["events"]:
+            reference.add(
+                event["session_id"], event["error"], event["input_tokens"], event["output_tokens"]
+            )
+        return batch
+
+    def applied(batch_id: str) -> bool:
+        found = monitor.scalar(
+            "SELECT count(*) FROM applied_batches WHERE batch_id = :id", id=uuid.UUID(batch_id)
+        )
+        return bool(found)
+
+    with Fleet(environment, tmp_path) as fleet, Monitor(url) as monitor:
+        worker = fleet.worker(concurrency=2)
+        started_pid = worker.process.pid
+        first = expect(good_batch("before-the-junk"))
+        app.send_task("sessions.ingest", args=[json.dumps(first)])
+        wait_until(lambda: applied(first["batch_id"]), timeout=120, message="the first batch")
+
+        if fault_broker.redis is not None:
+            client = fault_broker.redis.client()
+            for _, item, _ in raw:
+                client.lpush("sessions.events", item)  # type: ignore[attr-defined]
+        with Connection(broker) as connection:
+            producer = connection.Producer()
+            for _, changes, body, _ in BAD_TASK_MESSAGES:
+                headers = {**_celery_headers("sessions.ingest", str(uuid.uuid4())), **changes}
+                producer.publish(
+                    body,
+                    exchange="sessions",
+                    routing_key="sessions.events",
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    headers={k: v for k, v in headers.items() if v is not _MISSING},
+                )
+        # The first batch's id again: the same content (a redelivery), then other events.
+        app.send_task("sessions.ingest", args=[first])
+        reused = good_batch("reusing-an-id", first["batch_id"])
+        app.send_task("sessions.ingest", args=[json.dumps(reused)])
+        last = expect(good_batch("after-the-junk"))
+        app.send_task("sessions.ingest", args=[json.dumps(last)])
+
+        def letters() -> list[Any]:
+            with monitor.engine.connect() as connection:
+                return list(
+                    connection.execute(
+                        text("SELECT batch_id, reason, payload FROM dead_letters ORDER BY id")
+                    ).all()
+                )
+
+        def settled() -> bool:
+            scrape = scrape_metrics(port)
+            refused = sum(
+                scrape.value("sessions_messages_refused_total", reason=reason) or 0
+                for reason in ("invalid_task_message", "undecodable_body")
+            )
+            return (
+                applied(last["batch_id"])
+                and len(letters()) == len(raw) + 1
+                and refused == len(BAD_TASK_MESSAGES)
+                and (scrape.value("sessions_batches_duplicate_total") or 0) >= 1
+                and fault_broker.empty()
+            )
+
+        wait_until(settled, timeout=120, message="every arrival applied, set aside or refused")
+        scrape = scrape_metrics(port)
+        found = letters()
+        outcome = compare(reference, url)
+        row = record_outcome(
+            fault_broker.label("9b unreadable messages at the broker"),
+            outcome,
+            began,
+            sent=outcome.sent + len(raw) + len(BAD_TASK_MESSAGES) + 1,
+        )
+        row.dead_lettered = len(found)
+        row.refused = len(BAD_TASK_MESSAGES)
+        row.notes.append(
+            f"{len(raw)} raw queue items, {len(BAD_TASK_MESSAGES)} malformed task messages, "
+            "1 reused batch id"
+        )
+        log = worker.log
+
+        assert worker.process.poll() is None and worker.process.pid == started_pid
+        assert "Unrecoverable error" not in log and "Connection to broker lost" not in log
+        assert outcome.exact, outcome.describe()
+        (reuse,) = [letter for letter in found if letter.reason.startswith("batch_id_reused")]
+        unreadable = [letter for letter in found if letter is not reuse]
+        assert all(
+            letter.reason.startswith("unreadable message on sessions.events (")
+            for letter in unreadable
+        )
+        unmatched = [letter.reason for letter in unreadable]
+        for what, _, reason in sorted(raw, key=lambda case: -len(case[2])):  # specific first
+            match = next((r for r in unmatched if f" bytes): {reason}" in r), None)
+            assert match is not None, f"no dead letter for {what}: {unmatched}"
+            unmatched.remove(match)
+        bare = [letter for letter in unreadable if BARE_BATCH_ID in letter.payload]
+        # The bare batch (Redis only) is findable by its id, and claimed.
+        assert [str(letter.batch_id) for letter in bare] == ([BARE_BATCH_ID] if raw else [])
+        assert applied(BARE_BATCH_ID) == bool(raw)
+        assert monitor.scalar("SELECT count(*) FROM sessions WHERE session_id = 'bare'") == 0
+        huge = [letter for letter in unreadable if f"({HUGE_ITEM_BYTES} bytes)" in letter.reason]
+        assert len(huge) == len([1 for what, _, _ in raw if what.startswith("huge")])
+        assert all(len(letter.payload) < 70 * 1024 for letter in huge)
+        assert reuse.reason.startswith(f"batch_id_reused: batch {first['batch_id']}")
+        assert str(reuse.batch_id) == first["batch_id"] and "reusing-an-id" in reuse.payload
+        assert (
+            monitor.scalar("SELECT count(*) FROM sessions WHERE session_id = 'reusing-an-id'") == 0
+        )
+        assert scrape.value("sessions_dead_letters_total", reason="unreadable_message") == len(raw)
+        assert scrape.value("sessions_dead_letters_total", reason="batch_id_reused") == 1
+        assert scrape.value("sessions_batches_reused_total") == 1
+        assert scrape.value("sessions_batches_duplicate_total") == 1
+        for reason in ("invalid_task_message", "undecodable_body"):
+            expected = sum(1 for *_, counted in BAD_TASK_MESSAGES if counted == reason)
+            assert scrape.value("sessions_messages_refused_total", reason=reason) == expected
+        assert log.count("Received invalid task message: ") == sum(
+            1 for *_, counted in BAD_TASK_MESSAGES if counted == "invalid_task_message"
+        )
     app.close()

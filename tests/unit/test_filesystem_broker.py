@@ -24,6 +24,7 @@ from celeryconfig import FILESYSTEM_TRANSPORT, from_settings
 from sessions import filesystem_broker
 from sessions.settings import Settings
 from workers.app import create_app
+from workers.envelopes import Unreadable
 
 QUEUE = "sessions.events"
 PAYLOAD = {"body": "x" * 100_000, "properties": {}}
@@ -40,11 +41,15 @@ def _probe(channel: Any, seen: list[object]) -> Callable[[], None]:
 
     def probe() -> None:
         try:
-            seen.append(channel._get(QUEUE))
+            got = channel._get(QUEUE)
         except Empty:
-            pass
+            return
         except ValueError as exc:  # json.JSONDecodeError: the file it took was empty
             seen.append(exc)
+            return
+        # With workers.envelopes installed (importing workers.app does), kombu's parse
+        # returns the JSON error wrapped, for the worker to set the item aside.
+        seen.append(got.error if isinstance(got, Unreadable) else got)
 
     return probe
 

@@ -37,5 +37,5 @@ def test_readme_documents_every_worker_metric_and_dead_letter_reason() -> None:
     ]
     text = README.read_text()
     missing = [name for name in [*names, *DEAD_LETTER_REASONS] if f"`{name}`" not in text]
-    assert len(names) == 9
+    assert len(names) == 11
     assert not missing, f"metrics or reasons missing from the README's Metrics section: {missing}"
