@@ -95,8 +95,8 @@ class _WireSchema(GenerateJsonSchema):
 def generate_schema() -> dict[str, Any]:
     """The contract, generated from the models and the pipeline's routing.
 
-    Raises ``KeyError`` when an event field has no entry in :data:`FIELD_MEANINGS` (a field
-    added to a model must say what it means on the wire).
+    Raises ``LookupError`` when an event field has no entry in :data:`FIELD_MEANINGS` (a
+    field added to a model must say what it means on the wire).
     """
     import celeryconfig
     from sessions.events import Batch
@@ -105,9 +105,14 @@ def generate_schema() -> dict[str, Any]:
 
     batch = Batch.model_json_schema(schema_generator=_WireSchema)
     events = batch.pop("$defs")
-    for definition in events.values():
+    for title, definition in events.items():
         # ``kind`` has a default for Python callers; on the wire it is what tells events apart.
         definition["required"] = ["kind", *definition["required"]]
+        unexplained = sorted(definition["properties"].keys() - FIELD_MEANINGS.keys())
+        if unexplained:
+            raise LookupError(
+                f"{title} fields {unexplained}: say what each means in sessions.wire.FIELD_MEANINGS"
+            )
         definition["properties"] = {
             name: _described(field, FIELD_MEANINGS[name])
             for name, field in definition["properties"].items()
