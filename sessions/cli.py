@@ -485,6 +485,14 @@ def dashboard(
         fail(str(exc))
 
 
+@app.command()
+def schema() -> None:
+    """Print the wire contract: the JSON Schema of what producers send (README: Wire contract)."""
+    from sessions.wire import shipped_schema_text
+
+    sys.stdout.write(shipped_schema_text())
+
+
 def main() -> None:
     app()
 

@@ -30,6 +30,7 @@ from pydantic import (
     StrictInt,
     TypeAdapter,
     ValidationError,
+    WithJsonSchema,
 )
 from pydantic_core import to_json
 
@@ -197,13 +198,97 @@ def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-SessionId = Annotated[str, AfterValidator(_check_id)]
-EventTime = Annotated[AwareDatetime, BeforeValidator(_refuse_numbers), AfterValidator(_check_at)]
+#: An RFC 3339 date-time with an offset, as the wire contract asks for ``at`` (the validator
+#: also reads other ISO 8601 forms, which producers in other languages should not rely on).
+RFC3339_PATTERN = (
+    r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]"
+    r":[0-5][0-9](\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+
+# Each type's ``WithJsonSchema`` is what its validators accept, in JSON Schema's words and,
+# where those cannot say it, in its description: the wire contract (sessions/wire.py,
+# ``sessions schema``) is generated from these models. It changes no validation;
+# tests/unit/test_wire_schema.py checks that the schema and the validators agree.
+SessionId = Annotated[
+    str,
+    AfterValidator(_check_id),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": f"^{ID_PATTERN.pattern}$",
+            "description": "Printable ASCII without whitespace, 1 to 255 characters.",
+        }
+    ),
+]
+EventTime = Annotated[
+    AwareDatetime,
+    BeforeValidator(_refuse_numbers),
+    AfterValidator(_check_at),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "date-time",
+            "pattern": RFC3339_PATTERN,
+            "description": (
+                "An RFC 3339 date-time with an offset (Z or +hh:mm) on a real calendar date; "
+                f"not before {MIN_EVENT_TIME:%Y-%m-%dT%H:%M:%SZ} and at most "
+                f"{MAX_CLOCK_SKEW.total_seconds() / 60:g} minutes ahead of the worker's clock "
+                "(checked by the worker only)."
+            ),
+        }
+    ),
+]
 #: Numbers must be numbers: a numeric string is refused, not converted (``Strict``).
-ProcessingTime = Annotated[float, Strict(), AfterValidator(_check_processing_time)]
-Cost = Annotated[float, Strict(), AfterValidator(_check_cost)]
-TokenCount = Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
-Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
+ProcessingTime = Annotated[
+    float,
+    Strict(),
+    AfterValidator(_check_processing_time),
+    WithJsonSchema(
+        {
+            "type": "number",
+            "minimum": 0,
+            "maximum": MAX_PROCESSING_TIME,
+            "description": "In seconds.",
+        }
+    ),
+]
+Cost = Annotated[
+    float,
+    Strict(),
+    AfterValidator(_check_cost),
+    WithJsonSchema({"type": "number", "minimum": 0, "maximum": MAX_COST}),
+]
+TokenCount = Annotated[
+    StrictInt,
+    Field(ge=0, le=MAX_TOKENS),
+    WithJsonSchema(
+        {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_TOKENS,
+            "description": (
+                "Written as an integer: 1000, not 1000.0 or 1e3 (checked by the worker only: "
+                "JSON Schema counts 1000.0 as an integer)."
+            ),
+        }
+    ),
+]
+Metadata = Annotated[
+    dict[str, Any],
+    AfterValidator(_check_metadata),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "description": (
+                f"Any JSON object, at most {MAX_METADATA_BYTES} bytes as compact JSON (no "
+                "spaces after , and :, every character beyond ASCII written as a \\u escape), "
+                f"nested at most {MAX_METADATA_DEPTH} levels deep (objects and arrays, counting "
+                "this object), with no NUL character and no lone surrogate in any string or "
+                "key (checked by the worker only)."
+            ),
+        }
+    ),
+]
 
 
 def utcnow() -> datetime:
