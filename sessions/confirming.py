@@ -51,8 +51,10 @@ LEDGER_QUERY_CHUNK = 1000
 class Confirmer(Protocol):
     """Says which published batches have been applied."""
 
-    #: What it reads, for log lines and errors ("the ledger at postgresql://...").
-    where: str
+    @property
+    def where(self) -> str:
+        """What it reads, for log lines and errors ("the ledger at postgresql://...")."""
+        ...
 
     def applied(self, batch_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
         """The ones of ``batch_ids`` known to be applied.
@@ -81,10 +83,13 @@ class LedgerConfirmer:
 
     def __init__(self, settings: Settings, store: SessionStore | None = None) -> None:
         self.settings = settings
-        self.where = f"the ledger at {mask_url(settings.database_url)}"
         self._store = store
         self._owns_store = store is None
         self._lock = threading.Lock()
+
+    @property
+    def where(self) -> str:
+        return f"the ledger at {mask_url(self.settings.database_url)}"
 
     def applied(self, batch_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
         from sqlalchemy.exc import SQLAlchemyError

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic_core import PydanticSerializationError
 
+from sessions.broker import AMQP_CONFIRM_TIMEOUT, EVENTS_QUEUE, client_app
 from sessions.errors import UnserializableBatchError, first_line
 from sessions.events import encode_message
 from sessions.settings import Settings, get_settings
@@ -121,9 +122,10 @@ def message_of(text: str) -> dict[str, Any]:
 class CeleryPublisher(Publisher):
     """Sends each batch as one ``sessions.ingest`` message to the broker ``settings`` name.
 
-    Making one imports Celery and configures an app (no connection yet: that happens on the
-    first publish). Socket timeouts and a short retry policy come from ``celeryconfig``: a
-    broker that is down fails a publish in seconds, never hangs it.
+    Making one imports Celery and configures an app of its own, as the worker's app publishes
+    (:func:`sessions.broker.client_app`; no connection yet: that happens on the first publish).
+    Socket timeouts and a short retry policy come from there too: a broker that is down fails
+    a publish in seconds, never hangs it.
     """
 
     def __init__(self, settings: Settings | None = None):
@@ -157,21 +159,19 @@ class CeleryPublisher(Publisher):
         """Publish ``text`` as one ``sessions.ingest`` message (under ``task_id``, if given).
 
         Returns once the broker has it: on RabbitMQ, once it confirmed the message (publisher
-        confirms, see ``celeryconfig``); raises when it refused or did not confirm in
-        ``AMQP_CONFIRM_TIMEOUT`` seconds, or when it cannot be reached; raises
+        confirms, see :func:`sessions.broker.transport_options`); raises when it refused or did
+        not confirm in ``AMQP_CONFIRM_TIMEOUT`` seconds, or when it cannot be reached; raises
         :class:`~sessions.errors.UnserializableBatchError` when kombu cannot encode ``text``
         (the message's fault, not the broker's: the tracker does not wait for the broker then).
         """
         from kombu.exceptions import EncodeError
-
-        import celeryconfig
 
         try:
             self._celery().send_task(
                 INGEST_TASK,
                 args=[text],
                 task_id=task_id,
-                confirm_timeout=celeryconfig.AMQP_CONFIRM_TIMEOUT,
+                confirm_timeout=AMQP_CONFIRM_TIMEOUT,
             )
         except EncodeError as exc:
             raise UnserializableBatchError(f"the broker client cannot encode it: {exc}") from exc
@@ -183,15 +183,13 @@ class CeleryPublisher(Publisher):
         The tracker asks before it republishes a batch the ledger lacks: while workers have a
         backlog, a missing batch is most likely just waiting in it.
         """
-        import celeryconfig
-
         # A connection of its own, closed afterwards: on RabbitMQ a passive declare of a queue
         # that does not exist is answered by closing the channel (404 NOT_FOUND), which must
         # not be a channel the publisher goes on using.
         with self._celery().connection_for_read() as connection:
             try:
                 declared = connection.default_channel.queue_declare(
-                    queue=celeryconfig.EVENTS_QUEUE, passive=True
+                    queue=EVENTS_QUEUE, passive=True
                 )
             except connection.channel_errors:  # NOT_FOUND: no queue yet (Redis keeps no empty list)
                 return 0
@@ -202,9 +200,7 @@ class CeleryPublisher(Publisher):
     def _celery(self) -> Celery:
         with self._lock:
             if self._app is None:
-                from workers.app import create_app
-
-                self._app = create_app(self.settings)
+                self._app = client_app(self.settings)
             return self._app
 
     def after_fork(self) -> None:

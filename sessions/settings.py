@@ -14,7 +14,6 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
 
 
 def default_spool_dir() -> Path:
@@ -146,6 +145,9 @@ def get_settings() -> Settings:
 
 def mask_url(url: str) -> str:
     """``url`` with its password replaced by ``***``, safe for logs and error messages."""
+    # Imported here: an agent that only records must not import SQLAlchemy (issue 13).
+    from sqlalchemy.engine import make_url
+
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
