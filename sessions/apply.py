@@ -54,6 +54,7 @@ from sqlalchemy import update as sql_update
 from sessions.database import upsert_into, upsert_into_table
 from sessions.events import CreateEvent, EndEvent, RecordEvent
 from sessions.histogram import bucket_of
+from sessions.records import COUNTERS as COUNTERS  # in the order deltas carry them
 from sessions.tables import (
     JSONDocument,
     UTCDateTime,
@@ -64,16 +65,6 @@ from sessions.tables import (
 )
 
 Event = CreateEvent | RecordEvent | EndEvent
-
-#: The additive counters, in the order deltas carry them.
-COUNTERS = (
-    "request_count",
-    "error_count",
-    "total_processing_time",
-    "input_tokens",
-    "output_tokens",
-    "cost",
-)
 
 
 @dataclass(slots=True)
