@@ -23,6 +23,8 @@ the bench pops what it measures, on a Redis database it claims (empty, marked, f
 
     python -m bench.client_start                 # 15 rounds on a claimed database of local Redis
     python -m bench.client_start --rounds 30 --redis redis://127.0.0.1:6379
+    mkdir -p /tmp/before && git archive 9223d33 | tar -x -C /tmp/before
+    python -m bench.client_start --source /tmp/before    # the commit before issue 13
 
 Prints a markdown table and writes ``bench/results/client-start-<time>.json``.
 """
@@ -141,6 +143,10 @@ class Run:
     forbidden: list[str] = field(default_factory=list)
 
 
+#: The checkout whose ``sessions`` the children import (``--source``).
+source = REPO_ROOT
+
+
 def _environment(broker_url: str, folder: Path, extra: dict[str, str]) -> dict[str, str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONS_")}
     batch = {
@@ -148,7 +154,7 @@ def _environment(broker_url: str, folder: Path, extra: dict[str, str]) -> dict[s
         "events": [{"kind": "record", "session_id": "bench-session", "processing_time": 0.25}],
     }
     return environment | {
-        "PYTHONPATH": str(REPO_ROOT),
+        "PYTHONPATH": str(source),
         "SESSIONS_BROKER_URL": broker_url,
         "SESSIONS_SPOOL_DIR": str(folder / "spool"),
         # No database file: like an agent on a host the workers' database is not on.
@@ -206,8 +212,8 @@ def import_profile(kind: str, broker_url: str, folder: Path) -> dict[str, Any]:
         if not line.startswith("import time:") or "self [us]" in line:
             continue
         self_us, _, name = (part.strip() for part in line.removeprefix("import time:").split("|"))
-        top = name.split(".")[0]
-        by_package[top] = by_package.get(top, 0.0) + int(self_us) / 1000
+        package = name.split(".")[0]
+        by_package[package] = by_package.get(package, 0.0) + int(self_us) / 1000
         modules += 1
     top = dict(sorted(by_package.items(), key=lambda item: -item[1])[:8])
     return {
@@ -256,31 +262,37 @@ def summary(runs: list[Run]) -> dict[str, dict[str, Any]]:
             "modules": max(run.modules for run in mine),
             "forbidden": sorted({name for run in mine for name in run.forbidden}),
         }
-    bare = kinds["bare"]["first_message_ms"]
+    bare, bare_best = kinds["bare"]["first_message_ms"], kinds["bare"]["first_message_min_ms"]
     for figures in kinds.values():
         figures["ratio"] = round(figures["first_message_ms"] / bare, 2)
+        # The fastest runs are the least disturbed by whatever else the machine runs.
+        figures["ratio_best"] = round(figures["first_message_min_ms"] / bare_best, 2)
     return kinds
 
 
 def table(kinds: dict[str, dict[str, Any]], profiles: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| process | first message in Redis, ms (median, min-max) | vs bare | exit, ms | "
-        "import / construct / publish, ms | modules | forbidden loaded | importtime total, ms |",
+        "| process | first message in Redis, ms (median, min-max) | vs bare (median; fastest) "
+        "| exit, ms | import / construct / publish, ms | modules | forbidden loaded "
+        "| importtime total, ms |",
         "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for kind, f in kinds.items():
         lines.append(
             f"| {kind} | {f['first_message_ms']:.0f} ({f['first_message_min_ms']:.0f}-"
-            f"{f['first_message_max_ms']:.0f}) | {f['ratio']:.2f}x | {f['exit_ms']:.0f} | "
+            f"{f['first_message_max_ms']:.0f}) | {f['ratio']:.2f}x; {f['ratio_best']:.2f}x | "
+            f"{f['exit_ms']:.0f} | "
             f"{f['import_ms']:.0f} / {f['construct_ms']:.0f} / {f['publish_ms']:.0f} | "
             f"{f['modules']} | {', '.join(f['forbidden']) or 'none'} | "
             f"{profiles[kind]['total_ms']:.0f} |"
         )
-    met = kinds["tracker"]["ratio"] <= TARGET_RATIO
+    tracker = kinds["tracker"]
+    met = max(tracker["ratio"], tracker["ratio_best"]) <= TARGET_RATIO
     lines.append("")
     lines.append(
         f"Target: the tracker's first message within {TARGET_RATIO}x of the bare floor: "
-        f"{'met' if met else 'not met'} ({kinds['tracker']['ratio']:.2f}x)."
+        f"{'met' if met else 'not met'} ({tracker['ratio']:.2f}x median, "
+        f"{tracker['ratio_best']:.2f}x fastest)."
     )
     for kind, profile in profiles.items():
         top = ", ".join(f"{name} {ms:.0f}" for name, ms in profile["top_ms"].items())
@@ -292,8 +304,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=15, help="runs of each kind (default 15)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server URL")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=REPO_ROOT,
+        help="the checkout whose sessions package the agents import (default: this one), "
+        "e.g. an export of an earlier commit to compare with",
+    )
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     arguments = parser.parse_args(argv)
+    global source
+    source = arguments.source.resolve()
     if arguments.rounds < 1:
         parser.error("--rounds: must be at least 1")
     import celery
@@ -319,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         path = RESULTS / f"client-start-{stamp}.json"
         result = {
             "command": "python -m bench.client_start " + " ".join(argv or sys.argv[1:]),
+            "source": str(source),
             "machine": {
                 "cpus": str(os.cpu_count()),
                 "python": platform.python_version(),
