@@ -119,18 +119,28 @@ class EventBuffer:
     def append(self, event: Buffered) -> Appended:
         """Keep ``event``, unless the buffer is closed, or full with nowhere to spill."""
         with self._lock:
-            full = len(self._events) >= self.max_buffered_events
-            if self._closed or (full and not self._may_spill()):
-                self._dropped += 1
-                first, self._dropped_warned = not self._dropped_warned, True
-                return Appended(dropped="closed" if self._closed else "full", first_drop=first)
-            # A burst outran the publisher: the oldest batches go to the spool.
-            spill = self._cut_for_spill() if full else ()
-            self._events.append(event)
+            events = self._events
+            if self._closed or len(events) >= self.max_buffered_events:
+                return self._append_at_limit(event)
+            events.append(event)
             self._appended += 1
-            if len(self._events) >= self.max_batch_events:
+            if len(events) >= self.max_batch_events:
                 self._on_batch_ready()
-            return Appended(spill=spill) if spill else ACCEPTED
+            return ACCEPTED
+
+    def _append_at_limit(self, event: Buffered) -> Appended:
+        """:meth:`append` on a closed or full buffer (call under the lock)."""
+        if self._closed or not self._may_spill():
+            self._dropped += 1
+            first, self._dropped_warned = not self._dropped_warned, True
+            return Appended(dropped="closed" if self._closed else "full", first_drop=first)
+        # A burst outran the publisher: the oldest batches go to the spool.
+        spill = self._cut_for_spill()
+        self._events.append(event)
+        self._appended += 1
+        if len(self._events) >= self.max_batch_events:
+            self._on_batch_ready()
+        return Appended(spill=spill)
 
     def _may_spill(self) -> bool:
         """Whether a full buffer can spill now (call under the lock)."""

@@ -212,7 +212,7 @@ class SessionTracker:
             if at is None
             else None
         )
-        self._append(
+        appended = self._buffer.append(
             fields
             or RecordEvent(
                 session_id=session_id,
@@ -226,6 +226,8 @@ class SessionTracker:
                 cost=cost,
             )
         )
+        if appended is not ACCEPTED:  # inline: this is the hot path
+            self._after_append(appended)
 
     def create(
         self,
