@@ -80,6 +80,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sessions.publisher import Publisher
+
 RESULTS = Path(__file__).resolve().parent / "results"
 #: What a run's label says about its broker: nothing for the baseline Redis.
 BROKER_SUFFIX = {"redis": "", "rabbitmq": " on RabbitMQ"}
@@ -169,20 +171,29 @@ class ProducerJob:
     batch_events: int | None = None
 
 
-class RememberingPublisher:
-    """Wraps the real publisher; remembers what it sent, for each batch's event times."""
+class RememberingPublisher(Publisher):
+    """Wraps the real publisher; remembers what it sent, for each batch's event times.
 
-    def __init__(self, inner: Any) -> None:
+    Everything else is the real publisher's: the tracker's backlog guard on republishing
+    asks it for the queue's length as it would without the wrapper.
+    """
+
+    def __init__(self, inner: Publisher) -> None:
         self.inner = inner
         self.texts: list[str] = []
-
-    def __call__(self, message: dict[str, Any]) -> None:
-        self.inner(message)
-        self.texts.append(json.dumps(message))
 
     def publish_text(self, text: str) -> None:
         self.inner.publish_text(text)
         self.texts.append(text)
+
+    def queued_messages(self) -> int | None:
+        return self.inner.queued_messages()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def after_fork(self) -> None:
+        self.inner.after_fork()
 
     def sent(self) -> dict[str, list[str]]:
         """``batch_id -> [at, ...]`` of every batch sent (parsed after the run)."""

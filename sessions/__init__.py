@@ -2,6 +2,10 @@
 
 Agents record through :class:`SessionTracker` (fire-and-forget) or the guide-compatible
 :class:`ContextEngine`; Celery workers apply batches through :class:`SessionStore`.
+
+Every name here is imported on first use (PEP 562): ``from sessions import SessionTracker``
+brings in the client and Celery, never SQLAlchemy, Alembic or Starlette, which only the
+store, the worker and the dashboard need.
 """
 
 from __future__ import annotations
@@ -9,45 +13,80 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from sessions.errors import (
-    BrokerUnavailableError,
-    FlushTimeoutError,
-    SessionLimitError,
-    SessionsError,
-    StoreUnavailableError,
-    UnserializableBatchError,
-)
-from sessions.events import Batch, CreateEvent, EndEvent, MessageEvent, RecordEvent, SessionEvent
-from sessions.records import (
-    Aggregate,
-    ApplyResult,
-    MinuteActivity,
-    PurgeResult,
-    SessionRecord,
-    SweepResult,
-    UserAggregate,
-)
-from sessions.settings import Settings, get_settings
-from sessions.store import SessionStore
-
 if TYPE_CHECKING:
     from sessions.context_engine import ContextEngine, GuideSession
     from sessions.conversation import GuideMessage
+    from sessions.errors import (
+        BrokerUnavailableError,
+        FlushTimeoutError,
+        SessionLimitError,
+        SessionsError,
+        StoreUnavailableError,
+        UnserializableBatchError,
+    )
+    from sessions.events import (
+        Batch,
+        CreateEvent,
+        EndEvent,
+        MessageEvent,
+        RecordEvent,
+        SessionEvent,
+    )
+    from sessions.records import (
+        Aggregate,
+        ApplyResult,
+        MinuteActivity,
+        PurgeResult,
+        SessionRecord,
+        SweepResult,
+        UserAggregate,
+    )
+    from sessions.settings import Settings, get_settings
+    from sessions.store import SessionStore
     from sessions.tracker import SessionTracker
 
-#: Imported on first use: the client brings in Celery, which a store-only user never needs.
-_LAZY = {
+#: Where each exported name lives.
+_EXPORTS = {
+    "Aggregate": "sessions.records",
+    "ApplyResult": "sessions.records",
+    "Batch": "sessions.events",
+    "BrokerUnavailableError": "sessions.errors",
     "ContextEngine": "sessions.context_engine",
-    "GuideSession": "sessions.context_engine",
+    "CreateEvent": "sessions.events",
+    "EndEvent": "sessions.events",
+    "FlushTimeoutError": "sessions.errors",
     "GuideMessage": "sessions.conversation",
+    "GuideSession": "sessions.context_engine",
+    "MessageEvent": "sessions.events",
+    "MinuteActivity": "sessions.records",
+    "PurgeResult": "sessions.records",
+    "RecordEvent": "sessions.events",
+    "SessionEvent": "sessions.events",
+    "SessionLimitError": "sessions.errors",
+    "SessionRecord": "sessions.records",
+    "SessionStore": "sessions.store",
     "SessionTracker": "sessions.tracker",
+    "SessionsError": "sessions.errors",
+    "Settings": "sessions.settings",
+    "StoreUnavailableError": "sessions.errors",
+    "SweepResult": "sessions.records",
+    "UnserializableBatchError": "sessions.errors",
+    "UserAggregate": "sessions.records",
+    "get_settings": "sessions.settings",
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sessions' has no attribute {name!r}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sessions' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
 __all__ = [

@@ -55,6 +55,7 @@ from sessions.database import upsert_into, upsert_into_table
 from sessions.events import AnyEvent, CreateEvent, EndEvent, MessageEvent, RecordEvent
 from sessions.histogram import bucket_of
 from sessions.messages import insert_messages, trim
+from sessions.records import COUNTERS as COUNTERS  # in the order deltas carry them
 from sessions.tables import (
     JSONDocument,
     UTCDateTime,
@@ -67,16 +68,6 @@ from sessions.tables import (
 Event = AnyEvent
 #: Messages kept per run when the caller does not say (``SESSIONS_CONVERSATION_MAX_MESSAGES``).
 DEFAULT_MAX_MESSAGES = 1000
-
-#: The additive counters, in the order deltas carry them.
-COUNTERS = (
-    "request_count",
-    "error_count",
-    "total_processing_time",
-    "input_tokens",
-    "output_tokens",
-    "cost",
-)
 
 
 @dataclass(slots=True)

@@ -15,13 +15,13 @@ everything in their backlog, fall further behind, and get more copies. The queue
 first out, so the evidence of a *lost* batch is that a batch published after it has been
 applied while it has not. Only such a batch is republished, or the newest one (nothing was
 published after it to tell; copying one batch costs nothing); and the tracker also holds back
-while the broker's queue still has messages no worker took (:meth:`CeleryPublisher.
+while the broker's queue still has messages no worker took (:meth:`Publisher.
 queued_messages`), since a worker killed holding reserved messages breaks the order until
 they are restored. Entries are kept in memory only,
 bounded by count and bytes; beyond the bounds the oldest are forgotten (counted: they were
 published, just not yet seen applied).
 
-This module knows nothing of threads or brokers; :class:`~sessions.tracker.SessionTracker`
+This module knows nothing of threads or brokers; :class:`~sessions.confirming.Confirmations`
 drives it under its own lock.
 """
 
@@ -97,6 +97,10 @@ class Outbox:
 
     def __iter__(self) -> Iterator[uuid.UUID]:
         return iter(list(self._entries))
+
+    def entries(self) -> list[Unconfirmed]:
+        """Every entry, oldest first (a snapshot)."""
+        return list(self._entries.values())
 
     def add(self, entry: Unconfirmed) -> list[Unconfirmed]:
         """Keep ``entry`` (published just now); returns the oldest entries it pushed out."""

@@ -1,22 +1,29 @@
-"""Handing a batch to the broker: the one place where ``sessions`` imports ``workers``.
+"""Handing a batch to the broker: the :class:`Publisher` protocol and its Celery implementation.
 
-A publisher is any callable that takes a batch's message (:meth:`Batch.to_message`) and
-returns once the broker has it, or raises (:class:`~sessions.errors.UnserializableBatchError`
-when the message itself cannot be encoded: then the broker is not to blame).
-:class:`CeleryPublisher` is the real one: it sends the message as one JSON text
-(:func:`sessions.events.encode_message`), which the worker validates in one call. Tests pass
-a function instead.
+A publisher takes a batch's wire text (:func:`sessions.events.batch_json`, the JSON the worker
+validates in one call) and returns once the broker has it, or raises:
+:class:`~sessions.errors.UnserializableBatchError` when the message itself cannot be encoded
+(then the broker is not to blame, and the tracker neither retries nor spools it), anything
+else when the broker did not take it. It also says how many messages wait in the ingest queue
+(the tracker holds back republishing while workers have a backlog), and lets go of its
+connections at close and after a fork.
+
+:class:`CeleryPublisher` is the real one. A plain function taking the batch message as a dict
+(what tests and earlier releases pass) is wrapped in a :class:`CallablePublisher` by
+:func:`as_publisher`; :mod:`sessions.testing` has an in-memory one.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic_core import PydanticSerializationError
 
-from sessions.errors import UnserializableBatchError
+from sessions.broker import AMQP_CONFIRM_TIMEOUT, EVENTS_QUEUE, client_app
+from sessions.errors import UnserializableBatchError, first_line
 from sessions.events import encode_message
 from sessions.settings import Settings, get_settings
 
@@ -26,16 +33,99 @@ if TYPE_CHECKING:
 #: Name of the worker task that applies one batch.
 INGEST_TASK = "sessions.ingest"
 
-#: Publishes one batch message; raises when the broker did not take it.
-Publisher = Callable[[dict[str, Any]], None]
+#: A function that publishes one batch message (the dict of :meth:`Batch.to_message`) and
+#: raises when the broker did not take it: the simplest publisher, for tests.
+MessageFunction = Callable[[dict[str, Any]], None]
 
 
-class CeleryPublisher:
+@runtime_checkable
+class Publisher(Protocol):
+    """What the tracker publishes through (a :func:`typing.runtime_checkable` protocol).
+
+    Only :meth:`publish_text` must be written: a class that subclasses this protocol
+    explicitly inherits the other three, which say "cannot tell" and do nothing.
+    """
+
+    def publish_text(self, text: str) -> None:
+        """Hand one batch's wire text to the broker; return once the broker has it.
+
+        :raises UnserializableBatchError: ``text`` cannot be encoded for the broker (the
+            batch's fault: it is set aside, not retried).
+        :raises Exception: anything else means the broker did not take it (retried, then
+            spooled).
+        """
+
+    def queued_messages(self) -> int | None:
+        """Messages waiting in the ingest queue, taken by no worker yet; ``None`` when this
+        publisher cannot tell (the tracker's backlog guard is then off).
+
+        :raises Exception: the broker cannot say now (the tracker counts that as a backlog).
+        """
+        return None
+
+    def close(self) -> None:
+        """Let go of broker connections (a later publish may open new ones)."""
+        return None
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's connections without closing them (they
+        are the parent's sockets)."""
+        return None
+
+
+class CallablePublisher(Publisher):
+    """A :class:`Publisher` around a function that takes the batch message as a dict."""
+
+    def __init__(self, publish: MessageFunction) -> None:
+        self.publish = publish
+
+    def publish_text(self, text: str) -> None:
+        self.publish(message_of(text))
+
+
+def as_publisher(publisher: Publisher | MessageFunction) -> Publisher:
+    """``publisher`` as a :class:`Publisher`: itself, or a function wrapped in a
+    :class:`CallablePublisher`.
+
+    :raises TypeError: ``publisher`` is neither, or is half a :class:`Publisher` (it has
+        ``publish_text`` or ``queued_messages`` but not all four methods: wrapped as a plain
+        function, what it has would be silently ignored).
+    """
+    if isinstance(publisher, Publisher):
+        return publisher
+    members = ("publish_text", "queued_messages", "close", "after_fork")
+    partial = [name for name in members[:2] if hasattr(publisher, name)]
+    if partial or not callable(publisher):
+        missing = [name for name in members if not hasattr(publisher, name)]
+        raise TypeError(
+            f"publisher: must be a sessions.publisher.Publisher (publish_text, queued_messages, "
+            f"close, after_fork; subclass it for the defaults) or a function taking a batch "
+            f"message; {type(publisher).__name__} lacks {', '.join(missing)}"
+        )
+    return CallablePublisher(publisher)
+
+
+def message_of(text: str) -> dict[str, Any]:
+    """The batch message a wire text holds, for a publisher that takes dicts.
+
+    :raises UnserializableBatchError: ``text`` is not a JSON object.
+    """
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise UnserializableBatchError(f"not a JSON document: {first_line(exc)}") from exc
+    if not isinstance(message, dict):
+        raise UnserializableBatchError(f"not a JSON object but {type(message).__name__}")
+    return message
+
+
+class CeleryPublisher(Publisher):
     """Sends each batch as one ``sessions.ingest`` message to the broker ``settings`` name.
 
-    Making one imports Celery and configures an app (no connection yet: that happens on the
-    first publish). Socket timeouts and a short retry policy come from ``celeryconfig``: a
-    broker that is down fails a publish in seconds, never hangs it.
+    Making one imports Celery and configures an app of its own, as the worker's app publishes
+    (:func:`sessions.broker.client_app`; no connection yet: that happens on the first publish).
+    Socket timeouts and a short retry policy come from there too: a broker that is down fails
+    a publish in seconds, never hangs it.
     """
 
     def __init__(self, settings: Settings | None = None):
@@ -48,6 +138,10 @@ class CeleryPublisher:
         self._celery()
 
     def __call__(self, message: dict[str, Any]) -> None:
+        """Publish a batch message given as a dict (encoded as :meth:`publish_text` takes it).
+
+        :raises UnserializableBatchError: the message cannot be serialised.
+        """
         try:
             text = encode_message(message)
         except PydanticSerializationError as exc:
@@ -65,21 +159,19 @@ class CeleryPublisher:
         """Publish ``text`` as one ``sessions.ingest`` message (under ``task_id``, if given).
 
         Returns once the broker has it: on RabbitMQ, once it confirmed the message (publisher
-        confirms, see ``celeryconfig``); raises when it refused or did not confirm in
-        ``AMQP_CONFIRM_TIMEOUT`` seconds, or when it cannot be reached; raises
+        confirms, see :func:`sessions.broker.transport_options`); raises when it refused or did
+        not confirm in ``AMQP_CONFIRM_TIMEOUT`` seconds, or when it cannot be reached; raises
         :class:`~sessions.errors.UnserializableBatchError` when kombu cannot encode ``text``
         (the message's fault, not the broker's: the tracker does not wait for the broker then).
         """
         from kombu.exceptions import EncodeError
-
-        import celeryconfig
 
         try:
             self._celery().send_task(
                 INGEST_TASK,
                 args=[text],
                 task_id=task_id,
-                confirm_timeout=celeryconfig.AMQP_CONFIRM_TIMEOUT,
+                confirm_timeout=AMQP_CONFIRM_TIMEOUT,
             )
         except EncodeError as exc:
             raise UnserializableBatchError(f"the broker client cannot encode it: {exc}") from exc
@@ -91,15 +183,13 @@ class CeleryPublisher:
         The tracker asks before it republishes a batch the ledger lacks: while workers have a
         backlog, a missing batch is most likely just waiting in it.
         """
-        import celeryconfig
-
         # A connection of its own, closed afterwards: on RabbitMQ a passive declare of a queue
         # that does not exist is answered by closing the channel (404 NOT_FOUND), which must
         # not be a channel the publisher goes on using.
         with self._celery().connection_for_read() as connection:
             try:
                 declared = connection.default_channel.queue_declare(
-                    queue=celeryconfig.EVENTS_QUEUE, passive=True
+                    queue=EVENTS_QUEUE, passive=True
                 )
             except connection.channel_errors:  # NOT_FOUND: no queue yet (Redis keeps no empty list)
                 return 0
@@ -110,12 +200,10 @@ class CeleryPublisher:
     def _celery(self) -> Celery:
         with self._lock:
             if self._app is None:
-                from workers.app import create_app
-
-                self._app = create_app(self.settings)
+                self._app = client_app(self.settings)
             return self._app
 
-    def forget_after_fork(self) -> None:
+    def after_fork(self) -> None:
         """In a forked child: drop the parent's app and connections without closing them."""
         self._app = None
         self._lock = threading.Lock()

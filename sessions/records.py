@@ -20,6 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from sessions.bounds import check_seconds
 from sessions.histogram import percentile
 
+#: The additive counters every session run carries (and the store's deltas, in this order).
+COUNTERS = (
+    "request_count",
+    "error_count",
+    "total_processing_time",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+)
 #: Every state a session can be in; only ``active`` is not final.
 Status = Literal["active", "completed", "failed", "expired"]
 #: Why a session ended: an ``end`` event, or one of the housekeeping sweeps.

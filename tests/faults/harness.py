@@ -480,9 +480,9 @@ def settle(
     """
     deadline = time.monotonic() + timeout
     drained_before = False
-    seen = (worker_activity(), len(tracker._outbox))
+    seen = (worker_activity(), tracker.stats.batches_unconfirmed)
     while True:
-        if (now := (worker_activity(), len(tracker._outbox))) != seen:
+        if (now := (worker_activity(), tracker.stats.batches_unconfirmed)) != seen:
             seen, deadline = now, time.monotonic() + timeout
         remaining = deadline - time.monotonic()
         try:
@@ -492,7 +492,7 @@ def settle(
             problem = f"{type(exc).__name__}: {exc}"
         if remaining <= 3.0:
             return problem
-        if redis_client is not None and not tracker._outbox.republishing:
+        if redis_client is not None and not tracker._confirmations.republishing:
             empty = getattr(redis_client, "empty", None)
             drained = empty() if empty is not None else broker_empty(redis_client)
             if drained and drained_before:
@@ -578,4 +578,4 @@ def locate_batches(redis_client: Any, batch_ids: Iterable[object]) -> dict[str, 
 
 def unconfirmed_batches(tracker: SessionTracker) -> list[object]:
     """Batches the tracker published that it has not yet seen in the ledger."""
-    return list(tracker._outbox)
+    return [entry.batch_id for entry in tracker._confirmations.unconfirmed()]

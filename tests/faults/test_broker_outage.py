@@ -38,13 +38,10 @@ from typing import Any
 
 import pytest
 
+from sessions.confirming import CONFIRM_POLL_INTERVAL
+from sessions.sending import BACKLOG_RECHECK_INTERVAL, REPLAY_CHUNK
 from sessions.settings import Settings
-from sessions.tracker import (
-    BACKLOG_RECHECK_INTERVAL,
-    CONFIRM_POLL_INTERVAL,
-    REPLAY_CHUNK,
-    SessionTracker,
-)
+from sessions.tracker import SessionTracker
 from tests.faults.harness import (
     SETTLE_DEADLINE,
     Fleet,

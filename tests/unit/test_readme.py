@@ -39,3 +39,9 @@ def test_readme_documents_every_worker_metric_and_dead_letter_reason() -> None:
     missing = [name for name in [*names, *DEAD_LETTER_REASONS] if f"`{name}`" not in text]
     assert len(names) == 11
     assert not missing, f"metrics or reasons missing from the README's Metrics section: {missing}"
+
+
+def test_readme_shows_the_testing_example_that_runs() -> None:
+    example = (Path(__file__).parent / "test_testing_example.py").read_text()
+    code = example[example.index("from sessions import SessionTracker") :]
+    assert f"```python\n{code}```" in README.read_text()

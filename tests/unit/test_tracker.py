@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from sessions import tracker as tracker_module
+from sessions import sending
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError, UnserializableBatchError
 from sessions.events import Batch
-from sessions.publisher import CeleryPublisher
+from sessions.publisher import CeleryPublisher, Publisher
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
@@ -61,8 +61,8 @@ class Recorder:
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tracker_module, "PUBLISH_RETRY_DELAYS", (0.01, 0.01))
-    monkeypatch.setattr(tracker_module, "BROKER_DOWN_PAUSE", 0.05)
+    monkeypatch.setattr(sending, "PUBLISH_RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(sending, "BROKER_DOWN_PAUSE", 0.05)
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_record_never_raises_or_blocks_when_the_publisher_fails(
     assert recorder.threads and threading.get_ident() not in recorder.threads
     assert sum(len(batch.events) for batch, _ in unsent) == 2000
     # Only the first batch of the outage (and one per pause) was actually tried.
-    assert len(recorder.calls) < 40 * tracker_module.PUBLISH_ATTEMPTS
+    assert len(recorder.calls) < 40 * sending.PUBLISH_ATTEMPTS
     with pytest.raises(BrokerUnavailableError, match="40 batches"):
         tracker.flush(wait=True, timeout=DEADLINE)
 
@@ -161,7 +161,7 @@ def test_record_never_raises_or_blocks_when_the_publisher_fails(
 def test_the_tracker_publishes_again_once_the_broker_is_back(
     make_tracker: Any, recorder: Recorder
 ) -> None:
-    recorder.failures = tracker_module.PUBLISH_ATTEMPTS  # the first batch is given up
+    recorder.failures = sending.PUBLISH_ATTEMPTS  # the first batch is given up
     tracker = make_tracker()
     tracker.record("s-1")
     tracker.flush()
@@ -174,7 +174,7 @@ def test_the_tracker_publishes_again_once_the_broker_is_back(
 
     wait_until(
         sent_after_the_pause,
-        timeout=tracker_module.BROKER_DOWN_PAUSE + DEADLINE,
+        timeout=sending.BROKER_DOWN_PAUSE + DEADLINE,
         message="a batch sent after the pause",
     )
     assert recorder.events()[-1]["session_id"] == "s-2"
@@ -325,11 +325,8 @@ def test_an_event_that_cannot_be_serialised_costs_only_itself_and_blames_no_brok
 def test_a_batch_the_publisher_cannot_encode_is_no_broker_outage(make_tracker: Any) -> None:
     sent: list[str] = []
 
-    class Picky:
-        """Takes text, as CeleryPublisher does; refuses to encode one batch's text."""
-
-        def __call__(self, message: dict[str, Any]) -> None:
-            raise AssertionError("text publishers get text")
+    class Picky(Publisher):
+        """Refuses to encode one batch's text, as CeleryPublisher would."""
 
         def publish_text(self, text: str) -> None:
             if '"poison"' in text:

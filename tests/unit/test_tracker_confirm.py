@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from sessions import tracker as tracker_module
+from sessions import confirming, sending
 from sessions.outbox import Outbox, Unconfirmed
+from sessions.publisher import CallablePublisher
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker, open_spool
@@ -27,11 +28,11 @@ CONFIRM_TIMEOUT = 0.3
 
 @pytest.fixture(autouse=True)
 def quick_confirmations(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tracker_module, "CONFIRM_POLL_INTERVAL", 0.02)
-    monkeypatch.setattr(tracker_module, "CONFIRM_MIN_AGE", 0.0)
-    monkeypatch.setattr(tracker_module, "BACKLOG_RECHECK_INTERVAL", 0.02)
-    monkeypatch.setattr(tracker_module, "PUBLISH_RETRY_DELAYS", (0.01, 0.01))
-    monkeypatch.setattr(tracker_module, "BROKER_DOWN_PAUSE", 0.05)
+    monkeypatch.setattr(confirming, "CONFIRM_POLL_INTERVAL", 0.02)
+    monkeypatch.setattr(confirming, "CONFIRM_MIN_AGE", 0.0)
+    monkeypatch.setattr(sending, "BACKLOG_RECHECK_INTERVAL", 0.02)
+    monkeypatch.setattr(sending, "PUBLISH_RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(sending, "BROKER_DOWN_PAUSE", 0.05)
 
 
 @pytest.fixture
@@ -92,17 +93,14 @@ def test_nothing_is_republished_while_the_queue_holds_a_backlog(store: SessionSt
     backlog = [5]
     asked: list[int] = []
 
-    class QueueAwarePublisher:
-        def __call__(self, message: dict[str, Any]) -> None:
-            workers(message)
-
+    class QueueAwarePublisher(CallablePublisher):
         def queued_messages(self) -> int:
             asked.append(backlog[0])
             return backlog[0]
 
     with SessionTracker(
         _settings(),
-        publisher=QueueAwarePublisher(),
+        publisher=QueueAwarePublisher(workers),
         store=store,
         flush_interval=NEVER,
         max_batch_events=10,
@@ -246,8 +244,8 @@ def test_confirm_timeout_zero_keeps_no_batch_text(store: SessionStore) -> None:
         tracker.record("s-1")
         tracker.flush()
         wait_until(lambda: len(published) == 1, message="the publish")
-        assert tracker._confirmer is None
-        assert all(entry.message is None for entry in tracker._outbox.drain())
+        assert not tracker._confirmations.looking  # no confirming thread
+        assert all(entry.message is None for entry in tracker._confirmations.unconfirmed())
 
 
 # -- the outbox on its own --------------------------------------------------------------------

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from sessions import tracker as tracker_module
+from sessions import sending
 from sessions.errors import UnserializableBatchError
+from sessions.publisher import Publisher
 from sessions.settings import Settings
 from sessions.spool import BatchSpool
 from sessions.store import SessionStore
@@ -31,8 +32,8 @@ from tests.workers_harness import DEADLINE, run_to_completion, wait_until
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tracker_module, "PUBLISH_RETRY_DELAYS", (0.01, 0.01))
-    monkeypatch.setattr(tracker_module, "BROKER_DOWN_PAUSE", 0.05)
+    monkeypatch.setattr(sending, "PUBLISH_RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(sending, "BROKER_DOWN_PAUSE", 0.05)
 
 
 @pytest.fixture
@@ -373,7 +374,7 @@ def test_a_spooled_batch_that_can_never_be_published_is_quarantined_and_the_rest
     spool.put(poison)
     spool.put({"batch_id": str(uuid.uuid4()), "events": [{"kind": "record", "session_id": "z"}]})
 
-    class Picky(Recorder):
+    class Picky(Recorder, Publisher):
         """Takes text, as CeleryPublisher does; refuses to encode the poison batch."""
 
         def publish_text(self, text: str) -> None:

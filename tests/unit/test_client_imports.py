@@ -1,0 +1,90 @@
+"""What an agent that records imports: the client and Celery, never the store's, the worker's or
+the dashboard's dependencies (issue 13). Each check runs in a fresh interpreter, since this
+test process has imported everything already. How long the imports take is measured in
+``bench.client_start``, not asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tests.workers_harness import run_to_completion
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: Top-level modules a recording agent must never load.
+FORBIDDEN = ("sqlalchemy", "alembic", "starlette", "workers", "celeryconfig")
+
+AGENT = """
+    import json, sys
+
+    FORBIDDEN = set(sys.argv[1].split(","))
+
+    def loaded():
+        return sorted({name.split(".")[0] for name in sys.modules} & FORBIDDEN)
+
+    seen = {}
+    from sessions import SessionTracker
+    from sessions.settings import Settings
+
+    seen["import"] = loaded()
+    # Confirmation off: a tracker that confirms reads the database's ledger (and imports the
+    # store) once it has published something, by design until the broker confirms batches.
+    tracker = SessionTracker(Settings(broker_url="memory://", confirm_timeout_seconds=0))
+    seen["construction"] = loaded()
+    tracker.record("s-1", processing_time=0.1)
+    tracker.close()  # publishes the batch through Celery to the in-memory broker
+    seen["publish"] = loaded()
+    seen["batches_sent"] = tracker.stats.batches_sent
+    print(json.dumps(seen))
+"""
+
+
+def _run(code: str, *arguments: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return run_to_completion(
+        [sys.executable, "-c", textwrap.dedent(code), *arguments],
+        cwd=cwd,
+        env={"PYTHONPATH": str(REPO_ROOT), "XDG_CACHE_HOME": str(cwd), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_recording_imports_no_store_worker_or_dashboard(tmp_path: Path) -> None:
+    agent = _run(AGENT, ",".join(FORBIDDEN), cwd=tmp_path)
+    assert agent.returncode == 0, agent.stderr
+    seen = json.loads(agent.stdout)
+    assert seen == {"import": [], "construction": [], "publish": [], "batches_sent": 1}, seen
+
+
+def test_a_tracker_that_confirms_imports_the_store_only_once_it_has_something_to_confirm(
+    tmp_path: Path,
+) -> None:
+    code = """
+        import sys
+        from sessions import SessionTracker
+        from sessions.settings import Settings
+
+        tracker = SessionTracker(Settings(broker_url="memory://"))  # confirmation on
+        print("sqlalchemy" in sys.modules, "sessions.store" in sys.modules)
+        tracker.close()
+    """
+    agent = _run(code, cwd=tmp_path)
+    assert agent.returncode == 0, agent.stderr
+    assert agent.stdout.split() == ["False", "False"]
+
+
+def test_the_package_imports_nothing_until_a_name_is_used(tmp_path: Path) -> None:
+    code = """
+        import sys
+        import sessions.outbox  # a module of the standard library only
+
+        print(sorted({m.split(".")[0] for m in sys.modules} & {"celery", "kombu", "pydantic",
+            "sqlalchemy"}))
+        from sessions import SessionRecord  # and a name imports its own module, no more
+        print("sessions.records" in sys.modules, "sessions.store" in sys.modules)
+    """
+    agent = _run(code, cwd=tmp_path)
+    assert agent.returncode == 0, agent.stderr
+    assert agent.stdout.splitlines() == ["[]", "True False"]
