@@ -501,9 +501,10 @@ class Bench:
             c.execute(text("TRUNCATE sessions"))
             c.execute(
                 text(
-                    "INSERT INTO sessions (session_id, status, run, created_at, last_activity) "
-                    "SELECT 'bench-' || n, 'active', 1, now(), now() - interval '1 day' "
-                    "FROM generate_series(0, :k - 1) AS n"
+                    "INSERT INTO sessions (session_id, status, run, created_at, last_activity,"
+                    " last_activity_minute) SELECT 'bench-' || n, 'active', 1, now(),"
+                    " now() - interval '1 day', date_trunc('minute', now() - interval '1 day')"
+                    " FROM generate_series(0, :k - 1) AS n"
                 ),
                 {"k": self.sessions},
             )
@@ -1033,6 +1034,7 @@ def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> 
     store = SessionStore(url, settings=Settings())
     with store.engine.begin() as c:
         c.execute(text(TRUNCATE_OURS))
+        c.execute(text("SELECT pg_stat_reset_single_table_counters('sessions'::regclass)"))
     ids, times, errors = plan(0, batches * batch_size, sessions)
     for session_id in set(ids):  # validated once, as a tracker would have
         RecordEvent(session_id=session_id, at=datetime.now(UTC))
@@ -1052,13 +1054,37 @@ def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> 
         store.apply(message)
     elapsed = time.perf_counter() - started
     client, server = time.process_time() - cpu_before, _cpu_seconds(backend) - backend_before
-    store.dispose()
+    store.dispose()  # its backend exits, and reports its statistics
     events = (batches - 1) * batch_size
     return {
         "events_per_second": events / elapsed,
         "client_us_per_event": client / events * 1e6,
         "postgresql_us_per_event": server / events * 1e6,
+        "sessions_hot_update_fraction": hot_update_fraction(url),
     }
+
+
+def hot_update_fraction(url: str) -> float:
+    """Of the updates of ``sessions`` rows so far, the fraction PostgreSQL made HOT (in place,
+    no index entry written): 1.0 when no update changed an indexed column."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    deadline = time.monotonic() + 10
+    with engine.connect() as c:
+        while True:  # the statistics of a backend that just exited arrive shortly after
+            updated, hot = c.execute(
+                text(
+                    "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+                    " WHERE relname = 'sessions'"
+                )
+            ).one()
+            if updated or time.monotonic() > deadline:
+                break
+            c.rollback()
+            time.sleep(0.1)
+    engine.dispose()
+    return hot / updated if updated else 0.0
 
 
 # -- report ------------------------------------------------------------------------------
@@ -1285,6 +1311,10 @@ def report(bench: Bench, s: dict[str, Any], machine: dict[str, str]) -> str:
             f"| store.apply() alone: 1 process, 1 connection, no broker | "
             f"{a['events_per_second']:,.0f} | | | - / {a['client_us_per_event']:.1f} / "
             f"{a['postgresql_us_per_event']:.1f} / - |"
+        )
+        lines.append(
+            f"\nstore.apply() alone: {a['sessions_hot_update_fraction']:.1%} of the updates of"
+            " `sessions` rows were HOT (no index entry written)."
         )
     lines += broker_table(s, rate)
     if "metrics_ratio" in s:

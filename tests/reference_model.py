@@ -38,6 +38,7 @@ from typing import Any
 
 from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent
 from sessions.histogram import bucket_of
+from sessions.tables import minute_start
 
 Event = CreateEvent | RecordEvent | EndEvent
 
@@ -220,7 +221,12 @@ class ReferenceStore:
     # -- views compared with the store ----------------------------------------------------
 
     def live_rows(self) -> dict[str, dict[str, Any]]:
-        return {sid: run.as_dict() for sid, run in self.live.items()}
+        """Every live row, with the minute of its activity that the idle sweep's index holds
+        (not its ``error_rate_bound``, which depends on how events were cut into batches)."""
+        return {
+            sid: {**run.as_dict(), "last_activity_minute": minute_start(run.last_activity)}
+            for sid, run in self.live.items()
+        }
 
     def archived_rows(self) -> dict[tuple[str, int], dict[str, Any]]:
         return {key: run.as_dict() for key, run in self.archived.items()}
