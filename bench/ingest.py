@@ -1050,12 +1050,29 @@ def latency_summary(results: list[dict[str, Any]]) -> dict[str, float]:
 # -- the store alone ----------------------------------------------------------------------
 
 
+def wire_batches(sessions: int, batches: int, batch_size: int) -> list[str]:
+    """``batches`` wire-form batches of ``batch_size`` records over ``sessions`` sessions, as a
+    producer's tracker would publish them (10% errors)."""
+    from sessions.events import RecordEvent, batch_json, plain_record
+
+    ids, times, errors = plan(0, batches * batch_size, sessions)
+    for session_id in set(ids):  # validated once, as a tracker would have
+        RecordEvent(session_id=session_id, at=datetime.now(UTC))
+    texts: list[str] = []
+    for b in range(batches):
+        fields = [
+            plain_record(ids[j], times[j], errors[j], None, True, 0, 0, 0.0)
+            for j in range(b * batch_size, (b + 1) * batch_size)
+        ]
+        texts.append(batch_json(uuid.uuid4(), [f for f in fields if f is not None]))
+    return texts
+
+
 def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> dict[str, float]:
     """``SessionStore.apply`` of ready wire-form batches in this process: no broker, one
     connection. What one worker thread and one PostgreSQL backend can do, and their CPU."""
     from sqlalchemy import text
 
-    from sessions.events import RecordEvent, batch_json, plain_record
     from sessions.settings import Settings
     from sessions.store import SessionStore
 
@@ -1063,16 +1080,7 @@ def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> 
     with store.engine.begin() as c:
         c.execute(text(TRUNCATE_OURS))
         c.execute(text("SELECT pg_stat_reset_single_table_counters('sessions'::regclass)"))
-    ids, times, errors = plan(0, batches * batch_size, sessions)
-    for session_id in set(ids):  # validated once, as a tracker would have
-        RecordEvent(session_id=session_id, at=datetime.now(UTC))
-    texts: list[Any] = []
-    for b in range(batches):
-        fields = [
-            plain_record(ids[j], times[j], errors[j], None, True, 0, 0, 0.0)
-            for j in range(b * batch_size, (b + 1) * batch_size)
-        ]
-        texts.append(batch_json(uuid.uuid4(), [f for f in fields if f is not None]))
+    texts = wire_batches(sessions, batches, batch_size)
     store.apply(texts[0])  # connect, prepare
     with store.engine.connect() as c:
         backend = int(c.execute(text("SELECT pg_backend_pid()")).scalar_one())
