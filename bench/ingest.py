@@ -1091,6 +1091,8 @@ def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> 
     elapsed = time.perf_counter() - started
     client, server = time.process_time() - cpu_before, _cpu_seconds(backend) - backend_before
     store.dispose()  # its backend exits, and reports its statistics
+    from bench.apply_alone import hot_update_fraction
+
     events = (batches - 1) * batch_size
     return {
         "events_per_second": events / elapsed,
@@ -1098,29 +1100,6 @@ def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> 
         "postgresql_us_per_event": server / events * 1e6,
         "sessions_hot_update_fraction": hot_update_fraction(url),
     }
-
-
-def hot_update_fraction(url: str) -> float:
-    """Of the updates of ``sessions`` rows so far, the fraction PostgreSQL made HOT (in place,
-    no index entry written): 1.0 when no update changed an indexed column."""
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(url)
-    deadline = time.monotonic() + 10
-    with engine.connect() as c:
-        while True:  # the statistics of a backend that just exited arrive shortly after
-            updated, hot = c.execute(
-                text(
-                    "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
-                    " WHERE relname = 'sessions'"
-                )
-            ).one()
-            if updated or time.monotonic() > deadline:
-                break
-            c.rollback()
-            time.sleep(0.1)
-    engine.dispose()
-    return hot / updated if updated else 0.0
 
 
 # -- report ------------------------------------------------------------------------------
