@@ -449,6 +449,8 @@ class Run:
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     #: The broker the run went through: ``redis`` (the baseline) or ``rabbitmq`` (``--broker``).
     broker: str = "redis"
+    #: The producers' batch size when ``--batch-sizes`` set it for this run, else None.
+    compared_batch_events: int | None = None
 
 
 @dataclass
@@ -474,6 +476,23 @@ class Bench:
     #: Seconds between scrapes of the worker's endpoint in the metrics runs.
     scrape_interval: float = 1.0
     runs: list[Run] = field(default_factory=list)
+    #: The batch size a ``--batch-sizes`` comparison sets for the runs it starts, or None.
+    compared_batch_events: int | None = None
+
+    @contextmanager
+    def batches_of(self, events: int) -> Iterator[None]:
+        """Runs started inside have producers cutting batches of ``events`` (``--batch-sizes``)."""
+        baseline, self.batch_events = self.batch_events, events
+        self.compared_batch_events = events
+        try:
+            yield
+        finally:
+            self.batch_events, self.compared_batch_events = baseline, None
+
+    @property
+    def batch_suffix(self) -> str:
+        n = self.compared_batch_events
+        return "" if n is None else f", batches of {n:,}"
 
     @contextmanager
     def through(self, broker_url: str) -> Iterator[None]:
@@ -512,9 +531,10 @@ class Bench:
             c.execute(text("TRUNCATE sessions"))
             c.execute(
                 text(
-                    "INSERT INTO sessions (session_id, status, run, created_at, last_activity) "
-                    "SELECT 'bench-' || n, 'active', 1, now(), now() - interval '1 day' "
-                    "FROM generate_series(0, :k - 1) AS n"
+                    "INSERT INTO sessions (session_id, status, run, created_at, last_activity,"
+                    " last_activity_minute) SELECT 'bench-' || n, 'active', 1, now(),"
+                    " now() - interval '1 day', date_trunc('minute', now() - interval '1 day')"
+                    " FROM generate_series(0, :k - 1) AS n"
                 ),
                 {"k": self.sessions},
             )
@@ -718,7 +738,14 @@ class Bench:
         with ``burst`` the producers are unpaced and start their tracker with the burst.
         """
         events = self.events if kind == "ours" else self.naive_events
-        run = Run(kind, label or kind, self.producers, events, broker=self.broker)
+        run = Run(
+            kind,
+            (label or kind) + self.batch_suffix,
+            self.producers,
+            events,
+            broker=self.broker,
+            compared_batch_events=self.compared_batch_events,
+        )
         self.reset_ours() if kind == "ours" else self.reset_naive()
         started_workers: list[Worker] = []
         profilers: list[subprocess.Popen[bytes]] = []
@@ -805,11 +832,13 @@ class Bench:
         events = warmup_events + int(self.latency_rate * self.latency_seconds / self.producers)
         run = Run(
             "ours",
-            f"ours{BROKER_SUFFIX[self.broker]} at {self.latency_rate:,.0f} events/s",
+            f"ours{BROKER_SUFFIX[self.broker]} at {self.latency_rate:,.0f} events/s"
+            + self.batch_suffix,
             self.producers,
             events,
             offered_rate=self.latency_rate,
             broker=self.broker,
+            compared_batch_events=self.compared_batch_events,
         )
         self.reset_ours()
         engine = self._engine(self.ours_url)
@@ -1032,28 +1061,37 @@ def latency_summary(results: list[dict[str, Any]]) -> dict[str, float]:
 # -- the store alone ----------------------------------------------------------------------
 
 
-def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> dict[str, float]:
-    """``SessionStore.apply`` of ready wire-form batches in this process: no broker, one
-    connection. What one worker thread and one PostgreSQL backend can do, and their CPU."""
-    from sqlalchemy import text
-
+def wire_batches(sessions: int, batches: int, batch_size: int) -> list[str]:
+    """``batches`` wire-form batches of ``batch_size`` records over ``sessions`` sessions, as a
+    producer's tracker would publish them (10% errors)."""
     from sessions.events import RecordEvent, batch_json, plain_record
-    from sessions.settings import Settings
-    from sessions.store import SessionStore
 
-    store = SessionStore(url, settings=Settings())
-    with store.engine.begin() as c:
-        c.execute(text(TRUNCATE_OURS))
     ids, times, errors = plan(0, batches * batch_size, sessions)
     for session_id in set(ids):  # validated once, as a tracker would have
         RecordEvent(session_id=session_id, at=datetime.now(UTC))
-    texts: list[Any] = []
+    texts: list[str] = []
     for b in range(batches):
         fields = [
             plain_record(ids[j], times[j], errors[j], None, True, 0, 0, 0.0)
             for j in range(b * batch_size, (b + 1) * batch_size)
         ]
         texts.append(batch_json(uuid.uuid4(), [f for f in fields if f is not None]))
+    return texts
+
+
+def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> dict[str, float]:
+    """``SessionStore.apply`` of ready wire-form batches in this process: no broker, one
+    connection. What one worker thread and one PostgreSQL backend can do, and their CPU."""
+    from sqlalchemy import text
+
+    from sessions.settings import Settings
+    from sessions.store import SessionStore
+
+    store = SessionStore(url, settings=Settings())
+    with store.engine.begin() as c:
+        c.execute(text(TRUNCATE_OURS))
+        c.execute(text("SELECT pg_stat_reset_single_table_counters('sessions'::regclass)"))
+    texts = wire_batches(sessions, batches, batch_size)
     store.apply(texts[0])  # connect, prepare
     with store.engine.connect() as c:
         backend = int(c.execute(text("SELECT pg_backend_pid()")).scalar_one())
@@ -1063,12 +1101,15 @@ def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> 
         store.apply(message)
     elapsed = time.perf_counter() - started
     client, server = time.process_time() - cpu_before, _cpu_seconds(backend) - backend_before
-    store.dispose()
+    store.dispose()  # its backend exits, and reports its statistics
+    from bench.apply_alone import hot_update_fraction
+
     events = (batches - 1) * batch_size
     return {
         "events_per_second": events / elapsed,
         "client_us_per_event": client / events * 1e6,
         "postgresql_us_per_event": server / events * 1e6,
+        "sessions_hot_update_fraction": hot_update_fraction(url),
     }
 
 
@@ -1084,8 +1125,16 @@ def summarize(bench: Bench, repeat: int, ceiling: dict[str, float] | None) -> di
         return [r for r in bench.runs if r.label == label and r.exact]
 
     ours, naive = runs("ours"), runs("naive")
-    latency = [r for r in bench.runs if r.offered_rate and r.exact and r.broker == "redis"]
-    labels = list(dict.fromkeys(r.label for r in bench.runs if not r.offered_rate))
+    latency = [
+        r
+        for r in bench.runs
+        if r.offered_rate and r.exact and r.broker == "redis" and r.compared_batch_events is None
+    ]
+    labels = list(
+        dict.fromkeys(
+            r.label for r in bench.runs if not r.offered_rate and r.compared_batch_events is None
+        )
+    )
     configurations = {
         label: {
             "events_per_second": median([r.events_per_second for r in runs(label)]),
@@ -1126,6 +1175,7 @@ def summarize(bench: Bench, repeat: int, ceiling: dict[str, float] | None) -> di
     if bursts and ours:
         summary["burst"] = _burst_summary(bursts, ours)
     summary["brokers"] = broker_comparison(bench)
+    summary["batch_sizes"] = batch_size_comparison(bench)
     with_metrics = runs(METRICS_LABEL)
     if with_metrics and ours:
         summary["metrics_ratio"] = median([r.events_per_second for r in with_metrics]) / median(
@@ -1155,6 +1205,10 @@ def broker_comparison(bench: Bench) -> dict[str, dict[str, Any]]:
             "runs": len(through),
         }
     return compared
+
+
+#: The CPU parts of ``Run.cpu_seconds`` that are the worker's.
+WORKER_PARTS = ("worker main processes", "worker pool processes")
 
 
 def _us_per_event(run: Run, *parts: str) -> float:
@@ -1297,7 +1351,12 @@ def report(bench: Bench, s: dict[str, Any], machine: dict[str, str]) -> str:
             f"{a['events_per_second']:,.0f} | | | - / {a['client_us_per_event']:.1f} / "
             f"{a['postgresql_us_per_event']:.1f} / - |"
         )
+        lines.append(
+            f"\nstore.apply() alone: {a['sessions_hot_update_fraction']:.1%} of the updates of"
+            " `sessions` rows were HOT (no index entry written)."
+        )
     lines += broker_table(s, rate)
+    lines += batch_size_table(s, rate)
     if "metrics_ratio" in s:
         lines += [
             "",
@@ -1367,6 +1426,77 @@ def machine_info(broker_url: str, database_url: str, amqp_url: str | None = None
     }
 
 
+def batch_size_comparison(bench: Bench) -> dict[str, dict[str, Any]]:
+    """Per batch size compared (``--batch-sizes``): end-to-end events/s, event to commit at the
+    offered load and the CPU per event of worker and PostgreSQL, each the median of its runs."""
+    compared: dict[str, dict[str, Any]] = {}
+    sizes = dict.fromkeys(r.compared_batch_events for r in bench.runs)
+    for size in (n for n in sizes if n is not None):
+        mine = [r for r in bench.runs if r.compared_batch_events == size and r.exact]
+        through = [r for r in mine if not r.offered_rate]
+        latency = [r for r in mine if r.offered_rate]
+        compared[str(size)] = {
+            "events_per_second": median([r.events_per_second for r in through]),
+            "events_per_second_range": [
+                min((r.events_per_second for r in through), default=0.0),
+                max((r.events_per_second for r in through), default=0.0),
+            ],
+            "commit_ms": {q: median([r.commit_ms[q] for r in latency]) for q in ("p50", "p99")},
+            "commit_p99_ms_range": [
+                min((r.commit_ms["p99"] for r in latency), default=0.0),
+                max((r.commit_ms["p99"] for r in latency), default=0.0),
+            ],
+            "worker_us_per_event": median([_us_per_event(r, *WORKER_PARTS) for r in through]),
+            "postgresql_us_per_event": median(
+                [_us_per_event(r, "postgresql backends") for r in through]
+            ),
+            "runs": len(through),
+        }
+    return compared
+
+
+def _ratio(value: float, baseline: float) -> float:
+    return value / baseline if baseline else 0.0
+
+
+def batch_size_table(s: dict[str, Any], rate: str) -> list[str]:
+    compared = s.get("batch_sizes") or {}
+    if not compared:
+        return []
+    base = next(iter(compared.values()))
+    lines = [
+        "",
+        "Batch sizes compared (`--batch-sizes`, interleaved in every repeat), medians "
+        "(ranges), ratios against the first size:",
+        "",
+        f"| batch events | end to end, events/s | vs first | event to commit p50 / p99 at "
+        f"{rate} events/s, ms | p99 vs first | CPU us per event: worker / PostgreSQL |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    for size, c in compared.items():
+        low, high = c["events_per_second_range"]
+        p99_low, p99_high = c["commit_p99_ms_range"]
+        speed = _ratio(c["events_per_second"], base["events_per_second"])
+        p99 = _ratio(c["commit_ms"]["p99"], base["commit_ms"]["p99"])
+        lines.append(
+            f"| {int(size):,} | {c['events_per_second']:,.0f} ({low:,.0f}-{high:,.0f}) | "
+            f"{speed:.2f} | {c['commit_ms']['p50']:.0f} / {c['commit_ms']['p99']:.0f} "
+            f"({p99_low:.0f}-{p99_high:.0f}) | {p99:.2f} | "
+            f"{c['worker_us_per_event']:.1f} / {c['postgresql_us_per_event']:.1f} |"
+        )
+    return lines
+
+
+def in_batches_of(bench: Bench, size: int, action: Callable[[], Run]) -> Callable[[], Run]:
+    """``action``, with producers cutting batches of ``size`` events."""
+
+    def run() -> Run:
+        with bench.batches_of(size):
+            return action()
+
+    return run
+
+
 def through_broker(bench: Bench, url: str, action: Callable[[], Run]) -> Callable[[], Run]:
     """``action``, run through the broker at ``url`` instead of the baseline Redis."""
 
@@ -1420,6 +1550,15 @@ def main() -> None:
         metavar="URL",
         help="also run ours (throughput and event to commit) through this broker, e.g. "
         "amqp://guest:guest@127.0.0.1:5672/sessions-bench, next to the Redis baseline",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        metavar="N",
+        default=[],
+        help="also run ours (end to end and event to commit) with producers cutting batches "
+        "of each N events, interleaved in every repeat, e.g. --batch-sizes 500 1000 2000",
     )
     parser.add_argument("--quick", action="store_true", help="small N, one repeat, no scale")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
@@ -1493,6 +1632,10 @@ def main() -> None:
             )
             if not arguments.no_latency:
                 scenarios.append(through_broker(bench, arguments.broker, bench.latency))
+        for size in arguments.batch_sizes:
+            scenarios.append(in_batches_of(bench, size, lambda: bench.throughput("ours")))
+            if not arguments.no_latency:
+                scenarios.append(in_batches_of(bench, size, bench.latency))
         if not arguments.no_scale:
             scenarios += [
                 functools.partial(bench.throughput, "ours", workers, extra, label)

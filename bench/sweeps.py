@@ -38,21 +38,24 @@ USERS = 10_000
 
 SEED_SQL = """
 INSERT INTO sessions (session_id, user_id, status, end_reason, run, created_at, last_activity,
-                      ended_at, request_count, error_count, total_processing_time)
-SELECT 'session-' || n,
-       'user-' || (n % :users),
-       CASE WHEN n % 20 = 7 THEN 'completed' ELSE 'active' END,
-       CASE WHEN n % 20 = 7 THEN 'explicit' END,
-       1,
-       now() - CASE WHEN n % 50 = 11 THEN interval '8 days'
-                    ELSE (n % 5000) * interval '1 minute' END,
-       now() - CASE WHEN n % 10 = 3 THEN interval '2 hours'
-                    ELSE (n % 1500) * interval '1 second' END,
-       CASE WHEN n % 20 = 7 THEN now() - interval '1 minute' END,
-       20,
-       CASE WHEN n % 20 = 9 THEN 15 ELSE n % 3 END,
-       20 * 0.25
-FROM generate_series(1, :sessions) AS n
+                      last_activity_minute, ended_at, request_count, error_count,
+                      total_processing_time, error_rate_bound)
+SELECT session_id, user_id, status, end_reason, 1, created_at, last_activity,
+       date_trunc('minute', last_activity, 'UTC'), ended_at, 20, error_count, 20 * 0.25,
+       CASE WHEN error_count > 0 THEN LEAST(16 * error_count / 20 + 2, 18) ELSE 0 END
+FROM (
+    SELECT 'session-' || n AS session_id,
+           'user-' || (n % :users) AS user_id,
+           CASE WHEN n % 20 = 7 THEN 'completed' ELSE 'active' END AS status,
+           CASE WHEN n % 20 = 7 THEN 'explicit' END AS end_reason,
+           now() - CASE WHEN n % 50 = 11 THEN interval '8 days'
+                        ELSE (n % 5000) * interval '1 minute' END AS created_at,
+           now() - CASE WHEN n % 10 = 3 THEN interval '2 hours'
+                        ELSE (n % 1500) * interval '1 second' END AS last_activity,
+           CASE WHEN n % 20 = 7 THEN now() - interval '1 minute' END AS ended_at,
+           CASE WHEN n % 20 = 9 THEN 15 ELSE n % 3 END AS error_count
+    FROM generate_series(1, :sessions) AS n
+) AS seed
 """
 SEED_RUNS_SQL = """
 INSERT INTO session_runs (session_id, user_id, status, end_reason, run, created_at,

@@ -57,10 +57,15 @@ from sessions.histogram import bucket_of
 from sessions.messages import insert_messages, trim
 from sessions.records import COUNTERS as COUNTERS  # in the order deltas carry them
 from sessions.tables import (
+    ERROR_RATE_BOUND_MAX,
+    ERROR_RATE_STEPS,
     JSONDocument,
     UTCDateTime,
     activity_table,
+    error_rate_bound,
+    first_error_rate_bound,
     latency_table,
+    minute_start,
     runs_table,
     sessions_table,
 )
@@ -135,6 +140,7 @@ def _additive_set(table: Any, source: Any) -> dict[str, Any]:
     return {
         **{name: table.c[name] + source[name] for name in COUNTERS},
         "last_activity": _later(table.c.last_activity, source["last_activity"]),
+        **_indexed_activity_set(table, source),
         # Only the first run may move its start earlier: in later runs an older event
         # belongs to an earlier run and never reaches this statement.
         "created_at": case(
@@ -145,6 +151,23 @@ def _additive_set(table: Any, source: Any) -> dict[str, Any]:
             else_=table.c.created_at,
         ),
         "user_id": func.coalesce(table.c.user_id, source["user_id"]),
+    }
+
+
+def _indexed_activity_set(table: Any, source: Any) -> dict[str, Any]:
+    """``SET`` clauses of the live row's coarse, indexed columns (``sessions`` only): the
+    minute of its activity and the bound of its error rate, which change far less often than
+    the values they follow (:mod:`sessions.tables`)."""
+    if table is not sessions_table:
+        return {}
+    t = table.c
+    return {
+        "last_activity_minute": _later(t.last_activity_minute, source["last_activity_minute"]),
+        "error_rate_bound": error_rate_bound(
+            t.error_count + source["error_count"],
+            t.request_count + source["request_count"],
+            t.error_rate_bound,
+        ),
     }
 
 
@@ -189,6 +212,8 @@ def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]
             "run": 1,
             "created_at": delta.first_at,
             "last_activity": delta.last_at,
+            "last_activity_minute": minute_start(_known(delta.last_at)),
+            "error_rate_bound": first_error_rate_bound(delta.error_count, delta.request_count),
             **delta.values(),
         }
         # Sorted so that concurrent batches lock shared rows in the same order.
@@ -231,11 +256,15 @@ def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]
 _PG_UPSERT = text(
     """
     INSERT INTO sessions AS s (session_id, user_id, status, run, created_at, last_activity,
+                               last_activity_minute, error_rate_bound,
                                request_count, error_count, total_processing_time,
                                input_tokens, output_tokens, cost)
     SELECT d.session_id, d.user_id, 'active', 1,
            TIMESTAMPTZ 'epoch' + d.created_us * INTERVAL '1 microsecond',
            TIMESTAMPTZ 'epoch' + d.last_us * INTERVAL '1 microsecond',
+           date_trunc('minute', TIMESTAMPTZ 'epoch' + d.last_us * INTERVAL '1 microsecond', 'UTC'),
+           CASE WHEN d.request_count > 0 AND d.error_count > 0
+                THEN LEAST(16 * d.error_count / d.request_count + 2, 18) ELSE 0 END,
            coalesce(d.request_count, 0), coalesce(d.error_count, 0),
            coalesce(d.total_processing_time, 0), coalesce(d.input_tokens, 0),
            coalesce(d.output_tokens, 0), coalesce(d.cost, 0)
@@ -255,12 +284,27 @@ _PG_UPSERT = text(
         cost = s.cost + excluded.cost,
         last_activity = CASE WHEN excluded.last_activity > s.last_activity
                              THEN excluded.last_activity ELSE s.last_activity END,
+        last_activity_minute = CASE WHEN excluded.last_activity_minute > s.last_activity_minute
+                                    THEN excluded.last_activity_minute
+                                    ELSE s.last_activity_minute END,
+        error_rate_bound = CASE
+            WHEN s.request_count + excluded.request_count > 0
+             AND (16 * (s.error_count + excluded.error_count)
+                      > s.error_rate_bound * (s.request_count + excluded.request_count)
+                  OR 16 * (s.error_count + excluded.error_count)
+                      < (s.error_rate_bound - 3) * (s.request_count + excluded.request_count))
+            THEN LEAST(16 * (s.error_count + excluded.error_count)
+                       / (s.request_count + excluded.request_count) + 2, 18)
+            ELSE s.error_rate_bound END,
         created_at = CASE WHEN s.run = 1 AND excluded.created_at < s.created_at
                           THEN excluded.created_at ELSE s.created_at END,
         user_id = coalesce(s.user_id, excluded.user_id)
     WHERE s.run = 1 OR s.created_at <= excluded.created_at
     """
 )
+#: The coarse columns' rules (:func:`sessions.tables.error_rate_bound` with its constants,
+#: ``last_activity_minute`` the minute of ``last_activity``) are spelled in it as well.
+assert (ERROR_RATE_STEPS, ERROR_RATE_BOUND_MAX) == (16, 18), "_PG_UPSERT spells them"
 #: After :data:`_PG_UPSERT` wrote fewer rows than it was given: the ones it left alone (it
 #: locked them all the same). Those had a later run than some of their events; a row it
 #: wrote has ``run = 1`` or a start at or before its first event, so it is never listed.
@@ -333,9 +377,13 @@ def _add_latency_postgresql(
         connection.execute(_PG_LATENCY, parameters)
 
 
-def _micros(at: datetime | None) -> int:
+def _known(at: datetime | None) -> datetime:
     assert at is not None  # a delta in the fast path has seen at least one event
-    return (at - _EPOCH) // _MICROSECOND
+    return at
+
+
+def _micros(at: datetime | None) -> int:
+    return (_known(at) - _EPOCH) // _MICROSECOND
 
 
 #: Characters that a string element of an array literal must have escaped.
@@ -428,6 +476,7 @@ class SessionWalk:
                 run=1,
                 created_at=event.at,
                 last_activity=event.at,
+                last_activity_minute=minute_start(event.at),
                 ended_at=event.at if ended else None,
                 metadata=event.metadata if isinstance(event, CreateEvent) else None,
             )
@@ -495,6 +544,8 @@ class SessionWalk:
                 end_reason=None,
                 created_at=event.at,
                 last_activity=event.at,
+                last_activity_minute=minute_start(event.at),
+                error_rate_bound=0,
                 ended_at=None,
                 user_id=func.coalesce(
                     bindparam("new_user", event.user_id), sessions_table.c.user_id
@@ -564,6 +615,9 @@ def _delta_params(delta: Delta) -> dict[str, Any]:
         **{name: bindparam(None, value) for name, value in delta.values().items()},
         "created_at": bindparam(None, delta.first_at, type_=UTCDateTime()),
         "last_activity": bindparam(None, delta.last_at, type_=UTCDateTime()),
+        "last_activity_minute": bindparam(
+            None, minute_start(_known(delta.last_at)), type_=UTCDateTime()
+        ),
         "user_id": bindparam(None, delta.user_id),
         "metadata": bindparam(None, delta.metadata, type_=JSONDocument),
     }

@@ -7,8 +7,8 @@ of sessions. Only live runs count, as in every aggregate of the store.
 
 A window (``since`` / ``until``) selects sessions by ``last_activity``, from ``since``
 included to ``until`` excluded. Without a status filter it still names every status, so
-that the ``(status, last_activity)`` index serves it (one range per status) instead of a
-scan of every session.
+that the ``(status, last_activity_minute)`` index serves it (one range of minutes per status,
+the exact times checked on the rows it finds) instead of a scan of every session.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from sessions.tables import (
     UTCDateTime,
     activity_table,
     latency_table,
+    minute_start,
     runs_table,
     sessions_table,
 )
@@ -79,9 +80,11 @@ def session_filter(
     elif since is not None or until is not None:
         where.append(t.status.in_(STATUSES))
     if since is not None:
-        where.append(t.last_activity >= check_moment("since", since))
+        since = check_moment("since", since)
+        where += [t.last_activity_minute >= minute_start(since), t.last_activity >= since]
     if until is not None:
-        where.append(t.last_activity < check_moment("until", until))
+        until = check_moment("until", until)
+        where += [t.last_activity_minute < until, t.last_activity < until]
     return where
 
 

@@ -91,8 +91,11 @@ class Settings(BaseSettings):
 
     #: The client publishes its buffer at least this often ...
     flush_interval_ms: int = Field(50, gt=0)
-    #: ... or as soon as it holds this many events (one Celery message per batch).
-    batch_max_events: int = Field(500, gt=0)
+    #: ... or as soon as it holds this many events (one Celery message per batch). 2000, not
+    #: 500: measured side by side (README, Performance), 1.38x the events/s end to end and
+    #: less CPU per event in worker and PostgreSQL, with the same event-to-commit p99 at
+    #: 10,000 events/s (the flush interval, not the size, cuts batches below saturation).
+    batch_max_events: int = Field(2000, gt=0)
     #: Largest batch the store accepts; a bigger payload is dead-lettered whole.
     store_max_batch_events: int = Field(10_000, gt=0)
 

@@ -462,3 +462,45 @@ def test_apply_does_not_read_the_wall_clock_for_event_time(store: SessionStore, 
     session = store.get("s")
     assert session is not None
     assert session.created_at == session.last_activity == when
+
+
+def test_the_indexed_minute_and_error_rate_bound_follow_each_apply(store: SessionStore) -> None:
+    """The idle sweep's minute is the activity's, rounded down; the health sweep's bound sits
+    a step or two above the error rate, and moves only when the rate leaves its band."""
+    second = timedelta(seconds=1)
+    store.apply(batch(record("s", 1, error=True), record("s", 2)))  # 1 of 2 requests failed
+    first = live_rows(store)["s"]
+    assert (first["last_activity_minute"], first["error_rate_bound"]) == (at(2), 16 * 1 // 2 + 2)
+    late = at(2) + 59 * second
+    store.apply(batch(record("s", when=late), record("s", when=late, error=True)))
+    kept = live_rows(store)["s"]  # 2 of 4: 16 r = 8, within [10 - 3, 10]
+    assert (kept["last_activity_minute"], kept["error_rate_bound"]) == (at(2), 10)
+    store.apply(batch(*(record("s", 3) for _ in range(7))))
+    moved = live_rows(store)["s"]  # 2 of 11: 16 r = 2.9, below 7
+    assert (moved["last_activity_minute"], moved["error_rate_bound"]) == (at(3), 32 // 11 + 2)
+    store.apply(batch(*(record("s", 4, error=True) for _ in range(30))))
+    risen = live_rows(store)["s"]  # 32 of 41: 16 r = 12.5, above 4
+    assert risen["error_rate_bound"] == 16 * 32 // 41 + 2
+    assert store.sweep_health(dry_run=True).changed == ("s",)
+
+
+def test_an_update_of_a_live_row_writes_no_index_entry(store: SessionStore) -> None:
+    """The per-event update changes no indexed column (PostgreSQL updates the row in place,
+    a HOT update) unless a minute or the error rate's band is left."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("HOT updates are PostgreSQL's")
+    from sessions.apply import apply_events
+
+    ids = [f"s-{n}" for n in range(10)]
+    with store.engine.begin() as connection:  # one transaction: its own statistics
+        apply_events(connection, [record(s, 1, error=s == "s-0") for s in ids])
+        for repeat in range(1, 4):
+            later = at(1) + timedelta(seconds=repeat)  # the same minute
+            apply_events(connection, [record(s, when=later) for s in ids])
+        updated, hot = connection.exec_driver_sql(
+            "SELECT pg_stat_get_xact_tuples_updated('sessions'::regclass),"
+            " pg_stat_get_xact_tuples_hot_updated('sessions'::regclass)"
+        ).one()
+    # Three updates of each of 10 rows. Only s-0 has an error: as its rate falls from 1 to
+    # 1/2, 1/3, 1/4 its bound goes 18, 10, 7, 7 (two index writes); every other update is HOT.
+    assert (updated, hot) == (30, 28)

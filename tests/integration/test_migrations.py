@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, column, create_engine, inspect, table
 
 from sessions.database import upgrade_schema
+from sessions.settings import Settings
 from sessions.store import SessionStore
-from sessions.tables import Base
+from sessions.tables import (
+    ERROR_RATE_BOUND_MAX,
+    SESSIONS_FILLFACTOR,
+    Base,
+    first_error_rate_bound,
+    minute_start,
+    sessions_table,
+)
+from tests.services import require_postgres, temporary_postgres_database
 
 
 def _compare(connection: Connection) -> list[Any]:
@@ -42,7 +55,8 @@ def test_migrations_create_every_table_and_index(store: SessionStore) -> None:
     } <= tables
     indexes = {index["name"] for index in inspector.get_indexes("sessions")}
     assert {
-        "ix_sessions_status_last_activity",
+        "ix_sessions_status_activity_minute",
+        "ix_sessions_active_error_rate_bound",
         "ix_sessions_status_created_at",
         "ix_sessions_user_id_status",
     } <= indexes
@@ -68,16 +82,104 @@ def test_a_difference_would_be_reported(store: SessionStore) -> None:
     assert _differences(store) == []
 
 
-def test_the_health_index_is_created_with_the_queries_expression(store: SessionStore) -> None:
-    """Expression indexes escape compare_metadata; check its definition directly."""
+def test_the_health_index_is_partial_on_active_sessions(store: SessionStore) -> None:
+    """Partial-index predicates escape compare_metadata; check the definition directly."""
     with store.engine.connect() as connection:
         if connection.dialect.name == "postgresql":
             definition = connection.exec_driver_sql(
-                "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_sessions_active_error_rate'"
+                "SELECT indexdef FROM pg_indexes"
+                " WHERE indexname = 'ix_sessions_active_error_rate_bound'"
             ).scalar_one()
         else:
             definition = connection.exec_driver_sql(
-                "SELECT sql FROM sqlite_master WHERE name = 'ix_sessions_active_error_rate'"
+                "SELECT sql FROM sqlite_master WHERE name = 'ix_sessions_active_error_rate_bound'"
             ).scalar_one()
-    assert "error_count" in definition and "nullif(request_count, 0)" in definition.lower()
-    assert "'active'" in definition
+    assert "error_rate_bound" in definition and "'active'" in definition
+
+
+def test_sessions_leave_room_for_hot_updates(store: SessionStore) -> None:
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("fillfactor is PostgreSQL's")
+    with store.engine.connect() as connection:
+        options = connection.exec_driver_sql(
+            "SELECT reloptions FROM pg_class WHERE relname = 'sessions'"
+        ).scalar_one()
+    assert options == [f"fillfactor={SESSIONS_FILLFACTOR}"]
+
+
+#: The columns of ``sessions`` this test writes, as revision 0006 has them.
+_SESSIONS_AT_0006 = table(
+    "sessions",
+    *(
+        column(name, sessions_table.c[name].type)
+        for name in (
+            "session_id",
+            "status",
+            "run",
+            "created_at",
+            "last_activity",
+            "request_count",
+            "error_count",
+        )
+    ),
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database without any table, on each backend (its own, so it can be migrated)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    require_postgres()
+    with temporary_postgres_database() as url:
+        yield url
+
+
+def test_0007_fills_the_coarse_columns_from_existing_rows(empty_database_url: str) -> None:
+    """Rows written before revision 0007 get the minute of their activity and the bound of
+    their error rate, as the store would have written them, and the sweeps find them."""
+    database_url = empty_database_url
+    upgrade_schema(database_url, "0006")
+    engine = create_engine(database_url)
+    rows = {  # session id: (last activity, requests, errors)
+        "idle": (datetime(2026, 1, 1, 12, 34, 56, 789, tzinfo=UTC), 10, 1),
+        "failing": (datetime(2026, 1, 1, 13, 0, tzinfo=UTC), 3, 3),
+        "new": (datetime(2026, 1, 1, 13, 1, 59, 999999, tzinfo=UTC), 0, 0),
+    }
+    with engine.begin() as connection:
+        for session_id, (at, requests, errors) in rows.items():
+            connection.execute(
+                _SESSIONS_AT_0006.insert().values(
+                    session_id=session_id,
+                    status="active",
+                    run=1,
+                    created_at=at,
+                    last_activity=at,
+                    request_count=requests,
+                    error_count=errors,
+                )
+            )
+    engine.dispose()
+    upgrade_schema(database_url)
+    store = SessionStore(database_url, settings=Settings())
+    try:
+        assert _differences(store) == []
+        with store.engine.connect() as connection:
+            found = {
+                row.session_id: (row.last_activity_minute, row.error_rate_bound)
+                for row in connection.execute(sessions_table.select())
+            }
+        assert found == {
+            session_id: (
+                minute_start(at),
+                first_error_rate_bound(errors, requests),
+            )
+            for session_id, (at, requests, errors) in rows.items()
+        }
+        assert found["failing"][1] == ERROR_RATE_BOUND_MAX
+        now = datetime(2026, 1, 1, 14, 0, tzinfo=UTC)
+        assert store.expire_idle(3600, now=now, dry_run=True).changed == ("idle",)
+        assert store.sweep_health(dry_run=True).changed == ("failing",)
+    finally:
+        store.dispose()
