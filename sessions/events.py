@@ -448,6 +448,17 @@ class Batch(BaseModel):
         return message
 
 
+class WireBatch(Batch):
+    """A batch as wire input must carry it: with the id its producer made.
+
+    A Python caller may leave :class:`Batch`'s id to its default; made up while decoding, it
+    would differ at every delivery of the same message, which would be applied again at each.
+    The wire contract (sessions/wire.py) is generated from this model.
+    """
+
+    batch_id: ProducerId
+
+
 def encode_message(message: dict[str, Any]) -> str:
     """A batch's wire form: its message as one compact JSON text.
 
@@ -686,7 +697,7 @@ def decode_batch(payload: Any, max_events: int) -> DecodedBatch:
 def _decode_text(payload: str | bytes, max_events: int) -> DecodedBatch:
     """The fast way for a valid batch's JSON text, the event-by-event way for the rest."""
     try:
-        batch = Batch.model_validate_json(payload)
+        batch = WireBatch.model_validate_json(payload)
     except Exception:  # refused, or a validator's bug: decoded event by event below
         pass
     else:

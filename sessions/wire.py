@@ -120,11 +120,11 @@ def generate_schema() -> dict[str, Any]:
     field added to a model must say what it means on the wire).
     """
     import celeryconfig
-    from sessions.events import Batch
+    from sessions.events import WireBatch
     from sessions.publisher import INGEST_TASK
     from sessions.settings import Settings
 
-    batch = Batch.model_json_schema(schema_generator=_WireSchema)
+    batch = WireBatch.model_json_schema(schema_generator=_WireSchema)
     events = batch.pop("$defs")
     for title, definition in events.items():
         # ``kind`` has a default for Python callers; on the wire it is what tells events apart.
@@ -169,7 +169,7 @@ def generate_schema() -> dict[str, Any]:
         "$comment": "Generated from sessions/events.py by `python -m sessions.wire`.",
         "type": "object",
         "properties": properties,
-        "required": ["batch_id", "events"],
+        "required": batch["required"],
         "additionalProperties": False,
         "$defs": {**events, "Task": _task(INGEST_TASK, celeryconfig)},
     }

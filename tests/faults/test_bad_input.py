@@ -264,6 +264,12 @@ HAND_WRITTEN_BAD_ENVELOPES: list[tuple[str, Any, str]] = [
         "batch_id: must be a UUID",
     ),
     (
+        # Its events must not be applied under an id made up at each delivery.
+        "JSON text without a batch_id",
+        json.dumps({"events": [good_event("no-batch-id", 0)]}),
+        "batch_id: must be a UUID",
+    ),
+    (
         "too many events",
         {"batch_id": str(uuid.uuid4()), "events": [{}] * (MAX_BATCH_EVENTS + 1)},
         "events: at most",
@@ -661,6 +667,9 @@ def test_bad_input_is_dead_lettered_or_refused_and_never_costs_good_events(
             "SELECT request_count FROM sessions WHERE session_id = :id", id=SQL_LOOKING_VALID_ID
         )
         assert sql_session == 3
+        assert not monitor.scalar(
+            "SELECT count(*) FROM sessions WHERE session_id = 'no-batch-id'"
+        ), "a batch without its id was applied"
     app.close()
 
 
