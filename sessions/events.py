@@ -416,8 +416,11 @@ class MessageEvent(_Event):
     client's seq is a hybrid logical clock (sessions/conversation.py).
     """
 
+    # No default: made up while decoding, a message's id would differ at each delivery of its
+    # batch, whose content the ledger would then see change under one batch id.
+
     kind: Literal["message"] = "message"
-    message_id: ProducerId = Field(default_factory=uuid.uuid4)
+    message_id: ProducerId
     seq: MessageSeq
     role: Role
     content: MessageContent

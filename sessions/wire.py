@@ -27,7 +27,7 @@ from pydantic_core import core_schema
 WIRE_VERSION = "1.1"
 #: SHA-256 of the rules of :data:`WIRE_VERSION`: the schema without its prose (see
 #: :func:`rules_digest`). A change of the rules without a new version fails a unit test.
-RULES_DIGEST = "f766ed3fd8c4e5205c33e4e8de76a4b996394016ed666533dac271828561ffaf"
+RULES_DIGEST = "cd46d1ea4e3e9a19ad6b751aa541f88e32528ba5c55245513839530ac0097502"
 #: The generated schema, as shipped in the package (read with :mod:`importlib.resources`).
 SCHEMA_RESOURCE = "wire.schema.json"
 
@@ -70,7 +70,7 @@ FIELD_MEANINGS = {
     "status": "How the session's run ended.",
     "message_id": (
         "The message's identity, made once by the producer (a random UUID): a message sent "
-        "again keeps it."
+        "again keeps it, and a batch sent again keeps its messages' ids."
     ),
     "seq": (
         "The message's place in its session's conversation: messages are read in seq order "

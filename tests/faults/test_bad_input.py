@@ -217,6 +217,20 @@ FIELD_NAMED_BAD_EVENTS: list[tuple[str, list[Any], str]] = [
         "create.metadata: must not contain a lone surrogate",
     ),
     (
+        "a message without its message_id (made up, it would differ at each delivery)",
+        [
+            {
+                "kind": "message",
+                "session_id": "bad-target",
+                "at": _now(),
+                "seq": 1,
+                "role": "user",
+                "content": "Hello",
+            }
+        ],
+        "message.message_id: Field required",
+    ),
+    (
         "metadata nested 33 and 300 levels",
         [_create(_nested(33)), _create(_nested(300))],
         "create.metadata: must be nested at most 32 levels deep",

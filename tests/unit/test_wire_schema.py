@@ -65,7 +65,9 @@ def in_a_batch(*items: Any) -> dict[str, Any]:
 
 def minimal(kind: str) -> dict[str, Any]:
     """A valid event of ``kind`` with only the fields it needs."""
-    needed = {"message": {"seq": 1, "role": "user", "content": "Hello"}}.get(kind, {})
+    needed = {
+        "message": {"message_id": str(uuid.uuid4()), "seq": 1, "role": "user", "content": "Hello"}
+    }.get(kind, {})
     return {"kind": kind, "session_id": "s-1", "at": "2024-01-01T12:00:00Z", **needed}
 
 
@@ -230,8 +232,7 @@ VALID_EVENTS = {
     "end": event("end", status=st.sampled_from(["completed", "failed", "expired"])),
     "message": event(
         "message",
-        {"seq": seqs, "role": roles, "content": contents},
-        message_id=uuids,
+        {"message_id": uuids, "seq": seqs, "role": roles, "content": contents},
         metadata=st.none() | metadata,
     ),
 }
