@@ -198,6 +198,9 @@ def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+#: A UUID in its canonical, hyphenated form, as the wire contract asks for the ids a producer
+#: makes (the validator also reads other forms, which producers should not rely on).
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 #: An RFC 3339 date-time with an offset, as the wire contract asks for ``at`` (the validator
 #: also reads other ISO 8601 forms, which producers in other languages should not rely on).
 RFC3339_PATTERN = (
@@ -258,21 +261,24 @@ Cost = Annotated[
     AfterValidator(_check_cost),
     WithJsonSchema({"type": "number", "minimum": 0, "maximum": MAX_COST}),
 ]
-TokenCount = Annotated[
-    StrictInt,
-    Field(ge=0, le=MAX_TOKENS),
-    WithJsonSchema(
+
+
+def _count_schema(maximum: int) -> WithJsonSchema:
+    """The wire contract's words for a ``StrictInt`` from 0 to ``maximum``."""
+    return WithJsonSchema(
         {
             "type": "integer",
             "minimum": 0,
-            "maximum": MAX_TOKENS,
+            "maximum": maximum,
             "description": (
                 "Written as an integer: 1000, not 1000.0 or 1e3 (checked by the worker only: "
                 "JSON Schema counts 1000.0 as an integer)."
             ),
         }
-    ),
-]
+    )
+
+
+TokenCount = Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS), _count_schema(MAX_TOKENS)]
 Metadata = Annotated[
     dict[str, Any],
     AfterValidator(_check_metadata),
@@ -367,22 +373,54 @@ def _check_content(value: str) -> str:
     return check_storable(value, MAX_MESSAGE_BYTES, "as UTF-8")
 
 
-Role = Annotated[str, AfterValidator(_check_role)]
-MessageContent = Annotated[str, Strict(), AfterValidator(_check_content)]
-MessageSeq = Annotated[StrictInt, Field(ge=0, le=MAX_SEQ)]
+Role = Annotated[
+    str,
+    AfterValidator(_check_role),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": f"^{ROLE_PATTERN.pattern}$",
+            "description": "1 to 32 lowercase letters, digits, '_' or '-', from a letter.",
+        }
+    ),
+]
+MessageContent = Annotated[
+    str,
+    Strict(),
+    AfterValidator(_check_content),
+    WithJsonSchema(
+        {
+            "type": "string",
+            # A character is at least one byte of UTF-8: a looser bound JSON Schema can state.
+            "maxLength": MAX_MESSAGE_BYTES,
+            "pattern": "^[^\\u0000]*$",
+            "description": (
+                f"Text without a NUL character, at most {MAX_MESSAGE_BYTES} bytes as UTF-8, with "
+                "no lone surrogate such as \\udcff (checked by the worker only: maxLength counts "
+                "characters, and a JSON string can escape a lone surrogate)."
+            ),
+        }
+    ),
+]
+MessageSeq = Annotated[StrictInt, Field(ge=0, le=MAX_SEQ), _count_schema(MAX_SEQ)]
+#: An id its producer makes once (a random UUID), such as a message's.
+ProducerId = Annotated[
+    uuid.UUID, WithJsonSchema({"type": "string", "format": "uuid", "pattern": UUID_PATTERN})
+]
 
 
 class MessageEvent(_Event):
-    """One message of a session's conversation (a user turn, an assistant's answer, ...).
+    """One message of a session's conversation: a user's turn, an assistant's answer, ...
 
-    ``seq`` places it in its session's conversation: messages are read in ``seq`` order
-    (then ``message_id``), whatever order their batches are applied in. The client makes it
-    a hybrid logical clock (:mod:`sessions.conversation`). ``message_id`` is made once by the
-    producer.
+    Its place (seq) and its identity (message_id) are made by its producer; the Python
+    client's seq is a hybrid logical clock (sessions/conversation.py).
     """
 
+    # No default: made up while decoding, a message's id would differ at each delivery of its
+    # batch, whose content the ledger would then see change under one batch id.
+
     kind: Literal["message"] = "message"
-    message_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    message_id: ProducerId
     seq: MessageSeq
     role: Role
     content: MessageContent
@@ -400,7 +438,7 @@ class Batch(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    batch_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    batch_id: ProducerId = Field(default_factory=uuid.uuid4)
     events: tuple[SessionEvent, ...]
 
     def to_message(self) -> dict[str, Any]:
@@ -411,6 +449,17 @@ class Batch(BaseModel):
         """
         message: dict[str, Any] = self.model_dump(mode="json")  # one call, not one per event
         return message
+
+
+class WireBatch(Batch):
+    """A batch as wire input must carry it: with the id its producer made.
+
+    A Python caller may leave :class:`Batch`'s id to its default; made up while decoding, it
+    would differ at every delivery of the same message, which would be applied again at each.
+    The wire contract (sessions/wire.py) is generated from this model.
+    """
+
+    batch_id: ProducerId
 
 
 def encode_message(message: dict[str, Any]) -> str:
@@ -651,7 +700,7 @@ def decode_batch(payload: Any, max_events: int) -> DecodedBatch:
 def _decode_text(payload: str | bytes, max_events: int) -> DecodedBatch:
     """The fast way for a valid batch's JSON text, the event-by-event way for the rest."""
     try:
-        batch = Batch.model_validate_json(payload)
+        batch = WireBatch.model_validate_json(payload)
     except Exception:  # refused, or a validator's bug: decoded event by event below
         pass
     else:

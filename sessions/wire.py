@@ -24,18 +24,16 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
 #: The contract's version, ``MAJOR.MINOR`` (the compatibility rule is in :data:`COMPATIBILITY`).
-WIRE_VERSION = "1.0"
+WIRE_VERSION = "1.1"
 #: SHA-256 of the rules of :data:`WIRE_VERSION`: the schema without its prose (see
 #: :func:`rules_digest`). A change of the rules without a new version fails a unit test.
-RULES_DIGEST = "d08593aae74b762dede01c9841eeb0954e82e7ae8a7670647316375938adea34"
+RULES_DIGEST = "cd46d1ea4e3e9a19ad6b751aa541f88e32528ba5c55245513839530ac0097502"
 #: The generated schema, as shipped in the package (read with :mod:`importlib.resources`).
 SCHEMA_RESOURCE = "wire.schema.json"
-#: A batch's id as the contract asks for it: a UUID in its canonical, hyphenated form.
-UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 COMPATIBILITY = (
     "Versions are MAJOR.MINOR. A minor version (1.1, 1.2, ...) only adds: an optional field, "
-    "an event kind, a looser bound; every message valid under an earlier 1.x version stays "
+    "an event kind, a looser bound; every batch valid under an earlier 1.x version stays "
     "valid and means the same. A major version changes or removes something. The version "
     "travels in the batch: a batch without a 'version' field, as every batch of version 1 "
     "is, is read as version 1; a later major version will be marked by a 'version' field, "
@@ -47,14 +45,19 @@ COMPATIBILITY = (
     "version adds."
 )
 
-#: What each event field means, by name (the same name means the same in every kind); each
-#: type's rules come from its ``WithJsonSchema`` in :mod:`sessions.events`.
+#: What each event field means, by name: the same name means the same in every kind but where
+#: a ``kind.name`` entry says what it means in that kind (:func:`meaning_key`). Each type's
+#: rules come from its ``WithJsonSchema`` in :mod:`sessions.events`.
 FIELD_MEANINGS = {
-    "kind": "What the event does: create, record or end a session (the discriminator).",
+    "kind": (
+        "What the event does: create, record or end a session, or add a message to its "
+        "conversation (the discriminator)."
+    ),
     "session_id": "The session the event belongs to, e.g. user-123.",
     "at": "When it happened, by the producer's clock.",
     "user_id": "The session's owner; sets it when the session has none yet.",
     "metadata": "About the session; sets it when the session has none yet.",
+    "message.metadata": "About the message; stored with it and read back with it.",
     "processing_time": "How long the request took.",
     "error": "Whether the request failed (counted in error_count).",
     "counts_request": (
@@ -65,7 +68,25 @@ FIELD_MEANINGS = {
     "output_tokens": "Tokens the request wrote.",
     "cost": "What the request cost, in the agent's own currency unit.",
     "status": "How the session's run ended.",
+    "message_id": (
+        "The message's identity, made once by the producer (a random UUID): a message sent "
+        "again keeps it, and a batch sent again keeps its messages' ids."
+    ),
+    "seq": (
+        "The message's place in its session's conversation: messages are read in seq order "
+        "(then by message_id), whatever order their batches arrive in. The Python client uses "
+        "the wall clock in microseconds since 1970, but always past the last seq it wrote or "
+        "read for the session."
+    ),
+    "role": "Who speaks, e.g. user, assistant, system or tool.",
+    "content": "What the message says.",
 }
+
+
+def meaning_key(kind: str, name: str) -> str | None:
+    """The :data:`FIELD_MEANINGS` entry that says what field ``name`` of ``kind`` events
+    means (``kind.name``, else ``name``), or ``None`` if there is none."""
+    return next((key for key in (f"{kind}.{name}", name) if key in FIELD_MEANINGS), None)
 
 
 def shipped_schema_text() -> str:
@@ -99,36 +120,35 @@ def generate_schema() -> dict[str, Any]:
     field added to a model must say what it means on the wire).
     """
     import celeryconfig
-    from sessions.events import Batch
+    from sessions.events import WireBatch
     from sessions.publisher import INGEST_TASK
     from sessions.settings import Settings
 
-    batch = Batch.model_json_schema(schema_generator=_WireSchema)
+    batch = WireBatch.model_json_schema(schema_generator=_WireSchema)
     events = batch.pop("$defs")
     for title, definition in events.items():
         # ``kind`` has a default for Python callers; on the wire it is what tells events apart.
         definition["required"] = ["kind", *definition["required"]]
-        unexplained = sorted(definition["properties"].keys() - FIELD_MEANINGS.keys())
+        properties = definition["properties"]
+        kind = properties["kind"]["const"]
+        keys = {name: meaning_key(kind, name) for name in properties}
+        unexplained = sorted(name for name, key in keys.items() if key is None)
         if unexplained:
             raise LookupError(
                 f"{title} fields {unexplained}: say what each means in sessions.wire.FIELD_MEANINGS"
             )
         definition["properties"] = {
-            name: _described(field, FIELD_MEANINGS[name])
-            for name, field in definition["properties"].items()
+            name: _described(field, FIELD_MEANINGS[str(keys[name])])
+            for name, field in properties.items()
         }
     max_events = Settings.model_fields["store_max_batch_events"].default
     properties = batch["properties"]
-    properties["batch_id"] = {
-        "type": "string",
-        "format": "uuid",
-        "pattern": UUID_PATTERN,
-        "description": (
-            "The batch's identity, made once by the producer (a random UUID): the worker "
-            "applies a batch id once, so a batch sent again after a failed or doubtful publish "
-            "must keep its id (and its events)."
-        ),
-    }
+    properties["batch_id"] = _described(
+        properties["batch_id"],
+        "The batch's identity, made once by the producer (a random UUID): the worker applies a "
+        "batch id once, so a batch sent again after a failed or doubtful publish must keep its "
+        "id (and its events).",
+    )
     properties["events"] |= {
         "maxItems": max_events,
         "description": (
@@ -149,7 +169,7 @@ def generate_schema() -> dict[str, Any]:
         "$comment": "Generated from sessions/events.py by `python -m sessions.wire`.",
         "type": "object",
         "properties": properties,
-        "required": ["batch_id", "events"],
+        "required": batch["required"],
         "additionalProperties": False,
         "$defs": {**events, "Task": _task(INGEST_TASK, celeryconfig)},
     }

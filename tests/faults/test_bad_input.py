@@ -217,6 +217,20 @@ FIELD_NAMED_BAD_EVENTS: list[tuple[str, list[Any], str]] = [
         "create.metadata: must not contain a lone surrogate",
     ),
     (
+        "a message without its message_id (made up, it would differ at each delivery)",
+        [
+            {
+                "kind": "message",
+                "session_id": "bad-target",
+                "at": _now(),
+                "seq": 1,
+                "role": "user",
+                "content": "Hello",
+            }
+        ],
+        "message.message_id: Field required",
+    ),
+    (
         "metadata nested 33 and 300 levels",
         [_create(_nested(33)), _create(_nested(300))],
         "create.metadata: must be nested at most 32 levels deep",
@@ -261,6 +275,12 @@ HAND_WRITTEN_BAD_ENVELOPES: list[tuple[str, Any, str]] = [
     (
         "JSON text with a bad batch_id",
         json.dumps({"batch_id": "1 OR 1=1", "events": []}),
+        "batch_id: must be a UUID",
+    ),
+    (
+        # Its events must not be applied under an id made up at each delivery.
+        "JSON text without a batch_id",
+        json.dumps({"events": [good_event("no-batch-id", 0)]}),
         "batch_id: must be a UUID",
     ),
     (
@@ -661,6 +681,9 @@ def test_bad_input_is_dead_lettered_or_refused_and_never_costs_good_events(
             "SELECT request_count FROM sessions WHERE session_id = :id", id=SQL_LOOKING_VALID_ID
         )
         assert sql_session == 3
+        assert not monitor.scalar(
+            "SELECT count(*) FROM sessions WHERE session_id = 'no-batch-id'"
+        ), "a batch without its id was applied"
     app.close()
 
 

@@ -3,6 +3,8 @@ run live at their time, bounded per run, purged with the run."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import HealthCheck, given, settings
@@ -31,6 +33,7 @@ def message(
     return MessageEvent(
         session_id=session_id,
         at=at(minutes),
+        message_id=uuid.uuid4(),
         seq=seq,
         role=role,
         content=content or f"message {seq}",
@@ -80,6 +83,31 @@ def test_the_conversation_is_in_its_producers_order_whatever_the_delivery(
         (e.message_id, e.seq, e.role, e.content) for e in produced
     ]
     assert len(stored(store)) == len(produced)  # each once, however often delivered
+
+
+def test_a_redelivered_wire_text_of_messages_is_a_duplicate_and_one_without_ids_is_refused(
+    store: SessionStore,
+) -> None:
+    """Wire input carries its messages' ids: made up at each delivery, a redelivered batch
+    would be other content under its batch id (set aside as a reused id)."""
+    said = {"kind": "message", "session_id": "user-7", "at": at(1).isoformat(), "role": "user"}
+    sent = json.dumps(
+        {
+            "batch_id": str(uuid.uuid4()),
+            "events": [said | {"message_id": str(uuid.uuid4()), "seq": 1, "content": "Hi"}],
+        }
+    )
+    first, again = store.apply(sent), store.apply(sent)
+    assert (first.applied, again.applied, again.duplicate, again.reused) == (1, 0, 1, False)
+    without = json.dumps(
+        {"batch_id": str(uuid.uuid4()), "events": [said | {"seq": 2, "content": "Hi again"}]}
+    )
+    first, again = store.apply(without), store.apply(without)
+    assert first.rejected_by_reason == {"invalid_event": 1} and not first.applied
+    assert (again.duplicate, again.reused) == (1, False)
+    (letter,) = store.dead_letters()
+    assert letter.reason == "events[0]: message.message_id: Field required"
+    assert stored(store) == [("user-7", 1, 1, "Hi")]
 
 
 def test_a_message_is_activity_of_its_session_and_no_request(store: SessionStore) -> None:

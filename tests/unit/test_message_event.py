@@ -27,6 +27,7 @@ def message(**fields: Any) -> dict[str, Any]:
         "kind": "message",
         "session_id": "user-123",
         "at": AT,
+        "message_id": str(uuid.uuid4()),
         "seq": 1,
         "role": "user",
         "content": "Hello",
@@ -70,6 +71,12 @@ def test_a_bad_message_is_refused_naming_the_field_and_the_rule(
     fields: dict[str, Any], reason: str
 ) -> None:
     assert rejection(message(**fields)).startswith(reason)
+
+
+def test_a_message_on_the_wire_carries_the_id_its_producer_made() -> None:
+    payload = message()
+    del payload["message_id"]
+    assert rejection(payload) == "message.message_id: Field required"
 
 
 def test_one_bad_message_costs_no_other_event_of_its_batch() -> None:
