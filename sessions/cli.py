@@ -189,7 +189,7 @@ def open_store(settings: Settings | None = None, *, create: bool = False) -> Ite
 
 
 def _exec_celery(arguments: list[str]) -> NoReturn:
-    """Replace this process with ``celery -A workers <arguments>``, the README's command.
+    """Replace this process with ``celery -A sessions.worker <arguments>``, the README's command.
 
     Nothing is asked of the servers first, so that this behaves as the plain command does: a
     worker or beat started while the database or the broker is down waits for it (no
@@ -202,7 +202,7 @@ def _exec_celery(arguments: list[str]) -> NoReturn:
         check_supported(settings.database_url)
     except UnsupportedDatabaseError as exc:
         fail(str(exc), code=os.EX_CONFIG)
-    command = [sys.executable, "-m", "celery", "-A", "workers", *arguments]
+    command = [sys.executable, "-m", "celery", "-A", "sessions.worker", *arguments]
     sys.stdout.flush()
     os.execv(sys.executable, command)
 
@@ -213,7 +213,7 @@ def worker(
     queues: Annotated[str, typer.Option("--queues", "-Q", help="Queues to consume.")] = ALL_QUEUES,
     loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
 ) -> None:
-    """Run a Celery worker (`celery -A workers worker`); extra options go to Celery."""
+    """Run a Celery worker (`celery -A sessions.worker worker`); extra options go to Celery."""
     _exec_celery(["worker", "-Q", queues, "--loglevel", loglevel, *ctx.args])
 
 
@@ -222,7 +222,7 @@ def beat(
     ctx: typer.Context,
     loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
 ) -> None:
-    """Run Celery beat (`celery -A workers beat`) with the housekeeping schedule."""
+    """Run Celery beat (`celery -A sessions.worker beat`) with the housekeeping schedule."""
     _exec_celery(["beat", "--loglevel", loglevel, *ctx.args])
 
 

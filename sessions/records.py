@@ -39,8 +39,8 @@ EndReason = Literal["explicit", "idle", "age", "health"]
 #: not an object, no UUID, too many events); the worker sets aside whole messages that are
 #: ``poison`` (redelivered unfinished too often), that it ``cannot_apply`` (a permanent error)
 #: or that kept failing with an ``unexpected_error``, and queue items that were no message at
-#: all, ``unreadable_message`` (``workers.envelopes``). ``batch_id_reused`` is a batch whose id
-#: the ledger holds for other content: set aside whole, not applied.
+#: all, ``unreadable_message`` (``sessions.worker.envelopes``). ``batch_id_reused`` is a batch
+#: whose id the ledger holds for other content: set aside whole, not applied.
 DeadLetterReason = Literal[
     "invalid_event",
     "refused_by_database",
