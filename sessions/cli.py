@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from alembic.util import CommandError
@@ -41,7 +41,7 @@ from sessions.errors import (
     UnsupportedDatabaseError,
 )
 from sessions.histogram import LOWEST
-from sessions.records import Aggregate, SessionRecord
+from sessions.records import Aggregate, SessionRecord, Status
 from sessions.settings import Settings, describe_settings_error, get_settings, mask_url
 from sessions.store import SessionStore
 
@@ -74,7 +74,6 @@ console = Console()
 
 #: The queues a ``sessions worker`` consumes unless told otherwise.
 ALL_QUEUES = "sessions.events,sessions.maintenance"
-StatusOption = Literal["active", "completed", "failed", "expired"]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 #: Most users, sessions and requests per session ``sessions demo`` simulates.
 DEMO_MAX = 10_000
@@ -290,7 +289,7 @@ UserOption = Annotated[
 @app.command("list")
 def list_sessions(
     user: UserOption = None,
-    status: Annotated[StatusOption | None, typer.Option("--status")] = None,
+    status: Annotated[Status | None, typer.Option("--status")] = None,
     limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE_SIZE)] = 50,
     after: Annotated[
         str | None, typer.Option(parser=_id_option, help="Start after this session id.")
@@ -372,7 +371,7 @@ def _stats_title(
 @app.command()
 def stats(
     user: UserOption = None,
-    status: Annotated[StatusOption | None, typer.Option("--status")] = None,
+    status: Annotated[Status | None, typer.Option("--status")] = None,
     since: Annotated[
         datetime | None,
         typer.Option(
