@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/sessions demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check sessions workers tests bench examples migrations celeryconfig.py
+	$(BIN)/ruff check sessions workers tests bench examples celeryconfig.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy sessions workers celeryconfig.py

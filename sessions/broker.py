@@ -1,10 +1,11 @@
 """The pipeline's broker, as every Celery app that publishes to it must see it: said once.
 
-The worker's app (``celeryconfig``, :func:`workers.app.create_app`) and the client's own small
-app (:func:`client_app`, which :class:`~sessions.publisher.CeleryPublisher` publishes through)
-both take their broker URL, transport and its options, serializer, publish retries, delivery
+The worker's app (:mod:`sessions.worker.config`,
+:func:`sessions.worker.celery_app.create_app`) and the client's own small app
+(:func:`client_app`, which :class:`~sessions.publisher.CeleryPublisher` publishes through) both
+take their broker URL, transport and its options, serializer, publish retries, delivery
 mode, queues, exchange and routes from :func:`publishing_config`. So a client never imports the
-worker (its signal handlers, its metrics, ``celeryconfig``, the store), and still declares the
+worker (its signal handlers, its metrics, its configuration, the store), and still declares the
 queues exactly as the worker does: RabbitMQ refuses to redeclare a queue with other arguments,
 and a message routed to a queue nobody declared is dropped.
 """
@@ -37,7 +38,7 @@ AMQP_CONFIRM_TIMEOUT = 5.0
 #: Returns of one message a quorum queue allows before it drops it: far more than any batch
 #: meets (the ledger and max_redeliveries end a batch long before), but never the default.
 #: Since RabbitMQ 4.0 a quorum queue drops a message returned more than 20 times, and a batch
-#: rejected back to the queue while its dead letter cannot be written (workers.tasks) comes
+#: rejected back to the queue while its dead letter cannot be written (sessions.worker.tasks) comes
 #: back every few seconds until the database is repaired. Not -1: RabbitMQ 3.x reads that as
 #: "drop on the first return" (measured on 3.10.8).
 AMQP_DELIVERY_LIMIT = 1_000_000
@@ -79,8 +80,9 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             # A message a worker has taken but not acknowledged comes back to the queue after
             # this long. With acks_late it must exceed the longest task run *and* the longest
             # retry countdown (ETA messages sit unacknowledged in the worker until they run):
-            # ingest backs off at most workers.tasks.RETRY_BACKOFF_MAX (300 s), well below the
-            # default hour. Too short is safe (the ledger drops the redelivered batch) but wasteful.
+            # ingest backs off at most sessions.worker.tasks.RETRY_BACKOFF_MAX (300 s), well
+            # below the default hour. Too short is safe (the ledger drops the redelivered batch)
+            # but wasteful.
             "visibility_timeout": settings.visibility_timeout_seconds,
             # Keep JSON bodies as they are: kombu's default base64 costs an encode in every
             # producer, a decode in the worker, and a third more bytes through Redis (twice:
@@ -178,8 +180,8 @@ TASK_ROUTES = {
 def publishing_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings of an app that publishes to the pipeline's broker ``settings`` name.
 
-    The worker's app has these and the worker's own (``celeryconfig``); the client's app
-    (:func:`client_app`) has these only.
+    The worker's app has these and the worker's own (:mod:`sessions.worker.config`); the
+    client's app (:func:`client_app`) has these only.
     """
     return {
         # -- broker ---------------------------------------------------------------------------

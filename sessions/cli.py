@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from alembic.util import CommandError
@@ -41,7 +41,7 @@ from sessions.errors import (
     UnsupportedDatabaseError,
 )
 from sessions.histogram import LOWEST
-from sessions.records import Aggregate, SessionRecord
+from sessions.records import Aggregate, SessionRecord, Status
 from sessions.settings import Settings, describe_settings_error, get_settings, mask_url
 from sessions.store import SessionStore
 
@@ -74,7 +74,6 @@ console = Console()
 
 #: The queues a ``sessions worker`` consumes unless told otherwise.
 ALL_QUEUES = "sessions.events,sessions.maintenance"
-StatusOption = Literal["active", "completed", "failed", "expired"]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 #: Most users, sessions and requests per session ``sessions demo`` simulates.
 DEMO_MAX = 10_000
@@ -189,7 +188,7 @@ def open_store(settings: Settings | None = None, *, create: bool = False) -> Ite
 
 
 def _exec_celery(arguments: list[str]) -> NoReturn:
-    """Replace this process with ``celery -A workers <arguments>``, the README's command.
+    """Replace this process with ``celery -A sessions.worker <arguments>``, the README's command.
 
     Nothing is asked of the servers first, so that this behaves as the plain command does: a
     worker or beat started while the database or the broker is down waits for it (no
@@ -202,7 +201,7 @@ def _exec_celery(arguments: list[str]) -> NoReturn:
         check_supported(settings.database_url)
     except UnsupportedDatabaseError as exc:
         fail(str(exc), code=os.EX_CONFIG)
-    command = [sys.executable, "-m", "celery", "-A", "workers", *arguments]
+    command = [sys.executable, "-m", "celery", "-A", "sessions.worker", *arguments]
     sys.stdout.flush()
     os.execv(sys.executable, command)
 
@@ -213,7 +212,7 @@ def worker(
     queues: Annotated[str, typer.Option("--queues", "-Q", help="Queues to consume.")] = ALL_QUEUES,
     loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
 ) -> None:
-    """Run a Celery worker (`celery -A workers worker`); extra options go to Celery."""
+    """Run a Celery worker (`celery -A sessions.worker worker`); extra options go to Celery."""
     _exec_celery(["worker", "-Q", queues, "--loglevel", loglevel, *ctx.args])
 
 
@@ -222,7 +221,7 @@ def beat(
     ctx: typer.Context,
     loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
 ) -> None:
-    """Run Celery beat (`celery -A workers beat`) with the housekeeping schedule."""
+    """Run Celery beat (`celery -A sessions.worker beat`) with the housekeeping schedule."""
     _exec_celery(["beat", "--loglevel", loglevel, *ctx.args])
 
 
@@ -290,7 +289,7 @@ UserOption = Annotated[
 @app.command("list")
 def list_sessions(
     user: UserOption = None,
-    status: Annotated[StatusOption | None, typer.Option("--status")] = None,
+    status: Annotated[Status | None, typer.Option("--status")] = None,
     limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE_SIZE)] = 50,
     after: Annotated[
         str | None, typer.Option(parser=_id_option, help="Start after this session id.")
@@ -372,7 +371,7 @@ def _stats_title(
 @app.command()
 def stats(
     user: UserOption = None,
-    status: Annotated[StatusOption | None, typer.Option("--status")] = None,
+    status: Annotated[Status | None, typer.Option("--status")] = None,
     since: Annotated[
         datetime | None,
         typer.Option(

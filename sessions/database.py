@@ -18,6 +18,7 @@ instead of failing on the first write.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,9 @@ SQLITE_BUSY_TIMEOUT = 30.0
 #: Execution option of a connection that only reads: on SQLite it begins a plain deferred
 #: transaction instead of taking the write lock up front.
 READ_ONLY_OPTION = "sessions_read_only"
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+#: The Alembic scripts: a directory of the package, wherever it is installed (pip unpacks a
+#: wheel onto the file system, which Alembic needs to read them).
+MIGRATIONS_DIR = Path(str(files("sessions") / "migrations"))
 #: Backends the store is written for (SQLAlchemy backend names).
 SUPPORTED_BACKENDS = ("postgresql", "sqlite")
 

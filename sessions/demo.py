@@ -101,7 +101,7 @@ class Services:
         """Start ``celery <arguments>``, with ``environment`` over the demo's own."""
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", *arguments],
+            [sys.executable, "-m", "celery", "-A", "sessions.worker", *arguments],
             env={**self.environment, **environment},
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -12,8 +12,8 @@ to die this way.
 :class:`Transport` is the same transport with one change: a message is written under a name
 no consumer reads (a leading dot and a ``.part`` suffix) and renamed to its final name when
 complete. A rename within a folder is atomic, so a consumer finds the whole message or none.
-Celery uses it through ``broker_transport`` (see ``celeryconfig.from_settings``); the folders,
-names and format are kombu's, so producers and consumers of either kind read each other's
+Celery uses it through ``broker_transport`` (see ``sessions.worker.config.from_settings``); the
+folders, names and format are kombu's, so producers and consumers of either kind read each other's
 messages.
 """
 

@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sessions.apply import COUNTERS
 from sessions.bounds import check_choice, check_id, check_limit, check_moment
 from sessions.database import minute_of
-from sessions.records import Status, UserRanking
+from sessions.records import STATUSES, UserRanking
 from sessions.tables import (
     ACTIVE,
     UTCDateTime,
@@ -45,8 +45,6 @@ from sessions.tables import (
     sessions_table,
 )
 
-#: Every status a session can have.
-STATUSES = get_args(Status)
 #: Every measure users can be ranked by.
 RANKINGS = get_args(UserRanking)
 #: A live run joined with its histogram's rows.

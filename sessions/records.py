@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
@@ -31,6 +31,8 @@ COUNTERS = (
 )
 #: Every state a session can be in; only ``active`` is not final.
 Status = Literal["active", "completed", "failed", "expired"]
+#: Every status a session can have, in the order reports list them.
+STATUSES: tuple[Status, ...] = get_args(Status)
 #: Why a session ended: an ``end`` event, or one of the housekeeping sweeps.
 EndReason = Literal["explicit", "idle", "age", "health"]
 #: Why something was dead-lettered, as a small fixed set (the stored reason text says more):
@@ -39,8 +41,8 @@ EndReason = Literal["explicit", "idle", "age", "health"]
 #: not an object, no UUID, too many events); the worker sets aside whole messages that are
 #: ``poison`` (redelivered unfinished too often), that it ``cannot_apply`` (a permanent error)
 #: or that kept failing with an ``unexpected_error``, and queue items that were no message at
-#: all, ``unreadable_message`` (``workers.envelopes``). ``batch_id_reused`` is a batch whose id
-#: the ledger holds for other content: set aside whole, not applied.
+#: all, ``unreadable_message`` (``sessions.worker.envelopes``). ``batch_id_reused`` is a batch
+#: whose id the ledger holds for other content: set aside whole, not applied.
 DeadLetterReason = Literal[
     "invalid_event",
     "refused_by_database",

@@ -119,10 +119,10 @@ def generate_schema() -> dict[str, Any]:
     Raises ``LookupError`` when an event field has no entry in :data:`FIELD_MEANINGS` (a
     field added to a model must say what it means on the wire).
     """
-    import celeryconfig
     from sessions.events import WireBatch
     from sessions.publisher import INGEST_TASK
     from sessions.settings import Settings
+    from sessions.worker import config
 
     batch = WireBatch.model_json_schema(schema_generator=_WireSchema)
     events = batch.pop("$defs")
@@ -171,7 +171,7 @@ def generate_schema() -> dict[str, Any]:
         "properties": properties,
         "required": batch["required"],
         "additionalProperties": False,
-        "$defs": {**events, "Task": _task(INGEST_TASK, celeryconfig)},
+        "$defs": {**events, "Task": _task(INGEST_TASK, config)},
     }
 
 

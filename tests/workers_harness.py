@@ -36,8 +36,12 @@ from tests.services import (
 )
 from tests.waiting import STALL, cpu_budget, cpu_progress, wait_for
 
-#: The repository root: Celery subprocesses run here, so ``celeryconfig`` and ``workers`` import.
+#: The repository root: Celery subprocesses run here, so the checkout's ``workers`` imports.
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The app a checkout runs (the README's ``celery -A workers``); an installed package's is
+#: :data:`INSTALLED_APP`.
+CHECKOUT_APP = "workers"
+INSTALLED_APP = "sessions.worker"
 #: How long a test waits without progress for a worker to start or for its effects to show.
 DEADLINE = 30.0
 #: CPU seconds a Celery process may use before it logs what a test waits for (starting one
@@ -145,14 +149,22 @@ def service_environment(**values: str) -> dict[str, str]:
 
 
 class CeleryProcess:
-    """One ``celery -A workers <command>`` subprocess, logging to a file."""
+    """One ``celery -A <app> <command>`` subprocess, logging to a file; ``app`` defaults to
+    the checkout's, :data:`CHECKOUT_APP`."""
 
-    def __init__(self, name: str, arguments: list[str], environment: Mapping[str, str], logs: Path):
+    def __init__(
+        self,
+        name: str,
+        arguments: list[str],
+        environment: Mapping[str, str],
+        logs: Path,
+        app: str = CHECKOUT_APP,
+    ):
         self.name = name
         self.log_path = logs / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", *arguments],
+            [sys.executable, "-m", "celery", "-A", app, *arguments],
             cwd=REPO_ROOT,
             env=dict(environment),
             stdout=self._log,

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from sqlalchemy import and_, case, func, select
 
 from sessions.apply import COUNTERS
-from sessions.records import Aggregate, SessionRecord, Status, percentile_fields
+from sessions.records import STATUSES, Aggregate, SessionRecord, Status, percentile_fields
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.sweeps import error_rate_above
 from sessions.tables import latency_table, sessions_table
-
-#: Every status, in the order the page lists them.
-STATUSES: tuple[Status, ...] = get_args(Status)
 
 
 def open_read_only_store(settings: Settings) -> SessionStore:

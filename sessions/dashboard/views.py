@@ -22,7 +22,8 @@ from sessions.dashboard.params import (
     TopBy,
     parse_query,
 )
-from sessions.dashboard.reads import STATUSES, by_status, health_counts, health_level
+from sessions.dashboard.reads import by_status, health_counts, health_level
+from sessions.records import STATUSES
 from sessions.settings import mask_url
 from sessions.store import SessionStore
 

@@ -8,7 +8,7 @@ retried, dead-lettered or put back on the queue is the product's own logic, unch
 
 from __future__ import annotations
 
-from workers import tasks
+from sessions.worker import tasks
 
 tasks.RETRY_BACKOFF_BASE = 0.05
 tasks.RETRY_BACKOFF_MAX = 0.5

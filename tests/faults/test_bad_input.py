@@ -38,6 +38,7 @@ from sqlalchemy import text
 
 from sessions.events import peek_batch_id
 from sessions.settings import Settings
+from sessions.worker.celery_app import create_app
 from tests.faults.harness import (
     Fleet,
     Monitor,
@@ -51,7 +52,6 @@ from tests.faults.harness import (
 from tests.faults.report import scaled
 from tests.faults.servers import FaultBroker
 from tests.workers_harness import free_port, scrape_metrics
-from workers.app import create_app
 
 pytestmark = [pytest.mark.slow]
 

@@ -23,7 +23,7 @@ A third case SIGKILLs Redis and starts it again *empty* (no persistence: a resta
 failed-over replica), several times while agents record, each time while the queue holds
 messages no worker has taken. Those are gone with the server; the tracker sees them missing
 from the ledger and publishes them again, and the worker, which lost its connection in the
-middle of acknowledging and rejecting messages (``workers.stale_channel``), reconnects and
+middle of acknowledging and rejecting messages (``sessions.worker.stale_channel``), reconnects and
 applies them.
 """
 
@@ -79,7 +79,7 @@ BURST_EVENTS = 2000
 #: Celery's consumer tries a lost broker again after 2, 4, 6, ... and at most 30 s (kombu's
 #: ``ensure_connection`` defaults, which Celery uses) ...
 CELERY_RETRY_INTERVALS = tuple(min(30, 2 * n) for n in range(1, 16))
-#: ... and ``broker_connection_timeout`` (celeryconfig) bounds each try.
+#: ... and ``broker_connection_timeout`` (sessions.worker.config) bounds each try.
 CONNECT_SECONDS = 2.0
 #: What a worker does after connecting before it consumes: mingle waits 1 s for neighbours.
 READY_SECONDS = 1.0

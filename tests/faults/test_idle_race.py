@@ -27,6 +27,7 @@ from sessions.events import Batch, CreateEvent, RecordEvent
 from sessions.publisher import CeleryPublisher
 from sessions.settings import Settings
 from sessions.tracker import SessionTracker
+from sessions.worker.celery_app import create_app
 from tests.faults.harness import (
     Fleet,
     Monitor,
@@ -41,7 +42,6 @@ from tests.faults.harness import (
 )
 from tests.faults.report import scaled
 from tests.faults.servers import PrivateRedis
-from workers.app import create_app
 
 pytestmark = [pytest.mark.slow]
 

@@ -18,7 +18,7 @@ from tests.integration.support import reset
 @pytest.fixture
 def task_store(store: SessionStore, monkeypatch: pytest.MonkeyPatch) -> SessionStore:
     """The store the worker's tasks use, run in this process (retries without waiting)."""
-    from workers import tasks
+    from sessions.worker import tasks
 
     monkeypatch.setattr(tasks, "_store", store)
     monkeypatch.setattr(tasks, "RETRY_BACKOFF_BASE", 0.0)

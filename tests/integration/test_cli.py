@@ -349,7 +349,8 @@ def _refuse_exec(*arguments: object) -> None:
 def test_worker_starts_celery_without_asking_the_broker_or_the_database_first(
     tmp_path: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`sessions worker` is `celery -A workers worker`: it waits for servers that are down."""
+    """`sessions worker` is `celery -A sessions.worker worker`: it waits for servers that are
+    down."""
     execs: list[tuple[object, ...]] = []
 
     def record_exec(*arguments: object) -> None:
@@ -372,7 +373,7 @@ def test_worker_starts_celery_without_asking_the_broker_or_the_database_first(
         "-m",
         "celery",
         "-A",
-        "workers",
+        "sessions.worker",
         "worker",
         "-Q",
         "sessions.events,sessions.maintenance",

@@ -1,4 +1,5 @@
-"""workers.envelopes against a real, private redis-server and a real filesystem-broker folder.
+"""sessions.worker.envelopes against a real, private redis-server and a real filesystem-broker
+folder.
 
 Each item is put straight into the queue, as ``redis-cli LPUSH`` or a stray file would, and
 consumed with a kombu consumer as Celery's event loop consumes: without the guard the
@@ -29,10 +30,10 @@ from sessions import filesystem_broker
 from sessions.events import Batch, RecordEvent
 from sessions.settings import Settings
 from sessions.store import SessionStore
+from sessions.worker import envelopes
+from sessions.worker.celery_app import SET_ASIDE_TASK, app, create_app
 from tests.faults.servers import PrivateRedis, private_redis
 from tests.workers_harness import CeleryProcess, service_environment, wait_until
-from workers import envelopes
-from workers.app import SET_ASIDE_TASK, app, create_app
 
 QUEUE = "sessions.events"
 #: Seconds the consumer waits for an item it has been given.
@@ -117,7 +118,7 @@ def redis_server() -> Iterator[PrivateRedis]:
 @pytest.fixture
 def without_the_guard(monkeypatch: pytest.MonkeyPatch) -> None:
     """kombu's own parse and delivery, as if :func:`envelopes.install` never ran."""
-    import workers.app  # noqa: F401  (installs it, so that kombu's originals are reachable)
+    import sessions.worker.celery_app  # noqa: F401  (installs it, so that kombu's originals are reachable)
 
     for module in envelopes.PARSING_MODULES:
         monkeypatch.setattr(module, "loads", module.loads.__wrapped__)
@@ -138,7 +139,7 @@ def replaced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, str, s
             return None
         return envelope(json.dumps({"set aside": reason}))
 
-    import workers.app  # noqa: F401
+    import sessions.worker.celery_app  # noqa: F401
 
     original = kombu_virtual.Transport._deliver.__wrapped__  # type: ignore[attr-defined]
     monkeypatch.setattr(kombu_virtual.Transport, "_deliver", original)
@@ -218,7 +219,7 @@ def test_an_item_replace_declines_is_dropped_and_logged(
     with Connection(redis_server.url) as connection:
         received = consumer_on(connection, "other")
         redis_server.client().lpush("other", b"junk")  # type: ignore[attr-defined]
-        with caplog.at_level(logging.ERROR, logger="workers.envelopes"):
+        with caplog.at_level(logging.ERROR, logger="sessions.worker.envelopes"):
             connection.drain_events(timeout=DRAIN_TIMEOUT)
         assert received == [] and [queue for _, _, queue in replaced] == ["other"]
         assert "dropped an unreadable message on other: not JSON" in caplog.text
@@ -227,8 +228,9 @@ def test_an_item_replace_declines_is_dropped_and_logged(
 def test_the_workers_replacement_is_a_set_aside_task_carrying_the_item(
     redis_server: PrivateRedis,
 ) -> None:
-    """What ``workers.app`` installs: a task message for ``sessions.set_aside``, read back by
-    Celery's own message parsing, the item cut to the store's limit; other queues dropped."""
+    """What ``sessions.worker.celery_app`` installs: a task message for ``sessions.set_aside``,
+    read back by Celery's own message parsing, the item cut to the store's limit; other queues
+    dropped."""
     replace = envelopes.set_aside_as_task(app, SET_ASIDE_TASK, (QUEUE,))
     assert replace("junk", "not JSON (x)", "celery.pidbox") is None
     huge = "x" * (envelopes.KEPT_BYTES * 3)
@@ -253,7 +255,7 @@ def test_the_workers_replacement_is_a_set_aside_task_carrying_the_item(
 def test_kombus_own_uses_of_loads_fail_on_junk_as_before() -> None:
     """Redis's unacknowledged messages and the filesystem's exchange tables are unpacked from
     ``loads``: junk there still raises the JSON error it raised before the guard."""
-    import workers.app  # noqa: F401
+    import sessions.worker.celery_app  # noqa: F401
 
     parsed = kombu_redis.loads("junk")
     with pytest.raises(json.JSONDecodeError):
@@ -318,7 +320,7 @@ def test_a_base64_body_is_checked() -> None:
 
 
 def test_install_wraps_once_and_the_workers_app_installs_it() -> None:
-    import workers.app  # noqa: F401  (importing the app is what a worker and a tracker do)
+    import sessions.worker.celery_app  # noqa: F401  (importing the app is what a worker and a tracker do)
 
     assert envelopes.installed()
     wrapped = kombu_virtual.Transport._deliver

@@ -25,7 +25,7 @@ from tests.integration.support import run_rows
 def idle_sweep(max_idle_seconds: float | None = None) -> list[str]:
     """One run of the worker's idle sweep task, as beat sends it (by default with no argument:
     the settings' threshold, the guide's 30 minutes)."""
-    from workers import tasks
+    from sessions.worker import tasks
 
     kwargs = {} if max_idle_seconds is None else {"max_idle_seconds": max_idle_seconds}
     changed: list[str] = tasks.expire_idle.apply(kwargs=kwargs).get()

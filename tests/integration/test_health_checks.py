@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.faults.servers import PrivateRedis, private_redis
-from tests.workers_harness import CeleryProcess, service_environment, wait_until
+from tests.workers_harness import INSTALLED_APP, CeleryProcess, service_environment, wait_until
 
 pytestmark = [pytest.mark.slow]
 
@@ -67,12 +67,12 @@ def started(
     name: str, service: dict[str, Any], environment: dict[str, str], logs: Path
 ) -> CeleryProcess:
     command = [str(word) for word in service["command"]]
-    assert command[:3] == ["celery", "-A", "workers"], command
+    assert command[:3] == ["celery", "-A", INSTALLED_APP], command
     arguments = [
         str(logs / "celerybeat-schedule") if word == "/tmp/celerybeat-schedule" else word
         for word in command[3:]
     ]
-    return CeleryProcess(name, arguments, environment, logs)
+    return CeleryProcess(name, arguments, environment, logs, app=INSTALLED_APP)
 
 
 def test_worker_and_beat_health_checks_follow_them_through_a_broker_restart(

@@ -28,6 +28,9 @@ from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tables import dead_letters_table, ledger_table, runs_table, sessions_table
 from sessions.tracker import SessionTracker
+from sessions.worker import metrics, tasks
+from sessions.worker.celery_app import create_app
+from sessions.worker.metrics import DEAD_LETTER_REASONS, WorkerMetrics
 from tests.integration.support import record_message
 from tests.workers_harness import (
     Pipeline,
@@ -38,9 +41,6 @@ from tests.workers_harness import (
     scrape_metrics,
     wait_until,
 )
-from workers import metrics, tasks
-from workers.app import create_app
-from workers.metrics import DEAD_LETTER_REASONS, WorkerMetrics
 
 AGENTS = 2
 EVENTS_PER_AGENT = 4000

@@ -21,8 +21,8 @@ from sqlalchemy import text
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tables import ledger_table
+from sessions.worker import tasks
 from tests.integration.support import record_message
-from workers import tasks
 
 #: Attempts before the test repairs the fault: past the dead-letter attempt.
 REPAIR_AFTER = tasks.UNEXPECTED_ERROR_RETRIES + 3

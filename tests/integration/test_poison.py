@@ -9,8 +9,8 @@ import pytest
 
 from sessions.settings import get_settings
 from sessions.store import SessionStore
+from sessions.worker import tasks
 from tests.integration.support import record_message
-from workers import tasks
 
 
 def _deliver(message: dict[str, Any], message_id: str, redelivered: bool) -> Any:

@@ -25,6 +25,7 @@ from sessions.events import Batch, RecordEvent
 from sessions.publisher import CeleryPublisher
 from sessions.settings import Settings, get_settings
 from sessions.store import SessionStore
+from sessions.worker.celery_app import REFUSED_EXIT_CODE
 from tests.services import (
     POSTGRES_ADMIN_URL,
     require_postgres,
@@ -41,7 +42,6 @@ from tests.workers_harness import (
     start_worker,
     wait_until,
 )
-from workers.app import REFUSED_EXIT_CODE
 
 
 def _start(command: str, database_url: str, logs: Path) -> CeleryProcess:

@@ -21,8 +21,8 @@ from sessions.events import Batch, _check_id, batch_json, decode_batch, plain_re
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tables import ledger_table
+from sessions.worker import metrics, tasks
 from tests.integration.support import create, record, record_message
-from workers import metrics, tasks
 
 
 def requests(store: SessionStore, session_id: str) -> int:

@@ -1,4 +1,4 @@
-"""workers.stale_channel against a real, private redis-server that is SIGKILLed.
+"""sessions.worker.stale_channel against a real, private redis-server that is SIGKILLed.
 
 Each test leaves a kombu connection exactly where Celery 5.7's consumer leaves it after losing
 the broker: two channels with a ``BRPOP`` in flight (the worker's task channel and its
@@ -19,8 +19,8 @@ from kombu import Connection, Exchange, Queue
 from kombu.message import Message
 from kombu.transport import redis as kombu_redis
 
+from sessions.worker import stale_channel
 from tests.faults.servers import PrivateRedis, private_redis
-from workers import stale_channel
 
 #: Seconds a socket of the test's kombu connection may wait (the server is killed under it).
 SOCKET_TIMEOUT = 2.0
@@ -162,6 +162,6 @@ def test_install_wraps_once() -> None:
 
 
 def test_the_workers_app_installs_it() -> None:
-    import workers.app  # noqa: F401  (importing the app is what a worker and a tracker do)
+    import sessions.worker.celery_app  # noqa: F401  (importing the app is what a worker and a tracker do)
 
     assert stale_channel.installed()

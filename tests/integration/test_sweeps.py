@@ -447,15 +447,16 @@ def test_a_sweep_task_sent_arguments_out_of_bounds_fails_naming_them_and_changes
 ) -> None:
     """What ``celery call sessions.expire_idle --kwargs '{"max_idle_seconds": -1}'`` or a beat
     entry could send: the task fails (the caller sees the error), with one ERROR line."""
-    from workers import tasks
+    from sessions.worker import tasks
 
     before = _active_fleet(task_store)
-    with caplog.at_level(logging.INFO, logger="workers.tasks"):
+    with caplog.at_level(logging.INFO, logger="sessions.worker.tasks"):
         result = getattr(tasks, task).apply(kwargs=kwargs)
     assert result.failed()
     assert isinstance(result.result, REFUSED_ARGUMENTS)  # not a bare ValueError: it pickles
     assert str(result.result).startswith(message)
     [refused] = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert refused.name == "workers.tasks" and refused.exc_info is None  # one line, no traceback
+    # One line, no traceback.
+    assert refused.name == "sessions.worker.tasks" and refused.exc_info is None
     assert "refused its arguments, changed nothing: " + message in refused.getMessage()
     assert snapshot(task_store) == before

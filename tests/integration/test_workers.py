@@ -25,6 +25,7 @@ from sessions.publisher import CeleryPublisher
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
+from sessions.worker import tasks
 from tests.integration.support import record_message
 from tests.services import POSTGRES_ADMIN_URL
 from tests.workers_harness import (
@@ -35,7 +36,6 @@ from tests.workers_harness import (
     running_pipeline,
     wait_until,
 )
-from workers import tasks
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """A worker's metrics across forked processes: ``python -m tests.unit.metrics_fork PORT``.
 
 A process of its own, so that ``prometheus_client`` is first imported as in a worker: by
-:func:`workers.metrics.start`, or before it (``--import-first``), as a plugin might. It plays
-a worker's main process: starts the metrics, prints ``started``; on a line from stdin forks
+:func:`sessions.worker.metrics.start`, or before it (``--import-first``), as a plugin might. It
+plays a worker's main process: starts the metrics, prints ``started``; on a line from stdin forks
 two pool processes one after the other, each recording one apply and one sweep, then prints
 ``ready <files>``; on the next line stops and prints ``stopped <folder still there>``.
 """
@@ -24,7 +24,7 @@ ACTIVE = (100, 101)
 def pool_process(number: int, folder: Path) -> None:
     """What a pool process does, as the worker's signal handlers and tasks call it."""
     from sessions.records import ApplyResult, SweepResult
-    from workers import metrics
+    from sessions.worker import metrics
 
     metrics.after_fork()
     applied = ApplyResult(applied=EVENTS, claimed=True, oldest_event_at=datetime.now(UTC))
@@ -42,7 +42,7 @@ def main() -> None:
         import prometheus_client  # noqa: F401
 
     from sessions.settings import Settings
-    from workers import metrics
+    from sessions.worker import metrics
 
     metrics.start(Settings(metrics_port=port))
     folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])

@@ -7,15 +7,15 @@ from typing import Any
 
 import pytest
 
-import celeryconfig
 from sessions.settings import Settings
-from workers.app import create_app
+from sessions.worker import config
+from sessions.worker.celery_app import create_app
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/sessions"
 
 
 def test_on_rabbitmq_both_queues_are_durable_quorum_queues_on_a_topic_exchange() -> None:
-    queues = celeryconfig.task_queues_for(Settings(broker_url=AMQP_URL))
+    queues = config.task_queues_for(Settings(broker_url=AMQP_URL))
     assert [queue.name for queue in queues] == ["sessions.events", "sessions.maintenance"]
     for queue in queues:
         assert queue.durable and not queue.auto_delete
@@ -26,7 +26,7 @@ def test_on_rabbitmq_both_queues_are_durable_quorum_queues_on_a_topic_exchange()
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "filesystem://"])
 def test_other_brokers_keep_plain_queues_on_a_direct_exchange(url: str) -> None:
-    for queue in celeryconfig.task_queues_for(Settings(broker_url=url)):
+    for queue in config.task_queues_for(Settings(broker_url=url)):
         assert queue.queue_arguments is None
         assert queue.exchange.type == "direct"
 

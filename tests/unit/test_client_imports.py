@@ -15,8 +15,17 @@ from tests.workers_harness import run_to_completion
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-#: Top-level modules a recording agent must never load.
-FORBIDDEN = ("sqlalchemy", "alembic", "starlette", "workers", "celeryconfig")
+#: Modules (and their submodules) a recording agent must never load: the store's, the worker's
+#: (a checkout's shims for it too) and the dashboard's.
+FORBIDDEN = (
+    "sqlalchemy",
+    "alembic",
+    "starlette",
+    "prometheus_client",
+    "sessions.worker",
+    "workers",
+    "celeryconfig",
+)
 
 AGENT = """
     import json, sys
@@ -24,7 +33,9 @@ AGENT = """
     FORBIDDEN = set(sys.argv[1].split(","))
 
     def loaded():
-        return sorted({name.split(".")[0] for name in sys.modules} & FORBIDDEN)
+        return sorted(
+            {f for f in FORBIDDEN for name in sys.modules if name == f or name.startswith(f + ".")}
+        )
 
     seen = {}
     from sessions import SessionTracker

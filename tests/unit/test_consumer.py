@@ -1,4 +1,5 @@
-"""workers.consumer: a task message Celery would choke on is refused, and every refusal counts.
+"""sessions.worker.consumer: a task message Celery would choke on is refused, and every refusal
+counts.
 
 Each message goes through the handler the worker's event loop calls
 (``Consumer.create_task_handler``), with the real strategy of ``sessions.ingest`` and a
@@ -20,9 +21,9 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.message import Message
 from prometheus_client import CollectorRegistry
 
-from workers import metrics, tasks
-from workers.app import app
-from workers.consumer import Consumer, message_problem
+from sessions.worker import metrics, tasks
+from sessions.worker.celery_app import app
+from sessions.worker.consumer import Consumer, message_problem
 
 TASK = "sessions.ingest"
 
@@ -124,8 +125,8 @@ def test_the_installed_celery_still_needs_the_guard(
     what: str, headers: dict[str, Any], body: Any, raised: type[BaseException], reason: str
 ) -> None:
     """The fault itself: Celery's consumer raises into its event loop (``Unrecoverable
-    error``); if this fails for every case, Celery fixed it (drop workers/consumer.py's check
-    and the README's paragraph on it)."""
+    error``); if this fails for every case, Celery fixed it (drop sessions/worker/consumer.py's
+    check and the README's paragraph on it)."""
     handle = handler(CeleryConsumer)
     with pytest.raises(raised):
         handle(message(headers, body))
@@ -198,4 +199,4 @@ def test_a_message_celery_reports_itself_is_left_to_it() -> None:
 
 
 def test_the_worker_runs_this_consumer() -> None:
-    assert app.conf.worker_consumer == "workers.consumer:Consumer"
+    assert app.conf.worker_consumer == "sessions.worker.consumer:Consumer"

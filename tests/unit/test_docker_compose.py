@@ -51,17 +51,18 @@ def test_project_commands_name_real_entry_points(compose: dict[str, Any]) -> Non
                 assert word in group.commands, f"{name}: `sessions` has no command {word!r}"
                 group = group.commands[word]
         else:
-            assert command[:3] == ["celery", "-A", "workers"], f"{name}: unknown command {command}"
+            assert command[:3] == ["celery", "-A", "sessions.worker"], f"{name}: {command}"
             assert command[3] in CELERY_SUBCOMMANDS, f"{name}: celery has no {command[3]!r}"
         checked += 1
     assert checked == 4
 
 
 def test_celery_app_is_importable_as_compose_names_it() -> None:
-    import workers
+    from celery.app.utils import find_app
 
-    workers.app.loader.import_default_modules()  # what `celery -A workers worker` does
-    assert {"sessions.ingest", "sessions.expire_idle"} <= set(workers.app.tasks)
+    app = find_app("sessions.worker")  # what `celery -A sessions.worker worker` finds
+    app.loader.import_default_modules()  # and imports
+    assert {"sessions.ingest", "sessions.expire_idle"} <= set(app.tasks)
 
 
 def test_every_sessions_variable_is_a_setting(compose: dict[str, Any]) -> None:
@@ -157,7 +158,7 @@ def test_worker_and_beat_are_checked_by_a_celery_ping_to_their_own_node(
     from celery.worker.control import Panel
 
     command = _health_command(compose["services"][service])
-    assert command[:5] == ["celery", "-A", "workers", "inspect", "ping"], command
+    assert command[:5] == ["celery", "-A", "sessions.worker", "inspect", "ping"], command
     assert Panel.meta["ping"].type == "inspect"
     options = {opt for param in celery.commands["inspect"].params for opt in param.opts}
     assert {word for word in command[5:] if word.startswith("-")} <= options, command

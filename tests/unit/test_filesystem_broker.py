@@ -20,11 +20,11 @@ import pytest
 from kombu import Connection
 from kombu.transport import filesystem
 
-from celeryconfig import FILESYSTEM_TRANSPORT, from_settings
 from sessions import filesystem_broker
 from sessions.settings import Settings
-from workers.app import create_app
-from workers.envelopes import Unreadable
+from sessions.worker.celery_app import create_app
+from sessions.worker.config import FILESYSTEM_TRANSPORT, from_settings
+from sessions.worker.envelopes import Unreadable
 
 QUEUE = "sessions.events"
 PAYLOAD = {"body": "x" * 100_000, "properties": {}}
@@ -47,8 +47,8 @@ def _probe(channel: Any, seen: list[object]) -> Callable[[], None]:
         except ValueError as exc:  # json.JSONDecodeError: the file it took was empty
             seen.append(exc)
             return
-        # With workers.envelopes installed (importing workers.app does), kombu's parse
-        # returns the JSON error wrapped, for the worker to set the item aside.
+        # With sessions.worker.envelopes installed (importing sessions.worker.celery_app does),
+        # kombu's parse returns the JSON error wrapped, for the worker to set the item aside.
         seen.append(got.error if isinstance(got, Unreadable) else got)
 
     return probe

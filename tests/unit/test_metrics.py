@@ -19,10 +19,10 @@ from prometheus_client import CollectorRegistry
 
 from sessions.records import ApplyResult, SweepResult
 from sessions.settings import Settings
+from sessions.worker import metrics
+from sessions.worker.metrics import DEAD_LETTER_REASONS, WorkerMetrics, prepare_directory
 from tests.unit.metrics_fork import ACTIVE, EVENTS
 from tests.workers_harness import REPO_ROOT, free_port, scrape_metrics
-from workers import metrics
-from workers.metrics import DEAD_LETTER_REASONS, WorkerMetrics, prepare_directory
 
 COMMITTED_AT = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -27,7 +27,7 @@ def test_readme_documents_every_setting() -> None:
 def test_readme_documents_every_worker_metric_and_dead_letter_reason() -> None:
     from prometheus_client import CollectorRegistry
 
-    from workers.metrics import DEAD_LETTER_REASONS, WorkerMetrics
+    from sessions.worker.metrics import DEAD_LETTER_REASONS, WorkerMetrics
 
     registry = CollectorRegistry()
     WorkerMetrics(registry)

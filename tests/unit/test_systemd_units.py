@@ -26,14 +26,16 @@ def unit(name: str) -> configparser.ConfigParser:
 
 
 def readme_command(subcommand: str) -> list[str]:
-    """The ``celery -A workers <subcommand>`` line of the README's production section."""
+    """The ``celery -A sessions.worker <subcommand>`` line of the README's production section."""
     text = (ROOT / "README.md").read_text()
     section = text.split("## Running it in production", 1)[1].split("\n## ", 1)[0]
     for line in section.splitlines():
         words = shlex.split(line.split("#", 1)[0])
-        if words[:4] == ["celery", "-A", "workers", subcommand]:
+        if words[:4] == ["celery", "-A", "sessions.worker", subcommand]:
             return words
-    raise AssertionError(f"no `celery -A workers {subcommand}` in the README's production section")
+    raise AssertionError(
+        f"no `celery -A sessions.worker {subcommand}` in the README's production section"
+    )
 
 
 @pytest.mark.parametrize(

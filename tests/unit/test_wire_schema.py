@@ -128,16 +128,16 @@ def test_every_event_kind_and_field_is_in_the_schema_and_says_what_it_means() ->
 
 
 def test_the_task_is_what_the_workers_consume() -> None:
-    import celeryconfig
-    from workers.tasks import ingest
+    from sessions.worker import config
+    from sessions.worker.tasks import ingest
 
     task = SCHEMA["$defs"]["Task"]["properties"]
     assert task["task"]["const"] == ingest.name
-    (queue,) = [q for q in celeryconfig.task_queues if q.name == task["queue"]["const"]]
+    (queue,) = [q for q in config.task_queues if q.name == task["queue"]["const"]]
     assert queue.exchange.name == task["exchange"]["const"]
     assert queue.routing_key == task["routing_key"]["const"]
-    assert celeryconfig.task_routes[ingest.name]["queue"] == queue.name
-    assert "json" in celeryconfig.accept_content
+    assert config.task_routes[ingest.name]["queue"] == queue.name
+    assert "json" in config.accept_content
     assert task["content_type"]["const"] == "application/json"
 
 

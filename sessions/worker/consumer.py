@@ -15,13 +15,13 @@ the installed Celery with a message that any client of the broker could publish 
 ``tests/unit/test_consumer.py``); a ``retries`` header that is not a number even reaches the
 task, and fails a valid batch.
 
-:class:`Consumer` (``worker_consumer`` in ``celeryconfig``, Celery's own extension point) checks
-each message against what Celery's protocol 2 promises (:class:`TaskHeaders`, :data:`Body`)
-before Celery's handler reads it, and refuses one that breaks it through Celery's own path
-for invalid task messages: logged at ERROR (``Received invalid task message: <field>: <rule>``)
-and rejected without requeue. Protocol 1 messages (no ``task`` header, the task in the body),
-which no client of this project sends, are refused the same way. A message whose body cannot
-be decoded at all goes on to Celery's handler, which refuses it as before. Every refusal,
+:class:`Consumer` (``worker_consumer`` in :mod:`sessions.worker.config`, Celery's own extension
+point) checks each message against what Celery's protocol 2 promises (:class:`TaskHeaders`,
+:data:`Body`) before Celery's handler reads it, and refuses one that breaks it through Celery's
+own path for invalid task messages: logged at ERROR (``Received invalid task message: <field>:
+<rule>``) and rejected without requeue. Protocol 1 messages (no ``task`` header, the task in the
+body), which no client of this project sends, are refused the same way. A message whose body
+cannot be decoded at all goes on to Celery's handler, which refuses it as before. Every refusal,
 Celery's own included, is counted in ``sessions_messages_refused_total{reason}``.
 """
 
@@ -37,8 +37,8 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictStr, TypeAdapter, ValidationError
 
 from sessions.events import describe_error
-from workers import metrics
-from workers.metrics import RefusalReason
+from sessions.worker import metrics
+from sessions.worker.metrics import RefusalReason
 
 log = logging.getLogger(__name__)
 

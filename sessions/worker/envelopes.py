@@ -32,7 +32,7 @@ The repair, :func:`install`:
   the types they need, and that the body decodes with its encoding. A readable envelope goes
   on to kombu's own method untouched. Any other item is handed to the ``replace`` function
   given to :func:`install`, which returns an envelope to deliver in its place or ``None`` to
-  drop it (logged at ERROR). The worker's (``workers.app``) replaces an item of the
+  drop it (logged at ERROR). The worker's (``sessions.worker.celery_app``) replaces an item of the
   pipeline's queues with a ``sessions.set_aside`` task carrying the item's text (its first
   :data:`KEPT_BYTES`) and what is wrong with it, which the pool writes to ``dead_letters``;
   an item of another queue (Celery's control channel) is dropped, as kombu itself drops an

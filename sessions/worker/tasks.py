@@ -5,7 +5,7 @@ changed. Delivery is at least once (``acks_late``); the store's ledger makes a r
 batch change nothing.
 
 ``sessions.set_aside`` dead-letters a queue item that was no message at all (see
-:mod:`workers.envelopes`).
+:mod:`sessions.worker.envelopes`).
 
 An ingest message ends in exactly one of three places: applied (its batch id in the
 ledger), set aside (in ``dead_letters``, its batch id claimed), or back on the queue. Celery
@@ -42,8 +42,8 @@ from sessions.events import peek_batch_id
 from sessions.records import DeadLetterReason
 from sessions.settings import get_settings
 from sessions.store import SessionStore
-from workers import metrics
-from workers.app import app, ensure_schema
+from sessions.worker import metrics
+from sessions.worker.celery_app import app, ensure_schema
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ OUTAGE_ERRORS = (
 PERMANENT_ERRORS = (ValueError, TypeError, DataError)
 #: First retry countdown after an outage, in seconds; it doubles on every retry ...
 RETRY_BACKOFF_BASE = 1.0
-#: ... up to this (kept far below the Redis visibility timeout, see celeryconfig).
+#: ... up to this (kept far below the Redis visibility timeout, see sessions.worker.config).
 RETRY_BACKOFF_MAX = 300.0
 #: Retries of an unexpected error before the batch is dead-lettered instead.
 UNEXPECTED_ERROR_RETRIES = 5
@@ -177,7 +177,7 @@ def retry_later(task: Task, exc: Exception, countdown: float) -> Retry | Reject:
     ``Reject(requeue=False)``, which drops the message: instead, wait a bounded time
     (:data:`REQUEUE_DELAY_MAX` at most) and reject it back to its queue.
     """
-    import celeryconfig
+    from sessions.worker import config
 
     try:
         # On RabbitMQ the copy waits for the broker's confirm, at most AMQP_CONFIRM_TIMEOUT:
@@ -186,7 +186,7 @@ def retry_later(task: Task, exc: Exception, countdown: float) -> Retry | Reject:
             exc=exc,
             countdown=countdown,
             throw=False,
-            confirm_timeout=celeryconfig.AMQP_CONFIRM_TIMEOUT,
+            confirm_timeout=config.AMQP_CONFIRM_TIMEOUT,
         )
         return retry
     except Reject as refused:
@@ -248,7 +248,7 @@ def _refusing(task: str) -> Iterator[None]:
 
 @app.task(name="sessions.set_aside", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def set_aside(self: Task, text: str, reason: str) -> dict[str, int]:
-    """Dead-letter a queue item that was no message (``workers.envelopes`` made this call).
+    """Dead-letter a queue item that was no message (``sessions.worker.envelopes`` made this call).
 
     ``text`` is the item (cut to its first 64 KiB), ``reason`` what is wrong with it. Like
     :func:`ingest`, it lets nothing escape but a retry: the item is set aside or retried.

@@ -10,14 +10,14 @@ up, so the outcome is in the worker's log), beat in ``beat_init``. ``worker_proc
 drops the connection pool a prefork child inherits from its parent (shared sockets break both
 ends).
 
-Before any connection is made, :mod:`workers.stale_channel` makes a Redis channel whose broker
-connection is gone fail with a connection error instead of killing the worker (Celery 5.7 with
-kombu's Redis transport, after a broker restart), and :mod:`workers.envelopes` makes a queue item
-that is not a kombu message (Redis, filesystem broker) a ``sessions.set_aside`` task instead of
-a crash. A task message that kombu reads but Celery would choke on is refused by the worker's
-consumer (:mod:`workers.consumer`, configured in ``celeryconfig``).
+Before any connection is made, :mod:`sessions.worker.stale_channel` makes a Redis channel whose
+broker connection is gone fail with a connection error instead of killing the worker (Celery 5.7
+with kombu's Redis transport, after a broker restart), and :mod:`sessions.worker.envelopes` makes
+a queue item that is not a kombu message (Redis, filesystem broker) a ``sessions.set_aside`` task
+instead of a crash. A task message that kombu reads but Celery would choke on is refused by the
+worker's consumer (:mod:`sessions.worker.consumer`, configured in :mod:`sessions.worker.config`).
 
-Metrics (:mod:`workers.metrics`) start in the main process with the worker, before the pool
+Metrics (:mod:`sessions.worker.metrics`) start in the main process with the worker, before the pool
 forks (so pool processes inherit multiprocess mode); a pool process lets go of the endpoint's
 socket when it starts and does prometheus-client's bookkeeping for a dead process when it
 exits; the main process closes the endpoint at shutdown.
@@ -47,7 +47,7 @@ from sessions.errors import (
     first_line,
 )
 from sessions.settings import Settings, get_settings, mask_url
-from workers import envelopes, metrics, stale_channel
+from sessions.worker import config, envelopes, metrics, stale_channel
 
 log = logging.getLogger(__name__)
 
@@ -60,32 +60,31 @@ REFUSED_EXIT_CODE = os.EX_CONFIG
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    """A Celery app configured by ``celeryconfig``, or for other ``settings`` (its broker).
+    """A Celery app configured by :mod:`sessions.worker.config`, or for other ``settings``
+    (its broker).
 
     The process-wide :data:`app` reads the environment; a client with settings of its own
     (a test, the demo) gets an app of its own that publishes to the broker they name.
     """
-    import celeryconfig
+    from sessions.worker import config
 
-    own = Celery("sessions", include=["workers.tasks"], set_as_current=settings is None)
-    own.config_from_object("celeryconfig")
+    own = Celery("sessions", include=["sessions.worker.tasks"], set_as_current=settings is None)
+    own.config_from_object(config)
     if settings is not None:
-        own.conf.update(celeryconfig.from_settings(settings))
-        celeryconfig.prepare_broker(settings)
+        own.conf.update(config.from_settings(settings))
+        config.prepare_broker(settings)
     return own
 
 
-#: The task an unreadable queue item becomes (``workers.tasks.set_aside``).
+#: The task an unreadable queue item becomes (``sessions.worker.tasks.set_aside``).
 SET_ASIDE_TASK = "sessions.set_aside"
 
 
 def _install_envelope_guard(celery: Celery) -> None:
     """:func:`envelopes.install`: an unreadable item of the pipeline's queues is set aside as
     a :data:`SET_ASIDE_TASK`; one of another queue is dropped, and counted."""
-    import celeryconfig
-
     set_aside = envelopes.set_aside_as_task(
-        celery, SET_ASIDE_TASK, (celeryconfig.EVENTS_QUEUE, celeryconfig.MAINTENANCE_QUEUE)
+        celery, SET_ASIDE_TASK, (config.EVENTS_QUEUE, config.MAINTENANCE_QUEUE)
     )
 
     def replace(text: str, reason: str, queue: str) -> dict[str, Any] | None:
@@ -170,10 +169,8 @@ def _prepare_beat(**_: Any) -> None:
 
 
 def _prepare() -> None:
-    import celeryconfig
-
     settings = get_settings()
-    celeryconfig.prepare_broker(settings)
+    config.prepare_broker(settings)
     try:
         ensure_schema(settings)
     except StoreUnusableError as exc:
@@ -186,7 +183,7 @@ def _prepare() -> None:
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _forget_inherited_state(**_: Any) -> None:
-    from workers.tasks import reset_store_after_fork
+    from sessions.worker.tasks import reset_store_after_fork
 
     reset_store_after_fork()
     metrics.after_fork()

@@ -1,0 +1,133 @@
+"""Celery configuration of the session pipeline, read by the worker's app
+(:func:`sessions.worker.celery_app.create_app`); a checkout's top-level ``celeryconfig.py``
+re-exports it for ``app.config_from_object("celeryconfig")``.
+
+Everything that varies between deployments (broker, intervals, thresholds) comes from
+:class:`sessions.settings.Settings`, i.e. from ``SESSIONS_*`` environment variables; the rest
+is the pipeline's contract with Celery and is fixed here on purpose. What every app publishing
+to the pipeline must agree on (broker, transport options, serializer, queues, routes) is said
+once, in :mod:`sessions.broker`, which the agents' own small Celery app uses too; the names
+below that come from there are kept importable from here.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sessions.broker import AMQP_CONFIRM_TIMEOUT as AMQP_CONFIRM_TIMEOUT
+from sessions.broker import AMQP_DELIVERY_LIMIT as AMQP_DELIVERY_LIMIT
+from sessions.broker import AMQP_QUEUE_ARGUMENTS as AMQP_QUEUE_ARGUMENTS
+from sessions.broker import EVENTS_QUEUE as EVENTS_QUEUE
+from sessions.broker import EXCHANGE as EXCHANGE
+from sessions.broker import FILESYSTEM_TRANSPORT as FILESYSTEM_TRANSPORT
+from sessions.broker import MAINTENANCE_QUEUE as MAINTENANCE_QUEUE
+from sessions.broker import PUBLISH_RETRY_POLICY as PUBLISH_RETRY_POLICY
+from sessions.broker import REDIS_SOCKET_TIMEOUT as REDIS_SOCKET_TIMEOUT
+from sessions.broker import prepare_broker as prepare_broker
+from sessions.broker import publishing_config
+from sessions.broker import task_queues_for as task_queues_for
+from sessions.broker import transport_options as transport_options
+from sessions.settings import Settings, get_settings
+
+
+def beat_schedule_for(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The housekeeping sweeps, every interval and threshold from ``settings``.
+
+    A sweep message expires after one interval: when workers were away, the next run does
+    the same work, so a backlog of identical sweeps is dropped instead of run in a row.
+    """
+    return {
+        "expire-idle-sessions": {
+            "task": "sessions.expire_idle",
+            "schedule": timedelta(seconds=settings.idle_sweep_interval),
+            "options": {"expires": settings.idle_sweep_interval},
+            "kwargs": {"max_idle_seconds": settings.max_idle_seconds},
+        },
+        "expire-old-sessions": {
+            "task": "sessions.expire_older_than",
+            "schedule": timedelta(seconds=settings.age_sweep_interval),
+            "options": {"expires": settings.age_sweep_interval},
+            "kwargs": {"max_age_days": settings.max_age_days},
+        },
+        "sweep-session-health": {
+            "task": "sessions.sweep_health",
+            "schedule": timedelta(seconds=settings.health_sweep_interval),
+            "options": {"expires": settings.health_sweep_interval},
+            "kwargs": {
+                "warn_rate": settings.health_warn_rate,
+                "fail_rate": settings.health_fail_rate,
+                "min_requests": settings.health_min_requests,
+            },
+        },
+        "purge-old-data": {
+            "task": "sessions.purge",
+            "schedule": timedelta(seconds=settings.purge_interval),
+            "options": {"expires": settings.purge_interval},
+        },
+    }
+
+
+def from_settings(settings: Settings) -> dict[str, Any]:
+    """The part of this configuration that comes from ``settings``: what publishing needs
+    (:func:`sessions.broker.publishing_config`) and the worker's prefetch and beat schedule.
+
+    The module's own values below are this applied to :func:`get_settings`; a worker app with
+    other settings (a test, the demo) applies it to its own app.
+    """
+    return {
+        **publishing_config(settings),
+        # Messages a worker process reserves ahead of the one it runs. Each message carries
+        # up to batch_max_events events, so a small multiplier already keeps a process busy,
+        # while a killed worker holds (and delays by a visibility timeout) few batches. On the
+        # polling filesystem broker, 4 with a 0.1 s poll drains ~1,000 messages/s where 1 with
+        # the default 1 s poll drains ~20 (measured by hand
+        # when the default was chosen).
+        # On RabbitMQ (quorum queues: per-consumer QoS) this is the consumer's prefetch count
+        # divided by the concurrency. A killed worker's unacknowledged messages come back the
+        # moment its connection closes (no visibility timeout), so a larger prefetch costs no
+        # delay there; it is kept at the same default as the cost is the same: what one
+        # worker holds while others are idle.
+        "worker_prefetch_multiplier": settings.worker_prefetch_multiplier,
+        "beat_schedule": beat_schedule_for(settings),
+    }
+
+
+# -- what comes from the settings: broker, messages, queues and routes (sessions.broker), the
+# worker's prefetch, the beat schedule. Set as this module's names, where Celery reads them.
+globals().update(from_settings(get_settings()))
+
+# -- broker -----------------------------------------------------------------------------------
+broker_connection_retry_on_startup = True
+
+# -- messages ---------------------------------------------------------------------------------
+event_serializer = "json"
+# The queues of RabbitMQ's native delayed delivery (countdowns, see task_queues_for) are
+# quorum queues like the pipeline's, so a retry waiting for its countdown survives a crash.
+broker_native_delayed_delivery_queue_type = "quorum"
+
+# -- delivery: at least once; the store's ledger makes it exactly once in effect -------------
+# Acknowledge after the batch is committed, and put the message back when a prefork child is
+# killed mid-task (acks_late alone acknowledges it then, and the batch is lost).
+task_acks_late = True
+task_reject_on_worker_lost = True
+
+# -- beat -------------------------------------------------------------------------------------
+timezone = "UTC"
+enable_utc = True
+
+# -- worker -----------------------------------------------------------------------------------
+# The pool is Celery's default, prefork (a process per core). `--pool threads -c 2` measures
+# the same throughput in bench/ingest.py with a third of the memory (README, Performance); it
+# is not set here because a configured worker_pool also overrides an explicit
+# `--pool=prefork` on the command line (Celery reads "prefork" there as "not given").
+# A worker is a process of its own: let Celery configure its root logger, so the store's
+# ``sessions.*`` loggers (dead letters, retried transactions) reach the worker's log.
+worker_hijack_root_logger = True
+worker_send_task_events = False
+# Celery's consumer, refusing (logged, counted) a task message whose headers or body it would
+# choke on in the main process, instead of exiting: see sessions/worker/consumer.py.
+worker_consumer = "sessions.worker.consumer:Consumer"
+# A task still running when the broker connection drops is redelivered (acks_late): cancel
+# it rather than let it run alongside its redelivery (the ledger would drop one, but why work).
+worker_cancel_long_running_tasks_on_connection_loss = True
