@@ -42,7 +42,12 @@ instead each producer pauses (outside the timed calls) while more than
     python -m bench.ingest --profile /tmp/prof   # py-spy the worker and a producer
     python -m bench.ingest --metrics --only-ours --no-latency --no-scale   # metrics on vs off
     python -m bench.ingest --burst --only-ours --no-latency --no-scale     # unpaced vs paced
+    python -m bench.ingest --confirmations --only-ours --no-latency --no-scale  # marks vs none
     python -m bench.ingest --no-scale --broker amqp://guest:guest@127.0.0.1:5672/sessions-bench
+
+With ``--confirmations`` each repeat also runs ours as before the workers marked batches on
+Redis: the worker marks nothing and the producers confirm through the ledger; the
+configurations table sets their CPU per event (worker's included) side by side.
 
 With ``--burst`` each repeat also runs *unpaced* producers: agents that make their tracker
 right after the start signal and at once record their N events in a plain loop, never
@@ -110,6 +115,8 @@ CREATE TRIGGER bench_applied AFTER INSERT ON applied_batches
     FOR EACH ROW EXECUTE FUNCTION bench_notify_applied();
 """
 DROP_TRIGGER = "DROP TRIGGER IF EXISTS bench_applied ON applied_batches"
+#: Label of the runs confirmed by the ledger, the worker marking nothing (``--confirmations``).
+LEDGER_CONFIRMED_LABEL = "ours, ledger confirms, no marks"
 #: Label of the runs with the worker's metrics endpoint on (``--metrics``).
 METRICS_LABEL = "ours, metrics on"
 #: Label of the runs with unpaced producers that start their tracker with the burst (``--burst``).
@@ -169,6 +176,8 @@ class ProducerJob:
     max_pending: int = 20_000
     #: The tracker's ``max_batch_events``; None = the settings' default.
     batch_events: int | None = None
+    #: ``SESSIONS_CONFIRMER`` of the producers' trackers.
+    confirmer: str = "auto"
 
 
 class RememberingPublisher(Publisher):
@@ -286,6 +295,7 @@ def _prepare_producer(job: ProducerJob) -> tuple[list[str], list[float], list[bo
     os.environ["SESSIONS_BROKER_URL"] = job.broker_url
     os.environ["SESSIONS_DATABASE_URL"] = job.database_url
     os.environ["SESSIONS_SPOOL_DIR"] = job.spool_dir
+    os.environ["SESSIONS_CONFIRMER"] = job.confirmer
     ids, times, errors = plan(job.index, job.events, job.sessions)
     return ids, times, errors, array("q", bytes(8 * job.events))
 
@@ -494,6 +504,19 @@ class Bench:
         n = self.compared_batch_events
         return "" if n is None else f", batches of {n:,}"
 
+    #: Whether the worker marks settled batches on Redis (and the producers confirm by the
+    #: marks); off (``--confirmations``): the ledger confirms, as before the marks.
+    broker_confirmations: bool = True
+
+    @contextmanager
+    def ledger_confirmed(self) -> Iterator[None]:
+        """Runs started inside confirm through the ledger, the worker marking nothing."""
+        self.broker_confirmations = False
+        try:
+            yield
+        finally:
+            self.broker_confirmations = True
+
     @contextmanager
     def through(self, broker_url: str) -> Iterator[None]:
         """Runs started inside go through ``broker_url`` instead of the baseline Redis."""
@@ -637,6 +660,8 @@ class Bench:
             SESSIONS_DATABASE_URL=database_url,
             SESSIONS_SPOOL_DIR=str(self.workdir / "spool"),
         )
+        if not self.broker_confirmations:
+            environment.update(SESSIONS_BROKER_CONFIRMATIONS="false", SESSIONS_CONFIRMER="ledger")
         return environment
 
     def start_worker(
@@ -688,6 +713,7 @@ class Bench:
                         rate / self.producers if rate else 0,
                         self.max_pending,
                         self.batch_events,
+                        "auto" if self.broker_confirmations else "ledger",
                     ),
                     barrier,
                     results,
@@ -1184,6 +1210,17 @@ def summarize(bench: Bench, repeat: int, ceiling: dict[str, float] | None) -> di
     return summary
 
 
+def ledger_confirmed(bench: Bench) -> Callable[[], Run]:
+    """The throughput run of ours with the ledger confirming and no marks on Redis
+    (``--confirmations``): the worker's CPU per event of each is in the configurations table."""
+
+    def run() -> Run:
+        with bench.ledger_confirmed():
+            return bench.throughput("ours", label=LEDGER_CONFIRMED_LABEL)
+
+    return run
+
+
 def broker_comparison(bench: Bench) -> dict[str, dict[str, Any]]:
     """Per broker measured: end-to-end events/s, event to commit, the broker's CPU per event."""
     compared: dict[str, dict[str, Any]] = {}
@@ -1560,6 +1597,11 @@ def main() -> None:
         help="also run ours (end to end and event to commit) with producers cutting batches "
         "of each N events, interleaved in every repeat, e.g. --batch-sizes 500 1000 2000",
     )
+    parser.add_argument(
+        "--confirmations",
+        action="store_true",
+        help="also run ours confirmed by the ledger, the worker marking nothing on Redis",
+    )
     parser.add_argument("--quick", action="store_true", help="small N, one repeat, no scale")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     parser.add_argument(
@@ -1618,6 +1660,8 @@ def main() -> None:
             scenarios.append(lambda: bench.throughput("ours", label=METRICS_LABEL, metrics=True))
         if arguments.burst:
             scenarios.append(lambda: bench.throughput("ours", label=BURST_LABEL, burst=True))
+        if arguments.confirmations:
+            scenarios.append(ledger_confirmed(bench))
         if not arguments.only_ours:
             scenarios.append(lambda: bench.throughput("naive"))
         if not arguments.no_latency:
@@ -1643,8 +1687,9 @@ def main() -> None:
             ]
         for attempt in range(arguments.repeat):
             order = list(scenarios)
-            if arguments.metrics and attempt % 2:
-                # Metrics on first every other repeat: neither side always runs second.
+            if (arguments.metrics or arguments.confirmations) and attempt % 2:
+                # The compared run (metrics on, or the ledger confirming) first every other
+                # repeat: neither side always runs second.
                 order[0], order[1] = order[1], order[0]
             for action in order:
                 run = action()

@@ -66,7 +66,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             # The transport polls its folder; the default 1 s drains ~20 messages/s.
             "polling_interval": settings.broker_polling_interval,
         }
-    if settings.broker_url.startswith(("redis:", "rediss:")):
+    if settings.uses_redis:
         return {
             # Without socket timeouts a Redis that accepts the connection but never answers
             # blocks a publish (and the agent's background thread) forever.

@@ -6,10 +6,12 @@ A published batch is not forgotten yet: it waits in the :mod:`~sessions.outbox` 
 lost rather than late (:mod:`sessions.outbox` explains which). ``flush(wait=True)`` asks the
 same confirmer until every batch it covers is applied.
 
-The :class:`Confirmer` is a seam: :class:`LedgerConfirmer` reads the database's ledger (it
-imports the store, and SQLAlchemy, only on its first look); a confirmer that reads what the
-worker makes visible on the broker drops in by implementing the same protocol.
-:class:`Confirmations` is the confirming thread and the batches it watches.
+The :class:`Confirmer` is a seam, and :func:`confirmer_for` picks one from the settings
+(``SESSIONS_CONFIRMER``): on a Redis broker, the :class:`~sessions.redis_confirming.
+RedisConfirmer` reads the marks workers leave there (broker access only: the agent needs no
+database URL); otherwise :class:`LedgerConfirmer` reads the database's ledger (it imports the
+store, and SQLAlchemy, only on its first look). :class:`Confirmations` is the confirming
+thread and the batches it watches.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import uuid
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sessions.errors import FlushTimeoutError, StoreUnavailableError
+from sessions.errors import BrokerUnavailableError, FlushTimeoutError, StoreUnavailableError
 from sessions.outbox import Outbox, Unconfirmed
 from sessions.settings import Settings, mask_url
 
@@ -59,8 +61,9 @@ class Confirmer(Protocol):
     def applied(self, batch_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
         """The ones of ``batch_ids`` known to be applied.
 
-        :raises StoreUnavailableError: it cannot answer now (``flush(wait=True)`` asks again
-            until its deadline; the confirming thread waits, republishing nothing).
+        :raises StoreUnavailableError, BrokerUnavailableError: it cannot answer now
+            (``flush(wait=True)`` asks again until its deadline; the confirming thread
+            waits, republishing nothing).
         """
         ...
 
@@ -133,6 +136,17 @@ class LedgerConfirmer:
         if self._store is not None:
             self._store.engine.dispose(close=False)
         self._lock = threading.Lock()
+
+
+def confirmer_for(settings: Settings, store: SessionStore | None = None) -> Confirmer:
+    """The confirmer ``settings`` ask for: the workers' marks on a Redis broker (``confirmer``
+    ``redis``, or ``auto`` on a Redis broker), else the ledger; the ledger of ``store`` when
+    one is given."""
+    if store is None and settings.confirms_on_redis:
+        from sessions.redis_confirming import RedisConfirmer
+
+        return RedisConfirmer(settings)
+    return LedgerConfirmer(settings, store)
 
 
 class Confirmations:
@@ -289,7 +303,7 @@ class Confirmations:
             return
         try:
             applied = self.confirmer.applied(asked)
-        except Exception as exc:  # the agent's database access is best effort, never fatal
+        except Exception as exc:  # confirming is best effort, never fatal to the agent
             if not self._failing:
                 log.warning(
                     "cannot read %s to confirm published batches (%s); they are kept and not "
@@ -323,7 +337,7 @@ class Confirmations:
         while pending:
             try:
                 applied = self.confirmer.applied(pending)
-            except StoreUnavailableError as exc:
+            except (StoreUnavailableError, BrokerUnavailableError) as exc:
                 applied, last_error = set(), exc
             if applied:
                 pending -= applied

@@ -487,6 +487,15 @@ def peek_batch_id(payload: Any) -> str | None:
     return None
 
 
+def claimed_batch_uuid(payload: Any) -> uuid.UUID | None:
+    """The batch id a payload claims, if it is a UUID (what the ledger settles it under)."""
+    claimed = peek_batch_id(payload)
+    try:
+        return None if claimed is None else uuid.UUID(claimed)
+    except ValueError:
+        return None
+
+
 #: A ``record`` event as the client keeps it until it is sent, already validated:
 #: ``(session_id, at, user_id, processing_time, error, counts_request, input_tokens,
 #: output_tokens, cost)``. A tuple of plain values costs the agent far less than a model

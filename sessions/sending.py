@@ -434,14 +434,14 @@ class BatchSender:
             return
         if self._spool is None:
             log.warning(
-                "closing with %d published batches not yet seen in the ledger and no spool to "
+                "closing with %d published batches not yet confirmed applied and no spool to "
                 "keep them in: if a worker lost one, nothing will publish it again",
                 len(entries),
             )
             return
         self._spool_unconfirmed(self._spool, entries)
         log.info(
-            "closing with %d published batches not yet seen in the ledger; kept them in the "
+            "closing with %d published batches not yet confirmed applied; kept them in the "
             "spool for the next run to publish again",
             len(entries),
         )

@@ -13,7 +13,7 @@ import os
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,9 +81,20 @@ class Settings(BaseSettings):
     spool_max_batches: int = Field(20_000, gt=0)
     #: Most megabytes the spool holds; beyond, new batches are refused (counted, logged).
     spool_max_megabytes: int = Field(256, gt=0)
-    #: A published batch the ledger does not list this many seconds later is published again
-    #: (the wait doubles each time); 0 turns it off, for agents without database access.
+    #: A published batch not confirmed applied this many seconds later is published again
+    #: (the wait doubles each time); 0 turns republishing off (RabbitMQ does not need it).
     confirm_timeout_seconds: float = Field(60.0, ge=0)
+    #: What tells an agent its batches were applied: ``redis`` (the marks the workers leave on
+    #: a Redis broker: broker access only), ``ledger`` (the database's ledger: read access to
+    #: the database), or ``auto`` (``redis`` on a Redis broker, else ``ledger``).
+    confirmer: Literal["auto", "redis", "ledger"] = "auto"
+    #: Whether a worker on a Redis broker marks each batch it settled there (one ``SET`` per
+    #: batch); off, agents must confirm through the ledger (``SESSIONS_CONFIRMER=ledger``).
+    broker_confirmations: bool = True
+    #: How long a worker's mark stays on Redis; ``None``: ``spool_max_age_days``, the longest
+    #: an agent may still ask about (and publish again) a batch. A mark gone sooner only costs
+    #: a republished copy, which the ledger drops.
+    confirmation_ttl_seconds: int | None = Field(None, gt=0, le=MAX_SECONDS)
     #: A message redelivered unfinished this many times (it kills the worker) is dead-lettered.
     max_redeliveries: int = Field(5, ge=1)
     #: Redis visibility timeout: an unacknowledged message is redelivered after this long.
@@ -142,6 +153,11 @@ class Settings(BaseSettings):
                 f"health_warn_rate ({self.health_warn_rate}) must not exceed "
                 f"health_fail_rate ({self.health_fail_rate})"
             )
+        if self.confirmer == "redis" and not self.uses_redis:
+            raise ValueError(
+                "confirmer 'redis' reads the marks workers leave on a Redis broker: it needs a "
+                "redis:// or rediss:// broker_url"
+            )
         redelivery_window = self.spool_max_age + timedelta(seconds=self.visibility_timeout_seconds)
         if self.ledger_retention < redelivery_window:
             raise ValueError(
@@ -156,6 +172,23 @@ class Settings(BaseSettings):
         # repr() and str() mask what could hold a credential (the URLs' passwords).
         for name, value in super().__repr_args__():
             yield name, mask_value(name or "", value)
+
+    @property
+    def uses_redis(self) -> bool:
+        """Whether the broker is a Redis server (``redis://`` or ``rediss://``)."""
+        return self.broker_url.startswith(("redis:", "rediss:"))
+
+    @property
+    def confirms_on_redis(self) -> bool:
+        """Whether agents confirm their batches by the workers' marks on Redis."""
+        return self.confirmer == "redis" or (self.confirmer == "auto" and self.uses_redis)
+
+    @property
+    def confirmation_ttl(self) -> timedelta:
+        """How long a worker's mark of a settled batch stays on Redis."""
+        if self.confirmation_ttl_seconds is not None:
+            return timedelta(seconds=self.confirmation_ttl_seconds)
+        return self.spool_max_age
 
     @property
     def max_age(self) -> timedelta:

@@ -33,7 +33,7 @@ class TrackerStats:
     #: Spooled batches (and events) published later, by this tracker (spilled ones included).
     batches_replayed: int = 0
     events_replayed: int = 0
-    #: Published batches not yet seen in the ledger.
+    #: Published batches not yet confirmed applied (by the ledger, or the marks on Redis).
     batches_unconfirmed: int = 0
     #: Batches published again because the ledger still lacked them after the confirm timeout.
     batches_republished: int = 0

@@ -46,6 +46,7 @@ from sessions.events import (
     CreateEvent,
     DecodedBatch,
     RejectedEvent,
+    claimed_batch_uuid,
     decode_batch,
     peek_batch_id,
 )
@@ -315,7 +316,7 @@ class SessionStore:
     def _settle(self, connection: Connection, payload: Any, now: datetime) -> None:
         """Claim in the ledger the batch id a payload set aside whole says it has, if any,
         with the payload's digest: other content under that id later is a reused id."""
-        claimed = _claimed_uuid(payload)
+        claimed = claimed_batch_uuid(payload)
         if claimed is not None:
             decoded = decode_batch(payload, self.settings.store_max_batch_events)
             self._claim(connection, claimed, now, content_digest(decoded))
@@ -840,15 +841,6 @@ def _activity_series(
         active -= ends.get(minute, 0)
         minute += _MINUTE
     return series
-
-
-def _claimed_uuid(payload: Any) -> uuid.UUID | None:
-    """The batch id a payload claims, if it is a UUID."""
-    claimed = peek_batch_id(payload)
-    try:
-        return None if claimed is None else uuid.UUID(claimed)
-    except ValueError:
-        return None
 
 
 #: Levels of a dead-lettered payload kept when it is too deep to serialise whole: a batch's

@@ -17,7 +17,8 @@ A daemon thread cuts the buffer into immutable batches (every ``flush_interval``
   (Celery's, or any other): quick retries, a pause while the broker is down, batches given up
   go to the spool, the spool is replayed oldest first;
 * :mod:`sessions.confirming`: the confirming thread, which asks a
-  :class:`~sessions.confirming.Confirmer` (the database's ledger) which published batches were
+  :class:`~sessions.confirming.Confirmer` (on Redis, the marks workers leave there:
+  :mod:`sessions.redis_confirming`; else the database's ledger) which published batches were
   applied, so that one a worker lost is published again;
 * :mod:`sessions.lifecycle`: fork, atexit and SIGTERM.
 
@@ -28,11 +29,13 @@ and :class:`UnserializableBatchError` from ``flush(wait=True)``) and the rest of
 out; a spooled batch that can never be published is quarantined by the spool and the replay
 goes on behind it.
 
-Agents without read access to the database turn republishing off with
-``SESSIONS_CONFIRM_TIMEOUT_SECONDS=0``. On SIGTERM (when the application has not installed a
-handler of its own) and at normal interpreter exit the buffer is flushed, to the broker or to
-the spool, and batches still unconfirmed after a short wait go to the spool too (if the ledger
-answered), for the next process to publish again.
+On a Redis broker an agent needs no database URL: it confirms through Redis. Elsewhere,
+agents without read access to the database turn republishing off with
+``SESSIONS_CONFIRM_TIMEOUT_SECONDS=0`` (RabbitMQ loses nothing without it). On SIGTERM
+(when the application has not installed a handler of its own) and at normal interpreter exit
+the buffer is flushed, to the broker or to the spool, and batches still unconfirmed after a
+short wait go to the spool too (if the confirmer answered), for the next process to publish
+again.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from sessions import lifecycle
 from sessions.batching import ACCEPTED, Appended, Buffered, EventBuffer
-from sessions.confirming import Confirmations, Confirmer, LedgerConfirmer
+from sessions.confirming import Confirmations, Confirmer, confirmer_for
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError, UnserializableBatchError
 from sessions.events import (
     CreateEvent,
@@ -95,9 +98,10 @@ class SessionTracker:
     ``max_batch_events`` (default ``settings.batch_max_events``) decide when a batch is cut.
     ``publisher`` replaces the Celery publisher: a :class:`~sessions.publisher.Publisher`, or
     a function taking each batch message as a dict (tests; :mod:`sessions.testing`);
-    ``store`` is the database whose ledger confirms published batches, and ``confirmer``
-    replaces that ledger altogether (:class:`~sessions.confirming.Confirmer`). ``spool``
-    keeps unsent batches and those a full buffer spills (default: the one in
+    ``store`` is a database whose ledger confirms published batches (default: what
+    ``settings.confirmer`` names, see :func:`~sessions.confirming.confirmer_for`), and
+    ``confirmer`` replaces that choice altogether (:class:`~sessions.confirming.Confirmer`).
+    ``spool`` keeps unsent batches and those a full buffer spills (default: the one in
     ``settings.spool_dir``; ``None``: no spool, unsent batches are lost and a full buffer
     drops, both counted); ``max_buffered_events`` bounds the buffer (default
     :data:`MAX_BUFFERED_BATCHES` batches); ``on_unsent`` receives each batch that could not
@@ -139,7 +143,7 @@ class SessionTracker:
             CeleryPublisher(self.settings) if publisher is None else as_publisher(publisher)
         )
         self._owns_confirmer = confirmer is None
-        self._confirmer = confirmer or LedgerConfirmer(self.settings, store)
+        self._confirmer = confirmer or confirmer_for(self.settings, store)
         self._on_unsent = on_unsent
         self._owns_spool = spool is DEFAULT_SPOOL
         self._spool: BatchSpool | None = open_spool(self.settings) if self._owns_spool else spool

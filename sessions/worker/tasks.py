@@ -7,6 +7,10 @@ batch change nothing.
 ``sessions.set_aside`` dead-letters a queue item that was no message at all (see
 :mod:`sessions.worker.envelopes`).
 
+Once a batch is settled (applied, dropped as a duplicate, or set aside whole), and before its
+message is acknowledged, the worker marks it settled on a Redis broker
+(:mod:`sessions.redis_confirming`), where its agent looks without needing the database.
+
 An ingest message ends in exactly one of three places: applied (its batch id in the
 ledger), set aside (in ``dead_letters``, its batch id claimed), or back on the queue. Celery
 acknowledges a task that raises (``task_acks_on_failure_or_timeout`` is true by default, and
@@ -38,8 +42,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from sessions.bounds import REFUSED_ARGUMENTS, check_days
 from sessions.errors import StoreUnavailableError, first_line
-from sessions.events import peek_batch_id
+from sessions.events import claimed_batch_uuid, peek_batch_id
 from sessions.records import DeadLetterReason
+from sessions.redis_confirming import ConfirmationMarks
 from sessions.settings import get_settings
 from sessions.store import SessionStore
 from sessions.worker import metrics
@@ -68,6 +73,7 @@ UNEXPECTED_ERROR_RETRIES = 5
 REQUEUE_DELAY_MAX = 10.0
 
 _store: SessionStore | None = None
+_marks: ConfirmationMarks | None = None
 _store_lock = threading.Lock()
 
 
@@ -85,12 +91,24 @@ def get_store() -> SessionStore:
         return _store
 
 
+def confirmation_marks() -> ConfirmationMarks:
+    """The process's marks of settled batches on a Redis broker (a no-op elsewhere)."""
+    global _marks
+    with _store_lock:
+        if _marks is None:
+            _marks = ConfirmationMarks(get_settings())
+        return _marks
+
+
 def reset_store_after_fork() -> None:
-    """Forget the parent's pool without closing its connections (they are the parent's)."""
+    """Forget the parent's database pool and Redis client without closing their connections
+    (they are the parent's)."""
     global _store
     if _store is not None:
         _store.engine.dispose(close=False)
     _store = None
+    if _marks is not None:
+        _marks.after_fork()
 
 
 def backoff(retries: int) -> float:
@@ -141,6 +159,9 @@ def _ingest(task: Task, batch: Any, batch_id: str | None) -> dict[str, int]:
             )
         log.exception("batch %s: unexpected error; will retry", batch_id)
         raise retry_later(task, exc, backoff(task.request.retries)) from exc
+    # Committed: the agent may stop waiting (a crash before this line leaves the message
+    # unacknowledged; its redelivery is a duplicate, which marks it then).
+    confirmation_marks().mark(claimed_batch_uuid(batch))
     metrics.record_apply(result, seconds)
     log.info(
         "batch %s: %d events applied, %d duplicate, %d dead-lettered",
@@ -229,6 +250,7 @@ def _dead_letter(task: Task, batch: Any, reason: str, kind: DeadLetterReason) ->
         get_store().dead_letter(batch, reason)
     except OUTAGE_ERRORS as exc:
         raise retry_later(task, exc, backoff(task.request.retries)) from exc
+    confirmation_marks().mark(claimed_batch_uuid(batch))  # settled: the ledger claims its id
     metrics.record_dead_letter(kind)
     log.error("dead-lettered a batch: %s", reason)
     return {"applied": 0, "duplicate": 0, "rejected": 1}

@@ -31,6 +31,7 @@ from sqlalchemy import create_engine, text
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError
 from sessions.events import Batch, RecordEvent, peek_batch_id
 from sessions.publisher import CeleryPublisher
+from sessions.settings import Settings
 from sessions.tracker import SessionTracker
 from tests.faults import report
 from tests.waiting import process_table
@@ -463,6 +464,21 @@ class Producer(threading.Thread):
         self.join(30)
         if self.failure is not None:
             raise AssertionError(f"the producer failed: {self.failure!r}") from self.failure
+
+
+def agent_settings(broker_url: str, database_url: str, **values: Any) -> Settings:
+    """The settings of a scenario's agents, on ``broker_url``, with ``values``.
+
+    On Redis they name no database (``database_url`` is the workers'): the URL is left to the
+    environment, which the suite points at a private SQLite file no worker ever makes, so a
+    ledger could not answer and every batch is confirmed by the workers' marks on Redis. On
+    RabbitMQ ``flush(wait=True)`` still reads the ledger at ``database_url``.
+    """
+    settings = Settings(broker_url=broker_url, **values)
+    if not settings.confirms_on_redis:
+        return settings.model_copy(update={"database_url": database_url})
+    assert settings.database_url != database_url, "the agents must not name the database"
+    return settings
 
 
 def settle(

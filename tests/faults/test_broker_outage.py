@@ -49,6 +49,7 @@ from tests.faults.harness import (
     Producer,
     Recorder,
     Reference,
+    agent_settings,
     compare,
     deadline_passed,
     record_outcome,
@@ -181,9 +182,9 @@ def _configuration(tmp_path: Path, url: str, broker: str) -> tuple[dict[str, str
 
 
 def _settings(url: str, broker: str, spool: Path) -> Settings:
-    return Settings(
-        broker_url=broker,
-        database_url=url,
+    return agent_settings(
+        broker,
+        url,
         spool_dir=spool,
         visibility_timeout_seconds=VISIBILITY_SECONDS,
         confirm_timeout_seconds=CONFIRM_TIMEOUT,
@@ -200,6 +201,7 @@ def test_redis_down_while_agents_record_is_spooled_and_replayed_to_exact_counts(
     sessions = [f"broker-outage-{n}" for n in range(20)]
     with readme_pipeline(tmp_path, url, redis_server.url) as (settings, monitor, worker):
         pid = worker.process.pid
+        assert settings.confirms_on_redis and settings.database_url != url
         tracker = SessionTracker(settings, max_batch_events=50, flush_interval=0.02)
         recorders, producers = recording_agents(tracker, reference, sessions, rate=250)
         outage_worst = 0.0
@@ -269,7 +271,7 @@ def test_redis_down_while_agents_record_is_spooled_and_replayed_to_exact_counts(
             f"{', '.join(f'{t:.1f}' for t in drained)} s after Redis answered again; "
             f"worker pid {pid} throughout ({worker.count('Connection to broker lost')} "
             f"connection losses); {stats.batches_republished} batches published again for "
-            "want of confirmation"
+            "want of confirmation; agents without a database URL, confirming through Redis"
         )
 
         assert_same_worker(worker, pid)

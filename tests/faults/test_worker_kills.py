@@ -36,7 +36,6 @@ from pathlib import Path
 
 import pytest
 
-from sessions.settings import Settings
 from sessions.tracker import SessionTracker
 from tests.faults.harness import (
     PREFORK,
@@ -47,6 +46,7 @@ from tests.faults.harness import (
     Producer,
     Recorder,
     Reference,
+    agent_settings,
     alive,
     children,
     compare,
@@ -139,9 +139,9 @@ def _run(
         SESSIONS_DATABASE_URL=url,
         SESSIONS_VISIBILITY_TIMEOUT_SECONDS=str(VISIBILITY_TIMEOUT),
     )
-    settings = Settings(
-        broker_url=broker,
-        database_url=url,
+    settings = agent_settings(
+        broker,
+        url,
         visibility_timeout_seconds=VISIBILITY_TIMEOUT,
         confirm_timeout_seconds=confirm_timeout,
     )
@@ -255,6 +255,7 @@ def _run(
                 if confirm_timeout
                 else "; republishing off"
             )
+            + ("; agents without a database URL" if settings.confirms_on_redis else "")
         )
         if stuck_batches:
             row.notes.append(

@@ -126,3 +126,58 @@ def test_the_longest_durations_the_sweeps_take_are_accepted() -> None:
     )
     assert settings.max_age == MAX_DURATION
     assert settings.ledger_retention == MAX_DURATION
+
+
+@pytest.mark.parametrize(
+    ("broker", "confirmer", "on_redis"),
+    [
+        ("redis://127.0.0.1:6379/0", "auto", True),
+        ("rediss://cache.example:6380/1", "auto", True),
+        ("filesystem://", "auto", False),
+        ("amqp://guest:guest@127.0.0.1:5672/x", "auto", False),
+        ("redis://127.0.0.1:6379/0", "ledger", False),
+        ("redis://127.0.0.1:6379/0", "redis", True),
+    ],
+)
+def test_the_confirmer_follows_the_broker_unless_named(
+    broker: str, confirmer: str, on_redis: bool
+) -> None:
+    from sessions.confirming import LedgerConfirmer, confirmer_for
+    from sessions.redis_confirming import RedisConfirmer
+
+    settings = Settings(broker_url=broker, confirmer=confirmer)  # type: ignore[arg-type]
+    assert settings.confirms_on_redis is on_redis
+    chosen = confirmer_for(settings)
+    assert isinstance(chosen, RedisConfirmer if on_redis else LedgerConfirmer)
+
+
+def test_the_redis_confirmer_on_another_broker_is_refused_naming_the_field(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sessions.settings import describe_settings_error
+
+    monkeypatch.setenv("SESSIONS_CONFIRMER", "redis")
+    monkeypatch.setenv("SESSIONS_BROKER_URL", "amqp://guest:secret@127.0.0.1:5672/x")
+    with pytest.raises(ValidationError) as raised:
+        Settings()
+    message = describe_settings_error(raised.value)
+    assert "confirmer 'redis'" in message and "redis:// or rediss:// broker_url" in message
+    assert "secret" not in message
+
+
+def test_an_unknown_confirmer_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sessions.settings import describe_settings_error
+
+    monkeypatch.setenv("SESSIONS_CONFIRMER", "database")
+    with pytest.raises(ValidationError) as raised:
+        Settings()
+    assert "SESSIONS_CONFIRMER:" in describe_settings_error(raised.value)
+
+
+def test_the_confirmation_ttl_is_the_spool_age_unless_set() -> None:
+    assert Settings(spool_max_age_days=2).confirmation_ttl == timedelta(days=2)
+    assert Settings(confirmation_ttl_seconds=600).confirmation_ttl == timedelta(minutes=10)
+    with pytest.raises(ValidationError, match="confirmation_ttl_seconds"):
+        Settings(confirmation_ttl_seconds=0)
