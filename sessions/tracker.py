@@ -75,13 +75,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The buffer holds at most this many batches' worth of events (a plainly valid ``record``
-#: costs about 250 bytes while it waits: 12 MB at 500-event batches); beyond it, ``record``
-#: spills the oldest to the spool.
-MAX_BUFFERED_BATCHES = 100
-#: Batches a full buffer spills at a time, in one spool transaction (each SQLite call gives up
-#: the GIL, and getting it back from a busy thread takes a switch interval: fewer, bigger writes).
-SPILL_BATCHES = 10
+#: The buffer holds at most this many events (a plainly valid ``record`` costs about 250
+#: bytes while it waits: 12 MB), and at least two batches; beyond it, ``record`` spills the
+#: oldest to the spool. Counted in events, not batches, so that a larger batch size does not
+#: make every agent's buffer larger.
+MAX_BUFFERED_EVENTS = 50_000
+#: Events a full buffer spills at a time (whole batches, at least one), in one spool
+#: transaction: each SQLite call gives up the GIL, and getting it back from a busy thread takes
+#: a switch interval (fewer, bigger writes), while the ``record`` call that spills waits for
+#: the write (not too big).
+SPILL_EVENTS = 5_000
 #: Seconds ``close`` waits by default for the buffer (and the spool) to be published.
 CLOSE_TIMEOUT = 10.0
 #: Seconds before ``close``'s deadline at which the publisher thread stops replaying the spool.
@@ -104,8 +107,8 @@ class SessionTracker:
     ``spool`` keeps unsent batches and those a full buffer spills (default: the one in
     ``settings.spool_dir``; ``None``: no spool, unsent batches are lost and a full buffer
     drops, both counted); ``max_buffered_events`` bounds the buffer (default
-    :data:`MAX_BUFFERED_BATCHES` batches); ``on_unsent`` receives each batch that could not
-    be sent when first tried.
+    :data:`MAX_BUFFERED_EVENTS`, at least two batches); ``on_unsent`` receives each batch that
+    could not be sent when first tried.
 
     :raises ValueError: ``flush_interval`` or ``max_batch_events`` is not positive.
     :raises TypeError: ``publisher`` is neither a publisher nor a function.
@@ -137,7 +140,7 @@ class SessionTracker:
             raise ValueError(f"max_batch_events: must be > 0 (got {batch_size})")
         self.flush_interval = interval
         self.max_batch_events = batch_size
-        self.max_buffered_events = max_buffered_events or batch_size * MAX_BUFFERED_BATCHES
+        self.max_buffered_events = max_buffered_events or max(MAX_BUFFERED_EVENTS, 2 * batch_size)
         self._owns_publisher = publisher is None
         self._publisher = (
             CeleryPublisher(self.settings) if publisher is None else as_publisher(publisher)
@@ -157,7 +160,7 @@ class SessionTracker:
         self._buffer = EventBuffer(
             self.max_batch_events,
             self.max_buffered_events,
-            spill_batches=SPILL_BATCHES,
+            spill_batches=max(1, SPILL_EVENTS // self.max_batch_events),
             can_spill=self._spool is not None,
             on_batch_ready=wake.set,
         )
