@@ -8,6 +8,10 @@ deep. The store's engines decode JSON with :func:`loads`, which keeps a document
 to :data:`MAX_READ_DEPTH` levels and replaces every object or array below that with
 :data:`CUT`, so a read of such a row answers (and says what it left out) instead of failing,
 and costs no other row of a page. Nothing is written back: the stored document stays whole.
+
+:func:`deeper_than` measures the nesting of a decoded value without recursion, for whoever
+must refuse a value before code that recurses over it (pickle, ``json``) raises
+``RecursionError`` on it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,29 @@ def loads(document: str | bytes) -> Any:
         return json.loads(cut_text(text))
     # A document with fewer brackets than the limit cannot be nested deeper (the usual case).
     return value if text.count("{") + text.count("[") <= MAX_READ_DEPTH else _cut(value, 1)
+
+
+def deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays (dicts, lists, tuples) more than ``limit``
+    levels deep, ``value`` itself being level 1 if it is one.
+
+    A loop over an explicit stack, not recursion, so that any depth costs an answer, not a
+    ``RecursionError``; it stops at the first container beyond ``limit`` (a cycle is deeper
+    than any limit).
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _cut(value: Any, depth: int) -> Any:

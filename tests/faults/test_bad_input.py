@@ -50,6 +50,7 @@ from tests.faults.harness import (
 )
 from tests.faults.report import scaled
 from tests.faults.servers import FaultBroker
+from tests.nesting import nested_list, nested_object
 from tests.workers_harness import free_port, scrape_metrics
 from workers.app import create_app
 
@@ -713,7 +714,21 @@ RAW_ITEMS: list[tuple[str, bytes, str]] = [
         "properties: Field required",
     ),
     ("huge, not JSON", b"x" * HUGE_ITEM_BYTES, "not JSON"),
+    (
+        "nested 100,000 deep",
+        b"[" * 100_000 + b"]" * 100_000,
+        "not JSON Python can decode: nested too deeply",
+    ),
 ]
+
+#: A batch passed to ingest as an object, one event's metadata 600 levels deep: the prefork
+#: pool could not pickle it in the main process (review of issue 12, 1).
+_DEEP_BATCH = {
+    "batch_id": str(uuid.uuid4()),
+    "events": [
+        {"kind": "create", "session_id": "deep", "at": _now(), "metadata": nested_object(600)}
+    ],
+}
 
 #: Both brokers: kombu messages with a body or headers Celery's main process cannot take,
 #: published as any client of the broker could: (what, headers changed, body, refusal reason).
@@ -726,6 +741,19 @@ BAD_TASK_MESSAGES: list[tuple[str, dict[str, Any], bytes, str]] = [
     ("body of one", {}, json.dumps([[]]).encode(), "invalid_task_message"),
     ("body an object", {}, json.dumps({"args": [{}]}).encode(), "invalid_task_message"),
     ("huge body, not JSON", {}, b"x" * HUGE_ITEM_BYTES, "undecodable_body"),
+    ("a header 500 deep", {"x": nested_list(500)}, _CALL.encode(), "invalid_task_message"),
+    (
+        "an argument 500 deep",
+        {},
+        json.dumps([[nested_list(500)], {}, {}]).encode(),
+        "invalid_task_message",
+    ),
+    (
+        "a batch object, metadata 600 deep",
+        {},
+        json.dumps([[_DEEP_BATCH], {}, {}]).encode(),
+        "invalid_task_message",
+    ),
 ]
 
 
