@@ -870,7 +870,9 @@ def test_malformed_arrivals_are_set_aside_or_refused_and_the_same_worker_goes_on
         (reuse,) = [letter for letter in found if letter.reason.startswith("batch_id_reused")]
         unreadable = [letter for letter in found if letter is not reuse]
         assert all(
-            letter.reason.startswith("unreadable message on sessions.events (")
+            letter.reason.startswith(
+                "reported by the worker's envelope guard: unreadable message on sessions.events ("
+            )
             for letter in unreadable
         )
         unmatched = [letter.reason for letter in unreadable]

@@ -401,6 +401,7 @@ def test_a_live_worker_on_the_filesystem_broker_sets_a_junk_file_aside_and_goes_
         )
         (letter,) = store.dead_letters()
         assert letter.reason.startswith(
+            "reported by the worker's envelope guard: "
             "unreadable message on sessions.events (18 bytes): not JSON"
         )
         assert "this is not json {" in letter.payload
