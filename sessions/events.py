@@ -188,16 +188,22 @@ def _metadata_problem(metadata: dict[str, Any]) -> str | None:
 
 
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` as checked, a copy of its own: read back from the JSON text it was measured
+    by, so that a caller changing its dict (or a list in it) afterwards cannot change what was
+    accepted, nor slip past these rules before the event is sent; tuples become lists and
+    keys text, as the wire carries them."""
     problem = _metadata_problem(value)
     if problem:
         raise ValueError(problem)
     try:
-        size = len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"must be a JSON object ({exc})") from None
+    size = len(text.encode())
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON (got {size})")
-    return value
+    frozen: dict[str, Any] = json.loads(text)
+    return frozen
 
 
 #: An RFC 3339 date-time with an offset, as the wire contract asks for ``at`` (the validator

@@ -292,3 +292,13 @@ def test_an_unexpected_failure_validating_one_event_costs_only_that_event(
     assert [item.reason for item in decoded.rejected] == [
         "events[1]: cannot be validated: OverflowError: date value out of range"
     ]
+
+
+def test_accepted_metadata_is_a_copy_the_caller_cannot_change() -> None:
+    """Review of issue 12, finding 5 (``_check_metadata`` returned the caller's objects)."""
+    inner: dict[str, Any] = {"n": [1, 2]}
+    given = {"inner": inner, "pair": (1, 2)}
+    event = CreateEvent(session_id="s", at=AT, metadata=given)
+    inner["n"].append("\ud800")
+    given["more"] = "x" * 20_000
+    assert event.metadata == {"inner": {"n": [1, 2]}, "pair": [1, 2]}
