@@ -52,10 +52,11 @@ from workers.metrics import RefusalReason
 log = logging.getLogger(__name__)
 
 #: Deepest nesting of a message's headers, and of its body, that is handed to the pool: far
-#: above what Celery's own fields and a batch passed as an object need (a batch's event
-#: metadata sits at level 6 of the body, and may nest 32 levels: a deeper one is refused per
-#: event, up to this bound), far below where pickle gives up (about 500 levels).
-MAX_MESSAGE_DEPTH = 128
+#: above what Celery's own fields need, and high enough that a batch passed as an object
+#: whose event metadata nests some 300 levels (at level 6 of the body) still reaches the
+#: event model, which refuses that event alone (it allows 32); below where pickle gives up
+#: (about 490 levels at the top of a stack, 500 to 600 in a worker's main process).
+MAX_MESSAGE_DEPTH = 320
 #: A time limit in seconds, as Celery's pool takes it.
 Seconds = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
 

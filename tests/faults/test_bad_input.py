@@ -504,11 +504,11 @@ def test_bad_input_is_dead_lettered_or_refused_and_never_costs_good_events(
                 + [(True, good_event(f"named-{number}", 1))]
             )
             expect.rules[payload["batch_id"]] = rule
-            text = json.dumps(payload)
-            if any(json.dumps(marker) in text for marker in WIRE_TEXTS):
-                for marker, value in WIRE_TEXTS.items():
-                    text = text.replace(json.dumps(marker), value)
-                send(text)
+            written = json.dumps(payload)
+            if any(json.dumps(mark) in written for mark in WIRE_TEXTS):
+                for mark, value in WIRE_TEXTS.items():
+                    written = written.replace(json.dumps(mark), value)
+                send(written)
             else:
                 send(payload)
         # 2. Bad envelopes, each dead-lettered whole.
@@ -791,6 +791,10 @@ def test_malformed_arrivals_are_set_aside_or_refused_and_the_same_worker_goes_on
     app = create_app(Settings(broker_url=broker, database_url=url))
     reference = Reference()
     raw = RAW_ITEMS if fault_broker.redis is not None else []
+    # py-amqp cannot even publish a header nested 500 deep (its table encoder recurses).
+    bad_task_messages = [
+        case for case in BAD_TASK_MESSAGES if fault_broker.redis is not None or "x" not in case[1]
+    ]
 
     def good_batch(session_id: str, batch_id: str | None = None) -> dict[str, Any]:
         events = [good_event(session_id, n) for n in range(3)]
@@ -822,7 +826,7 @@ def test_malformed_arrivals_are_set_aside_or_refused_and_the_same_worker_goes_on
                 client.lpush("sessions.events", item)  # type: ignore[attr-defined]
         with Connection(broker) as connection:
             producer = connection.Producer()
-            for _, changes, body, _ in BAD_TASK_MESSAGES:
+            for _, changes, body, _ in bad_task_messages:
                 headers = {**_celery_headers("sessions.ingest", str(uuid.uuid4())), **changes}
                 producer.publish(
                     body,
@@ -856,7 +860,7 @@ def test_malformed_arrivals_are_set_aside_or_refused_and_the_same_worker_goes_on
             return (
                 applied(last["batch_id"])
                 and len(letters()) == len(raw) + 1
-                and refused == len(BAD_TASK_MESSAGES)
+                and refused == len(bad_task_messages)
                 and (scrape.value("sessions_batches_duplicate_total") or 0) >= 1
                 and fault_broker.empty()
             )
@@ -869,12 +873,12 @@ def test_malformed_arrivals_are_set_aside_or_refused_and_the_same_worker_goes_on
             fault_broker.label("9b unreadable messages at the broker"),
             outcome,
             began,
-            sent=outcome.sent + len(raw) + len(BAD_TASK_MESSAGES) + 1,
+            sent=outcome.sent + len(raw) + len(bad_task_messages) + 1,
         )
         row.dead_lettered = len(found)
-        row.refused = len(BAD_TASK_MESSAGES)
+        row.refused = len(bad_task_messages)
         row.notes.append(
-            f"{len(raw)} raw queue items, {len(BAD_TASK_MESSAGES)} malformed task messages, "
+            f"{len(raw)} raw queue items, {len(bad_task_messages)} malformed task messages, "
             "1 reused batch id"
         )
         log = worker.log
@@ -913,9 +917,9 @@ def test_malformed_arrivals_are_set_aside_or_refused_and_the_same_worker_goes_on
         assert scrape.value("sessions_batches_reused_total") == 1
         assert scrape.value("sessions_batches_duplicate_total") == 1
         for reason in ("invalid_task_message", "undecodable_body"):
-            expected = sum(1 for *_, counted in BAD_TASK_MESSAGES if counted == reason)
+            expected = sum(1 for *_, counted in bad_task_messages if counted == reason)
             assert scrape.value("sessions_messages_refused_total", reason=reason) == expected
         assert log.count("Received invalid task message: ") == sum(
-            1 for *_, counted in BAD_TASK_MESSAGES if counted == "invalid_task_message"
+            1 for *_, counted in bad_task_messages if counted == "invalid_task_message"
         )
     app.close()

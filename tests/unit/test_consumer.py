@@ -66,7 +66,7 @@ DEEP_BATCH = {
          "metadata": nested_object(600)},
     ],
 }
-DEEP = "must be nested at most 128 levels deep"
+DEEP = "must be nested at most 320 levels deep"
 
 #: Messages Celery's consumer passes on to the pool, and no client of ours sends: a body in
 #: Celery's "hybrid" form, a ``retries`` header that is no number (it fails the task when it
