@@ -39,8 +39,27 @@ def as_json_value(value: Any) -> Any:
         text = json.dumps(plain, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
     except (PydanticSerializationError, TypeError, ValueError) as exc:
         raise ValueError(f"must be JSON-serializable ({exc})") from None
-    check_storable(text, MAX_CHECKPOINT_BYTES, "as JSON", nul="\\u0000")
+    _check_strings(plain)
+    check_storable(text, MAX_CHECKPOINT_BYTES, "as JSON")  # the size (a NUL is escaped here)
     return plain
+
+
+def _check_strings(plain: Any) -> None:
+    """:func:`check_storable` on every string and key of ``plain`` as decoded, not on its JSON
+    text: the text ``C:\\u0000`` holds no NUL, though its JSON has the escape's six characters.
+    An explicit stack, not recursion (``json.dumps`` has already bounded the depth)."""
+    stack = [plain]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            check_storable(value, MAX_CHECKPOINT_BYTES, "as JSON")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str):
+                    check_storable(key, MAX_CHECKPOINT_BYTES, "as JSON")
+                stack.append(item)
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def _present(value: Any) -> Any:

@@ -155,7 +155,10 @@ def open_store(settings: Settings | None = None, *, create: bool = False) -> Ite
     """
     settings = settings or get_settings()
     url = mask_url(settings.database_url)
-    missing = missing_sqlite_file(settings.database_url)
+    try:
+        missing = missing_sqlite_file(settings.database_url)
+    except StoreUnusableError as exc:  # a URL that cannot be read at all
+        fail(str(exc))
     if missing is not None and not create:
         fail(
             f"there is no database at {url} (no file {missing}): run `sessions db upgrade` "

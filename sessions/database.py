@@ -24,8 +24,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -54,13 +54,31 @@ MIGRATIONS_DIR = Path(str(files("sessions") / "migrations"))
 SUPPORTED_BACKENDS = ("postgresql", "sqlite")
 
 
+def parse_url(url: str) -> URL:
+    """``url`` as SQLAlchemy reads it.
+
+    Raises :class:`UnsupportedDatabaseError` naming ``SESSIONS_DATABASE_URL`` (not its value)
+    for a text SQLAlchemy cannot read, such as a port that is not a number; its own error
+    would print the URL whole, password included.
+    """
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        raise UnsupportedDatabaseError(
+            "SESSIONS_DATABASE_URL is not a database URL SQLAlchemy can read (not shown: what "
+            "cannot be read cannot be masked either); the form is "
+            "dialect+driver://user:password@host:port/database, the port a number"
+        ) from None
+
+
 def check_supported(url: str) -> None:
     """Refuse a URL naming a database the store is not written for.
 
     Raises :class:`UnsupportedDatabaseError` naming the (masked) URL and its backend, or
-    saying that its password holds an ``@`` that is not percent-encoded.
+    saying that its password holds an ``@`` that is not percent-encoded, or that it cannot be
+    read at all (:func:`parse_url`).
     """
-    parsed = make_url(url)
+    parsed = parse_url(url)
     if parsed.host is not None and "@" in parsed.host:
         # SQLAlchemy ends the password at its first '@' and takes the rest for the host: the
         # driver would fail to resolve it and print it, a piece of the password, in its error.
@@ -80,8 +98,9 @@ def missing_sqlite_file(url: str) -> Path | None:
     """The file a SQLite URL names, if it does not exist (``None`` for other databases).
 
     Connecting would create it, empty: a reader that only looks should not leave one behind.
+    Raises what :func:`parse_url` raises.
     """
-    parsed = make_url(url)
+    parsed = parse_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     path = Path(parsed.database)

@@ -34,6 +34,8 @@ from pydantic import (
 )
 from pydantic_core import to_json
 
+from sessions import deep_json
+
 #: Session and user ids: printable ASCII without whitespace, as in ``user-456-device-789``.
 ID_PATTERN = re.compile(r"[!-~]{1,255}")
 #: Longest accepted processing time for one request (one day).
@@ -186,16 +188,22 @@ def _metadata_problem(metadata: dict[str, Any]) -> str | None:
 
 
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` as checked, a copy of its own: read back from the JSON text it was measured
+    by, so that a caller changing its dict (or a list in it) afterwards cannot change what was
+    accepted, nor slip past these rules before the event is sent; tuples become lists and
+    keys text, as the wire carries them."""
     problem = _metadata_problem(value)
     if problem:
         raise ValueError(problem)
     try:
-        size = len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"must be a JSON object ({exc})") from None
+    size = len(text.encode())
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON (got {size})")
-    return value
+    frozen: dict[str, Any] = json.loads(text)
+    return frozen
 
 
 #: A UUID in its canonical, hyphenated form, as the wire contract asks for the ids a producer
@@ -716,21 +724,28 @@ def _decode_text(payload: str | bytes, max_events: int) -> DecodedBatch:
         if len(batch.events) <= max_events:
             return DecodedBatch(batch_id=batch.batch_id, events=batch.events)
     try:
-        decoded = json.loads(payload)
+        decoded = _loads_by_event(payload)
     except ValueError as exc:
         kind = type(payload).__name__
         return _reject_whole(payload, f"batch: must be a JSON object, got {kind} (not JSON: {exc})")
-    except RecursionError:
-        # Deeper than Python's JSON decoder goes (about a thousand levels): no event of it
-        # can be told from another, so it is set aside whole, once (its batch id is claimed).
-        return _reject_whole(
-            payload,
-            "batch: nested too deeply to decode as JSON (event metadata may be nested at most "
-            f"{MAX_METADATA_DEPTH} levels)",
-        )
     if isinstance(decoded, dict):
         return decode_batch(decoded, max_events)
     return _reject_whole(decoded, f"batch: must be a JSON object, got {type(decoded).__name__}")
+
+
+def _loads_by_event(payload: str | bytes) -> Any:
+    """``json.loads`` of a batch's text, reading what is one event's fault so that it costs only
+    that event: an integer of more than 4,300 digits (which ``json`` refuses) as an
+    :class:`~sessions.deep_json.OversizedInt`, refused by its field's bound; a text nested
+    deeper than ``json`` goes (about 950 levels in a pool process: ``RecursionError``) with
+    every object or array below 128 levels cut (:func:`sessions.deep_json.cut_text`), so the
+    event holding it is refused by the depth rule, naming its field. Raises ``ValueError``
+    for a text that is not JSON."""
+    try:
+        return json.loads(payload, parse_int=deep_json.read_int)
+    except RecursionError:
+        text = payload.decode() if isinstance(payload, bytes) else payload
+        return json.loads(deep_json.cut_text(text), parse_int=deep_json.read_int)
 
 
 def _reject_whole(payload: Any, reason: str) -> DecodedBatch:

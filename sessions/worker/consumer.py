@@ -23,6 +23,14 @@ own path for invalid task messages: logged at ERROR (``Received invalid task mes
 body), which no client of this project sends, are refused the same way. A message whose body
 cannot be decoded at all goes on to Celery's handler, which refuses it as before. Every refusal,
 Celery's own included, is counted in ``sessions_messages_refused_total{reason}``.
+
+Headers and body are also bounded in how deeply they nest (:data:`MAX_MESSAGE_DEPTH`): the
+prefork pool pickles them in the main process to hand the request to a pool process, and
+pickle gives up with ``RecursionError`` at about 500 levels (Python 3.11), which is an
+``Unrecoverable error`` too; the message goes back to the queue and kills the next worker that
+takes it, forever. A list nested 500 deep in a header is about 1 KB. Such a message is refused
+like the others, before its body is handed on (the batch in it is not applied nor
+dead-lettered: the refusal is logged and counted).
 """
 
 from __future__ import annotations
@@ -36,12 +44,19 @@ from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer as CeleryConsumer
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictStr, TypeAdapter, ValidationError
 
+from sessions.deep_json import deeper_than
 from sessions.events import describe_error
 from sessions.worker import metrics
 from sessions.worker.metrics import RefusalReason
 
 log = logging.getLogger(__name__)
 
+#: Deepest nesting of a message's headers, and of its body, that is handed to the pool: far
+#: above what Celery's own fields need, and high enough that a batch passed as an object
+#: whose event metadata nests some 300 levels (at level 6 of the body) still reaches the
+#: event model, which refuses that event alone (it allows 32); below where pickle gives up
+#: (about 490 levels at the top of a stack, 500 to 600 in a worker's main process).
+MAX_MESSAGE_DEPTH = 320
 #: A time limit in seconds, as Celery's pool takes it.
 Seconds = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
 
@@ -92,6 +107,8 @@ def message_problem(headers: Any, payload: Callable[[], Any]) -> str | None:
         TaskHeaders.model_validate(headers)
     except ValidationError as exc:
         return describe_error(exc)
+    if deeper_than(headers, MAX_MESSAGE_DEPTH):
+        return _too_deep("headers")
     try:
         body = payload()
     except Exception:
@@ -102,7 +119,16 @@ def message_problem(headers: Any, payload: Callable[[], Any]) -> str | None:
         _body.validate_python(body)
     except ValidationError as exc:
         return f"body: must be [args, kwargs, embed] ({_describe_body_error(exc)})"
+    if deeper_than(body, MAX_MESSAGE_DEPTH):
+        return _too_deep("body")
     return None
+
+
+def _too_deep(part: str) -> str:
+    return (
+        f"{part}: must be nested at most {MAX_MESSAGE_DEPTH} levels deep (objects and arrays; "
+        "the worker's pool could not pickle it)"
+    )
 
 
 def _describe_body_error(error: ValidationError) -> str:

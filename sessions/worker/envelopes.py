@@ -23,7 +23,9 @@ foreign JSON body into an envelope (celery/kombu#581, #1306), the others do not.
 The repair, :func:`install`:
 
 * the Redis and filesystem transports' ``loads`` returns an :class:`Unreadable` for text that
-  is not JSON instead of raising. Only a delivery looks inside it; kombu's other uses of that
+  is not JSON, or is JSON nested too deeply for Python's decoder (``RecursionError``: a
+  ``[`` repeated some thousand times, or an envelope whose headers are), instead of raising.
+  Only a delivery looks inside it; kombu's other uses of that
   ``loads`` (its own bookkeeping: unacknowledged messages kept in Redis, the filesystem's
   exchange tables) unpack what it returns, and unpacking an :class:`Unreadable` raises the
   JSON error, exactly as before;
@@ -96,7 +98,7 @@ class Unreadable:
 
     __slots__ = ("error", "text")
 
-    def __init__(self, text: str, error: ValueError) -> None:
+    def __init__(self, text: str, error: ValueError | RecursionError) -> None:
         self.text = text
         self.error = error
 
@@ -136,13 +138,14 @@ class Envelope(BaseModel):
 
 def tolerant(parse: Callable[..., Any]) -> Callable[..., Any]:
     """``parse`` (a transport's ``loads``), returning an :class:`Unreadable` for text that is
-    not JSON instead of raising."""
+    not JSON, or too deep for the decoder, instead of raising."""
 
     @functools.wraps(parse)
     def loads(text: str | bytes, **options: Any) -> Any:
         try:
             return parse(text, **options)
-        except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes
+        # JSONDecodeError, UnicodeDecodeError for bytes; RecursionError for deep nesting
+        except (ValueError, RecursionError) as exc:
             readable = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
             return Unreadable(readable, exc)
 
@@ -154,6 +157,8 @@ def problem(payload: Any, codecs: Mapping[str, Any]) -> str | None:
     message, on a channel decoding bodies with ``codecs`` (kombu's ``Channel.codecs``: by
     name, each with a ``decode``); ``None`` if nothing does."""
     if isinstance(payload, Unreadable):
+        if isinstance(payload.error, RecursionError):
+            return f"not JSON Python can decode: nested too deeply ({payload.error})"
         return f"not JSON ({payload.error})"
     if not isinstance(payload, dict):
         return f"a JSON {_JSON_TYPES.get(type(payload), 'value')}, not an object"

@@ -49,6 +49,7 @@ from sessions.settings import get_settings
 from sessions.store import SessionStore
 from sessions.worker import metrics
 from sessions.worker.celery_app import app, ensure_schema
+from sessions.worker.envelopes import cut
 
 log = logging.getLogger(__name__)
 
@@ -268,18 +269,47 @@ def _refusing(task: str) -> Iterator[None]:
         raise
 
 
+#: What the reason of every dead letter written by :func:`set_aside` starts with. The task is
+#: public (anyone who can publish to the queue can call it), so its reason is a claim of its
+#: caller: normally the worker's envelope guard, which is what this says.
+SET_ASIDE_PREFIX = "reported by the worker's envelope guard: "
+#: Longest reason :func:`set_aside` keeps, in bytes of UTF-8 (the guard's are far shorter).
+SET_ASIDE_REASON_BYTES = 2048
+
+
 @app.task(name="sessions.set_aside", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-def set_aside(self: Task, text: str, reason: str) -> dict[str, int]:
+def set_aside(self: Task, text: Any, reason: Any) -> dict[str, int]:
     """Dead-letter a queue item that was no message (``sessions.worker.envelopes`` made this call).
 
-    ``text`` is the item (cut to its first 64 KiB), ``reason`` what is wrong with it. Like
-    :func:`ingest`, it lets nothing escape but a retry: the item is set aside or retried.
+    ``text`` is the item (cut to its first 64 KiB), ``reason`` what is wrong with it, both
+    strings; it is stored as ``unreadable_message`` with the reason behind
+    :data:`SET_ASIDE_PREFIX`. Arguments that are not strings are refused (logged at ERROR,
+    nothing written, no retry). A database outage retries, for as long as it takes; any other
+    failure is retried :data:`UNEXPECTED_ERROR_RETRIES` times, then the item is dropped
+    (logged at ERROR): nothing escapes but a retry.
     """
+    if not isinstance(text, str) or not isinstance(reason, str):
+        log.error(
+            "sessions.set_aside refused its arguments, wrote nothing: text and reason must be "
+            "strings (got %s and %s)",
+            type(text).__name__,
+            type(reason).__name__,
+        )
+        return {"applied": 0, "duplicate": 0, "rejected": 0}
+    claimed = f"{SET_ASIDE_PREFIX}{cut(reason, SET_ASIDE_REASON_BYTES)}"
     try:
-        return _dead_letter(self, text, reason, "unreadable_message")
+        return _dead_letter(self, cut(text), claimed, "unreadable_message")
     except (Retry, Reject):
         raise
     except Exception as exc:
+        if self.request.retries >= UNEXPECTED_ERROR_RETRIES:
+            log.error(
+                "an unreadable message could not be set aside in %d attempts, dropped (%s): %s",
+                self.request.retries + 1,
+                first_line(exc),
+                claimed,
+            )
+            return {"applied": 0, "duplicate": 0, "rejected": 0}
         why = "an unreadable message could not be set aside, back on the queue"
         raise _retry(self, peek_batch_id(text), exc, why, logging.ERROR) from exc
 

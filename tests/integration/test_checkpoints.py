@@ -90,6 +90,15 @@ def test_old_checkpoints_and_writes_are_purged(store: SessionStore) -> None:
     assert store.get_checkpoint("agent-1") is None and store.get_writes("agent-1", "v1") == []
 
 
+def test_text_holding_a_backslash_and_u0000_is_no_nul(store: SessionStore) -> None:
+    """Review of issue 12, finding 8: ``C:\\u0000dir`` was refused (``must not contain NUL
+    characters``): the check looked for the escape's six characters in the JSON text."""
+    data = {"path": "C:\\u0000dir", "C:\\u0000": "key"}
+    store.store_checkpoint("agent-1", "v1", data)
+    stored = store.get_checkpoint("agent-1")
+    assert stored is not None and stored.data == data
+
+
 @pytest.mark.parametrize(
     ("arguments", "reason"),
     [
@@ -99,6 +108,7 @@ def test_old_checkpoints_and_writes_are_purged(store: SessionStore) -> None:
         ({"data": {"x": float("inf")}}, "data: must be JSON-serializable"),
         ({"data": None}, "data: must not be None"),
         ({"data": {"x": "a\x00b"}}, "data: must not contain NUL characters"),
+        ({"data": {"a\x00": 1}}, "data: must not contain NUL characters"),
         ({"data": {"x": "\udc00"}}, "data: must be valid Unicode"),
         ({"data": {"x": "a" * MAX_CHECKPOINT_BYTES}}, f"data: must be at most {TOO_LARGE}"),
         ({"metadata": {"x": object()}}, "metadata: must be JSON-serializable"),

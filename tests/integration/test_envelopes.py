@@ -101,6 +101,24 @@ UNREADABLE: list[tuple[str, bytes, type[BaseException], str]] = [
         "properties.delivery_info: Input should be a valid dictionary",
     ),
     (
+        "nested 100,000 deep",
+        b"[" * 100_000 + b"]" * 100_000,
+        RecursionError,
+        "not JSON Python can decode: nested too deeply",
+    ),
+    (
+        "an object nested 5,000 deep",
+        b'{"a":' * 5_000 + b"1" + b"}" * 5_000,
+        RecursionError,
+        "not JSON Python can decode: nested too deeply",
+    ),
+    (
+        "headers nested 3,000 deep",
+        b'{"headers": {"x": ' + b"[" * 3_000 + b"]" * 3_000 + b'}, "properties": {}}',
+        RecursionError,
+        "not JSON Python can decode: nested too deeply",
+    ),
+    (
         "delivery_info without its exchange",
         item(envelope(delivery_info={"routing_key": QUEUE})),
         KeyError,
@@ -279,20 +297,44 @@ def filesystem_connection(folder: Path) -> Connection:
     )
 
 
-def junk_file(folder: Path) -> Path:
+def junk_file(folder: Path, junk: bytes = b"this is not json {") -> Path:
     """A stray file in the queue's folder, named as a message of the queue."""
     path = folder / filesystem_broker.message_filename(QUEUE)
-    path.write_bytes(b"this is not json {")
+    path.write_bytes(junk)
     return path
 
 
+#: Too deep for Python's JSON decoder (review of issue 12, 2).
+DEEP_JUNK = b"[" * 5_000 + b"]" * 5_000
+
+
 @pytest.mark.usefixtures("without_the_guard")
-def test_the_filesystem_transport_still_needs_the_guard(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("junk", "raised"),
+    [(b"this is not json {", json.JSONDecodeError), (DEEP_JUNK, RecursionError)],
+    ids=["not JSON", "too deep"],
+)
+def test_the_filesystem_transport_still_needs_the_guard(
+    tmp_path: Path, junk: bytes, raised: type[BaseException]
+) -> None:
     with filesystem_connection(tmp_path / "queue") as connection:
         consumer_on(connection)
-        junk_file(tmp_path / "queue")
-        with pytest.raises(json.JSONDecodeError):
+        junk_file(tmp_path / "queue", junk)
+        with pytest.raises(raised):
             connection.drain_events(timeout=DRAIN_TIMEOUT)
+
+
+def test_a_too_deep_file_in_the_filesystem_queue_is_replaced(
+    tmp_path: Path, replaced: list[tuple[str, str, str]]
+) -> None:
+    with filesystem_connection(tmp_path / "queue") as connection:
+        received = consumer_on(connection)
+        junk_file(tmp_path / "queue", DEEP_JUNK)
+        connection.drain_events(timeout=DRAIN_TIMEOUT)
+        ((message),) = received
+        ((text, reason, _),) = replaced
+        assert text == DEEP_JUNK.decode() and message.payload == {"set aside": reason}
+        assert reason.startswith("not JSON Python can decode: nested too deeply")
 
 
 def test_a_junk_file_in_the_filesystem_queue_is_replaced(
@@ -361,6 +403,7 @@ def test_a_live_worker_on_the_filesystem_broker_sets_a_junk_file_aside_and_goes_
         )
         (letter,) = store.dead_letters()
         assert letter.reason.startswith(
+            "reported by the worker's envelope guard: "
             "unreadable message on sessions.events (18 bytes): not JSON"
         )
         assert "this is not json {" in letter.payload

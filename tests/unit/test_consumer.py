@@ -11,6 +11,7 @@ the fault the guard is for on the installed Celery.
 from __future__ import annotations
 
 import json
+import pickle
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +24,8 @@ from prometheus_client import CollectorRegistry
 
 from sessions.worker import metrics, tasks
 from sessions.worker.celery_app import app
-from sessions.worker.consumer import Consumer, message_problem
+from sessions.worker.consumer import MAX_MESSAGE_DEPTH, Consumer, message_problem
+from tests.nesting import nested_list, nested_object
 
 TASK = "sessions.ingest"
 
@@ -56,12 +58,26 @@ MALFORMED: list[tuple[str, dict[str, Any], Any, type[BaseException], str]] = [
 ]
 
 
+#: A batch passed as an object (a form ``decode_batch`` takes), one event's metadata nested
+#: 600 levels: within what ``json`` reads, beyond what pickle writes (review of issue 12, 1).
+DEEP_BATCH = {
+    "batch_id": str(uuid.uuid4()),
+    "events": [
+        {"kind": "create", "session_id": "bad", "at": "2026-01-01T00:00:00Z",
+         "metadata": nested_object(600)},
+    ],
+}
+DEEP = "must be nested at most 320 levels deep"
+
 #: Messages Celery's consumer passes on to the pool, and no client of ours sends: a body in
 #: Celery's "hybrid" form, a ``retries`` header that is no number (it fails the task when it
 #: retries). (what, headers, body, the reason ours refuses them with).
 PASSED_ON: list[tuple[str, dict[str, Any], Any, str]] = [
     ("body an object", headers(), {"args": ["{}"]}, "body: must be [args, kwargs, embed], not"),
     ("retries a word", headers(retries="x"), BODY, "retries: Input should be a valid integer"),
+    ("a header nested 500 deep", headers(x=nested_list(500)), BODY, f"headers: {DEEP}"),
+    ("an argument nested 500 deep", headers(), [[nested_list(500)], {}, {}], f"body: {DEEP}"),
+    ("a batch object, metadata 600 deep", headers(), [[DEEP_BATCH], {}, {}], f"body: {DEEP}"),
 ]
 REFUSED = [(what, h, body, reason) for what, h, body, _, reason in MALFORMED] + PASSED_ON
 
@@ -156,6 +172,24 @@ def test_celery_passes_these_on_to_the_pool(
 ) -> None:
     pool = Mock()
     handler(CeleryConsumer, pool)(message(headers, body))
+    pool.apply_async.assert_called_once()
+
+
+@pytest.mark.parametrize(
+    "value", [nested_list(500), DEEP_BATCH], ids=["a list 500 deep", "a batch, metadata 600 deep"]
+)
+def test_the_pool_cannot_pickle_a_deep_value(value: Any) -> None:
+    """The fault the depth bound is for: the prefork pool pickles a request's headers and
+    arguments in the worker's main process (``Unrecoverable error``)."""
+    with pytest.raises(RecursionError):
+        pickle.dumps(value)
+
+
+def test_a_message_nested_to_the_bound_goes_on() -> None:
+    pool = Mock()
+    deepest = nested_list(MAX_MESSAGE_DEPTH - 2)  # the body and its args are two levels
+    deep_header = headers(x=nested_list(MAX_MESSAGE_DEPTH - 1))
+    handler(Consumer, pool)(message(deep_header, [[deepest], {}, {}]))
     pool.apply_async.assert_called_once()
 
 

@@ -230,13 +230,47 @@ def test_deep_metadata_in_a_wire_text_is_dead_lettered_alone(levels: int) -> Non
     assert rejected.reason.startswith("events[1]: create.metadata: must be nested at most 32")
 
 
-def test_a_wire_text_too_deep_to_decode_is_set_aside_whole_with_its_reason() -> None:
-    text = wire(json.dumps(record()), nested_text(100_000))
+@pytest.mark.parametrize("levels", [960, 5_000, 100_000])
+def test_metadata_too_deep_for_json_costs_only_its_event(levels: int) -> None:
+    """Review of issue 12, finding 4: 960 levels (about 6 KB, under the 16 KiB limit) set the
+    whole batch aside (``batch: nested too deeply to decode as JSON``), its good events lost."""
+    deep = f'{{"kind":"create","session_id":"deep","at":"{AT}","metadata":{nested_text(levels)}}}'
+    text = wire(json.dumps(record(session_id="a")), deep, json.dumps(record(session_id="b")))
     decoded = decode_batch(text, max_events=10)
-    assert decoded.batch_id is None and decoded.events == ()
+    assert decoded.batch_id is not None
+    assert [event.session_id for event in decoded.events] == ["a", "b"]
     (rejected,) = decoded.rejected
-    assert rejected.reason.startswith("batch: nested too deeply to decode as JSON"), rejected
-    assert rejected.payload == text  # kept whole, its batch id readable for the ledger
+    assert rejected.reason.startswith("events[1]: create.metadata: must be nested at most 32")
+
+
+def test_a_wire_event_too_deep_for_json_costs_only_itself() -> None:
+    decoded = decode_batch(wire(json.dumps(record()), "[" * 100_000 + "]" * 100_000), 10)
+    assert [event.session_id for event in decoded.events] == ["user-123"]
+    (rejected,) = decoded.rejected
+    assert rejected.reason.startswith("events[1]: event: Input should be a valid dictionary")
+
+
+HUGE = "9" * 5_000  # more digits than Python converts (int_max_str_digits, 4,300)
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        (f'"kind":"record","input_tokens":{HUGE}', "record.input_tokens: Input should be less"),
+        (f'"kind":"record","output_tokens":-{HUGE}', "record.output_tokens: Input should be"),
+        (f'"kind":"record","cost":{HUGE}', "record.cost: Input should be a valid number"),
+        (f'"kind":"create","metadata":{{"a":{HUGE}}}', "create.metadata: must be a JSON object"),
+    ],
+)
+def test_an_integer_of_too_many_digits_costs_only_its_event(event: str, reason: str) -> None:
+    """Review of issue 12, finding 4: ``json`` refuses such an integer, and the whole batch was
+    set aside as ``batch: must be a JSON object, got str (not JSON: Exceeds the limit ...)``."""
+    bad = f'{{"session_id":"big","at":"{AT}",{event}}}'
+    decoded = decode_batch(wire(json.dumps(record()), bad), max_events=10)
+    assert [e.session_id for e in decoded.events] == ["user-123"]
+    (rejected,) = decoded.rejected
+    assert rejected.reason.startswith(f"events[1]: {reason}"), rejected.reason
+    assert "digits" in repr(rejected.payload)  # its dead letter can be written (repr)
 
 
 def test_an_unexpected_failure_validating_one_event_costs_only_that_event(
@@ -258,3 +292,13 @@ def test_an_unexpected_failure_validating_one_event_costs_only_that_event(
     assert [item.reason for item in decoded.rejected] == [
         "events[1]: cannot be validated: OverflowError: date value out of range"
     ]
+
+
+def test_accepted_metadata_is_a_copy_the_caller_cannot_change() -> None:
+    """Review of issue 12, finding 5 (``_check_metadata`` returned the caller's objects)."""
+    inner: dict[str, Any] = {"n": [1, 2]}
+    given = {"inner": inner, "pair": (1, 2)}
+    event = CreateEvent(session_id="s", at=AT, metadata=given)
+    inner["n"].append("\ud800")
+    given["more"] = "x" * 20_000
+    assert event.metadata == {"inner": {"n": [1, 2]}, "pair": [1, 2]}

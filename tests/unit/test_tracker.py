@@ -471,3 +471,21 @@ def test_record_does_no_io(make_tracker: Any) -> None:
         _recording.on = False
     assert _seen_while_recording == []
     assert tracker.stats.events_recorded == 20_000
+
+
+def test_changing_metadata_after_create_changes_nothing_sent(
+    make_tracker: Any, recorder: Recorder
+) -> None:
+    """Review of issue 12, finding 5: the buffered event held the caller's own list, so what
+    was appended after ``create`` (a lone surrogate, 20 KB) was sent, unchecked."""
+    files: list[str] = []
+    tracker = make_tracker()
+    tracker.create("s", metadata={"files": files})
+    tracker.record("other", processing_time=0.1)
+    files.append(os.fsdecode(b"\xff"))
+    files.append("x" * 20_000)
+    tracker.flush()  # flush(wait=True) raised UnserializableBatchError
+    wait_until(lambda: len(recorder.events()) == 2, message="both events published")
+    created = [e for e in recorder.events() if e["kind"] == "create"]
+    assert [e["metadata"] for e in created] == [{"files": []}]
+    assert tracker.stats.events_refused == 0
