@@ -11,8 +11,12 @@ as ``repr``), the spool's and the outbox's (``Batch.to_message``: every field, `
 ``Z``), and whatever JSON re-encoding a client applies (key order, ``1`` for ``1.0``, another
 UTC offset for the same instant). So the digest is not of the text but of the validated
 events, in order, as pydantic-core serialises the models (their fields in declaration order,
-times in UTC, floats in shortest round-trip form), with metadata's keys sorted at every
-level; events the model refused are digested as their JSON with sorted keys.
+times in UTC, floats in shortest round-trip form), with metadata's keys sorted at every level
+and its integral floats written as integers. An event the model refused has no canonical form
+(it is refused because it cannot be read as an event: the tracker's text and the spool's copy
+of it can differ in every field), so it is digested by its session id alone (when it has one
+that is text): two copies of a batch with a refused event digest alike, and a reused id is
+still told apart by its valid events, by how many were refused and for which sessions.
 
 The digest describes the events as the models read them: a change of the event models'
 fields changes it, so such a change must bump :data:`DIGEST_VERSION` (a test pins the
@@ -29,7 +33,7 @@ from pydantic_core import to_json
 from sessions.events import CreateEvent, DecodedBatch, MessageEvent
 
 #: Part of every digest; a digest of another version is never compared with this one's.
-DIGEST_VERSION = "v1"
+DIGEST_VERSION = "v2"
 #: The event fields version :data:`DIGEST_VERSION` digests, by kind.
 DIGESTED_FIELDS = {
     "create": ("session_id", "at", "kind", "user_id", "metadata"),
@@ -63,7 +67,7 @@ def content_digest(decoded: DecodedBatch) -> str | None:
             else event
             for event in decoded.events
         ]
-        refused = [_sorted(item.payload) for item in decoded.rejected]
+        refused = [_refused_session(item.payload) for item in decoded.rejected]
         canonical = to_json([events, refused])
     except (ValueError, TypeError, RecursionError):  # PydanticSerializationError is a ValueError
         return None
@@ -84,10 +88,19 @@ def same_content(stored: str | None, digest: str | None) -> bool:
     return stored == digest
 
 
+def _refused_session(payload: Any) -> str | None:
+    """What a refused event contributes to the digest: its session id, if it has a text one."""
+    session_id = payload.get("session_id") if isinstance(payload, dict) else None
+    return session_id if isinstance(session_id, str) else None
+
+
 def _sorted(value: Any) -> Any:
-    """``value`` with the keys of every object in it in sorted order."""
+    """``value`` with the keys of every object in it in sorted order and its integral floats
+    as integers (``1.0`` and ``1`` are one JSON number to most producers)."""
     if isinstance(value, dict):
         return {key: _sorted(value[key]) for key in sorted(value, key=str)}
     if isinstance(value, list | tuple):
         return [_sorted(item) for item in value]
+    if type(value) is float and value.is_integer():
+        return int(value)
     return value

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from sessions.batch_digest import content_digest
+from sessions.batch_digest import DIGEST_VERSION, content_digest
 from sessions.database import upgrade_schema
 from sessions.events import Batch, _check_id, batch_json, decode_batch, plain_record, record_event
 from sessions.settings import Settings
@@ -124,7 +124,7 @@ def test_the_ledger_keeps_the_digest_of_what_it_claimed(store: SessionStore) -> 
             select(ledger_table.c.content_digest).where(ledger_table.c.batch_id == batch.batch_id)
         ).scalar_one()
     assert stored == content_digest(decode_batch(batch, 10_000))
-    assert stored is not None and stored.startswith("v1:")
+    assert stored is not None and stored.startswith(f"{DIGEST_VERSION}:")
 
 
 def test_a_payload_set_aside_whole_claims_its_content_too(store: SessionStore) -> None:

@@ -124,14 +124,34 @@ def test_other_events_digest_otherwise(change: str) -> None:
     assert digest(first.to_message()) != digest(second.to_message())
 
 
-def test_refused_events_count_in_the_digest_whatever_their_key_order() -> None:
+def test_refused_events_count_in_the_digest_however_they_were_written() -> None:
     good = Batch(batch_id=BATCH_ID, events=tuple(events())).to_message()
     with_bad = json.loads(json.dumps(good))
     with_bad["events"].append({"kind": "record", "session_id": "agent-1", "error": "yes"})
     assert digest(with_bad) != digest(good)
-    reordered = json.loads(json.dumps(good))
-    reordered["events"].append({"error": "yes", "session_id": "agent-1", "kind": "record"})
-    assert digest(reordered) == digest(with_bad)
+    # The same refused event as another producer (or the spool) wrote it: keys reordered,
+    # defaults spelled out, its time at another offset: one batch, one digest.
+    rewritten = json.loads(json.dumps(good))
+    rewritten["events"].append(
+        {"error": "yes", "session_id": "agent-1", "kind": "record", "at": "2099-01-01T00:00:00Z"}
+    )
+    assert digest(rewritten) == digest(with_bad)
+    # A refused event of another session, or one more, is other content.
+    other = json.loads(json.dumps(good))
+    other["events"].append({"kind": "record", "session_id": "agent-2", "error": "yes"})
+    assert digest(other) != digest(with_bad)
+    assert digest({**with_bad, "events": [*with_bad["events"], {"kind": "x"}]}) != digest(with_bad)
+
+
+def test_a_metadata_number_written_as_an_integral_float_digests_alike() -> None:
+    message = Batch(batch_id=BATCH_ID, events=tuple(events())).to_message()
+    as_float = json.loads(json.dumps(message))
+    as_float["events"][0]["metadata"] = {"zone": "eu", "n": 1.0}
+    as_int = json.loads(json.dumps(message))
+    as_int["events"][0]["metadata"] = {"zone": "eu", "n": 1}
+    assert digest(as_float) == digest(as_int)
+    as_int["events"][0]["metadata"] = {"zone": "eu", "n": 1.5}
+    assert digest(as_float) != digest(as_int)
 
 
 def test_content_the_serialiser_cannot_write_has_no_digest() -> None:
@@ -154,8 +174,8 @@ def test_the_digested_fields_are_the_models_fields() -> None:
 
 
 def test_only_two_digests_of_one_version_can_disagree() -> None:
-    assert same_content("v1:aa", "v1:aa")
-    assert not same_content("v1:aa", "v1:bb")
-    assert same_content(None, "v1:bb")  # claimed before digests: taken for a redelivery
-    assert same_content("v1:aa", None)  # this content could not be digested
-    assert same_content("v0:aa", "v1:bb")  # another version: not comparable
+    assert same_content("v2:aa", "v2:aa")
+    assert not same_content("v2:aa", "v2:bb")
+    assert same_content(None, "v2:bb")  # claimed before digests: taken for a redelivery
+    assert same_content("v2:aa", None)  # this content could not be digested
+    assert same_content("v1:aa", "v2:bb")  # another version: not comparable
