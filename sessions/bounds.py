@@ -114,6 +114,15 @@ def check_days(name: str, value: float) -> float:
     return value
 
 
+def check_hours(name: str, value: float) -> float:
+    """A duration in hours: above 0 and at most :data:`MAX_DAYS` days (100 years)."""
+    hours = _number(name, value, "a number of hours")
+    if not (_finite(hours) and 0 < hours <= MAX_DAYS * 24):
+        rule = f"must be a finite number of hours above 0 and at most {MAX_DAYS * 24} (100 years)"
+        raise ArgumentError.of(name, rule, value)
+    return value
+
+
 def check_duration(name: str, value: timedelta) -> timedelta:
     """A ``timedelta`` above 0 to :data:`MAX_DURATION`."""
     if not isinstance(value, timedelta):

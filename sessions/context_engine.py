@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sessions.bounds import check_id, check_limit, check_seconds
+from sessions.bounds import check_hours, check_id, check_limit, check_seconds
 from sessions.conversation import Conversation, GuideMessage
 from sessions.errors import SessionLimitError
 from sessions.mapping import MappingAccess
@@ -337,7 +337,11 @@ class ContextEngine:
 
         They are ended (``expired``, reason ``idle``), not deleted: the purge deletes them,
         with their conversations, ``SESSIONS_ENDED_RETENTION_DAYS`` later.
+
+        :raises ValueError: ``max_idle_hours`` is not above 0 and at most 100 years
+            (``TypeError`` if it is not a number).
         """
+        check_hours("max_idle_hours", max_idle_hours)  # named as the caller passed it
         return await self.cleanup_inactive_sessions(max_idle_seconds=max_idle_hours * 3600)
 
     # -- conversation --------------------------------------------------------------------

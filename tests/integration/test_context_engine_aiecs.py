@@ -201,6 +201,10 @@ def test_cleanup_expired_sessions_takes_hours(engine: ContextEngine) -> None:
         idle, busy = await engine.get_session("idle"), await engine.get_session("busy")
         assert idle is not None and (idle.status, idle.record.end_reason) == ("expired", "idle")
         assert busy is not None and busy.status == "active"
+        for hours in (-1, 0, float("nan"), 1e300):
+            with pytest.raises(ValueError, match=r"^max_idle_hours: must be a finite number of h"):
+                await engine.cleanup_expired_sessions(max_idle_hours=hours)
+        assert (await engine.get_session("busy")).status == "active"  # type: ignore[union-attr]
 
     asyncio.run(scenario())
 
