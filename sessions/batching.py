@@ -24,7 +24,7 @@ from sessions.events import (
     AnyEvent,
     RecordFields,
     batch_json,
-    serialisable,
+    serializable,
 )
 
 # The tracker's parts log as one logger: an application configures ``sessions.tracker``.
@@ -229,7 +229,7 @@ class EventBuffer:
         try:
             return batch_json(batch_id, events), events
         except Exception as exc:  # never raised into ``record`` (which spills) nor the thread
-            good, bad = serialisable(events)
+            good, bad = serializable(events)
             if not bad:  # each event serialises, the batch does not: a bug, it goes whole
                 good, bad = [], [(event, first_line(exc)) for event in events]
         event, why = bad[0]

@@ -591,7 +591,7 @@ def batch_json(
     """A batch's wire form (see :func:`encode_message`), made straight from its events.
 
     Raises (``PydanticSerializationError``, say) when an event cannot be serialised, which
-    the model's validation rules out; :func:`serialisable` tells such events apart.
+    the model's validation rules out; :func:`serializable` tells such events apart.
     """
     return f'{{"batch_id":"{batch_id}","events":[{",".join(map(event_json, items))}]}}'
 
@@ -599,7 +599,7 @@ def batch_json(
 Item = TypeVar("Item", bound=AnyEvent | RecordFields)
 
 
-def serialisable(items: Sequence[Item]) -> tuple[list[Item], list[tuple[Item, str]]]:
+def serializable(items: Sequence[Item]) -> tuple[list[Item], list[tuple[Item, str]]]:
     """``items`` split into those :func:`event_json` serialises and those it cannot, each with
     the reason (for a batch :func:`batch_json` could not make: one bad event must cost only
     itself)."""
