@@ -484,11 +484,10 @@ def test_the_indexed_minute_and_error_rate_bound_follow_each_apply(store: Sessio
     assert store.sweep_health(dry_run=True).changed == ("s",)
 
 
-def test_an_update_of_a_live_row_writes_no_index_entry(store: SessionStore) -> None:
+def test_an_update_of_a_live_row_writes_no_index_entry(pg_store: SessionStore) -> None:
     """The per-event update changes no indexed column (PostgreSQL updates the row in place,
     a HOT update) unless a minute or the error rate's band is left."""
-    if store.engine.dialect.name != "postgresql":
-        pytest.skip("HOT updates are PostgreSQL's")
+    store = pg_store  # fillfactor and HOT updates are PostgreSQL's
     from sessions.apply import apply_events
 
     ids = [f"s-{n}" for n in range(10)]

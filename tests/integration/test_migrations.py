@@ -97,9 +97,8 @@ def test_the_health_index_is_partial_on_active_sessions(store: SessionStore) -> 
     assert "error_rate_bound" in definition and "'active'" in definition
 
 
-def test_sessions_leave_room_for_hot_updates(store: SessionStore) -> None:
-    if store.engine.dialect.name != "postgresql":
-        pytest.skip("fillfactor is PostgreSQL's")
+def test_sessions_leave_room_for_hot_updates(pg_store: SessionStore) -> None:
+    store = pg_store  # fillfactor and HOT updates are PostgreSQL's
     with store.engine.connect() as connection:
         options = connection.exec_driver_sql(
             "SELECT reloptions FROM pg_class WHERE relname = 'sessions'"
