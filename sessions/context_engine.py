@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 from sessions.bounds import check_id, check_limit, check_seconds
 from sessions.conversation import Conversation, GuideMessage
-from sessions.errors import SessionLimitError
 from sessions.mapping import MappingAccess
 from sessions.records import SessionRecord
 from sessions.settings import Settings, get_settings
@@ -273,7 +272,7 @@ class ContextEngine:
         current = await asyncio.to_thread(store.get, session_id)
         limit = self.settings.max_active_sessions
         if limit is not None and (current is None or current.status != "active"):
-            await asyncio.to_thread(self._ensure_capacity, session_id, limit)
+            await asyncio.to_thread(store.ensure_capacity, session_id, limit)
         max_idle = self.settings.max_idle_seconds
         if current is not None and current.status == "active" and current.is_expired(max_idle):
             # The guide's pool re-creates an idle session: the idle sweep's rule ends the idle
@@ -285,15 +284,6 @@ class ContextEngine:
         session = await self.get_session(session_id)
         assert session is not None
         return session
-
-    def _ensure_capacity(self, session_id: str, limit: int) -> None:
-        if self.store.count_active() < limit:
-            return
-        self.store.expire_idle(self.settings.session_limit_idle_seconds)
-        if self.store.count_active() >= limit:
-            raise SessionLimitError(
-                f"maximum of {limit} active sessions reached; cannot create {session_id!r}"
-            )
 
     async def update_session(
         self,

@@ -751,13 +751,8 @@ class SessionStore:
             check_count("max_active", max_active)
         existing = self.get(session_id)
         already_active = existing is not None and existing.status == "active"
-        if limit is not None and not already_active and self.count_active() >= limit:
-            reclaimed = self.expire_idle(self.settings.session_limit_idle_seconds)
-            log.info("session limit %d reached: expired %d idle sessions", limit, reclaimed.count)
-            if self.count_active() >= limit:
-                raise SessionLimitError(
-                    f"maximum of {limit} active sessions reached; cannot create {session_id!r}"
-                )
+        if limit is not None and not already_active:
+            self.ensure_capacity(session_id, limit)
         event = CreateEvent(
             session_id=session_id, user_id=user_id, metadata=metadata, at=datetime.now(UTC)
         )
@@ -765,6 +760,23 @@ class SessionStore:
         record = self.get(session_id)
         assert record is not None
         return record
+
+    def ensure_capacity(self, session_id: str, limit: int) -> None:
+        """The active-session cap's rule, before ``session_id`` becomes active: at ``limit``
+        active sessions, first expire those idle for ``session_limit_idle_seconds`` (the
+        guide's 15 minutes), then refuse if still full.
+
+        :raises SessionLimitError: ``limit`` sessions are still active (message names the
+            limit and ``session_id``).
+        """
+        if self.count_active() < limit:
+            return
+        reclaimed = self.expire_idle(self.settings.session_limit_idle_seconds)
+        log.info("session limit %d reached: expired %d idle sessions", limit, reclaimed.count)
+        if self.count_active() >= limit:
+            raise SessionLimitError(
+                f"maximum of {limit} active sessions reached; cannot create {session_id!r}"
+            )
 
     def get_or_create(
         self, session_id: str, user_id: str | None = None, max_idle_seconds: float | None = None
