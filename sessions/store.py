@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, Row, Select, func, insert, select
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from sessions import checkpoints, messages, queries, sweeps
-from sessions.apply import Event, add_activity, apply_events
+from sessions.apply import add_activity, apply_events
 from sessions.batch_digest import content_digest, same_content
 from sessions.bounds import (
     check_count,
@@ -42,6 +42,7 @@ from sessions.database import (
 from sessions.errors import SessionLimitError, StoreUnavailableError, first_line
 from sessions.events import (
     MAX_METADATA_DEPTH,
+    AnyEvent,
     Batch,
     CreateEvent,
     DecodedBatch,
@@ -189,7 +190,7 @@ class SessionStore:
         if known is not None:
             return known
         refused: list[RejectedEvent] = []
-        applied: list[Event] = []
+        applied: list[AnyEvent] = []
         for event in decoded.events:
             try:
                 with connection.begin_nested():
