@@ -168,7 +168,7 @@ def bench_backend(url: str, sessions: int, repeat: int) -> dict[str, Any]:
         f"in {seconds:.1f}s"
     )
     top_user = "user-0"
-    busiest = store.list(user_id=top_user, limit=1)[0].session_id
+    busiest = store.list_sessions(user_id=top_user, limit=1)[0].session_id
     pages = [
         ("overview `/`", "/"),
         ("overview, top users by p95", "/?by=p95"),
