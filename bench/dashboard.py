@@ -20,7 +20,6 @@ import argparse
 import json
 import platform
 import random
-import socket
 import statistics
 import tempfile
 import threading
@@ -120,9 +119,9 @@ def seed(store: SessionStore, sessions: int) -> tuple[int, float]:
 @contextmanager
 def served(settings: Settings) -> Iterator[str]:
     """The dashboard served by uvicorn on a free loopback port, for the block."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from tests.workers_harness import free_port  # a checkout's, as bench.ingest's
+
+    port = free_port()
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -168,7 +167,7 @@ def bench_backend(url: str, sessions: int, repeat: int) -> dict[str, Any]:
         f"in {seconds:.1f}s"
     )
     top_user = "user-0"
-    busiest = store.list(user_id=top_user, limit=1)[0].session_id
+    busiest = store.list_sessions(user_id=top_user, limit=1)[0].session_id
     pages = [
         ("overview `/`", "/"),
         ("overview, top users by p95", "/?by=p95"),

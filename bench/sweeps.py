@@ -168,7 +168,10 @@ def run(sessions: int, repeat: int) -> list[Measurement]:
             ("expire_older_than", lambda: store.expire_older_than(dry_run=True).count),
             ("sweep_health (fail 0.5)", lambda: store.sweep_health(dry_run=True).count),
             ("aggregate(user_id)", lambda: store.aggregate(user_id=user).sessions),
-            ("list(user_id) page of 100", lambda: len(store.list(user_id=user, limit=100))),
+            (
+                "list_sessions(user_id) page of 100",
+                lambda: len(store.list_sessions(user_id=user, limit=100)),
+            ),
             ("count_active", store.count_active),
             ("get(session_id)", lambda: int(store.get("session-4242") is not None)),
             ("aggregate(), every session", lambda: store.aggregate().sessions),

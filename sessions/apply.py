@@ -70,7 +70,6 @@ from sessions.tables import (
     sessions_table,
 )
 
-Event = AnyEvent
 #: Messages kept per run when the caller does not say (``SESSIONS_CONVERSATION_MAX_MESSAGES``).
 DEFAULT_MAX_MESSAGES = 1000
 
@@ -122,9 +121,9 @@ class Delta:
         return self.first_at is None
 
 
-def group_by_session(events: Iterable[Event]) -> dict[str, list[Event]]:
+def group_by_session(events: Iterable[AnyEvent]) -> dict[str, list[AnyEvent]]:
     """Events per session id, each list in recorded order."""
-    groups: dict[str, list[Event]] = {}
+    groups: dict[str, list[AnyEvent]] = {}
     for event in events:
         groups.setdefault(event.session_id, []).append(event)
     return groups
@@ -435,7 +434,7 @@ class SessionWalk:
     live: _LiveRun | None = None
     pending: Delta = field(default_factory=Delta)
 
-    def run(self, events: Sequence[Event]) -> None:
+    def run(self, events: Sequence[AnyEvent]) -> None:
         self.live = self._lock()
         for event in events:
             if self.live is None:
@@ -464,7 +463,7 @@ class SessionWalk:
         assert self.live is not None
         return self.live.run == 1 or at >= self.live.created_at
 
-    def _insert_first(self, event: Event) -> None:
+    def _insert_first(self, event: AnyEvent) -> None:
         ended = isinstance(event, EndEvent)
         status = event.status if isinstance(event, EndEvent) else "active"
         self.connection.execute(
@@ -634,7 +633,7 @@ class MinuteCounts:
     _end: datetime = _EPOCH
     _current: list[int] = field(default_factory=list)
 
-    def add(self, event: Event) -> None:
+    def add(self, event: AnyEvent) -> None:
         at = event.at
         if not self._start <= at < self._end:
             self._start = at.replace(second=0, microsecond=0)
@@ -647,7 +646,7 @@ class MinuteCounts:
             current[2] += event.error
 
 
-def add_activity(connection: Connection, events: Iterable[Event]) -> None:
+def add_activity(connection: Connection, events: Iterable[AnyEvent]) -> None:
     """Count applied ``events`` in ``activity_minutes``, by the minute of their time.
 
     Call it last in the transaction: every concurrent batch adds to the same few minutes,
@@ -669,7 +668,7 @@ def add_activity(connection: Connection, events: Iterable[Event]) -> None:
 
 
 def apply_events(
-    connection: Connection, events: Sequence[Event], max_messages: int = DEFAULT_MAX_MESSAGES
+    connection: Connection, events: Sequence[AnyEvent], max_messages: int = DEFAULT_MAX_MESSAGES
 ) -> None:
     """Write ``events`` (already deduplicated and validated) to their sessions, their runs'
     histograms and conversations (each kept to its newest ``max_messages``), in the open

@@ -301,7 +301,7 @@ def list_sessions(
 ) -> None:
     """List sessions by id, a page at a time."""
     with open_store() as store:
-        records = store.list(user_id=user, status=status, limit=limit, after=after)
+        records = store.list_sessions(user_id=user, status=status, limit=limit, after=after)
     if as_json:
         _print_json([r.model_dump(mode="json") for r in records])
     else:

@@ -2,11 +2,13 @@
 calls an unmodified AIECS (aiecs 2.2.0) agent makes on the ``context_engine`` it is given.
 
 Writes go through the queue (a :class:`~sessions.tracker.SessionTracker`), so
-``update_session`` and ``add_conversation_message`` cost the caller microseconds. Reads go to
-the database, and first wait (with a deadline) until every write this engine made is applied:
-a read through one engine always sees that engine's own writes. The conversation's history is
-the exception that never waits (:mod:`sessions.conversation`), and checkpoints are written to
-the database directly (:mod:`sessions.checkpoints`).
+``update_session`` and ``add_conversation_message`` cost the caller microseconds, and need
+neither the database nor the ``store`` extra (SQLAlchemy is imported by the first read, which
+opens the store). Reads go to the database, and first wait (with a deadline) until every
+write this engine made is applied: a read through one engine always sees that engine's own
+writes. The conversation's history is the exception that never waits
+(:mod:`sessions.conversation`), and checkpoints are written to the database directly
+(:mod:`sessions.checkpoints`).
 
 The guide compares ``session.created_at`` with ``datetime.utcnow()``, a *naive* UTC datetime,
 so :class:`GuideSession` carries naive UTC datetimes. Everything else in this package is
@@ -18,19 +20,22 @@ messages also serve the dict access aiecs's own engine gives (``session["request
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sessions.bounds import check_hours, check_id, check_limit, check_seconds
 from sessions.conversation import Conversation, GuideMessage
-from sessions.errors import SessionLimitError
 from sessions.mapping import MappingAccess
-from sessions.queries import session_filter
 from sessions.records import SessionRecord
 from sessions.settings import Settings, get_settings
-from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
+
+if TYPE_CHECKING:
+    # Imported where a read first needs it: an agent that only writes never loads SQLAlchemy
+    # (tests/unit/test_client_imports.py).
+    from sessions.store import SessionStore
 
 #: ``end_session`` statuses aiecs sends that are not this project's: ``cleared`` (aiecs's
 #: ``ConversationMemory.clear_conversation_history``) ends the run as ``completed``.
@@ -163,23 +168,27 @@ class ContextEngine:
         self.settings = settings or get_settings()
         self._tracker = tracker
         self._store = store
+        #: Whether ``_store`` is migrated (by the first read, whether given or opened here).
+        self._store_ready = False
+        self._store_lock = threading.Lock()
         self._conversation: Conversation | None = None
         self.infer_requests = infer_requests
         #: Longest a read waits for this engine's own writes to be applied.
         self.read_timeout = read_timeout
 
     async def initialize(self) -> bool:
-        """Open the store (migrating an empty database) and start the tracker; ``True``
-        (aiecs expects a bool). Raises what opening the database raises."""
-        if self._store is None:
-            self._store = SessionStore(self.settings.database_url, settings=self.settings)
-        await asyncio.to_thread(self._store.upgrade)
+        """Start the tracker; ``True`` (aiecs expects a bool).
+
+        The store is not opened here: the first read opens it (``SESSIONS_DATABASE_URL``,
+        migrating an empty database) and raises what opening the database raises, so an agent
+        that only writes needs no database, no credentials for it and no SQLAlchemy.
+        """
         if self._tracker is None:
             self._tracker = SessionTracker(self.settings)
         if self._conversation is None:
             self._conversation = Conversation(
                 self._tracker,
-                self._store,
+                lambda: self.store,
                 retention=self.settings.conversation_max_messages,
                 infer_requests=self.infer_requests,
             )
@@ -200,9 +209,24 @@ class ContextEngine:
 
     @property
     def store(self) -> SessionStore:
-        if self._store is None:
-            raise RuntimeError("ContextEngine used before `await initialize()`")
-        return self._store
+        """The store the reads use, opened and migrated on first use (blocking: the async
+        reads get it through :meth:`_opened_store`).
+
+        :raises ImportError: SQLAlchemy is missing (install the ``store`` extra).
+        :raises sqlalchemy.exc.SQLAlchemyError: the database cannot be opened or migrated.
+        """
+        with self._store_lock:
+            if self._store is None:
+                from sessions.store import SessionStore  # the reads' dependency, not the writes'
+
+                self._store = SessionStore(self.settings.database_url, settings=self.settings)
+            if not self._store_ready:
+                self._store.upgrade()
+                self._store_ready = True
+            return self._store
+
+    async def _opened_store(self) -> SessionStore:
+        return await asyncio.to_thread(lambda: self.store)
 
     @property
     def tracker(self) -> SessionTracker:
@@ -244,30 +268,22 @@ class ContextEngine:
         """
         check_id("session_id", session_id)  # before any wait
         await self._read_own_writes()
-        current = await asyncio.to_thread(self.store.get, session_id)
+        store = await self._opened_store()
+        current = await asyncio.to_thread(store.get, session_id)
         limit = self.settings.max_active_sessions
         if limit is not None and (current is None or current.status != "active"):
-            await asyncio.to_thread(self._ensure_capacity, session_id, limit)
+            await asyncio.to_thread(store.ensure_capacity, session_id, limit)
         max_idle = self.settings.max_idle_seconds
         if current is not None and current.status == "active" and current.is_expired(max_idle):
             # The guide's pool re-creates an idle session: the idle sweep's rule ends the idle
             # run (``expired``, reason ``idle``, at its last activity + max idle) exactly as if
             # beat had reached it first, so the create starts a fresh run in either order.
-            await asyncio.to_thread(self.store.expire_idle, max_idle, session_id=session_id)
+            await asyncio.to_thread(store.expire_idle, max_idle, session_id=session_id)
         self.conversation.new_run(session_id)
         self.tracker.create(session_id, user_id=user_id, metadata=metadata)
         session = await self.get_session(session_id)
         assert session is not None
         return session
-
-    def _ensure_capacity(self, session_id: str, limit: int) -> None:
-        if self.store.count_active() < limit:
-            return
-        self.store.expire_idle(self.settings.session_limit_idle_seconds)
-        if self.store.count_active() >= limit:
-            raise SessionLimitError(
-                f"maximum of {limit} active sessions reached; cannot create {session_id!r}"
-            )
 
     async def update_session(
         self,
@@ -329,7 +345,8 @@ class ContextEngine:
         """
         check_seconds("max_idle_seconds", max_idle_seconds)  # before any wait
         await self._read_own_writes()
-        result = await asyncio.to_thread(self.store.expire_idle, max_idle_seconds)
+        store = await self._opened_store()
+        result = await asyncio.to_thread(store.expire_idle, max_idle_seconds)
         return result.count
 
     async def cleanup_expired_sessions(self, max_idle_hours: float = 24) -> int:
@@ -389,8 +406,9 @@ class ContextEngine:
         :raises pydantic.ValidationError: a bad id, or data that is not JSON-serializable,
             too large or not storable.
         """
+        store = await self._opened_store()
         await asyncio.to_thread(
-            self.store.store_checkpoint, thread_id, checkpoint_id, checkpoint_data, metadata
+            store.store_checkpoint, thread_id, checkpoint_id, checkpoint_data, metadata
         )
         return True
 
@@ -405,7 +423,8 @@ class ContextEngine:
         check_id("thread_id", thread_id)
         if checkpoint_id is not None:
             check_id("checkpoint_id", checkpoint_id)
-        found = await asyncio.to_thread(self.store.get_checkpoint, thread_id, checkpoint_id)
+        store = await self._opened_store()
+        found = await asyncio.to_thread(store.get_checkpoint, thread_id, checkpoint_id)
         return None if found is None else found.to_dict()
 
     async def list_checkpoints(self, thread_id: str, limit: int = 10) -> list[dict[str, Any]]:
@@ -416,15 +435,17 @@ class ContextEngine:
         """
         check_id("thread_id", thread_id)
         limit = check_limit("limit", limit)
-        found = await asyncio.to_thread(self.store.list_checkpoints, thread_id, limit)
+        store = await self._opened_store()
+        found = await asyncio.to_thread(store.list_checkpoints, thread_id, limit)
         return [checkpoint.to_dict() for checkpoint in found]
 
     async def put_writes(
         self, thread_id: str, checkpoint_id: str, task_id: str, writes_data: list[tuple[Any, ...]]
     ) -> bool:
         """Store a task's intermediate writes towards a checkpoint; ``True`` once committed."""
+        store = await self._opened_store()
         await asyncio.to_thread(
-            self.store.put_writes, thread_id, checkpoint_id, task_id, writes_data
+            store.put_writes, thread_id, checkpoint_id, task_id, writes_data
         )
         return True
 
@@ -432,7 +453,8 @@ class ContextEngine:
         """Every write put towards the checkpoint, by task id."""
         check_id("thread_id", thread_id)
         check_id("checkpoint_id", checkpoint_id)
-        return await asyncio.to_thread(self.store.get_writes, thread_id, checkpoint_id)
+        store = await self._opened_store()
+        return await asyncio.to_thread(store.get_writes, thread_id, checkpoint_id)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -444,7 +466,8 @@ class ContextEngine:
         """
         check_id("session_id", session_id)  # before any wait
         await self._read_own_writes()
-        record = await asyncio.to_thread(self.store.get, session_id)
+        store = await self._opened_store()
+        record = await asyncio.to_thread(store.get, session_id)
         return None if record is None else GuideSession.from_record(record)
 
     async def list_sessions(
@@ -455,9 +478,12 @@ class ContextEngine:
         :raises ValueError: ``status`` is not ``active``, ``completed``, ``failed`` or
             ``expired``, or ``user_id`` breaks the id rule (``TypeError``: not a ``str``).
         """
+        from sessions.queries import session_filter  # a read's (SQLAlchemy), as the store
+
         session_filter(user_id, status)  # checks them, before any wait
         await self._read_own_writes()
+        store = await self._opened_store()
         records = await asyncio.to_thread(
-            lambda: list(self.store.iter_sessions(user_id=user_id, status=status))
+            lambda: list(store.iter_sessions(user_id=user_id, status=status))
         )
         return [GuideSession.from_record(record) for record in records]

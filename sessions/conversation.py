@@ -19,17 +19,20 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sessions.bounds import check_limit
 from sessions.events import MessageEvent
 from sessions.mapping import MappingAccess
 from sessions.records import MessageRecord
-from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
 from sessions.turns import InferredRequest, TurnInference
+
+if TYPE_CHECKING:
+    from sessions.store import SessionStore  # only the history's read opens one
 
 #: Sessions whose clock and unapplied messages an engine keeps; the least recently used go.
 MAX_SESSIONS = 10_000
@@ -87,6 +90,8 @@ class _Session:
 class Conversation:
     """Writes, reads and counts a conversation for one engine (see the module).
 
+    ``store`` gives the store the history is read from; it is called by the first read only
+    (the engine opens its store then), so writing a conversation needs no database.
     ``retention`` is the store's ``SESSIONS_CONVERSATION_MAX_MESSAGES``: no more of the
     engine's own unapplied messages are kept per session (the oldest are forgotten from the
     reads; they are still stored once applied). With ``infer_requests=False`` no request
@@ -96,7 +101,7 @@ class Conversation:
     def __init__(
         self,
         tracker: SessionTracker,
-        store: SessionStore,
+        store: Callable[[], SessionStore],
         *,
         retention: int,
         infer_requests: bool = True,
@@ -144,7 +149,7 @@ class Conversation:
         check_limit("limit", limit)
         if self.turns is not None:
             self.turns.history_read(session_id)
-        stored = await asyncio.to_thread(self._store.conversation, session_id, limit)
+        stored = await asyncio.to_thread(lambda: self._store().conversation(session_id, limit))
         kept = self._session(session_id)
         items: list[MessageRecord | MessageEvent] = list(stored)
         if kept.unapplied:

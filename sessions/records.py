@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
@@ -68,7 +68,29 @@ def percentile_fields(histogram: Mapping[int, int]) -> dict[str, float | None]:
     return {name: percentile(histogram, fraction) for name, fraction in PERCENTILES.items()}
 
 
-class SessionRecord(BaseModel):
+class PerRequest:
+    """The rates derived from the counters, the same for a session and for totals over many
+    (pydantic computed fields: they are dumped and serialized with the model's fields)."""
+
+    if TYPE_CHECKING:  # the models that mix this in declare them (as their fields)
+        request_count: int
+        error_count: int
+        total_processing_time: float
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def error_rate(self) -> float:
+        """Errors per request; 0 without requests."""
+        return self.error_count / self.request_count if self.request_count else 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def average_processing_time(self) -> float:
+        """Seconds per request; 0 without requests."""
+        return self.total_processing_time / self.request_count if self.request_count else 0.0
+
+
+class SessionRecord(PerRequest, BaseModel):
     """One session (its current run) as stored, with the guide's fields and derived rates."""
 
     model_config = ConfigDict(frozen=True)
@@ -91,18 +113,6 @@ class SessionRecord(BaseModel):
     processing_time_p95: float | None = None
     processing_time_p99: float | None = None
     metadata: dict[str, Any] | None
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def error_rate(self) -> float:
-        """Errors per request; 0 for a session without requests."""
-        return self.error_count / self.request_count if self.request_count else 0.0
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def average_processing_time(self) -> float:
-        """Seconds per request; 0 for a session without requests."""
-        return self.total_processing_time / self.request_count if self.request_count else 0.0
 
     def is_expired(self, max_idle_seconds: float = 1800, now: datetime | None = None) -> bool:
         """The guide's check before it replaces a session: is this run past use?
@@ -127,7 +137,7 @@ class SessionRecord(BaseModel):
         return now - self.last_activity > timedelta(seconds=max_idle_seconds)
 
 
-class Aggregate(BaseModel):
+class Aggregate(PerRequest, BaseModel):
     """Totals over a set of sessions, computed in SQL; percentiles of their merged histograms."""
 
     model_config = ConfigDict(frozen=True)
@@ -142,16 +152,6 @@ class Aggregate(BaseModel):
     processing_time_p50: float | None = None
     processing_time_p95: float | None = None
     processing_time_p99: float | None = None
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def error_rate(self) -> float:
-        return self.error_count / self.request_count if self.request_count else 0.0
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def average_processing_time(self) -> float:
-        return self.total_processing_time / self.request_count if self.request_count else 0.0
 
 
 class UserAggregate(Aggregate):

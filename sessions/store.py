@@ -6,7 +6,6 @@ way. One :class:`SessionStore` owns one engine; after a fork call :meth:`dispose
 
 from __future__ import annotations
 
-import builtins
 import json
 import logging
 import time
@@ -21,7 +20,7 @@ from sqlalchemy import Connection, Engine, Row, Select, func, insert, select
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from sessions import checkpoints, messages, queries, sweeps
-from sessions.apply import Event, add_activity, apply_events
+from sessions.apply import add_activity, apply_events
 from sessions.batch_digest import content_digest, same_content
 from sessions.bounds import (
     check_count,
@@ -42,6 +41,7 @@ from sessions.database import (
 from sessions.errors import SessionLimitError, StoreUnavailableError, first_line
 from sessions.events import (
     MAX_METADATA_DEPTH,
+    AnyEvent,
     Batch,
     CreateEvent,
     DecodedBatch,
@@ -89,7 +89,7 @@ MAX_ATTEMPTS = 5
 #: column (PostgreSQL ``DataError``; SQLite's driver raises ``OverflowError``) or not storable
 #: (a NUL character in JSON). It fails the same way on every attempt.
 REFUSED_VALUES = (DataError, OverflowError)
-#: Default page size of :meth:`SessionStore.list`.
+#: Default page size of :meth:`SessionStore.list_sessions`.
 DEFAULT_PAGE_SIZE = 100
 #: Longest window :meth:`SessionStore.activity` reports, in minutes (a week).
 MAX_ACTIVITY_MINUTES = 7 * 24 * 60
@@ -189,7 +189,7 @@ class SessionStore:
         if known is not None:
             return known
         refused: list[RejectedEvent] = []
-        applied: list[Event] = []
+        applied: list[AnyEvent] = []
         for event in decoded.events:
             try:
                 with connection.begin_nested():
@@ -508,7 +508,7 @@ class SessionStore:
                 connection.execution_options(**{READ_ONLY_OPTION: True})
             yield connection
 
-    def _records(self, query: Select[Any]) -> builtins.list[SessionRecord]:
+    def _records(self, query: Select[Any]) -> list[SessionRecord]:
         """The sessions ``query`` selects, with their runs' percentiles (one more query)."""
         with self._reading() as connection:
             rows = connection.execute(query).mappings().all()
@@ -533,13 +533,13 @@ class SessionStore:
         )
         return found[0] if found else None
 
-    def list(
+    def list_sessions(
         self,
         user_id: str | None = None,
         status: str | None = None,
         limit: int = DEFAULT_PAGE_SIZE,
         after: str | None = None,
-    ) -> builtins.list[SessionRecord]:
+    ) -> list[SessionRecord]:
         """One page of sessions ordered by id; pass the last id as ``after`` for the next.
 
         :param limit: the page size, 1 to 10,000.
@@ -561,11 +561,12 @@ class SessionStore:
     ) -> Iterator[SessionRecord]:
         """Every matching session, fetched page by page (keyset, so pages never shift).
 
-        Raises as :meth:`list` does (``page_size`` is its ``limit``), at the first ``next``.
+        Raises as :meth:`list_sessions` does (``page_size`` is its ``limit``), at the first
+        ``next``.
         """
         after: str | None = None
         while True:
-            page = self.list(user_id=user_id, status=status, limit=page_size, after=after)
+            page = self.list_sessions(user_id=user_id, status=status, limit=page_size, after=after)
             yield from page
             if len(page) < page_size:
                 return
@@ -598,7 +599,7 @@ class SessionStore:
         limit: int = 10,
         since: datetime | None = None,
         until: datetime | None = None,
-    ) -> builtins.list[UserAggregate]:
+    ) -> list[UserAggregate]:
         """The ``limit`` users with the most requests, errors, cost or the highest p95
         processing time over their sessions' live runs, highest first, ties by user id.
 
@@ -611,7 +612,7 @@ class SessionStore:
         where = queries.session_filter(since=since, until=until)
         ranking = queries.rank_users(by, limit, where)
         with self._reading() as connection:
-            users = builtins.list(connection.execute(ranking).scalars())
+            users = list(connection.execute(ranking).scalars())
             if not users:
                 return []
             theirs = [*where, sessions_table.c.user_id.in_(users)]
@@ -624,9 +625,7 @@ class SessionStore:
             for user in users
         ]
 
-    def activity(
-        self, since: datetime, until: datetime | None = None
-    ) -> builtins.list[MinuteActivity]:
+    def activity(self, since: datetime, until: datetime | None = None) -> list[MinuteActivity]:
         """The fleet minute by minute (UTC, event time), from the minute of ``since`` until
         ``until`` (now by default): events, requests, errors, and the session runs active.
 
@@ -647,7 +646,7 @@ class SessionStore:
 
     def unhealthy(
         self, warn_rate: float | None = None, min_requests: int | None = None, limit: int = 100
-    ) -> builtins.list[SessionRecord]:
+    ) -> list[SessionRecord]:
         """Active sessions above the warn error rate, worst first (what the health sweep sees)."""
         s = self.settings
         rate = check_rate("warn_rate", s.health_warn_rate if warn_rate is None else warn_rate)
@@ -663,7 +662,7 @@ class SessionStore:
         )
         return self._records(query)
 
-    def conversation(self, session_id: str, limit: int = 50) -> builtins.list[MessageRecord]:
+    def conversation(self, session_id: str, limit: int = 50) -> list[MessageRecord]:
         """The newest ``limit`` messages of the session's live run, oldest first (in ``seq``
         order); empty for a session never heard of."""
         with self._reading() as connection:
@@ -700,7 +699,7 @@ class SessionStore:
         with self._reading() as connection:
             return checkpoints.get_checkpoint(connection, thread_id, checkpoint_id)
 
-    def list_checkpoints(self, thread_id: str, limit: int = 10) -> builtins.list[CheckpointRecord]:
+    def list_checkpoints(self, thread_id: str, limit: int = 10) -> list[CheckpointRecord]:
         """The thread's newest ``limit`` checkpoints, newest first."""
         with self._reading() as connection:
             return checkpoints.list_checkpoints(connection, thread_id, limit)
@@ -718,7 +717,7 @@ class SessionStore:
         now = datetime.now(UTC)
         self._transaction(lambda connection: checkpoints.put_writes(connection, checked, now))
 
-    def get_writes(self, thread_id: str, checkpoint_id: str) -> builtins.list[tuple[Any, ...]]:
+    def get_writes(self, thread_id: str, checkpoint_id: str) -> list[tuple[Any, ...]]:
         """Every write put towards the checkpoint, by task id."""
         with self._reading() as connection:
             return checkpoints.get_writes(connection, thread_id, checkpoint_id)
@@ -751,13 +750,8 @@ class SessionStore:
             check_count("max_active", max_active)
         existing = self.get(session_id)
         already_active = existing is not None and existing.status == "active"
-        if limit is not None and not already_active and self.count_active() >= limit:
-            reclaimed = self.expire_idle(self.settings.session_limit_idle_seconds)
-            log.info("session limit %d reached: expired %d idle sessions", limit, reclaimed.count)
-            if self.count_active() >= limit:
-                raise SessionLimitError(
-                    f"maximum of {limit} active sessions reached; cannot create {session_id!r}"
-                )
+        if limit is not None and not already_active:
+            self.ensure_capacity(session_id, limit)
         event = CreateEvent(
             session_id=session_id, user_id=user_id, metadata=metadata, at=datetime.now(UTC)
         )
@@ -765,6 +759,23 @@ class SessionStore:
         record = self.get(session_id)
         assert record is not None
         return record
+
+    def ensure_capacity(self, session_id: str, limit: int) -> None:
+        """The active-session cap's rule, before ``session_id`` becomes active: at ``limit``
+        active sessions, first expire those idle for ``session_limit_idle_seconds`` (the
+        guide's 15 minutes), then refuse if still full.
+
+        :raises SessionLimitError: ``limit`` sessions are still active (message names the
+            limit and ``session_id``).
+        """
+        if self.count_active() < limit:
+            return
+        reclaimed = self.expire_idle(self.settings.session_limit_idle_seconds)
+        log.info("session limit %d reached: expired %d idle sessions", limit, reclaimed.count)
+        if self.count_active() >= limit:
+            raise SessionLimitError(
+                f"maximum of {limit} active sessions reached; cannot create {session_id!r}"
+            )
 
     def get_or_create(
         self, session_id: str, user_id: str | None = None, max_idle_seconds: float | None = None

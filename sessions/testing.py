@@ -53,7 +53,6 @@ from sessions.settings import Settings, get_settings
 if TYPE_CHECKING:
     from sessions.tracker import SessionTracker
 
-Event = AnyEvent
 
 
 @dataclass
@@ -195,7 +194,7 @@ class InMemoryStore:
         for batch in batches:
             self.apply(batch)
 
-    def _apply_event(self, event: Event) -> None:
+    def _apply_event(self, event: AnyEvent) -> None:
         self._count_minute(event)
         live = self._state.live.get(event.session_id)
         if live is None:
@@ -215,7 +214,7 @@ class InMemoryStore:
         else:
             self._end(live, event)
 
-    def _count_minute(self, event: Event) -> None:
+    def _count_minute(self, event: AnyEvent) -> None:
         minute = event.at.replace(second=0, microsecond=0)
         events, requests, errors = self._state.minutes.get(minute, (0, 0, 0))
         if isinstance(event, RecordEvent):
@@ -227,7 +226,7 @@ class InMemoryStore:
     def _belongs_to_live(live: Run, at: datetime) -> bool:
         return live.run == 1 or at >= live.created_at
 
-    def _insert_first(self, event: Event) -> None:
+    def _insert_first(self, event: AnyEvent) -> None:
         ended = isinstance(event, EndEvent)
         run = Run(
             session_id=event.session_id,

@@ -82,7 +82,7 @@ def session_list(request: Request) -> Response:
     """``GET /sessions``: a page of sessions by id, filtered by user and status."""
     params = parse_query(SessionListParams, request.query_params.multi_items())
     store = _store(request)
-    records = store.list(
+    records = store.list_sessions(
         user_id=params.user, status=params.status, limit=params.limit, after=params.after
     )
     user_total = store.aggregate(user_id=params.user) if params.user is not None else None

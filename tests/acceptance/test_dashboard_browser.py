@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -35,7 +34,7 @@ from sessions.records import UserRanking
 from sessions.store import SessionStore
 from tests.services import missing_service
 from tests.waiting import cpu_progress
-from tests.workers_harness import service_environment, wait_until
+from tests.workers_harness import free_port, service_environment, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -106,13 +105,6 @@ def seed(store: SessionStore, now: datetime) -> None:
         assert store.apply(Batch(events=tuple(events[start : start + 500]))).rejected == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def chromium() -> str:
     """The path of the ``chromium`` executable; skips (or fails in CI) without one."""
@@ -129,7 +121,7 @@ def chromium() -> str:
 def dashboard(store: SessionStore, database_url: str, tmp_path: Path) -> Iterator[str]:
     """``sessions dashboard`` on a free port over the seeded store; its base URL."""
     seed(store, datetime.now(UTC))
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "dashboard.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "sessions.cli", "dashboard", "--port", str(port)],

@@ -4,7 +4,7 @@
   group of its own) and SIGKILLs every group it started when the scenario ends.
 * :class:`Reference` is what the producers sent, per session; :func:`compare` reads what the
   database counts and says how many events were lost or counted twice.
-* :class:`Recorder` sends events through a real :class:`SessionTracker`, timing every
+* :class:`ReferenceRecorder` sends events through a real :class:`SessionTracker`, timing every
   ``record`` call (measured and reported, never asserted).
 * :class:`Monitor` looks at the database from outside: open transactions, lock waits, ledger.
 
@@ -387,7 +387,11 @@ def compare(reference: Reference, url: str) -> Outcome:
 
 
 def record_outcome(
-    scenario: str, outcome: Outcome, began: float, recorder: Recorder | None = None, **extra: Any
+    scenario: str,
+    outcome: Outcome,
+    began: float,
+    recorder: ReferenceRecorder | None = None,
+    **extra: Any,
 ) -> report.Row:
     """Add the scenario's row to the report (before the test asserts anything)."""
     return report.add(
@@ -407,7 +411,7 @@ def record_outcome(
 # -- producing through the real client --------------------------------------------------------
 
 
-class Recorder:
+class ReferenceRecorder:
     """Sends record events through a tracker, timing each call and noting it in a reference."""
 
     def __init__(self, tracker: SessionTracker, reference: Reference):
@@ -437,7 +441,7 @@ class Producer(threading.Thread):
 
     TICK = 0.01
 
-    def __init__(self, recorder: Recorder, sessions: Sequence[str], rate: float):
+    def __init__(self, recorder: ReferenceRecorder, sessions: Sequence[str], rate: float):
         super().__init__(name="faults-producer", daemon=True)
         self.recorder = recorder
         self.sessions = list(sessions)

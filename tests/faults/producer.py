@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 from sessions.settings import Settings
 from sessions.tracker import SessionTracker
-from tests.faults.harness import Recorder, Reference
+from tests.faults.harness import Reference, ReferenceRecorder
 
 
 def main(arguments: dict[str, object]) -> None:
@@ -32,7 +32,7 @@ def main(arguments: dict[str, object]) -> None:
         flush_interval=0.01,
     )
     reference = Reference()
-    recorder = Recorder(tracker, reference)
+    recorder = ReferenceRecorder(tracker, reference)
     print("ready", flush=True)
     sys.stdin.readline()
     began = time.monotonic()

@@ -38,7 +38,7 @@ from sqlalchemy import create_engine, text
 
 from tests.services import missing_service
 from tests.waiting import cpu_progress, wait_for
-from tests.workers_harness import run_to_completion
+from tests.workers_harness import free_port, run_to_completion
 
 #: Where PostgreSQL's server binaries are looked for (newest version first).
 POSTGRES_BIN_ENV = "SESSIONS_FAULTS_POSTGRES_BIN"
@@ -49,13 +49,6 @@ PR_SET_PDEATHSIG = 1
 #: Temporary directories of the private servers.
 POSTGRES_PREFIX = "sessions-faults-pg-"
 REDIS_PREFIX = "sessions-faults-redis-"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _port_open(port: int) -> bool:

@@ -47,8 +47,8 @@ from tests.faults.harness import (
     Fleet,
     Monitor,
     Producer,
-    Recorder,
     Reference,
+    ReferenceRecorder,
     agent_settings,
     compare,
     deadline_passed,
@@ -115,10 +115,10 @@ def readme_pipeline(
 
 def recording_agents(
     tracker: SessionTracker, reference: Reference, sessions: list[str], rate: float
-) -> tuple[list[Recorder], list[Producer]]:
+) -> tuple[list[ReferenceRecorder], list[Producer]]:
     """Two agent threads recording through ``tracker``, each over half of ``sessions`` at
     ``rate`` events a second; started."""
-    recorders = [Recorder(tracker, reference) for _ in range(2)]
+    recorders = [ReferenceRecorder(tracker, reference) for _ in range(2)]
     producers = [
         Producer(recorder, sessions[number::2], rate=rate)
         for number, recorder in enumerate(recorders)
@@ -296,7 +296,7 @@ def test_a_tracker_closed_in_the_outage_leaves_its_batches_for_the_next_one(
         worker = fleet.worker(concurrency=2)
         stop_redis(redis_server)
         first = SessionTracker(settings, max_batch_events=50, flush_interval=0.02)
-        recorder = Recorder(first, reference)
+        recorder = ReferenceRecorder(first, reference)
         for index in range(events):
             recorder.record(sessions[index % len(sessions)], index)
         first.close(timeout=30)
@@ -356,7 +356,7 @@ def test_redis_killed_and_restarted_empty_while_agents_record_loses_nothing_and_
             settings, max_batch_events=50, flush_interval=EMPTY_CASE_FLUSH_INTERVAL
         )
         recorders, producers = recording_agents(tracker, reference, sessions, rate=150)
-        burst = Recorder(tracker, reference)
+        burst = ReferenceRecorder(tracker, reference)
         broker = redis_server.client()
         #: Per restart: messages seen queued (taken by no worker) just before the kill, seconds
         #: until the worker consumed again, seconds until everything recorded before the kill
@@ -491,7 +491,7 @@ def test_rabbitmq_killed_while_agents_record_loses_nothing_and_the_worker_lives_
     with Fleet(environment, tmp_path) as fleet, Monitor(url) as monitor:
         worker = fleet.worker(concurrency=2)
         tracker = SessionTracker(settings, max_batch_events=50, flush_interval=0.02)
-        recorders = [Recorder(tracker, reference) for _ in range(2)]
+        recorders = [ReferenceRecorder(tracker, reference) for _ in range(2)]
         producers = [
             Producer(recorder, sessions[number::2], rate=250)
             for number, recorder in enumerate(recorders)

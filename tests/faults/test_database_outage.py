@@ -22,8 +22,8 @@ from tests.faults.harness import (
     Fleet,
     Monitor,
     Producer,
-    Recorder,
     Reference,
+    ReferenceRecorder,
     compare,
     deadline_passed,
     record_outcome,
@@ -57,7 +57,7 @@ def test_postgres_down_for_seconds_mid_ingest_is_retried_to_exact_counts(
         with Fleet(environment, tmp_path) as fleet, Monitor(url) as monitor:
             worker = fleet.worker(concurrency=2)
             tracker = SessionTracker(settings, max_batch_events=50, flush_interval=0.02)
-            recorder = Recorder(tracker, reference)
+            recorder = ReferenceRecorder(tracker, reference)
             producer = Producer(recorder, sessions, rate=500)
             producer.start()
             try:

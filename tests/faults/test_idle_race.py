@@ -31,8 +31,8 @@ from sessions.worker.celery_app import create_app
 from tests.faults.harness import (
     Fleet,
     Monitor,
-    Recorder,
     Reference,
+    ReferenceRecorder,
     compare,
     record_outcome,
     service_environment,
@@ -90,7 +90,7 @@ def test_activity_committed_while_the_idle_sweep_runs_keeps_sessions_alive(
         publisher = CeleryPublisher(settings)
         app = create_app(settings)  # as beat would: one sweep message, now
         tracker = SessionTracker(settings, flush_interval=0.01)
-        recorder = Recorder(tracker, reference)
+        recorder = ReferenceRecorder(tracker, reference)
         try:
             for number in range(rounds):
                 batch, gate, racing, idle = _seed(number, racers=scaled(5), quiet=scaled(5))

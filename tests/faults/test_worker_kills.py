@@ -44,8 +44,8 @@ from tests.faults.harness import (
     Monitor,
     Outcome,
     Producer,
-    Recorder,
     Reference,
+    ReferenceRecorder,
     agent_settings,
     alive,
     children,
@@ -155,7 +155,7 @@ def _run(
         tracker = SessionTracker(
             settings, max_batch_events=40, flush_interval=0.02, publisher=publisher
         )
-        recorder = Recorder(tracker, reference)
+        recorder = ReferenceRecorder(tracker, reference)
         for session_id in sessions:
             tracker.create(session_id, user_id="kill-user")
         producer = Producer(recorder, sessions, rate=800)

@@ -22,7 +22,7 @@ from sessions.tables import (
     runs_table,
     sessions_table,
 )
-from tests.waiting import STALL, wait_for
+from tests.waiting import STALL
 
 #: A fixed past instant the tests count event times from (events may not lie in the future).
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
@@ -221,11 +221,6 @@ class Worker(threading.Thread):
         if self.error is not None:
             raise self.error
         return self.result
-
-
-def wait_until(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    """Poll ``condition`` until it holds, failing after ``deadline`` seconds."""
-    wait_for(condition, what, stall=deadline)
 
 
 def blocked_on_lock(store: SessionStore, count: int = 1) -> Callable[[], bool]:

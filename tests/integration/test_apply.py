@@ -312,7 +312,7 @@ def test_records_only_batch_splits_into_written_and_earlier_run_sessions(
     assert result == ApplyResult(applied=4, claimed=True, oldest_event_at=at(3))
     assert run_rows(store)[("s", 1)]["request_count"] == 1
     assert run_rows(store)[("s", 1)]["total_processing_time"] == 2.0
-    live = {s.session_id: s for s in store.list()}
+    live = {s.session_id: s for s in store.list_sessions()}
     assert (live["s"].run, live["s"].request_count, live["s"].last_activity) == (2, 2, at(12))
     assert (live["t"].request_count, live["u"].request_count) == (1, 2)
     assert (live["u"].created_at, live["u"].last_activity) == (at(1), at(3))

@@ -100,17 +100,21 @@ def test_context_engine_refuses_a_bad_argument_naming_it(
     asyncio.run(scenario())
 
 
+#: What a page size out of its bounds is told.
+LIMIT_RULE = "must be an integer from 1 to 10000"
+
+
 @pytest.mark.parametrize(
     ("read", "error", "message"),
     [
         (lambda s: s.get(123), TypeError, "session_id: must be a str, not int"),
         (lambda s: s.get("a\x00"), ValueError, "session_id: must be 1 to 255 printable"),
-        (lambda s: s.list(status="bogus"), ValueError, "status: must be one of active,"),
-        (lambda s: s.list(user_id=b"u"), TypeError, "user_id: must be a str, not bytes"),
-        (lambda s: s.list(after=5), TypeError, "after: must be a str, not int"),
-        (lambda s: s.list(limit=0), ValueError, "limit: must be an integer from 1 to 10000"),
-        (lambda s: s.list(limit=-1), ValueError, "limit: must be an integer from 1 to 10000"),
-        (lambda s: s.list(limit=10_001), ValueError, "limit: must be an integer from 1 to 10000"),
+        (lambda s: s.list_sessions(status="bogus"), ValueError, "status: must be one of active,"),
+        (lambda s: s.list_sessions(user_id=b"u"), TypeError, "user_id: must be a str, not bytes"),
+        (lambda s: s.list_sessions(after=5), TypeError, "after: must be a str, not int"),
+        (lambda s: s.list_sessions(limit=0), ValueError, f"limit: {LIMIT_RULE}"),
+        (lambda s: s.list_sessions(limit=-1), ValueError, f"limit: {LIMIT_RULE}"),
+        (lambda s: s.list_sessions(limit=10_001), ValueError, f"limit: {LIMIT_RULE}"),
         (lambda s: next(s.iter_sessions(page_size=0)), ValueError, "limit: must be an integer"),
         (lambda s: s.unhealthy(limit=-5), ValueError, "limit: must be an integer from 1"),
         (lambda s: s.unhealthy(warn_rate=2), ValueError, "warn_rate: must be a number from 0"),

@@ -170,12 +170,12 @@ def test_session_ids_with_slashes_and_percent_signs_round_trip(
 def test_session_list_pages_by_keyset(client: TestClient, seeded: SessionStore) -> None:
     first = client.get("/sessions", params={"limit": 2})
     ids = re.findall(r'data-testid="session-row" data-session="([^"]+)"', first.text)
-    assert ids == [r.session_id for r in seeded.list(limit=2)]
+    assert ids == [r.session_id for r in seeded.list_sessions(limit=2)]
     following = re.search(r'data-testid="next-page" href="([^"]+)"', first.text)
     assert following is not None
     second = client.get(unescape(following.group(1)))
     ids = re.findall(r'data-testid="session-row" data-session="([^"]+)"', second.text)
-    assert ids == [r.session_id for r in seeded.list(limit=2, after="failing")]
+    assert ids == [r.session_id for r in seeded.list_sessions(limit=2, after="failing")]
 
 
 def test_a_users_list_shows_the_users_totals(client: TestClient, seeded: SessionStore) -> None:

@@ -36,7 +36,8 @@ def test_a_stored_row_nested_too_deep_is_read_cut_and_kept_whole(
     read = task_store.get("deep")
     assert read is not None and nesting(read.metadata) == (deep_json.MAX_READ_DEPTH, deep_json.CUT)
     assert SessionRecord.model_validate_json(read.model_dump_json()) == read  # serializes
-    assert [r.session_id for r in task_store.list()] == ["deep", "plain"]  # the page answers
+    # the page answers
+    assert [r.session_id for r in task_store.list_sessions()] == ["deep", "plain"]
     guide = asyncio.run(context_engine.get_session("deep"))
     assert guide is not None and guide.metadata == read.metadata
     assert stored_metadata_is(task_store, "deep", document)  # nothing written back

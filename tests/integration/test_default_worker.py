@@ -78,7 +78,7 @@ def test_the_default_worker_counts_every_event_once(tmp_path: Path) -> None:
         assert totals.total_processing_time == AGENTS * EVENTS_PER_AGENT * 0.5
         dup = store.get("dup")
         assert dup is not None and dup.request_count == 1
-        assert {s.session_id for s in store.list(status="failed")} == {
+        assert {s.session_id for s in store.list_sessions(status="failed")} == {
             f"s-{n}" for n in range(AGENTS)
         }
         assert store.dead_letters() == []

@@ -51,7 +51,7 @@ def fleet(store: SessionStore) -> SessionStore:
 
 
 def test_each_session_of_a_page_has_its_own_percentiles(fleet: SessionStore) -> None:
-    page = {s.session_id: s for s in fleet.list()}
+    page = {s.session_id: s for s in fleet.list_sessions()}
     assert [page["a"].processing_time_p50, page["a"].processing_time_p99] == [
         estimate(0.2),
         estimate(0.3),

@@ -49,12 +49,12 @@ def populated(store: SessionStore) -> SessionStore:
 
 
 def test_list_orders_by_session_id_and_pages_by_keyset(populated: SessionStore) -> None:
-    everything = [s.session_id for s in populated.list()]
+    everything = [s.session_id for s in populated.list_sessions()]
     assert everything == [f"user-{n}" for n in range(9)]
     pages: list[list[str]] = []
     after = None
     while True:
-        page = populated.list(limit=4, after=after)
+        page = populated.list_sessions(limit=4, after=after)
         if not page:
             break
         pages.append([s.session_id for s in page])
@@ -63,25 +63,23 @@ def test_list_orders_by_session_id_and_pages_by_keyset(populated: SessionStore) 
 
 
 def test_keyset_pages_do_not_shift_when_sessions_are_added(populated: SessionStore) -> None:
-    first = populated.list(limit=3)
+    first = populated.list_sessions(limit=3)
     populated.apply(batch(record("user-00", 20)))  # sorts before the cursor
-    second = populated.list(limit=3, after=first[-1].session_id)
+    second = populated.list_sessions(limit=3, after=first[-1].session_id)
     assert [s.session_id for s in second] == ["user-3", "user-4", "user-5"]
 
 
 def test_list_filters_by_user_and_status(populated: SessionStore) -> None:
     def ids(**filters: str) -> list[str]:
-        return [s.session_id for s in populated.list(**filters)]  # type: ignore[arg-type]
+        return [s.session_id for s in populated.list_sessions(**filters)]  # type: ignore[arg-type]
 
     assert ids(user_id="owner-2") == ["user-2", "user-5", "user-8"]
     assert ids(status="active") == ["user-0", "user-1", "user-3", "user-4", "user-6", "user-7"]
     assert ids(status="completed") == ["user-2", "user-8"]
     assert ids(user_id="owner-2", status="failed") == ["user-5"]
     assert ids(user_id="owner-2", status="active") == []
-    assert [s.session_id for s in populated.list(status="active", limit=2, after="user-3")] == [
-        "user-4",
-        "user-6",
-    ]
+    page = populated.list_sessions(status="active", limit=2, after="user-3")
+    assert [s.session_id for s in page] == ["user-4", "user-6"]
 
 
 def test_iter_sessions_walks_every_page(populated: SessionStore) -> None:

@@ -14,6 +14,7 @@ from sessions.bounds import MAX_COUNT, MAX_DURATION, MAX_SECONDS, REFUSED_ARGUME
 from sessions.events import RecordEvent
 from sessions.store import SessionStore
 from tests.integration.support import (
+    DEADLINE,
     Worker,
     at,
     batch,
@@ -26,8 +27,8 @@ from tests.integration.support import (
     record,
     run_rows,
     snapshot,
-    wait_until,
 )
+from tests.workers_harness import wait_until
 
 OpenStore = Callable[[SessionStore], SessionStore]
 
@@ -248,7 +249,9 @@ def test_session_active_in_a_concurrent_transaction_is_not_expired(
         # The apply has written "busy" and holds its row lock; now the sweep runs.
         sweep = Worker(lambda: sweeper.expire_idle(1800, now=now))
         sweep.start()
-        wait_until(blocked_on_lock(pg_store), "the sweep waits for the apply's row lock")
+        wait_until(
+            blocked_on_lock(pg_store), DEADLINE, message="the sweep waits for the apply's row lock"
+        )
         assert sweep.is_alive()
         gate.release()
         assert apply.outcome().applied == 1
@@ -272,7 +275,9 @@ def test_record_waiting_for_a_sweep_is_counted_in_the_expired_session(
         assert gate.reached.wait(20), "the sweep never reached its commit"
         apply = Worker(lambda: applier.apply(batch(record("s", 59, error=True))))
         apply.start()
-        wait_until(blocked_on_lock(pg_store), "the apply waits for the sweep's row lock")
+        wait_until(
+            blocked_on_lock(pg_store), DEADLINE, message="the apply waits for the sweep's row lock"
+        )
         gate.release()
         assert sweep.outcome().changed == ("s",)
         assert apply.outcome().applied == 1
@@ -301,7 +306,9 @@ def test_a_second_sweep_waiting_on_the_first_changes_nothing(
         assert gate.reached.wait(20), "the first sweep never reached its commit"
         two = Worker(lambda: calls[sweep](second))
         two.start()
-        wait_until(blocked_on_lock(pg_store), "the second sweep waits for the first")
+        wait_until(
+            blocked_on_lock(pg_store), DEADLINE, message="the second sweep waits for the first"
+        )
         gate.release()
         changed_first = one.outcome().changed
         changed_second = two.outcome().changed

@@ -4,21 +4,19 @@ skipped, saying why, or fails when CI requires every service."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from tests import aiecs_venv
+from tests.workers_harness import free_port
 
 
 @pytest.fixture
 def unreachable_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """pip pointed at a local port nothing listens on, with no other index or wheel folder,
     and the virtualenvs kept in the test's own folder."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     monkeypatch.setattr(aiecs_venv, "CACHE", tmp_path / "cache")
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)

@@ -11,24 +11,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+from bench.client_start import FORBIDDEN  # the bench reports on the same list
 from tests.workers_harness import run_to_completion
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-#: Modules (and their submodules) a recording agent must never load: the store's, the worker's
-#: (a checkout's shims for it too) and the dashboard's.
-FORBIDDEN = (
-    "sqlalchemy",
-    "alembic",
-    "starlette",
-    "prometheus_client",
-    "sessions.worker",
-    "workers",
-    "celeryconfig",
-)
-
-AGENT = """
-    import json, sys
+#: What an agent script starts with: ``loaded()``, the forbidden modules it has loaded (the
+#: list comes as its first argument).
+LOADED = """
+    import sys
 
     FORBIDDEN = set(sys.argv[1].split(","))
 
@@ -36,6 +27,11 @@ AGENT = """
         return sorted(
             {f for f in FORBIDDEN for name in sys.modules if name == f or name.startswith(f + ".")}
         )
+
+"""
+
+AGENT = LOADED + """
+    import json
 
     seen = {}
     from sessions import SessionTracker
@@ -67,6 +63,54 @@ def test_recording_imports_no_store_worker_or_dashboard(tmp_path: Path) -> None:
     assert agent.returncode == 0, agent.stderr
     seen = json.loads(agent.stdout)
     assert seen == {"import": [], "construction": [], "publish": [], "batches_sent": 1}, seen
+
+
+ENGINE_WRITES = LOADED + """
+    import asyncio, json
+
+    from sessions import ContextEngine
+    from sessions.settings import Settings
+
+    async def main():
+        seen = {"import": loaded()}
+        # No database URL is needed (the default, a SQLite file here, is never opened).
+        engine = ContextEngine(Settings(broker_url="memory://", confirm_timeout_seconds=0))
+        await engine.initialize()
+        seen["initialize"] = loaded()
+        await engine.update_session("s-1", increment_requests=True, add_processing_time=0.1)
+        await engine.add_conversation_message("s-1", "user", "hello?")
+        await engine.add_conversation_message("s-1", "assistant", "hello.")
+        await engine.end_session("s-1")
+        seen["writes"] = loaded()
+        # The first read opens (and migrates) the store: only now does SQLAlchemy load. (The
+        # history's read does not wait for the workers, of which there are none here.)
+        history = await engine.get_conversation_history("s-1")
+        seen["read"] = [message.content for message in history]
+        seen["after_read"] = "sqlalchemy" in sys.modules
+        await engine.close()  # publishes the batch through Celery to the in-memory broker
+        seen["events_sent"] = engine.tracker.stats.events_sent
+        print(json.dumps(seen))
+
+    asyncio.run(main())
+"""
+
+
+def test_context_engine_writes_import_no_store_and_its_first_read_opens_one(
+    tmp_path: Path,
+) -> None:
+    agent = _run(ENGINE_WRITES, ",".join(FORBIDDEN), cwd=tmp_path)
+    assert agent.returncode == 0, agent.stderr
+    seen = json.loads(agent.stdout)
+    assert seen == {
+        "import": [],
+        "initialize": [],
+        "writes": [],
+        # one request recorded, two messages, the request the turn infers, the end
+        "events_sent": 5,
+        "read": ["hello?", "hello."],  # the engine's own, not applied yet
+        "after_read": True,
+    }, seen
+    assert (tmp_path / "sessions.db").exists()  # the read's store, opened in the agent's cwd
 
 
 def test_a_tracker_that_confirms_imports_the_store_only_once_it_has_something_to_confirm(

@@ -29,7 +29,7 @@ from tests.workers_harness import DEADLINE, wait_until
 NEVER = 3600.0
 
 
-class Recorder:
+class RecordingPublisher:
     """A publisher that keeps every message, and can fail or hang on demand."""
 
     def __init__(self, failures: int = 0) -> None:
@@ -66,12 +66,12 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
+def recorder() -> RecordingPublisher:
+    return RecordingPublisher()
 
 
 @pytest.fixture
-def make_tracker(recorder: Recorder) -> Iterator[Any]:
+def make_tracker(recorder: RecordingPublisher) -> Iterator[Any]:
     made: list[SessionTracker] = []
 
     def make(**options: Any) -> SessionTracker:
@@ -87,7 +87,7 @@ def make_tracker(recorder: Recorder) -> Iterator[Any]:
 
 
 def test_a_full_buffer_is_published_at_once_in_batches_of_max_size(
-    make_tracker: Any, recorder: Recorder
+    make_tracker: Any, recorder: RecordingPublisher
 ) -> None:
     tracker = make_tracker(max_batch_events=10)
     for index in range(25):
@@ -104,7 +104,7 @@ def test_a_full_buffer_is_published_at_once_in_batches_of_max_size(
 
 
 def test_a_partial_batch_goes_out_after_the_flush_interval(
-    make_tracker: Any, recorder: Recorder
+    make_tracker: Any, recorder: RecordingPublisher
 ) -> None:
     tracker = make_tracker(flush_interval=0.05, max_batch_events=1000)
     tracker.record("s-1")
@@ -119,7 +119,9 @@ def test_a_partial_batch_goes_out_after_the_flush_interval(
     assert (stats.events_recorded, stats.events_sent, stats.batches_sent) == (3, 3, 1)
 
 
-def test_a_retried_publish_keeps_its_batch_id(make_tracker: Any, recorder: Recorder) -> None:
+def test_a_retried_publish_keeps_its_batch_id(
+    make_tracker: Any, recorder: RecordingPublisher
+) -> None:
     recorder.failures = 2
     tracker = make_tracker()
     for _ in range(3):
@@ -135,7 +137,7 @@ def test_a_retried_publish_keeps_its_batch_id(make_tracker: Any, recorder: Recor
 
 
 def test_record_never_raises_or_blocks_when_the_publisher_fails(
-    make_tracker: Any, recorder: Recorder
+    make_tracker: Any, recorder: RecordingPublisher
 ) -> None:
     recorder.failures = 10**9
     unsent: list[tuple[Batch, BaseException]] = []
@@ -159,7 +161,7 @@ def test_record_never_raises_or_blocks_when_the_publisher_fails(
 
 
 def test_the_tracker_publishes_again_once_the_broker_is_back(
-    make_tracker: Any, recorder: Recorder
+    make_tracker: Any, recorder: RecordingPublisher
 ) -> None:
     recorder.failures = sending.PUBLISH_ATTEMPTS  # the first batch is given up
     tracker = make_tracker()
@@ -181,7 +183,7 @@ def test_the_tracker_publishes_again_once_the_broker_is_back(
 
 
 def test_record_never_blocks_when_the_publisher_hangs(
-    make_tracker: Any, recorder: Recorder
+    make_tracker: Any, recorder: RecordingPublisher
 ) -> None:
     recorder.hang.set()
     # Without a spool a full buffer has nowhere to spill (test_tracker_spool.py has the spill).
@@ -207,7 +209,7 @@ def test_record_never_blocks_when_the_publisher_hangs(
 
 
 def test_close_publishes_what_is_buffered_and_drops_later_events(
-    make_tracker: Any, recorder: Recorder
+    make_tracker: Any, recorder: RecordingPublisher
 ) -> None:
     with make_tracker() as tracker:
         for index in range(5):
@@ -237,7 +239,7 @@ def test_close_publishes_what_is_buffered_and_drops_later_events(
     ],
 )
 def test_invalid_arguments_raise_naming_the_field(
-    make_tracker: Any, recorder: Recorder, call: Any, field: str
+    make_tracker: Any, recorder: RecordingPublisher, call: Any, field: str
 ) -> None:
     tracker = make_tracker()
     with pytest.raises(ValidationError, match=field):
@@ -277,7 +279,7 @@ def _deep(levels: int) -> dict[str, Any]:
     ],
 )
 def test_what_could_not_be_serialised_or_stored_is_refused_up_front_naming_the_field(
-    make_tracker: Any, recorder: Recorder, call: Any, field: str, rule: str
+    make_tracker: Any, recorder: RecordingPublisher, call: Any, field: str, rule: str
 ) -> None:
     tracker = make_tracker()
     with pytest.raises(ValidationError) as caught:  # a ValueError, never an OverflowError
@@ -292,7 +294,7 @@ def test_what_could_not_be_serialised_or_stored_is_refused_up_front_naming_the_f
 
 def test_an_event_that_cannot_be_serialised_costs_only_itself_and_blames_no_broker(
     make_tracker: Any,
-    recorder: Recorder,
+    recorder: RecordingPublisher,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -391,7 +393,9 @@ def test_flush_wait_returns_once_every_batch_is_in_the_ledger(tmp_path: Path) ->
     store.dispose()
 
 
-def test_a_forked_child_starts_with_an_empty_buffer(make_tracker: Any, recorder: Recorder) -> None:
+def test_a_forked_child_starts_with_an_empty_buffer(
+    make_tracker: Any, recorder: RecordingPublisher
+) -> None:
     tracker = make_tracker()
     for _ in range(3):
         tracker.record("s-parent")
@@ -431,7 +435,9 @@ def test_a_forked_child_starts_with_an_empty_buffer(make_tracker: Any, recorder:
     assert [e["session_id"] for e in recorder.events()] == ["s-parent"] * 3
 
 
-def test_batches_are_immutable_and_carry_a_uuid(make_tracker: Any, recorder: Recorder) -> None:
+def test_batches_are_immutable_and_carry_a_uuid(
+    make_tracker: Any, recorder: RecordingPublisher
+) -> None:
     tracker = make_tracker()
     tracker.record("s-1")
     tracker.flush()

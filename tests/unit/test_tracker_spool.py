@@ -26,7 +26,7 @@ from sessions.settings import Settings
 from sessions.spool import BatchSpool
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker, open_spool
-from tests.unit.test_tracker import NEVER, Recorder
+from tests.unit.test_tracker import NEVER, RecordingPublisher
 from tests.workers_harness import DEADLINE, run_to_completion, wait_until
 
 
@@ -54,7 +54,7 @@ def _tracker(made: list[SessionTracker], publisher: Any, **options: Any) -> Sess
 def test_unsent_batches_go_to_the_spool_and_come_back_oldest_first(
     trackers: list[SessionTracker],
 ) -> None:
-    publisher = Recorder(failures=10**9)  # the broker is down
+    publisher = RecordingPublisher(failures=10**9)  # the broker is down
     tracker = _tracker(trackers, publisher)
     for index in range(30):
         tracker.record(f"s-{index % 3}", processing_time=index)
@@ -76,14 +76,14 @@ def test_unsent_batches_go_to_the_spool_and_come_back_oldest_first(
 def test_a_new_tracker_replays_what_an_earlier_run_left_in_the_spool(
     trackers: list[SessionTracker],
 ) -> None:
-    down = Recorder(failures=10**9)
+    down = RecordingPublisher(failures=10**9)
     first = _tracker(trackers, down)
     for index in range(10):
         first.record("s-1", processing_time=index)
     wait_until(lambda: first.stats.events_spooled == 10, message="the batch spooled")
     first.close()
 
-    up = Recorder()
+    up = RecordingPublisher()
     second = _tracker(trackers, up)
     wait_until(lambda: second.stats.events_replayed == 10, message="the replay at start")
     assert [e["processing_time"] for e in up.events()] == list(range(10))
@@ -93,7 +93,7 @@ def test_a_new_tracker_replays_what_an_earlier_run_left_in_the_spool(
 def test_without_a_spool_unsent_events_are_counted_as_lost_and_logged(
     trackers: list[SessionTracker], caplog: pytest.LogCaptureFixture
 ) -> None:
-    tracker = _tracker(trackers, Recorder(failures=10**9), spool=None)
+    tracker = _tracker(trackers, RecordingPublisher(failures=10**9), spool=None)
     with caplog.at_level(logging.ERROR, logger="sessions.tracker"):
         for _ in range(10):
             tracker.record("s-1")
@@ -105,7 +105,7 @@ def test_a_full_spool_loses_only_the_overflow_and_says_so(
     trackers: list[SessionTracker], tmp_path: Path
 ) -> None:
     spool = BatchSpool(tmp_path, max_batches=2, max_bytes=10**6, max_age_seconds=3600)
-    tracker = _tracker(trackers, Recorder(failures=10**9), spool=spool)
+    tracker = _tracker(trackers, RecordingPublisher(failures=10**9), spool=spool)
     for _ in range(40):
         tracker.record("s-1")
     wait_until(lambda: tracker.stats.events_failed == 40, message="every batch tried")
@@ -121,7 +121,7 @@ BUFFER = 100  # events: ten batches
 EVENTS = 1000
 
 
-def _stuck(publisher: Recorder, tracker: SessionTracker) -> None:
+def _stuck(publisher: RecordingPublisher, tracker: SessionTracker) -> None:
     """Make the publisher thread hang in its first publish (a broker still connecting)."""
     publisher.hang.set()
     tracker.record("s-0", processing_time=0)
@@ -129,7 +129,7 @@ def _stuck(publisher: Recorder, tracker: SessionTracker) -> None:
     wait_until(lambda: publisher.calls, message="the publisher to be stuck")
 
 
-def _unstick(publisher: Recorder, failures: int = 0) -> None:
+def _unstick(publisher: RecordingPublisher, failures: int = 0) -> None:
     publisher.failures = failures
     publisher.hang.clear()
     publisher.release.set()
@@ -143,9 +143,9 @@ def _burst(tracker: SessionTracker) -> None:
 
 def _burst_while_stuck(
     made: list[SessionTracker], **options: Any
-) -> tuple[Recorder, SessionTracker]:
+) -> tuple[RecordingPublisher, SessionTracker]:
     """A tracker with a small buffer whose publisher is stuck, after a burst of ``EVENTS``."""
-    publisher = Recorder()
+    publisher = RecordingPublisher()
     tracker = _tracker(made, publisher, max_buffered_events=BUFFER, **options)
     _stuck(publisher, tracker)
     _burst(tracker)
@@ -233,7 +233,7 @@ def test_spilled_batches_the_broker_would_not_take_wait_in_the_spool_for_the_nex
     ]
     assert left.events >= spilled
 
-    up = Recorder()
+    up = RecordingPublisher()
     second = _tracker(trackers, up)
     second.flush()
     wait_until(lambda: len(up.events()) == EVENTS, message="the next tracker published everything")
@@ -328,7 +328,7 @@ def test_a_spill_with_an_event_that_cannot_be_serialised_keeps_every_other_event
 ) -> None:
     from sessions import events
 
-    publisher = Recorder()
+    publisher = RecordingPublisher()
     tracker = _tracker(trackers, publisher, max_buffered_events=BUFFER)
     _stuck(publisher, tracker)
     # A hole in the model's rules (a bug) lets a lone surrogate into the first spilled batch.
@@ -363,7 +363,7 @@ def test_a_spooled_batch_that_can_never_be_published_is_quarantined_and_the_rest
     this process and the next one that opens the spool."""
     spool = open_spool(Settings())
     assert spool is not None
-    down = _tracker(trackers, Recorder(failures=10**9))  # an earlier run, the broker away
+    down = _tracker(trackers, RecordingPublisher(failures=10**9))  # an earlier run, the broker away
     for index in range(10):
         down.record("first", processing_time=index)
     wait_until(lambda: down.stats.events_spooled == 10, message="the first batch spooled")
@@ -374,7 +374,7 @@ def test_a_spooled_batch_that_can_never_be_published_is_quarantined_and_the_rest
     spool.put(poison)
     spool.put({"batch_id": str(uuid.uuid4()), "events": [{"kind": "record", "session_id": "z"}]})
 
-    class Picky(Recorder, Publisher):
+    class Picky(RecordingPublisher, Publisher):
         """Takes text, as CeleryPublisher does; refuses to encode the poison batch."""
 
         def publish_text(self, text: str) -> None:
