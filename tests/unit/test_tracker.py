@@ -480,7 +480,7 @@ def test_record_does_no_io(make_tracker: Any) -> None:
 
 
 def test_changing_metadata_after_create_changes_nothing_sent(
-    make_tracker: Any, recorder: Recorder
+    make_tracker: Any, recorder: RecordingPublisher
 ) -> None:
     """Review of issue 12, finding 5: the buffered event held the caller's own list, so what
     was appended after ``create`` (a lone surrogate, 20 KB) was sent, unchecked."""
