@@ -32,9 +32,27 @@ CACHE = REPO_ROOT / ".cache"
 PIP_TIMEOUT = 1800
 
 
+#: The project's extras the agent needs beside its base (the client): ``ContextEngine``'s reads
+#: open the store and migrate an empty database (``store`` and Alembic, both in ``cli``).
+EXTRAS = ("cli",)
+
+
 def _requirements() -> list[str]:
     with (REPO_ROOT / "pyproject.toml").open("rb") as file:
-        dependencies: list[str] = tomllib.load(file)["project"]["dependencies"]
+        project = tomllib.load(file)["project"]
+    name, extras = project["name"], project["optional-dependencies"]
+    dependencies: list[str] = list(project["dependencies"])
+    wanted, seen = list(EXTRAS), set()
+    while wanted:  # an extra may name others of this project: ``agent-sessions[store]``
+        extra = wanted.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for requirement in extras[extra]:
+            if requirement.startswith(f"{name}["):
+                wanted.extend(requirement[len(name) + 1 : -1].split(","))
+            else:
+                dependencies.append(requirement)
     return [f"aiecs=={AIECS_VERSION}", *dependencies]
 
 
