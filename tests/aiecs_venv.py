@@ -33,8 +33,8 @@ PIP_TIMEOUT = 1800
 
 
 #: The project's extras the agent needs beside its base (the client): ``ContextEngine``'s reads
-#: open the store and migrate an empty database (``store`` and Alembic, both in ``cli``).
-EXTRAS = ("cli",)
+#: open the store and migrate an empty database.
+EXTRAS = ("store",)
 
 
 def _requirements() -> list[str]:
