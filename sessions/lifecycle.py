@@ -60,21 +60,42 @@ def install_sigterm_handler() -> None:
         return
 
     def _on_sigterm(signum: int, _frame: object) -> None:
-        close_all()
+        # Not closing here: the signal may have interrupted the main thread inside ``record``,
+        # holding the buffer's lock that ``close`` takes (a handler runs in the main thread, so
+        # it would wait on itself forever). A thread closes, then the process dies as asked; a
+        # second SIGTERM meanwhile kills it at once.
         signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        threading.Thread(
+            target=_close_then_die, args=(signum,), name="sessions-sigterm", daemon=True
+        ).start()
 
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def _close_then_die(signum: int) -> None:
+    try:
+        close_all()
+    finally:
+        os.kill(os.getpid(), signum)
+
+
+#: Held while trackers close, so that an exit meanwhile waits for a SIGTERM's close to finish
+#: instead of ending the process under it.
+_closing = threading.Lock()
+
+
 @atexit.register
 def close_all() -> None:
-    """Close every live tracker (at exit, and on SIGTERM)."""
-    for tracker in list(_live):
-        tracker.close()
+    """Close every live tracker (at exit, and on SIGTERM); a second caller waits for the
+    first to finish."""
+    with _closing:
+        for tracker in list(_live):
+            tracker.close()
 
 
 def _restart_in_child() -> None:
+    global _closing
+    _closing = threading.Lock()  # a fork while another thread closed must not leave it held
     for tracker in list(_live):
         tracker.restart_after_fork()
 
