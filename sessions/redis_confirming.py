@@ -14,9 +14,9 @@ The ledger stays the truth; a mark is only a hint that can be missing, never wro
 * a mark lost with Redis (restarted empty) or expired before the agent looked makes the agent
   publish the batch again: the ledger drops the copy, and its worker writes the mark again.
 
-The time to live (``Settings.confirmation_ttl``, by default ``spool_max_age_days``) covers
-the longest an agent asks about a batch: its outbox forgets a batch first published longer
-ago than the spool's maximum age, and never publishes it again. Both sides connect with
+The time to live (``Settings.confirmation_ttl``, an hour by default) covers the time an agent
+normally takes to look after the apply (seconds); one that looks later republishes once, a
+copy the ledger drops and whose worker marks it again. Both sides connect with
 redis-py straight from the broker URL (``redis://`` or ``rediss://``, as kombu reads it), with
 the publisher's socket timeouts; redis-py's pool is safe across threads and, by its own pid
 check, across forks. Neither side imports SQLAlchemy.

@@ -91,10 +91,11 @@ class Settings(BaseSettings):
     #: Whether a worker on a Redis broker marks each batch it settled there (one ``SET`` per
     #: batch); off, agents must confirm through the ledger (``SESSIONS_CONFIRMER=ledger``).
     broker_confirmations: bool = True
-    #: How long a worker's mark stays on Redis; ``None``: ``spool_max_age_days``, the longest
-    #: an agent may still ask about (and publish again) a batch. A mark gone sooner only costs
-    #: a republished copy, which the ledger drops.
-    confirmation_ttl_seconds: int | None = Field(None, gt=0, le=MAX_SECONDS)
+    #: How long a worker's mark stays on Redis after the apply. An agent looks within seconds
+    #: of it; one that looks later (it was stopped, or cut off from Redis) republishes once, a
+    #: copy the ledger drops and whose worker marks it again. An hour keeps the marks of a busy
+    #: fleet to megabytes in the broker's own Redis.
+    confirmation_ttl_seconds: int = Field(3600, gt=0, le=MAX_SECONDS)
     #: A message redelivered unfinished this many times (it kills the worker) is dead-lettered.
     max_redeliveries: int = Field(5, ge=1)
     #: Redis visibility timeout: an unacknowledged message is redelivered after this long.
@@ -186,9 +187,7 @@ class Settings(BaseSettings):
     @property
     def confirmation_ttl(self) -> timedelta:
         """How long a worker's mark of a settled batch stays on Redis."""
-        if self.confirmation_ttl_seconds is not None:
-            return timedelta(seconds=self.confirmation_ttl_seconds)
-        return self.spool_max_age
+        return timedelta(seconds=self.confirmation_ttl_seconds)
 
     @property
     def max_age(self) -> timedelta:

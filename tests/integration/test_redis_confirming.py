@@ -54,8 +54,8 @@ def test_a_marked_batch_is_confirmed_and_its_mark_lives_as_long_as_the_spool_kee
     finally:
         confirmer.close()
     ttl = redis_server.client().ttl(confirmation_key(marked))  # type: ignore[attr-defined]
-    spool_max_age = settings.spool_max_age.total_seconds()
-    assert spool_max_age - 60 < ttl <= spool_max_age
+    lifetime = settings.confirmation_ttl.total_seconds()
+    assert lifetime - 60 < ttl <= lifetime
 
 
 def test_the_ttl_setting_overrides_the_spool_age(

@@ -176,8 +176,8 @@ def test_an_unknown_confirmer_is_refused_naming_the_variable(
     assert "SESSIONS_CONFIRMER:" in describe_settings_error(raised.value)
 
 
-def test_the_confirmation_ttl_is_the_spool_age_unless_set() -> None:
-    assert Settings(spool_max_age_days=2).confirmation_ttl == timedelta(days=2)
+def test_the_confirmation_ttl_is_an_hour_unless_set() -> None:
+    assert Settings(spool_max_age_days=2).confirmation_ttl == timedelta(hours=1)
     assert Settings(confirmation_ttl_seconds=600).confirmation_ttl == timedelta(minutes=10)
     with pytest.raises(ValidationError, match="confirmation_ttl_seconds"):
         Settings(confirmation_ttl_seconds=0)
