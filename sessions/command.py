@@ -44,5 +44,5 @@ def main() -> None:
             raise
         sys.exit(
             f"Error: this command needs the {extra!r} extra ({exc.name} is not installed):"
-            f" pip install 'agent-sessions[{extra}]'"
+            f" pip install '.[{extra}]' in agent-sessions' checkout (README, Installing)"
         )

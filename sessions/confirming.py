@@ -24,7 +24,12 @@ import uuid
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sessions.errors import BrokerUnavailableError, FlushTimeoutError, StoreUnavailableError
+from sessions.errors import (
+    BrokerUnavailableError,
+    FlushTimeoutError,
+    StoreUnavailableError,
+    StoreUnusableError,
+)
 from sessions.outbox import Outbox, Unconfirmed
 from sessions.settings import Settings, mask_url
 
@@ -95,8 +100,20 @@ class LedgerConfirmer:
         return f"the ledger at {mask_url(self.settings.database_url)}"
 
     def applied(self, batch_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
-        from sqlalchemy.exc import SQLAlchemyError
+        """The ids of ``batch_ids`` the ledger holds.
 
+        :raises StoreUnavailableError: the database does not answer (worth waiting for).
+        :raises StoreUnusableError: this install cannot read a ledger at all (no ``store``
+            extra): waiting would not help.
+        """
+        try:
+            from sqlalchemy.exc import SQLAlchemyError
+        except ModuleNotFoundError as exc:
+            raise StoreUnusableError(
+                "confirming batches through the database's ledger needs the 'store' extra "
+                "(pip install '.[store]' in agent-sessions' checkout); on a Redis broker the "
+                "workers' marks confirm without it"
+            ) from exc
         try:
             store = self._store or self._open()
             wanted = list(batch_ids)

@@ -146,7 +146,8 @@ def test_the_base_install_records_and_leaves_the_applications_modules_alone(
     # The console script is installed with the client; a command says which extra it needs.
     command = run_to_completion([str(python.parent / "sessions"), "schema"], timeout=STALL)
     assert command.returncode == 1, command.stderr
-    assert "pip install 'agent-sessions[cli]'" in command.stderr, command.stderr
+    assert "needs the 'cli' extra" in command.stderr, command.stderr
+    assert "pip install '.[cli]'" in command.stderr, command.stderr
     assert "Traceback" not in command.stderr
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -316,3 +317,24 @@ def test_flush_waits_for_batches_up_to_its_sequence_and_replayed_ones() -> None:
     for entry in (replayed, early, late):
         outbox.add(entry)
     assert outbox.ids_up_to(5) == {replayed.batch_id, early.batch_id}
+
+
+def test_a_ledger_look_without_the_store_extra_says_so_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of issue 13: an install without SQLAlchemy (a base install on RabbitMQ) got a bare
+    ModuleNotFoundError from ``flush(wait=True)``; now an error naming the extra, not a wait."""
+    from sessions.confirming import LedgerConfirmer
+    from sessions.errors import StoreUnusableError
+
+    monkeypatch.setitem(sys.modules, "sqlalchemy.exc", None)  # as if it were not installed
+    confirmer = LedgerConfirmer(_settings())
+    with pytest.raises(StoreUnusableError, match=r"needs the 'store' extra"):
+        confirmer.applied({uuid.uuid4()})
+    with SessionTracker(
+        _settings(), publisher=lambda message: None, confirmer=confirmer, flush_interval=NEVER
+    ) as tracker:
+        tracker.record("s-1", processing_time=0.5)
+        # Refused at once (waited out, it would be a FlushTimeoutError naming the last error).
+        with pytest.raises(StoreUnusableError, match=r"pip install '\.\[store\]'"):
+            tracker.flush(wait=True, timeout=DEADLINE)
