@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 #: ``end_session`` statuses aiecs sends that are not this project's: ``cleared`` (aiecs's
 #: ``ConversationMemory.clear_conversation_history``) ends the run as ``completed``.
 END_STATUS_ALIASES = {"cleared": "completed"}
+#: Sessions ended through one engine it remembers, to start a new run on a later write.
+MAX_ENDED_REMEMBERED = 10_000
 
 
 def _naive_utc(value: datetime | None) -> datetime | None:
@@ -172,6 +175,9 @@ class ContextEngine:
         self._store_ready = False
         self._store_lock = threading.Lock()
         self._conversation: Conversation | None = None
+        #: Sessions this engine ended and nothing has written since, newest last (bounded): a
+        #: write to one starts a new run, as aiecs expects after clearing a conversation.
+        self._ended_here: OrderedDict[str, None] = OrderedDict()
         self.infer_requests = infer_requests
         #: Longest a read waits for this engine's own writes to be applied.
         self.read_timeout = read_timeout
@@ -280,6 +286,7 @@ class ContextEngine:
             # beat had reached it first, so the create starts a fresh run in either order.
             await asyncio.to_thread(store.expire_idle, max_idle, session_id=session_id)
         self.conversation.new_run(session_id)
+        self._ended_here.pop(session_id, None)  # this create starts its new run
         self.tracker.create(session_id, user_id=user_id, metadata=metadata)
         session = await self.get_session(session_id)
         assert session is not None
@@ -313,6 +320,7 @@ class ContextEngine:
                 "through increment_requests, add_processing_time and mark_error, and metadata "
                 "is given to create_session"
             )
+        self._reopen_if_ended_here(session_id)
         self.tracker.record(
             session_id,
             processing_time=add_processing_time,
@@ -320,6 +328,14 @@ class ContextEngine:
             counts_request=increment_requests,
         )
         return True
+
+    def _reopen_if_ended_here(self, session_id: str) -> None:
+        """A write to a session this engine ended starts a new run first (``create``): the
+        agent goes on with it (aiecs clears a conversation with ``end_session(..,
+        "cleared")`` and keeps talking), and its turns must not count in the ended run."""
+        if self._ended_here.pop(session_id, False) is not False:
+            self.conversation.new_run(session_id)
+            self.tracker.create(session_id)
 
     async def end_session(self, session_id: str, status: str = "completed") -> bool:
         """End the session's current run as ``completed``, ``failed`` or ``expired``; aiecs's
@@ -335,6 +351,10 @@ class ContextEngine:
             )
         self.conversation.ended(session_id)
         self.tracker.end(session_id, status=final)
+        self._ended_here[session_id] = None
+        self._ended_here.move_to_end(session_id)
+        while len(self._ended_here) > MAX_ENDED_REMEMBERED:
+            self._ended_here.popitem(last=False)
         return True
 
     async def cleanup_inactive_sessions(self, max_idle_seconds: float = 1800) -> int:
@@ -377,6 +397,7 @@ class ContextEngine:
 
         :raises pydantic.ValidationError: a bad session id, role, content or metadata.
         """
+        self._reopen_if_ended_here(session_id)
         self.conversation.add(session_id, role, content, metadata)
         return True
 

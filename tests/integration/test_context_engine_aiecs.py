@@ -193,6 +193,26 @@ def test_the_calls_aiecs_makes_have_its_signatures_and_returns(engine: ContextEn
     asyncio.run(scenario())
 
 
+def test_turns_after_a_clear_start_a_new_run(engine: ContextEngine) -> None:
+    """Review of issue 13: aiecs clears a conversation with ``end_session(.., "cleared")`` and
+    goes on; those later turns counted in the ended run, on a ``completed`` session."""
+
+    async def scenario() -> None:
+        await turn(engine, "user-1", "Hello", "Hi")
+        await turn(engine, "user-1", "Again", "Hi again")
+        assert await engine.end_session("user-1", status="cleared") is True
+        ended = await engine.get_session("user-1")
+        assert ended is not None and (ended.status, ended.request_count) == ("completed", 2)
+        await turn(engine, "user-1", "Fresh start", "Hello again")
+        session = await engine.get_session("user-1")
+        assert session is not None
+        assert (session.status, session.request_count, session.record.run) == ("active", 1, 2)
+        history = await engine.get_conversation_history("user-1")
+        assert [m.content for m in history] == ["Fresh start", "Hello again"]
+
+    asyncio.run(scenario())
+
+
 def test_cleanup_expired_sessions_takes_hours(engine: ContextEngine) -> None:
     async def scenario() -> None:
         engine.tracker.record("idle", at=datetime.now(UTC) - timedelta(hours=3))
