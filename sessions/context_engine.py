@@ -333,7 +333,8 @@ class ContextEngine:
         """A write to a session this engine ended starts a new run first (``create``): the
         agent goes on with it (aiecs clears a conversation with ``end_session(..,
         "cleared")`` and keeps talking), and its turns must not count in the ended run."""
-        if self._ended_here.pop(session_id, False) is not False:
+        if session_id in self._ended_here:
+            del self._ended_here[session_id]
             self.conversation.new_run(session_id)
             self.tracker.create(session_id)
 
