@@ -41,6 +41,9 @@ def test_cleanup_with_an_idle_threshold_out_of_bounds_expires_nothing(
 
     async def scenario() -> None:
         await _fleet(context_engine)
+        # The fleet's last updates are fire-and-forget: applied before the "before" snapshot,
+        # so that only the refused cleanup could change the store between the two.
+        await asyncio.to_thread(context_engine.tracker.flush, wait=True)
         before = snapshot(task_store)
         with pytest.raises(ValueError) as caught:
             await context_engine.cleanup_inactive_sessions(max_idle_seconds)
