@@ -305,49 +305,27 @@ SIGTERM_AGENT = """
     tracker = SessionTracker(publisher=publish, flush_interval=3600, max_batch_events=500)
     for n in range(10):
         tracker.record("agent-session", processing_time=n)
-    os.kill(os.getpid(), signal.SIGTERM)
-    signal.pause()
-"""
-
-
-def test_sigterm_flushes_the_buffer_before_the_agent_dies(tmp_path: Path) -> None:
-    published = tmp_path / "published.jsonl"
-    agent = run_to_completion(
-        [sys.executable, "-c", textwrap.dedent(SIGTERM_AGENT), str(published)]
-    )
-    assert agent.returncode == -signal.SIGTERM, agent.stderr
-    messages = [json.loads(line) for line in published.read_text().splitlines()]
-    assert [e["processing_time"] for m in messages for e in m["events"]] == list(range(10))
-
-
-SIGTERM_INSIDE_RECORD_AGENT = """
-    import json, os, signal, sys
-    from sessions.tracker import SessionTracker
-
-    out = open(sys.argv[1], "a")
-    def publish(message):
-        out.write(json.dumps(message) + "\\n"); out.flush()
-
-    tracker = SessionTracker(publisher=publish, flush_interval=3600, max_batch_events=500)
-    for n in range(10):
-        tracker.record("agent-session", processing_time=n)
-    # The signal arrives while the main thread is inside ``record``, holding the buffer's lock
-    # (what a SIGTERM during an agent's busy loop does, one time in a few): the handler runs
-    # in this thread, before the lock is released.
-    with tracker._buffer._lock:
+    if sys.argv[2] == "inside-record":
+        # The signal arrives while the main thread is inside ``record``, holding the buffer's
+        # lock (what a SIGTERM during an agent's busy loop does, one time in a few): the
+        # handler runs in this thread, before the lock is released.
+        with tracker._buffer._lock:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass  # bytecode boundaries: the handler has run by now
+    else:
         os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(1000):
-            pass  # bytecode boundaries: the handler has run by now
     signal.pause()
 """
 
 
-def test_sigterm_inside_record_does_not_hang_and_still_flushes(tmp_path: Path) -> None:
-    """Review of issue 13: closing inside the handler waited forever on the buffer's lock that
-    the interrupted ``record`` held; the close now runs in a thread of its own."""
+@pytest.mark.parametrize("when", ["between-records", "inside-record"])
+def test_sigterm_flushes_the_buffer_before_the_agent_dies(tmp_path: Path, when: str) -> None:
+    """Inside ``record`` too (review of issue 13): closing inside the handler waited forever on
+    the buffer's lock the interrupted ``record`` held; the close now runs in its own thread."""
     published = tmp_path / "published.jsonl"
     agent = run_to_completion(
-        [sys.executable, "-c", textwrap.dedent(SIGTERM_INSIDE_RECORD_AGENT), str(published)]
+        [sys.executable, "-c", textwrap.dedent(SIGTERM_AGENT), str(published), when]
     )
     assert agent.returncode == -signal.SIGTERM, agent.stderr
     messages = [json.loads(line) for line in published.read_text().splitlines()]
