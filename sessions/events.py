@@ -310,7 +310,11 @@ def utcnow() -> datetime:
 
 
 class _Event(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # defer_build, here and on every model of this module: an agent that only records never
+    # validates one (``plain_record`` checks its fields by hand), so the validators are built
+    # on first use instead of at import: some 20 ms of an agent's start-up
+    # (bench/client_start.py). A worker builds them before its pool forks (build_models).
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     session_id: SessionId
     #: When it happened, by the producer's clock (aware, normalised to UTC).
@@ -438,13 +442,15 @@ class MessageEvent(_Event):
 #: Every kind of event.
 AnyEvent = CreateEvent | RecordEvent | EndEvent | MessageEvent
 SessionEvent = Annotated[AnyEvent, Field(discriminator="kind")]
-_event_adapter: TypeAdapter[AnyEvent] = TypeAdapter(SessionEvent)
+_event_adapter: TypeAdapter[AnyEvent] = TypeAdapter(
+    SessionEvent, config=ConfigDict(defer_build=True)
+)
 
 
 class Batch(BaseModel):
     """An immutable group of events, in recorded order, under one producer-made id."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     batch_id: ProducerId = Field(default_factory=uuid.uuid4)
     events: tuple[SessionEvent, ...]
@@ -511,6 +517,19 @@ def claimed_batch_uuid(payload: Any) -> uuid.UUID | None:
 RecordFields = tuple[str, datetime, str | None, float, bool, bool, int, int, float]
 
 
+def _checked_id(value: str) -> bool:
+    """Whether the id rule accepts ``value`` (remembered in ``_valid_ids`` if so).
+
+    A new id is checked here rather than left to the model, so that an agent's first
+    ``record`` of each session does not build :class:`RecordEvent`'s validator either.
+    """
+    try:
+        _check_id(value)
+    except ValueError:
+        return False
+    return True
+
+
 def plain_record(
     session_id: str,
     processing_time: float,
@@ -523,7 +542,7 @@ def plain_record(
 ) -> RecordFields | None:
     """The fields of a ``record`` event made now, if they are plainly valid; else ``None``.
 
-    "Plainly": ids seen valid lately, and values of exactly the types the model takes
+    "Plainly": ids the id rule accepts, and values of exactly the types the model takes
     without conversion, within its bounds. Anything else (a new id, a string for a number,
     NaN, a bool for an int, ...) gets ``None``: the caller then builds a :class:`RecordEvent`,
     which accepts or refuses it with the field and rule named. So this never accepts what
@@ -531,8 +550,11 @@ def plain_record(
     """
     if (
         type(session_id) is str
-        and session_id in _valid_ids
-        and (user_id is None or (type(user_id) is str and user_id in _valid_ids))
+        and (session_id in _valid_ids or _checked_id(session_id))
+        and (
+            user_id is None
+            or (type(user_id) is str and (user_id in _valid_ids or _checked_id(user_id)))
+        )
         and type(processing_time) in (float, int)
         and 0 <= processing_time <= MAX_PROCESSING_TIME
         and type(error) is bool
@@ -634,7 +656,7 @@ def record_event(fields: RecordFields) -> RecordEvent:
 class RejectedEvent(BaseModel):
     """An event (or a whole payload) that cannot be applied, and why."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     payload: Any
     reason: str
@@ -647,11 +669,26 @@ class DecodedBatch(BaseModel):
     payload is in ``rejected`` and nothing is applied (there is no id to dedupe by).
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     batch_id: uuid.UUID | None
     events: tuple[AnyEvent, ...] = ()
     rejected: tuple[RejectedEvent, ...] = ()
+
+
+def build_models() -> None:
+    """Build every model's validator and serializer now, instead of at its first use.
+
+    A Celery worker calls it before its pool forks, so each pool process shares one copy
+    instead of building its own at its first batch.
+    """
+    models: tuple[type[BaseModel], ...] = (
+        CreateEvent, RecordEvent, EndEvent, MessageEvent, Batch, WireBatch, RejectedEvent,
+        DecodedBatch,
+    )
+    for model in models:
+        model.model_rebuild()
+    _event_adapter.rebuild()
 
 
 def describe_error(error: ValidationError) -> str:

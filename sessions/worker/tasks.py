@@ -42,7 +42,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from sessions.bounds import REFUSED_ARGUMENTS, check_days
 from sessions.errors import StoreUnavailableError, first_line
-from sessions.events import claimed_batch_uuid, peek_batch_id
+from sessions.events import build_models, claimed_batch_uuid, peek_batch_id
 from sessions.records import DeadLetterReason
 from sessions.redis_confirming import ConfirmationMarks
 from sessions.settings import get_settings
@@ -52,6 +52,11 @@ from sessions.worker.celery_app import app, ensure_schema
 from sessions.worker.envelopes import cut
 
 log = logging.getLogger(__name__)
+
+# The event models build their validators on first use (an agent that only records never
+# needs them); the worker builds them here, at import in the process its pool forks from,
+# so the pool processes share one copy instead of each building its own.
+build_models()
 
 #: The database is away: retry with backoff, for as long as it takes.
 OUTAGE_ERRORS = (

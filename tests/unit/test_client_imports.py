@@ -46,6 +46,10 @@ AGENT = LOADED + """
     tracker.close()  # publishes the batch through Celery to the in-memory broker
     seen["publish"] = loaded()
     seen["batches_sent"] = tracker.stats.batches_sent
+    # Recording validates by hand (plain_record): no event model had to build its validator.
+    from sessions import events
+    models = (events.RecordEvent, events.Batch)
+    seen["models_built"] = [model.__name__ for model in models if model.__pydantic_complete__]
     print(json.dumps(seen))
 """
 
@@ -62,7 +66,28 @@ def test_recording_imports_no_store_worker_or_dashboard(tmp_path: Path) -> None:
     agent = _run(AGENT, ",".join(FORBIDDEN), cwd=tmp_path)
     assert agent.returncode == 0, agent.stderr
     seen = json.loads(agent.stdout)
-    assert seen == {"import": [], "construction": [], "publish": [], "batches_sent": 1}, seen
+    assert seen == {
+        "import": [],
+        "construction": [],
+        "publish": [],
+        "batches_sent": 1,
+        "models_built": [],
+    }, seen
+
+
+def test_the_worker_builds_the_event_models_before_its_pool_forks(tmp_path: Path) -> None:
+    code = """
+        import json
+        import sessions.worker.tasks  # what the worker's main process imports before forking
+        from sessions import events
+        print(json.dumps([
+            model.__name__ for model in (events.RecordEvent, events.Batch, events.DecodedBatch)
+            if not model.__pydantic_complete__
+        ] + ([] if events._event_adapter.pydantic_complete else ["the event adapter"])))
+    """
+    worker = _run(code, cwd=tmp_path)
+    assert worker.returncode == 0, worker.stderr
+    assert json.loads(worker.stdout) == []
 
 
 ENGINE_WRITES = LOADED + """
