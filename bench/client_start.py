@@ -53,9 +53,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The list kombu's Redis transport keeps the ingest queue's messages in.
 QUEUE = "sessions.events"
 #: Modules (and their submodules) an agent that records must never load: the store's, the
-#: worker's (a checkout's shims for it too) and the dashboard's. tests/unit/test_client_imports.py
-#: checks the same list.
+#: worker's (a checkout's shims for it too) and the dashboard's, and Celery (the client
+#: publishes Celery's messages through kombu). tests/unit/test_client_imports.py checks the
+#: same list.
 FORBIDDEN = (
+    "celery",
     "sqlalchemy",
     "alembic",
     "starlette",

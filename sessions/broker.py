@@ -1,13 +1,14 @@
-"""The pipeline's broker, as every Celery app that publishes to it must see it: said once.
+"""The pipeline's broker, as everything that publishes to it must see it: said once.
 
-The worker's app (:mod:`sessions.worker.config`,
-:func:`sessions.worker.celery_app.create_app`) and the client's own small app
-(:func:`client_app`, which :class:`~sessions.publisher.CeleryPublisher` publishes through) both
-take their broker URL, transport and its options, serializer, publish retries, delivery
-mode, queues, exchange and routes from :func:`publishing_config`. So a client never imports the
-worker (its signal handlers, its metrics, its configuration, the store), and still declares the
-queues exactly as the worker does: RabbitMQ refuses to redeclare a queue with other arguments,
-and a message routed to a queue nobody declared is dropped.
+The worker's app (:mod:`sessions.worker.config`, :func:`sessions.worker.celery_app.create_app`)
+takes its broker URL, transport and its options, serializer, publish retries, delivery mode,
+queues, exchange and routes from :func:`publishing_config`. The client publishes through kombu
+alone (:class:`~sessions.publisher.CeleryPublisher`: importing and configuring Celery would cost
+an agent's start-up more than everything else it does), from the same pieces:
+:func:`broker_connection` and :func:`events_route`. So a client never imports the worker (its
+signal handlers, its metrics, its configuration, the store), and still declares the queue
+exactly as the worker does: RabbitMQ refuses to redeclare a queue with other arguments, and a
+message routed to a queue nobody declared is dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from kombu.entity import Exchange, Queue
 from sessions.settings import Settings
 
 if TYPE_CHECKING:
-    from celery import Celery
+    from kombu.connection import Connection
 
 #: Queue of ``sessions.ingest``: one message per batch of events.
 EVENTS_QUEUE = "sessions.events"
@@ -180,8 +181,10 @@ TASK_ROUTES = {
 def publishing_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings of an app that publishes to the pipeline's broker ``settings`` name.
 
-    The worker's app has these and the worker's own (:mod:`sessions.worker.config`); the
-    client's app (:func:`client_app`) has these only.
+    The worker's app has these and the worker's own (:mod:`sessions.worker.config`). The
+    client publishes with the same pieces through kombu (:func:`broker_connection`,
+    :func:`events_route`); ``tests/integration/test_publisher_queue.py`` checks that its
+    messages are those an app configured by this function sends.
     """
     return {
         # -- broker ---------------------------------------------------------------------------
@@ -216,15 +219,27 @@ def publishing_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def client_app(settings: Settings) -> Celery:
-    """A Celery app of its own that publishes to the broker ``settings`` name, configured by
-    :func:`publishing_config` alone (no connection yet: that happens on the first publish).
-
-    Not the process's current app: an application's own Celery app stays what it was.
+def broker_connection(settings: Settings) -> Connection:
+    """A kombu connection to the broker ``settings`` names, with the transport, options and
+    connect timeout :func:`publishing_config` gives the worker's app (not connected yet: kombu
+    connects on first use). A filesystem broker's folders are made first.
     """
-    from celery import Celery
+    from kombu.connection import Connection
 
-    app = Celery("sessions", set_as_current=False)
-    app.conf.update(publishing_config(settings))
     prepare_broker(settings)
-    return app
+    return Connection(  # type: ignore[no-untyped-call]
+        _broker_url(settings),
+        transport=FILESYSTEM_TRANSPORT if _is_filesystem(settings) else None,
+        transport_options=transport_options(settings),
+        connect_timeout=REDIS_SOCKET_TIMEOUT,
+    )
+
+
+def events_route(settings: Settings) -> tuple[Queue, str]:
+    """The ingest queue (to declare) and the exchange an ingest message is published to, with
+    the queue's name as routing key, as Celery's ``send_task`` routes it by
+    :data:`TASK_ROUTES`: the ``sessions`` topic exchange on RabbitMQ; elsewhere the default
+    exchange (``""``), which is what Celery makes of a direct exchange's route.
+    """
+    queue = task_queues_for(settings)[0]
+    return queue, EXCHANGE if _is_amqp(settings) else ""

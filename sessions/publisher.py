@@ -8,27 +8,39 @@ else when the broker did not take it. It also says how many messages wait in the
 (the tracker holds back republishing while workers have a backlog), and lets go of its
 connections at close and after a fork.
 
-:class:`CeleryPublisher` is the real one. A plain function taking the batch message as a dict
+:class:`CeleryPublisher` is the real one: it publishes Celery task messages through kombu. A
+plain function taking the batch message as a dict
 (what tests and earlier releases pass) is wrapped in a :class:`CallablePublisher` by
 :func:`as_publisher`; :mod:`sessions.testing` has an in-memory one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import threading
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic_core import PydanticSerializationError
 
-from sessions.broker import AMQP_CONFIRM_TIMEOUT, EVENTS_QUEUE, client_app
+from sessions.broker import (
+    AMQP_CONFIRM_TIMEOUT,
+    EVENTS_QUEUE,
+    PUBLISH_RETRY_POLICY,
+    broker_connection,
+    events_route,
+)
 from sessions.errors import UnserializableBatchError, first_line
 from sessions.events import encode_message
 from sessions.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from celery import Celery
+    from kombu.connection import Connection
+    from kombu.messaging import Producer
 
 #: Name of the worker task that applies one batch.
 INGEST_TASK = "sessions.ingest"
@@ -119,23 +131,65 @@ def message_of(text: str) -> dict[str, Any]:
     return message
 
 
-class CeleryPublisher(Publisher):
-    """Sends each batch as one ``sessions.ingest`` message to the broker ``settings`` name.
+#: The embedded-options part of a Celery protocol-2 body: a batch has no callbacks, no chain.
+_NO_CANVAS = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
-    Making one imports Celery and configures an app of its own, as the worker's app publishes
-    (:func:`sessions.broker.client_app`; no connection yet: that happens on the first publish).
-    Socket timeouts and a short retry policy come from there too: a broker that is down fails
-    a publish in seconds, never hangs it.
+
+def task_message(text: str, task_id: str, origin: str) -> tuple[list[Any], dict[str, Any]]:
+    """The body and headers of the ``sessions.ingest`` task message carrying ``text``.
+
+    Celery's task message, protocol 2, with the headers Celery 5's ``send_task`` gives a task
+    with no ETA, expiry, time limit, group or parent (``celery.app.amqp.AMQP.as_task_v2``;
+    ``tests/integration/test_publisher_queue.py`` compares the two). ``argsrepr`` is short:
+    Celery's is a 1 KiB ``saferepr`` of the batch, which only its logs would show.
+    """
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": INGEST_TASK,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": f"(<batch, {len(text)} characters>,)",
+        "kwargsrepr": "{}",
+        "origin": origin,
+        "ignore_result": None,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    return [[text], {}, _NO_CANVAS], headers
+
+
+class CeleryPublisher(Publisher):
+    """Sends each batch as one ``sessions.ingest`` task message to the broker ``settings`` names.
+
+    The message is the one Celery's ``send_task`` would send (:func:`task_message`), published
+    through kombu as Celery publishes it: same connection settings and routing
+    (:func:`sessions.broker.broker_connection`, :func:`~sessions.broker.events_route`), JSON,
+    persistent, the queue declared, the short retry policy, and on RabbitMQ a publisher confirm
+    awaited. Celery itself is never imported: making and configuring a Celery app cost an
+    agent more start-up time than the rest of the client (``bench/client_start.py``). Socket
+    timeouts and the retry policy make a broker that is down fail a publish in seconds, never
+    hang it. One connection, opened on the first publish and dropped after a failed one (the
+    next publish opens a new one); thread-safe.
     """
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or get_settings()
-        self._app: Celery | None = None
+        self._queue, self._exchange = events_route(self.settings)
+        # Celery's default origin of a message, ``gen<pid>@<host>``, made at fork time too.
+        self._origin = ""
         self._lock = threading.Lock()
-        # Import Celery and make the app now, in the caller's thread: done later in the
-        # tracker's background thread, the import would hold the GIL for tens of
-        # milliseconds while the agent is recording.
-        self._celery()
+        self._connection: Connection | None = None
+        self._producer: Producer | None = None
+        self.after_fork()
 
     def __call__(self, message: dict[str, Any]) -> None:
         """Publish a batch message given as a dict (encoded as :meth:`publish_text` takes it).
@@ -166,15 +220,34 @@ class CeleryPublisher(Publisher):
         """
         from kombu.exceptions import EncodeError
 
-        try:
-            self._celery().send_task(
-                INGEST_TASK,
-                args=[text],
-                task_id=task_id,
-                confirm_timeout=AMQP_CONFIRM_TIMEOUT,
-            )
-        except EncodeError as exc:
-            raise UnserializableBatchError(f"the broker client cannot encode it: {exc}") from exc
+        task_id = task_id or str(uuid.uuid4())
+        body, headers = task_message(text, task_id, self._origin)
+        with self._lock:
+            producer = self._producer_now()
+            try:
+                producer.publish(  # type: ignore[no-untyped-call]
+                    body,
+                    exchange=self._exchange,
+                    routing_key=EVENTS_QUEUE,
+                    serializer="json",
+                    retry=True,
+                    retry_policy=PUBLISH_RETRY_POLICY,
+                    delivery_mode="persistent",
+                    declare=[self._queue],
+                    headers=headers,
+                    confirm_timeout=AMQP_CONFIRM_TIMEOUT,
+                    correlation_id=task_id,
+                    reply_to="",
+                )
+            except EncodeError as exc:
+                raise UnserializableBatchError(
+                    f"the broker client cannot encode it: {exc}"
+                ) from exc
+            except BaseException:
+                # The connection may be half-broken (a timed-out confirm, a reset socket):
+                # the next publish starts from a new one, as a connection pool would.
+                self._drop_connection()
+                raise
 
     def queued_messages(self) -> int:
         """Messages waiting in the ingest queue, taken by no worker yet (raises when the broker
@@ -186,7 +259,7 @@ class CeleryPublisher(Publisher):
         # A connection of its own, closed afterwards: on RabbitMQ a passive declare of a queue
         # that does not exist is answered by closing the channel (404 NOT_FOUND), which must
         # not be a channel the publisher goes on using.
-        with self._celery().connection_for_read() as connection:
+        with broker_connection(self.settings) as connection:
             try:
                 declared = connection.default_channel.queue_declare(
                     queue=EVENTS_QUEUE, passive=True
@@ -197,20 +270,31 @@ class CeleryPublisher(Publisher):
         # acknowledged are not in it, as on Redis.
         return int(declared.message_count)
 
-    def _celery(self) -> Celery:
-        with self._lock:
-            if self._app is None:
-                self._app = client_app(self.settings)
-            return self._app
+    def _producer_now(self) -> Producer:
+        """The producer on the open connection, opening one if there is none (under the lock)."""
+        if self._producer is None:
+            from kombu.messaging import Producer
+
+            self._connection = broker_connection(self.settings)
+            self._producer = Producer(self._connection)  # type: ignore[no-untyped-call]
+        return self._producer
+
+    def _drop_connection(self) -> None:
+        """Close the connection, ignoring what a broken one raises (under the lock)."""
+        connection, self._connection, self._producer = self._connection, None, None
+        if connection is not None:
+            # It is being thrown away: what a broken connection raises at close changes nothing.
+            with contextlib.suppress(Exception):
+                connection.close()  # type: ignore[no-untyped-call]
 
     def after_fork(self) -> None:
-        """In a forked child: drop the parent's app and connections without closing them."""
-        self._app = None
+        """In a forked child: drop the parent's connection without closing it (its socket is
+        the parent's), and take this process's id as the messages' origin."""
+        self._connection = self._producer = None
         self._lock = threading.Lock()
+        self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
 
     def close(self) -> None:
-        """Close the broker connections (a later publish opens new ones)."""
+        """Close the broker connection (a later publish opens a new one)."""
         with self._lock:
-            app, self._app = self._app, None
-        if app is not None:
-            app.close()
+            self._drop_connection()

@@ -1,17 +1,28 @@
 """The publisher tells the tracker how many messages wait in the ingest queue, on Redis,
 RabbitMQ and the embedded filesystem broker: the tracker republishes nothing while a backlog
-waits. On RabbitMQ the look at a queue that does not exist yet must not break the publisher."""
+waits. On RabbitMQ the look at a queue that does not exist yet must not break the publisher.
+And what it publishes is what Celery's own ``send_task`` would have."""
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from sessions.events import Batch, RecordEvent, utcnow
-from sessions.publisher import CeleryPublisher
+from sessions.broker import (
+    AMQP_CONFIRM_TIMEOUT,
+    broker_connection,
+    events_route,
+    prepare_broker,
+    publishing_config,
+)
+from sessions.events import Batch, RecordEvent, encode_message, utcnow
+from sessions.publisher import INGEST_TASK, CeleryPublisher
 from sessions.settings import Settings
 from tests.services import rabbitmqctl, require_redis, temporary_rabbitmq_vhost
 from tests.workers_harness import claimed_redis_db
@@ -68,3 +79,59 @@ def test_on_rabbitmq_the_queues_are_quorum_queues_and_publishes_are_confirmed() 
     assert "sessions.events\tquorum\ttrue" in queues, queues
     confirming = [line.split("\t")[1] for line in channels.splitlines() if line.startswith(vhost)]
     assert confirming == ["true"], channels
+
+
+def _received(settings: Settings) -> list[Any]:
+    """Every message in the ingest queue, taken off it (kombu's messages, decoded by kombu)."""
+    messages = []
+    with broker_connection(settings) as connection:
+        queue = events_route(settings)[0](connection.default_channel)
+        while (message := queue.get(no_ack=True)) is not None:
+            messages.append(message)
+    return messages
+
+
+def _comparable(message: Any) -> dict[str, object]:
+    """What a worker reads of a message, without what differs between any two messages (ids,
+    the publishing process) and without the broker's own delivery bookkeeping (RabbitMQ's
+    properties hold the headers again, as ``application_headers``)."""
+    per_message = {"id", "root_id", "origin", "argsrepr"}
+    bookkeeping = {"correlation_id", "reply_to", "delivery_tag", "delivery_info"}
+    properties = {
+        k: v
+        for k, v in message.properties.items()
+        if k not in bookkeeping | {"application_headers"}
+    }
+    return {
+        "headers": {k: v for k, v in message.headers.items() if k not in per_message},
+        "properties": properties,
+        "body": message.decode(),
+        "content_type": message.content_type,
+        "content_encoding": message.content_encoding,
+        "exchange": message.delivery_info.get("exchange"),
+        "routing_key": message.delivery_info.get("routing_key"),
+    }
+
+
+def test_the_publisher_sends_the_message_celerys_send_task_sends(broker_settings: Settings) -> None:
+    """The client publishes through kombu alone; a worker must not be able to tell its
+    message from the one a Celery app configured like the worker's sends (Celery 5.x)."""
+    from celery import Celery
+
+    text = encode_message(_message())
+    app = Celery("reference", set_as_current=False)
+    app.conf.update(publishing_config(broker_settings))
+    prepare_broker(broker_settings)
+    publisher = CeleryPublisher(broker_settings)
+    try:
+        app.send_task(INGEST_TASK, args=[text], confirm_timeout=AMQP_CONFIRM_TIMEOUT)
+        publisher.send(text, task_id="7d1c6a52-0d5e-4a43-9a53-8e7f1f6b2a10")
+        from_celery, from_publisher = _received(broker_settings)
+    finally:
+        publisher.close()
+        app.close()
+    assert _comparable(from_publisher) == _comparable(from_celery)
+    assert from_publisher.headers["id"] == from_publisher.headers["root_id"]
+    assert from_publisher.properties["correlation_id"] == "7d1c6a52-0d5e-4a43-9a53-8e7f1f6b2a10"
+    assert from_publisher.headers["origin"] == f"gen{os.getpid()}@{socket.gethostname()}"
+    assert from_publisher.decode()[0] == [text]

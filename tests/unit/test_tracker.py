@@ -359,7 +359,7 @@ def test_the_celery_publisher_blames_the_message_when_it_cannot_be_encoded(
         def refuse(*args: Any, **kwargs: Any) -> None:
             raise EncodeError("cannot encode")
 
-        monkeypatch.setattr(publisher._celery(), "send_task", refuse)
+        monkeypatch.setattr("kombu.messaging.Producer.publish", refuse)
         with pytest.raises(UnserializableBatchError, match="cannot encode"):
             publisher.publish_text("{}")
     finally:
