@@ -317,15 +317,40 @@ def claimed_redis_db() -> Iterator[str]:
     marker = f"sessions-test-claim-{uuid.uuid4().hex}"
     for number in range(15, 0, -1):
         client = redis.Redis.from_url(f"{REDIS_URL}/{number}", socket_timeout=2)
-        if client.dbsize() == 0 and client.set("sessions-test-claim", marker, nx=True, ex=900):
+        if client.dbsize() == 0 and client.set(CLAIM_KEY, marker, nx=True, ex=CLAIM_SECONDS):
+            released = threading.Event()
+            # The marker lives CLAIM_SECONDS unless renewed, so a claimer that died frees its
+            # database; a live one renews it for as long as it holds the database, however long
+            # (a bench holding a database it has not written to yet must not lose it).
+            renewer = threading.Thread(
+                target=_renew_claim, args=(client, released), name="redis-claim", daemon=True
+            )
+            renewer.start()
             try:
                 yield f"{REDIS_URL}/{number}"
             finally:
+                released.set()
+                renewer.join()
                 client.flushdb()
                 client.close()
             return
         client.close()
     raise AssertionError("no free Redis database among 1-15")
+
+
+#: The key whose presence marks a Redis database claimed (:func:`claimed_redis_db`) ...
+CLAIM_KEY = "sessions-test-claim"
+#: ... and the seconds it lives without renewal.
+CLAIM_SECONDS = 900
+
+
+def _renew_claim(client: Any, released: threading.Event) -> None:
+    """Keep ``CLAIM_KEY`` alive until ``released`` (a test that flushed it keeps it flushed)."""
+    import redis
+
+    while not released.wait(CLAIM_SECONDS / 10):
+        with suppress(redis.RedisError):
+            client.expire(CLAIM_KEY, CLAIM_SECONDS)
 
 
 class TcpProxy:
