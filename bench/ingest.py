@@ -44,6 +44,7 @@ instead each producer pauses (outside the timed calls) while more than
     python -m bench.ingest --burst --only-ours --no-latency --no-scale     # unpaced vs paced
     python -m bench.ingest --confirmations --only-ours --no-latency --no-scale  # marks vs none
     python -m bench.ingest --no-scale --broker amqp://guest:guest@127.0.0.1:5672/sessions-bench
+    python -m bench.ingest --partitions --only-ours --no-latency --no-scale    # split sessions
 
 With ``--confirmations`` each repeat also runs ours as before the workers marked batches on
 Redis: the worker marks nothing and the producers confirm through the ledger; the
@@ -61,6 +62,7 @@ Prints a markdown table and writes ``bench/results/ingest-<time>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import multiprocessing
@@ -131,26 +133,37 @@ TRUNCATE_OURS = (
 # -- the workload -------------------------------------------------------------------------
 
 
-def plan(producer: int, events: int, sessions: int) -> tuple[list[str], list[float], list[bool]]:
+def plan(
+    producer: int, events: int, sessions: int, partitions: int = 0
+) -> tuple[list[str], list[float], list[bool]]:
     """Producer ``producer``'s updates: session ids, processing times and error flags.
 
     Deterministic, so the parent computes the exact expected sums. Processing times are
     multiples of 1/64, exact in binary floating point: their sums do not depend on the
-    order in which the database adds them, so the check can demand equality.
+    order in which the database adds them, so the check can demand equality. With
+    ``partitions``, the sessions are split into that many partitions (``bench-k`` is in
+    partition ``k % partitions``) and the producer records only into partition
+    ``producer % partitions``; else every producer records into any session.
     """
     rng = random.Random(1_000_003 * producer + 17)
-    ids = [f"bench-{rng.randrange(sessions)}" for _ in range(events)]
+    if partitions:
+        share = sessions // partitions
+        mine = producer % partitions
+        ids = [f"bench-{rng.randrange(share) * partitions + mine}" for _ in range(events)]
+    else:
+        ids = [f"bench-{rng.randrange(sessions)}" for _ in range(events)]
     times = [(i % 64) / 64 for i in range(events)]
     errors = [i % ERROR_EVERY == producer % ERROR_EVERY for i in range(events)]
     return ids, times, errors
 
 
 def expected_totals(
-    producers: int, events: int, sessions: int
+    producers: int, events: int, sessions: int, partitions: int = 0
 ) -> dict[str, tuple[int, int, float]]:
     totals: dict[str, list[Any]] = {}
     for producer in range(producers):
-        for sid, seconds, error in zip(*plan(producer, events, sessions), strict=True):
+        planned = plan(producer, events, sessions, partitions)
+        for sid, seconds, error in zip(*planned, strict=True):
             entry = totals.setdefault(sid, [0, 0, 0.0])
             entry[0] += 1
             entry[1] += error
@@ -178,6 +191,9 @@ class ProducerJob:
     batch_events: int | None = None
     #: ``SESSIONS_CONFIRMER`` of the producers' trackers.
     confirmer: str = "auto"
+    #: Sessions split into this many partitions, the producer recording into its own (see
+    #: :func:`plan`); 0 = not split.
+    partitions: int = 0
 
 
 class RememberingPublisher(Publisher):
@@ -296,7 +312,7 @@ def _prepare_producer(job: ProducerJob) -> tuple[list[str], list[float], list[bo
     os.environ["SESSIONS_DATABASE_URL"] = job.database_url
     os.environ["SESSIONS_SPOOL_DIR"] = job.spool_dir
     os.environ["SESSIONS_CONFIRMER"] = job.confirmer
-    ids, times, errors = plan(job.index, job.events, job.sessions)
+    ids, times, errors = plan(job.index, job.events, job.sessions, job.partitions)
     return ids, times, errors, array("q", bytes(8 * job.events))
 
 
@@ -488,6 +504,28 @@ class Bench:
     runs: list[Run] = field(default_factory=list)
     #: The batch size a ``--batch-sizes`` comparison sets for the runs it starts, or None.
     compared_batch_events: int | None = None
+    #: Sessions split into this many partitions, one per producer (``--partitions``); 0 = not.
+    partitions: int = 0
+    #: One broker URL (here: a Redis database, so a queue) per partition, whose producers
+    #: publish there and whose own worker consumes only it; empty = one queue for all.
+    partition_brokers: list[str] = field(default_factory=list)
+
+    @contextmanager
+    def split(self, partitions: int, brokers: list[str]) -> Iterator[None]:
+        """Runs started inside split the sessions into ``partitions`` (one per producer); with
+        ``brokers`` (one per partition) each partition has its queue and its worker."""
+        assert not brokers or len(brokers) == partitions
+        self.partitions, self.partition_brokers = partitions, brokers
+        try:
+            yield
+        finally:
+            self.partitions, self.partition_brokers = 0, []
+
+    def broker_of_producer(self, index: int) -> str:
+        """Where producer ``index`` publishes: its partition's queue, or the one queue."""
+        if self.partition_brokers:
+            return self.partition_brokers[index % self.partitions]
+        return self.broker_url
 
     @contextmanager
     def batches_of(self, events: int) -> Iterator[None]:
@@ -591,7 +629,7 @@ class Bench:
         """Empty when every session's sums are exactly the planned ones, else the problem."""
         from sqlalchemy import text
 
-        expected = expected_totals(producers, events, self.sessions)
+        expected = expected_totals(producers, events, self.sessions, self.partitions)
         engine = self._engine(url)
         with engine.connect() as c:
             rows = c.execute(
@@ -652,11 +690,11 @@ class Bench:
 
     # -- processes
 
-    def environment(self, database_url: str) -> dict[str, str]:
+    def environment(self, database_url: str, broker_url: str | None = None) -> dict[str, str]:
         environment = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONS_")}
         environment.update(
             PYTHONUNBUFFERED="1",
-            SESSIONS_BROKER_URL=self.broker_url,
+            SESSIONS_BROKER_URL=broker_url or self.broker_url,
             SESSIONS_DATABASE_URL=database_url,
             SESSIONS_SPOOL_DIR=str(self.workdir / "spool"),
         )
@@ -665,12 +703,16 @@ class Bench:
         return environment
 
     def start_worker(
-        self, kind: str, worker_args: tuple[str, ...] = (), metrics_port: int = 0
+        self,
+        kind: str,
+        worker_args: tuple[str, ...] = (),
+        metrics_port: int = 0,
+        broker_url: str | None = None,
     ) -> Worker:
         extra = list(worker_args)
         if kind == "ours":
             extra += self.worker_args
-            environment = self.environment(self.ours_url)
+            environment = self.environment(self.ours_url, broker_url)
             environment["SESSIONS_METRICS_PORT"] = str(metrics_port)
             return Worker(
                 "workers",
@@ -707,13 +749,14 @@ class Bench:
                         index,
                         events,
                         self.sessions,
-                        self.broker_url,
+                        self.broker_of_producer(index),
                         url,
                         str(spool),
                         rate / self.producers if rate else 0,
                         self.max_pending,
                         self.batch_events,
                         "auto" if self.broker_confirmations else "ledger",
+                        self.partitions,
                     ),
                     barrier,
                     results,
@@ -781,8 +824,10 @@ class Bench:
 
             assert workers == 1 or not metrics, "one metrics port: one worker"
             port = free_port() if metrics else 0
-            for _ in range(workers):
-                started_workers.append(self.start_worker(kind, worker_args, port))
+            # With a queue per partition, one worker per queue (``workers`` is then per queue).
+            for broker_url in self.partition_brokers or [self.broker_url]:
+                for _ in range(workers):
+                    started_workers.append(self.start_worker(kind, worker_args, port, broker_url))
             if metrics:
                 scraper = Scraper(port, self.scrape_interval)
             worker = started_workers[0]
@@ -1534,6 +1579,24 @@ def in_batches_of(bench: Bench, size: int, action: Callable[[], Run]) -> Callabl
     return run
 
 
+#: Labels of the runs with the sessions split by producer (``--partitions``).
+SPLIT_ONE_QUEUE_LABEL = "ours, sessions split by producer, one queue"
+SPLIT_QUEUES_LABEL = "ours, sessions split by producer, a queue and a -c 1 worker each"
+
+
+def split_sessions(
+    bench: Bench, brokers: list[str], label: str, worker_args: tuple[str, ...] = ()
+) -> Callable[[], Run]:
+    """A throughput run of ours with the sessions split into one partition per producer, each
+    partition through its own queue (a broker URL in ``brokers``) or, without, through one."""
+
+    def run() -> Run:
+        with bench.split(bench.producers, brokers):
+            return bench.throughput("ours", 1, worker_args, label)
+
+    return run
+
+
 def through_broker(bench: Bench, url: str, action: Callable[[], Run]) -> Callable[[], Run]:
     """``action``, run through the broker at ``url`` instead of the baseline Redis."""
 
@@ -1602,6 +1665,12 @@ def main() -> None:
         action="store_true",
         help="also run ours confirmed by the ledger, the worker marking nothing on Redis",
     )
+    parser.add_argument(
+        "--partitions",
+        action="store_true",
+        help="also run ours with the sessions split by producer, through one queue and "
+        "through a queue and a --concurrency=1 worker per producer's partition",
+    )
     parser.add_argument("--quick", action="store_true", help="small N, one repeat, no scale")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     parser.add_argument(
@@ -1624,6 +1693,7 @@ def main() -> None:
     from tests.workers_harness import claimed_redis_db
 
     with (
+        contextlib.ExitStack() as partition_claims,
         tempfile.TemporaryDirectory(prefix="bench-ingest-") as workdir,
         claimed_redis_db() as broker_url,
         temporary_postgres_database("sessions_bench_ours") as ours_url,
@@ -1676,6 +1746,15 @@ def main() -> None:
             )
             if not arguments.no_latency:
                 scenarios.append(through_broker(bench, arguments.broker, bench.latency))
+        if arguments.partitions:
+            brokers = [
+                partition_claims.enter_context(claimed_redis_db())
+                for _ in range(arguments.producers)
+            ]
+            scenarios += [
+                split_sessions(bench, [], SPLIT_ONE_QUEUE_LABEL),
+                split_sessions(bench, brokers, SPLIT_QUEUES_LABEL, ("--concurrency=1",)),
+            ]
         for size in arguments.batch_sizes:
             scenarios.append(in_batches_of(bench, size, lambda: bench.throughput("ours")))
             if not arguments.no_latency:
