@@ -28,9 +28,15 @@ MOMENT_RULE = "must be from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z"
 
 
 async def _fleet(engine: ContextEngine, count: int = 3) -> None:
+    """``count`` active sessions, every write applied when it returns.
+
+    The fleet's last updates are fire-and-forget: waited for here, so that a test's "before"
+    snapshot holds them and only the refused call could change the store after it.
+    """
     for n in range(count):
         await engine.create_session(f"agent-{n}", user_id="user-1")
         await engine.update_session(f"agent-{n}", increment_requests=True)
+    await asyncio.to_thread(engine.tracker.flush, wait=True)
 
 
 @pytest.mark.parametrize("max_idle_seconds", [-1, 0, float("nan"), float("inf"), 1e300])
@@ -41,9 +47,6 @@ def test_cleanup_with_an_idle_threshold_out_of_bounds_expires_nothing(
 
     async def scenario() -> None:
         await _fleet(context_engine)
-        # The fleet's last updates are fire-and-forget: applied before the "before" snapshot,
-        # so that only the refused cleanup could change the store between the two.
-        await asyncio.to_thread(context_engine.tracker.flush, wait=True)
         before = snapshot(task_store)
         with pytest.raises(ValueError) as caught:
             await context_engine.cleanup_inactive_sessions(max_idle_seconds)
