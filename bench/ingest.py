@@ -1108,6 +1108,11 @@ def wire_batches(sessions: int, batches: int, batch_size: int) -> list[str]:
 def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> dict[str, float]:
     """``SessionStore.apply`` of ready wire-form batches in this process: no broker, one
     connection. What one worker thread and one PostgreSQL backend can do, and their CPU."""
+    return apply_texts(url, wire_batches(sessions, batches, batch_size), batch_size)
+
+
+def apply_texts(url: str, texts: list[str], batch_size: int) -> dict[str, float]:
+    """:func:`apply_only` of the given wire-form batches (the first one untimed)."""
     from sqlalchemy import text
 
     from sessions.settings import Settings
@@ -1117,7 +1122,6 @@ def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> 
     with store.engine.begin() as c:
         c.execute(text(TRUNCATE_OURS))
         c.execute(text("SELECT pg_stat_reset_single_table_counters('sessions'::regclass)"))
-    texts = wire_batches(sessions, batches, batch_size)
     store.apply(texts[0])  # connect, prepare
     with store.engine.connect() as c:
         backend = int(c.execute(text("SELECT pg_backend_pid()")).scalar_one())
@@ -1130,7 +1134,7 @@ def apply_only(url: str, sessions: int, batches: int, batch_size: int = 500) -> 
     store.dispose()  # its backend exits, and reports its statistics
     from bench.apply_alone import hot_update_fraction
 
-    events = (batches - 1) * batch_size
+    events = (len(texts) - 1) * batch_size
     return {
         "events_per_second": events / elapsed,
         "client_us_per_event": client / events * 1e6,
