@@ -15,8 +15,8 @@ The representation (:func:`in_row_ddl`) is sparse pairs in one array, ``{-(b + 1
 for each bucket ``b`` with a request (the scheme of ``sessions.histogram`` unchanged): a
 bucket slot is negative and a count positive, so ``array_position`` (C) finds a bucket
 without a loop over the histogram, and the PL/pgSQL merge only loops over the delta's pairs
-(one to three per session per batch here). A dense array measured 3-7x dearer to merge,
-because its loop runs over the delta's whole span of buckets.
+(one to three per session per batch here). A dense array merged slower in micro-benchmarks,
+because its loop runs over the delta's whole span of buckets (README, Performance, item 5).
 
 Reported per variant: events/s, CPU us per event of this process and of its PostgreSQL
 backend, the fraction of ``sessions`` updates that were HOT, each as the median of
@@ -240,15 +240,76 @@ def table_sizes(url: str) -> dict[str, int]:
     return sizes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+#: Batches replayed under ``EXPLAIN ANALYZE`` per variant; each statement's median is kept.
+EXPLAINED_BATCHES = 5
+
+
+def explained(
+    url: str, element: str | None, sessions: int, batch_events: int
+) -> list[dict[str, Any]]:
+    """``bench.apply_alone.explain_one_batch`` of :data:`EXPLAINED_BATCHES` more batches:
+    per statement, the medians of its execution time (ms) and shared buffers hit."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    with in_row_writes(element):
+        for _ in range(EXPLAINED_BATCHES):
+            for report in explain_one_batch(url, sessions, batch_events):
+                found.setdefault(report["statement"], []).append(report)
+    return [
+        {
+            "statement": statement,
+            "batches": len(reports),
+            **{
+                key: statistics.median(r[key] for r in reports)
+                for key in ("execution_ms", "planning_ms", "shared_hit_blocks")
+            },
+        }
+        for statement, reports in found.items()
+    ]
+
+
+def workload(doc: str) -> tuple[argparse.Namespace, list[str]]:
+    """The command line's arguments (``doc``'s first paragraph describes the command) and
+    the wire-form batches they ask for."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--batch-events", type=int, default=2000)
     parser.add_argument("--sessions", type=int, default=1_000)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3)
     arguments = parser.parse_args()
     batches = max(20, arguments.events // arguments.batch_events)
-    texts = wire_batches(arguments.sessions, batches, arguments.batch_events)
+    return arguments, wire_batches(arguments.sessions, batches, arguments.batch_events)
+
+
+def summary(
+    module: str, arguments: argparse.Namespace, runs: dict[str, list[dict[str, float]]]
+) -> dict[str, Any]:
+    """The command that ran, when, how many events each run timed, every run and the
+    medians per variant."""
+    batches = max(20, arguments.events // arguments.batch_events)
+    return {
+        "command": f"python -m {module} --batch-events {arguments.batch_events}"
+        f" --sessions {arguments.sessions} --events {arguments.events}"
+        f" --repeat {arguments.repeat}",
+        "at": datetime.now(UTC).isoformat(),
+        "events": (batches - 1) * arguments.batch_events,
+        "runs": runs,
+        "median": {
+            variant: {key: statistics.median(r[key] for r in results) for key in results[0]}
+            for variant, results in runs.items()
+        },
+    }
+
+
+def write_result(name: str, result: dict[str, Any]) -> None:
+    """Save ``result`` as ``bench/results/<name>-<time>.json`` and print it but its runs."""
+    path = Path(__file__).parent / "results" / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    arguments, texts = workload(__doc__)
     runs: dict[str, list[dict[str, float]]] = {variant: [] for variant in VARIANTS}
     with contextlib.ExitStack() as stack:
         urls = {
@@ -274,16 +335,7 @@ def main() -> None:
                 )
                 print(variant, json.dumps(runs[variant][-1]), flush=True)
         result: dict[str, Any] = {
-            "command": "python -m bench.histogram_in_row "
-            f"--batch-events {arguments.batch_events} --sessions {arguments.sessions} "
-            f"--events {arguments.events} --repeat {arguments.repeat}",
-            "at": datetime.now(UTC).isoformat(),
-            "events": (batches - 1) * arguments.batch_events,
-            "runs": runs,
-            "median": {
-                variant: {key: statistics.median(r[key] for r in results) for key in results[0]}
-                for variant, results in runs.items()
-            },
+            **summary("bench.histogram_in_row", arguments, runs),
             "sizes_bytes": {variant: table_sizes(url) for variant, url in urls.items()},
         }
         in_row = {v: VARIANTS[v] is not None for v in VARIANTS}
@@ -305,17 +357,11 @@ def main() -> None:
             for v, url in urls.items()
             if in_row[v]
         }
-        result["explain"] = {}
-        for v, url in urls.items():
-            with in_row_writes(VARIANTS[v]):
-                result["explain"][v] = explain_one_batch(
-                    url, arguments.sessions, arguments.batch_events
-                )
-    out = Path(__file__).parent / "results"
-    path = out / f"histogram-in-row-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
-    print(f"wrote {path}")
+        result["explain"] = {
+            v: explained(url, VARIANTS[v], arguments.sessions, arguments.batch_events)
+            for v, url in urls.items()
+        }
+    write_result("histogram-in-row", result)
 
 
 if __name__ == "__main__":
