@@ -203,22 +203,7 @@ def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]
         return set()
     if connection.dialect.name == "postgresql":
         return _upsert_records_postgresql(connection, deltas)
-    rows = [
-        {
-            "session_id": session_id,
-            "user_id": delta.user_id,
-            "status": "active",
-            "run": 1,
-            "created_at": delta.first_at,
-            "last_activity": delta.last_at,
-            "last_activity_minute": minute_start(_known(delta.last_at)),
-            "error_rate_bound": first_error_rate_bound(delta.error_count, delta.request_count),
-            **delta.values(),
-        }
-        # Sorted so that concurrent batches lock shared rows in the same order.
-        for session_id, delta in sorted(deltas.items())
-    ]
-    upsert = upsert_into(connection, sessions_table).values(rows)
+    upsert = upsert_into(connection, sessions_table).values(_new_live_rows(deltas))
     excluded = upsert.excluded
     statement = upsert.on_conflict_do_update(
         index_elements=[sessions_table.c.session_id],
@@ -238,6 +223,25 @@ def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]
         ],
     )
     return set(runs)
+
+
+def _new_live_rows(deltas: dict[str, Delta]) -> list[dict[str, Any]]:
+    """The fast path's multi-row ``VALUES`` (SQLite): each session as a new live row would be."""
+    return [
+        {
+            "session_id": session_id,
+            "user_id": delta.user_id,
+            "status": "active",
+            "run": 1,
+            "created_at": delta.first_at,
+            "last_activity": delta.last_at,
+            "last_activity_minute": minute_start(_known(delta.last_at)),
+            "error_rate_bound": first_error_rate_bound(delta.error_count, delta.request_count),
+            **delta.values(),
+        }
+        # Sorted so that concurrent batches lock shared rows in the same order.
+        for session_id, delta in sorted(deltas.items())
+    ]
 
 
 #: The fast path on PostgreSQL: the same upsert as :func:`upsert_records` builds, but fed
