@@ -19,8 +19,10 @@ Per process, from ``/proc/<pid>``:
 Peaks of PSS and USS are the largest sampled (every ``--interval`` seconds), RSS's is
 ``VmHWM``. ``--source DIR`` runs the default set-up from another checkout too (an export of
 the commit before a change: ``git archive <commit> | tar -x -C DIR``), in the same repeats.
-``--modules`` runs the default set-up once with a probe that writes which modules the main
-process held when it forked and which each process imported after, instead of timing.
+Every run ends with one untimed run of the default set-up with a probe that writes which
+modules the main process held when it forked and which each process imported after
+(``--modules``: only that). ``--imports`` measures instead what each layer of the worker's
+imports adds to a fresh interpreter's RSS, in the order the worker imports them.
 """
 
 from __future__ import annotations
@@ -202,6 +204,65 @@ def read_probe(directory: Path, main: int) -> dict[str, Any]:
     }
 
 
+# -- what the imports cost -------------------------------------------------------------------
+
+#: The worker's imports, layer by layer, in the order ``celery -A workers worker`` makes them.
+IMPORT_LAYERS = (
+    ("Celery", "celery"),
+    ("Celery's CLI without celery amqp's shell", "celery.bin.worker"),
+    ("click_repl, prompt_toolkit (celery amqp's shell)", "click_repl"),
+    ("the rest of Celery's CLI", "celery.bin.celery"),
+    ("kombu's Redis transport, redis-py", "kombu.transport.redis"),
+    ("pydantic, pydantic-settings, the settings", "sessions.settings"),
+    ("SQLAlchemy", "sqlalchemy"),
+    ("psycopg", "psycopg"),
+    ("Alembic (the start-up migration)", "alembic.command"),
+    ("the store, its tables and histograms", "sessions.store"),
+    ("the worker's app and tasks", "sessions.worker.tasks"),
+)
+
+LADDER = """
+import importlib, json, sys
+
+def rss_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+steps = [("Python", rss_kb(), len(sys.modules))]
+for label, module in json.loads(sys.argv[1]):
+    importlib.import_module(module)
+    steps.append((label, rss_kb(), len(sys.modules)))
+print(json.dumps(steps))
+"""
+
+
+def import_ladder(database_url: str) -> list[dict[str, Any]]:
+    """VmRSS of a fresh interpreter after each of :data:`IMPORT_LAYERS`, and what each adds."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONS_")}
+    environment["SESSIONS_DATABASE_URL"] = database_url
+    out = subprocess.run(
+        [sys.executable, "-c", LADDER, json.dumps(IMPORT_LAYERS)],
+        cwd=REPO_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows, before = [], 0
+    for label, kb, modules in json.loads(out):
+        rows.append(
+            {
+                "layer": label,
+                "rss_mb": kb / 1024,
+                "adds_mb": (kb - before) / 1024,
+                "modules": modules,
+            }
+        )
+        before = kb
+    return rows
+
+
 # -- one run --------------------------------------------------------------------------------
 
 
@@ -310,7 +371,8 @@ def run_once(
     engine = create_engine(database_url)
     empty(engine)
     publisher = CeleryPublisher(Settings(broker_url=broker_url))
-    process = start(setup, environment, workdir / f"worker-{uuid.uuid4().hex[:6]}.log")
+    log = workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
+    process = start(setup, environment, log)
     try:
         time.sleep(1.0)  # the pool's processes finish starting
         sampler = Sampler(process.pid, interval)
@@ -326,7 +388,10 @@ def run_once(
                 if seen != last:
                     last, last_change = seen, time.monotonic()
                 elif time.monotonic() - last_change > STALL_TIMEOUT or process.poll() is not None:
-                    raise RuntimeError(f"{setup.label}: stuck at {seen} of {events} requests")
+                    raise RuntimeError(
+                        f"{setup.label}: stuck at {seen} of {events} requests:\n"
+                        f"{log.read_text(errors='replace')[-3000:]}"
+                    )
                 time.sleep(0.05)
             elapsed = time.perf_counter() - started
             cpu = sum(_cpu_seconds(pid) for pid in _process_tree(process.pid)) - cpu_before
@@ -432,6 +497,17 @@ def celery_without_repl(argv: list[str]) -> None:
     celery()
 
 
+def save(kind: str, results: dict[str, Any], argv: list[str] | None) -> None:
+    """Write ``results`` to ``bench/results/<kind>-<UTC time>.json`` with the command."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = REPO_ROOT / "bench" / "results" / f"{kind}-{stamp}.json"
+    command = " ".join(["python", "-m", "bench.worker_memory", *(argv or sys.argv[1:])])
+    path.write_text(
+        json.dumps({"command": command, "load_average": os.getloadavg(), **results}, indent=1)
+    )
+    print(f"saved {path.relative_to(REPO_ROOT)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=200)
@@ -443,11 +519,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", type=Path, help="a checkout to compare (runs its prefork -c 2)")
     parser.add_argument("--only", nargs="*", help="set-ups whose label holds one of these words")
     parser.add_argument("--modules", action="store_true", help="probe modules, no table")
+    parser.add_argument("--imports", action="store_true", help="what each import layer costs")
     parser.add_argument("--no-save", action="store_true")
     arguments = parser.parse_args(argv)
 
     from sessions.database import upgrade_schema
     from tests.workers_harness import claimed_redis_db
+
+    if arguments.imports:
+        ladders = [import_ladder("sqlite:///:memory:") for _ in range(3)]
+        for layer in zip(*ladders, strict=True):
+            rss = statistics.median(step["rss_mb"] for step in layer)
+            adds = statistics.median(step["adds_mb"] for step in layer)
+            print(
+                f"{layer[0]['layer']:50s} {rss:6.1f} MB (+{adds:4.1f}), "
+                f"{layer[0]['modules']} modules"
+            )
+        if not arguments.no_save:
+            save("worker-imports", {"layers": IMPORT_LAYERS, "ladders": ladders}, argv)
+        return
 
     texts = wire_batches(arguments.sessions, arguments.batches, arguments.batch_events)
     events = arguments.batches * arguments.batch_events
@@ -457,27 +547,32 @@ def main(argv: list[str] | None = None) -> None:
         database_url = stack.enter_context(database(arguments.sqlite, workdir))
         upgrade_schema(database_url)  # before any worker: none of them pays for it
         chosen = setups(arguments.source and arguments.source.resolve(), arguments.only)
-        if arguments.modules:
-            probe = workdir / "probe"
+        default = next(s for s in chosen if s.source == REPO_ROOT)
+
+        def probed() -> dict[str, Any]:
+            """One untimed run with the probe: what the main process holds when it forks."""
+            probe = workdir / f"probe-{uuid.uuid4().hex[:6]}"
             probe.mkdir()
-            result = run_once(
-                chosen[0],
-                texts,
-                events,
-                broker_url,
-                database_url,
-                workdir,
-                arguments.interval,
-                probe,
+            run = run_once(
+                default, texts, events, broker_url, database_url, workdir, arguments.interval, probe
             )
-            print(json.dumps(result["modules"], indent=1))
+            return dict(run["modules"])
+
+        if arguments.modules:
+            print(json.dumps(probed(), indent=1))
             return
-        runs = []
+        runs: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
         for round_ in range(arguments.repeat):
             for setup in chosen:
-                run = run_once(
-                    setup, texts, events, broker_url, database_url, workdir, arguments.interval
-                )
+                try:
+                    run = run_once(
+                        setup, texts, events, broker_url, database_url, workdir, arguments.interval
+                    )
+                except RuntimeError as exc:  # a busy machine; the failure is kept, not hidden
+                    print(exc, file=sys.stderr)
+                    failures.append({"label": setup.label, "repeat": round_, "error": str(exc)})
+                    continue
                 run["repeat"] = round_
                 runs.append(run)
                 print(
@@ -486,28 +581,23 @@ def main(argv: list[str] | None = None) -> None:
                     f"{run['events_per_second']:,.0f} events/s",
                     file=sys.stderr,
                 )
+        modules = probed()
     rows = summarize(runs)
     print(table(rows))
     if not arguments.no_save:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        path = REPO_ROOT / "bench" / "results" / f"worker-memory-{stamp}.json"
-        path.write_text(
-            json.dumps(
-                {
-                    "command": " ".join(
-                        ["python", "-m", "bench.worker_memory", *(argv or sys.argv[1:])]
-                    ),
-                    "database": "sqlite" if arguments.sqlite else "postgresql",
-                    "batches": arguments.batches,
-                    "batch_events": arguments.batch_events,
-                    "load_average": os.getloadavg(),
-                    "summary": rows,
-                    "runs": runs,
-                },
-                indent=1,
-            )
+        save(
+            "worker-memory",
+            {
+                "database": "sqlite" if arguments.sqlite else "postgresql",
+                "batches": arguments.batches,
+                "batch_events": arguments.batch_events,
+                "summary": rows,
+                "runs": runs,
+                "failures": failures,
+                "modules": modules,
+            },
+            argv,
         )
-        print(f"saved {path.relative_to(REPO_ROOT)}")
 
 
 if __name__ == "__main__":
