@@ -21,6 +21,10 @@ Metrics (:mod:`sessions.worker.metrics`) start in the main process with the work
 forks (so pool processes inherit multiprocess mode); a pool process lets go of the endpoint's
 socket when it starts and does prometheus-client's bookkeeping for a dead process when it
 exits; the main process closes the endpoint at shutdown.
+
+Once the main process is set up, and before the pool forks, every object it holds is frozen
+out of the garbage collector's reach (:mod:`sessions.worker.sharing`), so that pool processes
+keep sharing the pages they inherit instead of copying them.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from sessions.errors import (
     first_line,
 )
 from sessions.settings import Settings, get_settings, mask_url
-from sessions.worker import config, envelopes, metrics, stale_channel
+from sessions.worker import config, envelopes, metrics, sharing, stale_channel
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +160,8 @@ def migrate_store(settings: Settings | None = None) -> bool:
 def _prepare_worker(**_: Any) -> None:
     _prepare()
     metrics.start(get_settings())
+    # Last, in the main process, before the pool forks: see sessions/worker/sharing.py.
+    sharing.freeze_before_fork()
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]

@@ -117,10 +117,17 @@ timezone = "UTC"
 enable_utc = True
 
 # -- worker -----------------------------------------------------------------------------------
-# The pool is Celery's default, prefork (a process per core). `--pool threads -c 2` measures
-# the same throughput in bench/ingest.py with a third of the memory (README, Performance); it
-# is not set here because a configured worker_pool also overrides an explicit
-# `--pool=prefork` on the command line (Celery reads "prefork" there as "not given").
+# The pool is Celery's default, prefork (a process per core): a task that kills its process
+# takes only that pool process, and its message comes back at once (task_reject_on_worker_lost).
+# `--pool threads -c 2` takes less memory at the same throughput (README, Performance,
+# bench/worker_memory.py); it is not set here because a configured worker_pool also overrides
+# an explicit `--pool=prefork` on the command line (Celery reads "prefork" there as "not
+# given").
+# A safety net, not a budget: a pool process whose RSS (inherited pages included) has grown
+# past this many KiB is replaced once its task is done, so that a leak or one outsized batch
+# does not keep its memory for the worker's lifetime. Well above what a pool process holds
+# (README, Performance); `--max-memory-per-child` on the command line takes precedence.
+worker_max_memory_per_child = 256 * 1024
 # A worker is a process of its own: let Celery configure its root logger, so the store's
 # ``sessions.*`` loggers (dead letters, retried transactions) reach the worker's log.
 worker_hijack_root_logger = True
