@@ -134,4 +134,5 @@ def test_the_publisher_sends_the_message_celerys_send_task_sends(broker_settings
     assert from_publisher.headers["id"] == from_publisher.headers["root_id"]
     assert from_publisher.properties["correlation_id"] == "7d1c6a52-0d5e-4a43-9a53-8e7f1f6b2a10"
     assert from_publisher.headers["origin"] == f"gen{os.getpid()}@{socket.gethostname()}"
+    assert from_publisher.properties["reply_to"] == ""  # no result queue: nobody reads results
     assert from_publisher.decode()[0] == [text]

@@ -1,7 +1,7 @@
-"""What an agent that records imports: the client and Celery, never the store's, the worker's or
-the dashboard's dependencies (issue 13). Each check runs in a fresh interpreter, since this
-test process has imported everything already. How long the imports take is measured in
-``bench.client_start``, not asserted here."""
+"""What an agent that records imports: the client and kombu, never Celery, the store's, the
+worker's or the dashboard's dependencies (issue 13). Each check runs in a fresh interpreter,
+since this test process has imported everything already. How long the imports take is
+measured in ``bench.client_start``, not asserted here."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ AGENT = LOADED + """
     tracker = SessionTracker(Settings(broker_url="memory://", confirm_timeout_seconds=0))
     seen["construction"] = loaded()
     tracker.record("s-1", processing_time=0.1)
-    tracker.close()  # publishes the batch through Celery to the in-memory broker
+    tracker.close()  # publishes the batch through kombu to the in-memory broker
     seen["publish"] = loaded()
     seen["batches_sent"] = tracker.stats.batches_sent
     # Recording validates by hand (plain_record): no event model had to build its validator.
@@ -112,7 +112,7 @@ ENGINE_WRITES = LOADED + """
         history = await engine.get_conversation_history("s-1")
         seen["read"] = [message.content for message in history]
         seen["after_read"] = "sqlalchemy" in sys.modules
-        await engine.close()  # publishes the batch through Celery to the in-memory broker
+        await engine.close()  # publishes the batch through kombu to the in-memory broker
         seen["events_sent"] = engine.tracker.stats.events_sent
         print(json.dumps(seen))
 
