@@ -50,7 +50,6 @@ def test_migrations_create_every_table_and_index(store: SessionStore) -> None:
         "session_runs",
         "applied_batches",
         "dead_letters",
-        "session_latency",
         "activity_minutes",
     } <= tables
     indexes = {index["name"] for index in inspector.get_indexes("sessions")}
