@@ -23,8 +23,9 @@ Two paths, chosen per session:
 Runs: an explicit ``create`` of an *ended* session starts a new run (the guide's pool
 re-creates expired sessions under the same id). The ended run is copied to
 ``session_runs`` (its histogram with it) and the live row restarts from zero. Event time
-decides where an event belongs: an event older than the live run's ``created_at`` belongs to an earlier run and is
-added there, so late and redelivered batches never end, restart or inflate the wrong run.
+decides where an event belongs: an event older than the live run's ``created_at`` belongs to
+an earlier run and is added there, so late and redelivered batches never end, restart or
+inflate the wrong run.
 """
 
 from __future__ import annotations
