@@ -1,5 +1,11 @@
 """Today's histogram rows against the histogram in the live row, side by side (not a test).
 
+Historical since revision 0008, which adopted the in-row design: "today" here is the design
+before it (``session_latency`` rows, written by the store code of that time), which this
+bench drives through ``sessions.apply``'s internals of then. It no longer runs against this
+tree; run it from a checkout before revision 0008 (commit a3b460d) to reproduce README,
+Performance, item 5.
+
 Issue 15's first lever, built far enough to measure on PostgreSQL's fast path (records only,
 which is what nearly every batch is): the same wire-form batches are applied by
 ``SessionStore.apply`` to two fresh databases, alternately, in one invocation:

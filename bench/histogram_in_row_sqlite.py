@@ -1,5 +1,11 @@
 """``bench.histogram_in_row`` on SQLite: histogram rows against a JSON histogram in the row.
 
+Historical since revision 0008, which adopted the in-row design: "today" here is the design
+before it (``session_latency`` rows, written by the store code of that time), which this
+bench drives through ``sessions.apply``'s internals of then. It no longer runs against this
+tree; run it from a checkout before revision 0008 (commit a3b460d) to reproduce README,
+Performance, item 5.
+
 The same wire-form batches applied by ``SessionStore.apply`` to two SQLite files, alternately:
 today's ``session_latency`` rows, and a ``latency`` text column of ``sessions`` holding the
 run's histogram as a JSON object (``{"<bucket>": count}``), merged inside the fast path's one

@@ -125,7 +125,7 @@ METRICS_LABEL = "ours, metrics on"
 BURST_LABEL = "ours, burst: fresh tracker, unpaced"
 #: Empties every table our apply writes, between runs.
 TRUNCATE_OURS = (
-    "TRUNCATE sessions, session_runs, session_latency, activity_minutes, applied_batches,"
+    "TRUNCATE sessions, session_runs, activity_minutes, applied_batches,"
     " dead_letters"
 )
 
@@ -648,8 +648,7 @@ class Bench:
                 c.execute(
                     text(
                         "SELECT count(*) FROM sessions s WHERE request_count <> (SELECT"
-                        " coalesce(sum(count), 0) FROM session_latency l"
-                        " WHERE l.session_id = s.session_id AND l.run = s.run)"
+                        " coalesce(sum(b.value), 0) FROM session_latency_buckets(s.latency) b)"
                     )
                 ).scalar_one()
                 if url == self.ours_url

@@ -66,12 +66,14 @@ SELECT session_id, user_id, 'expired', 'idle', 1, created_at - interval '1 hour'
 FROM sessions WHERE right(session_id, 1) = '7'
 """
 SEED_LIVE_RUNS_SQL = "UPDATE sessions SET run = 2 WHERE right(session_id, 1) = '7'"
-#: Every run's 20 requests over 10 buckets (2 each), from about 0.1 s up to about 10 s.
+#: Every run's 20 requests over 10 buckets (2 each), from about 0.1 s up to about 10 s, in
+#: the run row's ``latency`` pairs (revision 0008).
 SEED_LATENCY_SQL = """
-INSERT INTO session_latency (session_id, run, bucket, count)
-SELECT r.session_id, r.run, 140 + (hashtext(r.session_id) & 7) + 8 * b, 2
-FROM (SELECT session_id, run FROM sessions UNION ALL SELECT session_id, run FROM session_runs)
-     AS r, generate_series(0, 9) AS b
+UPDATE {table} SET latency = ARRAY(
+    SELECT u.n FROM generate_series(0, 9) AS b,
+           unnest(ARRAY[-(141 + (hashtext(session_id) & 7) + 8 * b), 2]) WITH ORDINALITY AS u(n, o)
+     ORDER BY b, u.o
+)
 """
 SEED_ACTIVITY_SQL = """
 INSERT INTO activity_minutes (minute, events, requests, errors)
@@ -154,7 +156,8 @@ def run(sessions: int, repeat: int) -> list[Measurement]:
         started = time.perf_counter()
         with store.engine.begin() as connection:
             connection.execute(text(SEED_SQL), {"users": USERS, "sessions": sessions})
-            for statement in (SEED_RUNS_SQL, SEED_LIVE_RUNS_SQL, SEED_LATENCY_SQL):
+            latency = [SEED_LATENCY_SQL.format(table=name) for name in ("sessions", "session_runs")]
+            for statement in (SEED_RUNS_SQL, SEED_LIVE_RUNS_SQL, *latency):
                 connection.execute(text(statement))
             connection.execute(text(SEED_ACTIVITY_SQL))
         with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:

@@ -2,16 +2,17 @@
 
 Counters are only ever changed additively in SQL (``x = x + :delta``): nothing is read in
 Python and written back, so concurrent workers cannot lose each other's updates. The same
-holds for each run's latency histogram (``session_latency``: one more request in the bucket
-of its processing time) and for the per-minute activity (``activity_minutes``), written in
-the same transaction, so the ledger that dedupes the counters dedupes them too.
+holds for each run's latency histogram (the run row's ``latency``: one more request in the
+bucket of its processing time, merged in SQL by the statement that adds to the counters) and
+for the per-minute activity (``activity_minutes``), written in the same transaction, so the
+ledger that dedupes the counters dedupes them too.
 
 Two paths, chosen per session:
 
 * **Fast path** (nearly every session of nearly every batch): the batch only *records*
   requests for it. Its events are coalesced into one delta, and all such sessions are
-  written by one multi-row ``INSERT .. ON CONFLICT DO UPDATE``, and their bucket counts by
-  one more. The conflict branch only fires when the events belong to the live run (see
+  written by one multi-row ``INSERT .. ON CONFLICT DO UPDATE``, histograms included. The
+  conflict branch only fires when the events belong to the live run (see
   below); sessions it leaves untouched fall through to the slow path.
 * **Slow path**: the batch creates or ends the session, or records events older than its
   live run. The live row is locked (``SELECT .. FOR UPDATE``; SQLite's write transaction
@@ -21,16 +22,17 @@ Two paths, chosen per session:
 
 Runs: an explicit ``create`` of an *ended* session starts a new run (the guide's pool
 re-creates expired sessions under the same id). The ended run is copied to
-``session_runs`` and the live row restarts from zero. Event time decides where an event
-belongs: an event older than the live run's ``created_at`` belongs to an earlier run and is
-added there, so late and redelivered batches never end, restart or inflate the wrong run.
+``session_runs`` (its histogram with it) and the live row restarts from zero. Event time
+decides where an event belongs: an event older than the live run's ``created_at`` belongs to
+an earlier run and is added there, so late and redelivered batches never end, restart or
+inflate the wrong run.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -51,7 +53,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import update as sql_update
 
-from sessions.database import upsert_into, upsert_into_table
+from sessions.database import latency_add, upsert_into, upsert_into_table
 from sessions.events import AnyEvent, CreateEvent, EndEvent, MessageEvent, RecordEvent
 from sessions.histogram import bucket_of
 from sessions.messages import insert_messages, trim
@@ -60,11 +62,12 @@ from sessions.tables import (
     ERROR_RATE_BOUND_MAX,
     ERROR_RATE_STEPS,
     JSONDocument,
+    LatencyHistogram,
     UTCDateTime,
     activity_table,
     error_rate_bound,
     first_error_rate_bound,
-    latency_table,
+    latency_pairs,
     minute_start,
     runs_table,
     sessions_table,
@@ -150,6 +153,7 @@ def _additive_set(table: Any, source: Any) -> dict[str, Any]:
             else_=table.c.created_at,
         ),
         "user_id": func.coalesce(table.c.user_id, source["user_id"]),
+        "latency": latency_add(table.c.latency, source["latency"]),
     }
 
 
@@ -180,21 +184,8 @@ def _adding_upsert(table: Table, dialect: str) -> Insert:
     )
 
 
-def _latency_rows(session_id: str, run: int, latency: Mapping[int, int]) -> list[dict[str, Any]]:
-    return [
-        {"session_id": session_id, "run": run, "bucket": bucket, "count": count}
-        for bucket, count in latency.items()
-    ]
-
-
-def add_latency(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    """Add request counts to buckets of run histograms (rows of ``session_latency``)."""
-    if rows:
-        connection.execute(_adding_upsert(latency_table, connection.dialect.name), rows)
-
-
 def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]:
-    """The fast path: write every records-only session in one statement, its latency in one more.
+    """The fast path: write every records-only session in one statement, histogram included.
 
     Returns the ids it wrote; the others had events older than their live run and must
     take the slow path.
@@ -212,17 +203,8 @@ def upsert_records(connection: Connection, deltas: dict[str, Delta]) -> set[str]
             sessions_table.c.run == 1,
             sessions_table.c.created_at <= excluded.created_at,
         ),
-    ).returning(sessions_table.c.session_id, sessions_table.c.run)
-    runs: dict[str, int] = {session_id: run for session_id, run in connection.execute(statement)}
-    add_latency(
-        connection,
-        [
-            row
-            for session_id, run in runs.items()
-            for row in _latency_rows(session_id, run, deltas[session_id].latency)
-        ],
-    )
-    return set(runs)
+    ).returning(sessions_table.c.session_id)
+    return set(connection.execute(statement).scalars())
 
 
 def _new_live_rows(deltas: dict[str, Delta]) -> list[dict[str, Any]]:
@@ -237,6 +219,7 @@ def _new_live_rows(deltas: dict[str, Delta]) -> list[dict[str, Any]]:
             "last_activity": delta.last_at,
             "last_activity_minute": minute_start(_known(delta.last_at)),
             "error_rate_bound": first_error_rate_bound(delta.error_count, delta.request_count),
+            "latency": delta.latency or None,
             **delta.values(),
         }
         # Sorted so that concurrent batches lock shared rows in the same order.
@@ -255,13 +238,15 @@ def _new_live_rows(deltas: dict[str, Delta]) -> list[dict[str, Any]]:
 #: (psycopg adapts a list item by item in Python, some 5 us per row of a batch here). Times
 #: travel as integer microseconds since the epoch (``n * interval '1 microsecond'`` is exact
 #: below 2**53 us, some 285 years), and a column that is zero (or NULL) in every row travels
-#: as an empty array: ``unnest`` pads it with NULLs, read back as 0 (or NULL).
+#: as an empty array: ``unnest`` pads it with NULLs, read back as 0 (or NULL). A histogram
+#: delta travels as the text of its ``bigint[]`` pairs (:func:`_latency_literal`), merged by
+#: ``session_latency_add`` (revision 0008) under the row lock the upsert holds anyway.
 _PG_UPSERT = text(
     """
     INSERT INTO sessions AS s (session_id, user_id, status, run, created_at, last_activity,
                                last_activity_minute, error_rate_bound,
                                request_count, error_count, total_processing_time,
-                               input_tokens, output_tokens, cost)
+                               input_tokens, output_tokens, cost, latency)
     SELECT d.session_id, d.user_id, 'active', 1,
            TIMESTAMPTZ 'epoch' + d.created_us * INTERVAL '1 microsecond',
            TIMESTAMPTZ 'epoch' + d.last_us * INTERVAL '1 microsecond',
@@ -270,15 +255,17 @@ _PG_UPSERT = text(
                 THEN LEAST(16 * d.error_count / d.request_count + 2, 18) ELSE 0 END,
            coalesce(d.request_count, 0), coalesce(d.error_count, 0),
            coalesce(d.total_processing_time, 0), coalesce(d.input_tokens, 0),
-           coalesce(d.output_tokens, 0), coalesce(d.cost, 0)
+           coalesce(d.output_tokens, 0), coalesce(d.cost, 0), CAST(d.latency AS bigint[])
       FROM unnest(CAST(:session_id AS varchar[]), CAST(:user_id AS varchar[]),
                   CAST(:created_us AS bigint[]), CAST(:last_us AS bigint[]),
                   CAST(:request_count AS bigint[]), CAST(:error_count AS bigint[]),
                   CAST(:total_processing_time AS float8[]), CAST(:input_tokens AS bigint[]),
-                  CAST(:output_tokens AS bigint[]), CAST(:cost AS float8[]))
+                  CAST(:output_tokens AS bigint[]), CAST(:cost AS float8[]),
+                  CAST(:latency AS text[]))
         AS d(session_id, user_id, created_us, last_us, request_count, error_count,
-             total_processing_time, input_tokens, output_tokens, cost)
+             total_processing_time, input_tokens, output_tokens, cost, latency)
     ON CONFLICT (session_id) DO UPDATE SET
+        latency = session_latency_add(s.latency, excluded.latency),
         request_count = s.request_count + excluded.request_count,
         error_count = s.error_count + excluded.error_count,
         total_processing_time = s.total_processing_time + excluded.total_processing_time,
@@ -321,20 +308,6 @@ _PG_SKIPPED = text(
        AND s.created_at > TIMESTAMPTZ 'epoch' + d.created_us * INTERVAL '1 microsecond'
     """
 )
-#: The fast path's bucket counts on PostgreSQL, fed as :data:`_PG_UPSERT` is (one array per
-#: column: one prepared statement). Each row takes its run from the live row the upsert has
-#: just written and still locks: the run its events were added to. A batch whose requests
-#: all fell in bucket 0 sends ``bucket`` as an empty array, hence the ``coalesce``.
-_PG_LATENCY = text(
-    """
-    INSERT INTO session_latency AS l (session_id, run, bucket, count)
-    SELECT d.session_id, s.run, coalesce(d.bucket, 0), d.count
-      FROM unnest(CAST(:session_id AS varchar[]), CAST(:bucket AS smallint[]),
-                  CAST(:count AS bigint[])) AS d(session_id, bucket, count)
-      JOIN sessions AS s ON s.session_id = d.session_id
-    ON CONFLICT (session_id, run, bucket) DO UPDATE SET count = l.count + excluded.count
-    """
-)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _MINUTE = timedelta(minutes=1)
@@ -349,6 +322,7 @@ def _upsert_records_postgresql(connection: Connection, deltas: dict[str, Delta])
         "created_us": [_micros(delta.first_at) for delta in rows],
         "last_us": [_micros(delta.last_at) for delta in rows],
         **{name: [getattr(delta, name) for delta in rows] for name in COUNTERS},
+        "latency": [_latency_literal(delta.latency) for delta in rows],
     }
     parameters = {name: _array_literal(values) for name, values in columns.items()}
     # The row count, not RETURNING: reading back hundreds of ids costs more than the rare
@@ -362,22 +336,14 @@ def _upsert_records_postgresql(connection: Connection, deltas: dict[str, Delta])
             ).scalars()
         )
         written = [session_id for session_id in ordered if session_id not in skipped]
-    _add_latency_postgresql(connection, written, deltas)
     return set(written)
 
 
-def _add_latency_postgresql(
-    connection: Connection, written: list[str], deltas: dict[str, Delta]
-) -> None:
-    columns: dict[str, list[Any]] = {"session_id": [], "bucket": [], "count": []}
-    for session_id in written:
-        for bucket, count in deltas[session_id].latency.items():
-            columns["session_id"].append(session_id)
-            columns["bucket"].append(bucket)
-            columns["count"].append(count)
-    if columns["session_id"]:
-        parameters = {name: _array_literal(values) for name, values in columns.items()}
-        connection.execute(_PG_LATENCY, parameters)
+def _latency_literal(latency: dict[int, int]) -> str | None:
+    """A delta's bucket counts as the text of the ``bigint[]`` pairs ``latency`` holds."""
+    if not latency:
+        return None
+    return "{" + ",".join(map(str, latency_pairs(latency))) + "}"
 
 
 def _known(at: datetime | None) -> datetime:
@@ -554,6 +520,7 @@ class SessionWalk:
                     bindparam("new_user", event.user_id), sessions_table.c.user_id
                 ),
                 metadata=event.metadata,
+                latency=None,
                 **dict.fromkeys(COUNTERS, 0),
             )
         )
@@ -582,6 +549,7 @@ class SessionWalk:
                     **{name: r[name] + params[name] for name in COUNTERS},
                     "last_activity": _later(r.last_activity, params["last_activity"]),
                     "user_id": func.coalesce(r.user_id, params["user_id"]),
+                    "latency": latency_add(r.latency, params["latency"]),
                 }
             )
             .returning(r.run)
@@ -589,8 +557,6 @@ class SessionWalk:
         if run is None:
             # The earlier run was purged already: count it in the live run, never drop it.
             self.pending.add(event)
-        else:
-            add_latency(self.connection, _latency_rows(self.session_id, run, delta.latency))
 
     def _flush(self) -> None:
         delta = self.pending
@@ -608,7 +574,6 @@ class SessionWalk:
                 }
             )
         )
-        add_latency(self.connection, _latency_rows(self.session_id, self.live.run, delta.latency))
         self.pending = Delta()
 
 
@@ -623,6 +588,7 @@ def _delta_params(delta: Delta) -> dict[str, Any]:
         ),
         "user_id": bindparam(None, delta.user_id),
         "metadata": bindparam(None, delta.metadata, type_=JSONDocument),
+        "latency": bindparam(None, delta.latency, type_=LatencyHistogram()),
     }
 
 

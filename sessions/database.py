@@ -40,7 +40,7 @@ from sessions.errors import (
     first_line,
 )
 from sessions.settings import mask_url
-from sessions.tables import UTCDateTime
+from sessions.tables import LatencyHistogram, UTCDateTime
 
 #: Seconds a SQLite connection waits for another process's write lock.
 SQLITE_BUSY_TIMEOUT = 30.0
@@ -183,6 +183,28 @@ class minute_of(FunctionElement[datetime]):
     name = "minute_of"
 
 
+class latency_add(FunctionElement[dict[int, int]]):
+    """``latency_add(histogram, delta)``: two ``latency`` values (``LatencyHistogram``) merged,
+    bucket by bucket; either may be NULL (no samples). PostgreSQL calls revision 0008's
+    ``session_latency_add``, which loops over the delta's pairs only; SQLite merges its JSON
+    objects with ``json_patch``, each bucket of the delta added to the histogram's count."""
+
+    type = LatencyHistogram()
+    inherit_cache = True
+    name = "latency_add"
+
+
+class latency_buckets(FunctionElement[Any]):
+    """The buckets of one ``latency`` value as rows ``(key, value)``: ``key`` the bucket (an
+    integer on PostgreSQL, its text on SQLite, so cast it), ``value`` its count. None for
+    NULL. Use as ``latency_buckets(column).table_valued("key", "value")`` in a ``FROM`` after
+    the column's table: a function there may name its columns (LATERAL on PostgreSQL,
+    ``json_each``'s shape on SQLite)."""
+
+    inherit_cache = True
+    name = "latency_buckets"
+
+
 def _compile_as(function: type[FunctionElement[Any]], dialect: str, template: str) -> None:
     """Compile ``function`` for ``dialect`` as ``template`` filled with its SQL arguments."""
 
@@ -196,6 +218,16 @@ _compile_as(add_seconds, "sqlite", "sessions_add_seconds({}, {})")
 _compile_as(minute_of, "postgresql", "date_trunc('minute', {}, 'UTC')")
 # SQLite keeps times as text in UTCDateTime's format: the result compares and reads as one.
 _compile_as(minute_of, "sqlite", "strftime('%Y-%m-%d %H:%M:00.000000', {})")
+_compile_as(latency_add, "postgresql", "session_latency_add({0}, CAST({1} AS BIGINT[]))")
+_compile_as(
+    latency_add,
+    "sqlite",
+    "CASE WHEN {1} IS NULL THEN {0} ELSE json_patch(coalesce({0}, json_object()),"
+    " (SELECT json_group_object(d.key, coalesce(json_extract({0}, '$.\"' || d.key || '\"'), 0)"
+    " + d.value) FROM json_each({1}) AS d)) END",
+)
+_compile_as(latency_buckets, "postgresql", "session_latency_buckets({0})")
+_compile_as(latency_buckets, "sqlite", "json_each({0})")
 
 
 def _alembic_config(url: str) -> Any:

@@ -1,9 +1,10 @@
 """The read statements behind the operators' views: totals, latency histograms, rankings of
 users and per-minute activity. Each function builds one statement; the store runs them.
 
-Histograms are merged in SQL (bucket counts summed per bucket) and percentiles estimated
-from the merged counts in Python: a few hundred rows at most per group, whatever the number
-of sessions. Only live runs count, as in every aggregate of the store.
+Histograms are merged in SQL (each live row's ``latency`` unfolded into its buckets, counts
+summed per bucket) and percentiles estimated from the merged counts in Python: a few hundred
+rows at most per group, whatever the number of sessions. Only live runs count, as in every
+aggregate of the store.
 
 A window (``since`` / ``until``) selects sessions by ``last_activity``, from ``since``
 included to ``until`` excluded. Without a status filter it still names every status, so
@@ -19,27 +20,26 @@ from typing import Any, get_args
 from sqlalchemy import (
     ColumnElement,
     Double,
+    Integer,
     Select,
-    and_,
     case,
     func,
     literal,
     or_,
     select,
-    tuple_,
+    true,
     type_coerce,
     union_all,
 )
 
 from sessions.apply import COUNTERS
 from sessions.bounds import check_choice, check_id, check_limit, check_moment
-from sessions.database import minute_of
+from sessions.database import latency_buckets, minute_of
 from sessions.records import STATUSES, UserRanking
 from sessions.tables import (
     ACTIVE,
     UTCDateTime,
     activity_table,
-    latency_table,
     minute_start,
     runs_table,
     sessions_table,
@@ -47,14 +47,14 @@ from sessions.tables import (
 
 #: Every measure users can be ranked by.
 RANKINGS = get_args(UserRanking)
-#: A live run joined with its histogram's rows.
-_LIVE_LATENCY = latency_table.join(
-    sessions_table,
-    and_(
-        sessions_table.c.session_id == latency_table.c.session_id,
-        sessions_table.c.run == latency_table.c.run,
-    ),
-)
+#: Each live run's histogram unfolded into its buckets: one row per (session, bucket).
+LIVE_BUCKETS = latency_buckets(sessions_table.c.latency).table_valued("key", "value").alias("l")
+#: The bucket and the count of a :data:`LIVE_BUCKETS` row (SQLite's key is text: cast it, so
+#: that buckets sort as numbers).
+BUCKET = LIVE_BUCKETS.c.key.cast(Integer).label("bucket")
+COUNT = LIVE_BUCKETS.c.value
+#: ``FROM sessions`` with every live run's buckets.
+LIVE_LATENCY = sessions_table.join(LIVE_BUCKETS, true())
 
 
 def session_filter(
@@ -99,20 +99,13 @@ def totals(where: list[ColumnElement[bool]], *, by_user: bool = False) -> Select
 
 def histograms(where: list[ColumnElement[bool]], *, by_user: bool = False) -> Select[Any]:
     """The merged histogram of the selected sessions: ``([user_id,] bucket, count)`` rows."""
-    group = [sessions_table.c.user_id] if by_user else []
-    group.append(latency_table.c.bucket)
+    group: list[Any] = [sessions_table.c.user_id] if by_user else []
     return (
-        select(*group, func.sum(latency_table.c.count).label("count"))
-        .select_from(_LIVE_LATENCY)
+        select(*group, BUCKET, func.sum(COUNT).label("count"))
+        .select_from(LIVE_LATENCY)
         .where(*where)
-        .group_by(*group)
+        .group_by(*group, BUCKET)
     )
-
-
-def run_histograms(runs: list[tuple[str, int]]) -> Select[Any]:
-    """The histograms of the given (session id, run) pairs: ``(session_id, bucket, count)``."""
-    l = latency_table.c  # noqa: E741 (l for latency, as s and r are sessions and runs)
-    return select(l.session_id, l.bucket, l.count).where(tuple_(l.session_id, l.run).in_(runs))
 
 
 def rank_users(by: UserRanking, limit: int, where: list[ColumnElement[bool]]) -> Select[str]:

@@ -217,7 +217,8 @@ class PurgeResult(BaseModel):
     sessions: int
     runs: int
     ledger: int
-    #: Histogram rows (``session_latency``) of the purged sessions and runs.
+    #: Histogram buckets (with a request) of the purged sessions and runs, which went with
+    #: their rows.
     latency: int = 0
     #: Conversation messages of the purged sessions and runs.
     messages: int = 0

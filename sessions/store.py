@@ -509,15 +509,12 @@ class SessionStore:
             yield connection
 
     def _records(self, query: Select[Any]) -> list[SessionRecord]:
-        """The sessions ``query`` selects, with their runs' percentiles (one more query)."""
+        """The sessions ``query`` selects (whole rows), with the percentiles of their runs'
+        histograms (the rows' ``latency``)."""
         with self._reading() as connection:
             rows = connection.execute(query).mappings().all()
-            runs = [(row["session_id"], row["run"]) for row in rows]
-            latency = _by_key(connection.execute(queries.run_histograms(runs))) if runs else {}
         return [
-            SessionRecord.model_validate(
-                {**row, **percentile_fields(latency.get(row["session_id"], {}))}
-            )
+            SessionRecord.model_validate({**row, **percentile_fields(row["latency"] or {})})
             for row in rows
         ]
 

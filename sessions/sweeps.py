@@ -38,7 +38,6 @@ from sessions.tables import (
     activity_table,
     dead_letters_table,
     error_rate_bound_above,
-    latency_table,
     ledger_table,
     messages_table,
     redeliveries_table,
@@ -46,7 +45,7 @@ from sessions.tables import (
     sessions_table,
 )
 
-#: Runs whose histograms one ``DELETE`` of :func:`purge` removes (so bound parameters stay few).
+#: Runs whose messages one ``DELETE`` of :func:`purge` removes (so bound parameters stay few).
 PURGE_CHUNK = 500
 
 
@@ -161,23 +160,26 @@ def purge(
     dead_letters_before: datetime | None = None,
 ) -> PurgeResult:
     """Delete sessions and past runs that ended before ``ended_before``, with their latency
-    histograms and conversations, the activity minutes and checkpoints before it too, and old
-    ledger rows.
+    histograms (in their rows) and conversations, the activity minutes and checkpoints before
+    it too, and old ledger rows.
 
-    Each run's row is deleted before its histogram, the order in which ``apply`` locks them,
+    Each run's row is deleted before its messages, the order in which ``apply`` locks them,
     so a purge and a late record for the same run wait for each other instead of deadlocking.
     """
     t, r = sessions_table.c, runs_table.c
     sessions = connection.execute(
         delete(sessions_table)
         .where(t.status != "active", t.ended_at < ended_before)
-        .returning(t.session_id, t.run)
+        .returning(t.session_id, t.run, t.latency)
     ).all()
     runs = connection.execute(
-        delete(runs_table).where(r.ended_at < ended_before).returning(r.session_id, r.run)
+        delete(runs_table)
+        .where(r.ended_at < ended_before)
+        .returning(r.session_id, r.run, r.latency)
     ).all()
-    latency = _delete_by_run(connection, latency_table, [*sessions, *runs])
-    messages = _delete_by_run(connection, messages_table, [*sessions, *runs])
+    purged = [(session_id, run) for session_id, run, _ in [*sessions, *runs]]
+    latency = sum(len(histogram or ()) for *_, histogram in [*sessions, *runs])
+    messages = _delete_by_run(connection, messages_table, purged)
     checkpoints = purge_checkpoints(connection, ended_before)
     minutes = connection.execute(
         delete(activity_table).where(activity_table.c.minute < ended_before)
@@ -207,7 +209,7 @@ def purge(
 
 
 def _delete_by_run(connection: Connection, table: Table, runs: Sequence[tuple[str, int]]) -> int:
-    """Delete the rows of ``table`` (histograms, messages) of ``runs`` (session id, run)."""
+    """Delete the rows of ``table`` (messages) of ``runs`` (session id, run)."""
     key = tuple_(table.c.session_id, table.c.run)
     deleted = 0
     for start in range(0, len(runs), PURGE_CHUNK):

@@ -2,8 +2,9 @@
 
 Indexes follow the queries: the sweeps scan ``(status, last_activity_minute)`` and
 ``(status, created_at)``, per-user reads scan ``(user_id, status)``, purges scan
-``ended_at`` and ``applied_at``. A run's latency histogram is read by its primary key
-``(session_id, run, bucket)``, per-minute activity by ``minute``.
+``ended_at`` and ``applied_at``; per-minute activity is read by ``minute``. A run's latency
+histogram is a column of its own row (``latency``, :class:`LatencyHistogram`), written by the
+same upsert as its counters.
 
 Nearly every write to ``sessions`` is the additive update of a live row, once per session per
 batch. No index covers a column that update changes on every event (``last_activity``, the
@@ -15,6 +16,7 @@ update: no index entry written); measured in README, Performance.
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from datetime import UTC, datetime
@@ -39,10 +41,10 @@ from sqlalchemy import (
     literal_column,
     or_,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnClause, ColumnElement
-from sqlalchemy.types import DateTime, TypeDecorator
+from sqlalchemy.types import DateTime, TypeDecorator, TypeEngine
 
 #: Longest session or user id (the events module enforces the same bound).
 ID_LENGTH = 255
@@ -73,6 +75,52 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class LatencyHistogram(TypeDecorator[dict[int, int]]):
+    """A run's latency histogram (the buckets of ``sessions.histogram``), read and written as
+    ``{bucket: count}``; SQL NULL for a run without samples (an empty dict is stored as NULL,
+    and read back as ``None``).
+
+    PostgreSQL keeps ``bigint[]`` of sparse pairs, ``{-(b + 1), count, ...}`` for each bucket
+    ``b`` with a request: a bucket slot is negative and a count positive, so
+    ``array_position`` finds a bucket without meeting a count, and the merge
+    (``session_latency_add``, revision 0008) loops only over the delta's pairs. ``bigint``:
+    a bucket of one run past 2**31 - 1 requests must not fail its batch. SQLite keeps a JSON
+    object, ``{"b": count}``, merged with ``json_patch`` over ``json_each``.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(ARRAY(BigInteger()))
+        return dialect.type_descriptor(Text())
+
+    def process_bind_param(self, value: dict[int, int] | None, dialect: Dialect) -> Any:
+        if not value:
+            return None
+        if dialect.name == "postgresql":
+            return latency_pairs(value)
+        return json.dumps({str(bucket): count for bucket, count in value.items()})
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dict[int, int] | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            found = {int(bucket): int(count) for bucket, count in json.loads(value).items()}
+        else:
+            found = {
+                -slot - 1: int(count) for slot, count in zip(value[::2], value[1::2], strict=True)
+            }
+        return found or None
+
+
+def latency_pairs(histogram: dict[int, int]) -> list[int]:
+    """``histogram`` (bucket -> count) as PostgreSQL's ``latency`` holds it: sparse pairs
+    ``[-(b + 1), count, ...]``."""
+    return [n for bucket, count in histogram.items() for n in (-bucket - 1, count)]
 
 
 #: ``None`` is stored as SQL NULL (not JSON ``null``) so that ``COALESCE`` fills it.
@@ -121,6 +169,10 @@ class _SessionColumns:
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     cost: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
     session_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONDocument)
+    #: The run's latency histogram, bucket -> requests (:class:`LatencyHistogram`). Counts
+    #: only ever grow by deltas merged in SQL, under the same ledger as the counters, so the
+    #: histogram is exact in the way they are; no raw sample is kept.
+    latency: Mapped[dict[int, int] | None] = mapped_column(LatencyHistogram())
 
 
 class SessionRow(_SessionColumns, Base):
@@ -161,23 +213,6 @@ class SessionRunRow(_SessionColumns, Base):
         Index("ix_session_runs_ended_at", "ended_at"),
         Index("ix_session_runs_user_id", "user_id"),
     )
-
-
-class SessionLatency(Base):
-    """One bucket of a run's processing-time histogram (the scheme is ``sessions.histogram``).
-
-    ``count`` requests of run ``run`` of ``session_id`` took a time in ``bucket``. Counts
-    only ever grow by deltas, under the same ledger as the counters, so the histogram is
-    exact in the way they are; no raw sample is kept. The live run's rows share its
-    ``run`` with ``sessions``, an archived run's with ``session_runs``.
-    """
-
-    __tablename__ = "session_latency"
-
-    session_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    run: Mapped[int] = mapped_column(Integer, primary_key=True)
-    bucket: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
-    count: Mapped[int] = mapped_column(BigInteger)
 
 
 class ActivityMinute(Base):
@@ -341,7 +376,6 @@ runs_table = cast(Table, SessionRunRow.__table__)
 ledger_table = cast(Table, AppliedBatch.__table__)
 dead_letters_table = cast(Table, DeadLetter.__table__)
 redeliveries_table = cast(Table, Redelivery.__table__)
-latency_table = cast(Table, SessionLatency.__table__)
 activity_table = cast(Table, ActivityMinute.__table__)
 messages_table = cast(Table, ConversationMessageRow.__table__)
 checkpoints_table = cast(Table, CheckpointRow.__table__)

@@ -54,7 +54,6 @@ if TYPE_CHECKING:
     from sessions.tracker import SessionTracker
 
 
-
 @dataclass
 class Run:
     """One run of a session: the live one, or an ended one kept in the history."""
@@ -90,6 +89,8 @@ class Run:
             "ended_at": self.ended_at,
             "metadata": self.metadata,
             **{name: getattr(self, name) for name in COUNTERS},
+            # As the ``latency`` column reads: NULL for a run without samples.
+            "latency": dict(self.latency) or None,
         }
 
     def record(self) -> SessionRecord:
@@ -370,7 +371,8 @@ class InMemoryStore:
             return {key: run.as_dict() for key, run in self._state.archived.items()}
 
     def latency_rows(self) -> dict[tuple[str, int, int], int]:
-        """Every run's histogram as ``session_latency`` holds it: count by (id, run, bucket)."""
+        """Every run's histogram bucket by bucket: count by (id, run, bucket), as the rows'
+        ``latency`` columns hold them."""
         with self._lock:
             runs = [*self._state.live.values(), *self._state.archived.values()]
             return {

@@ -16,14 +16,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import case, func, select
 
 from sessions.apply import COUNTERS
+from sessions.queries import BUCKET, COUNT, LIVE_LATENCY
 from sessions.records import STATUSES, Aggregate, SessionRecord, Status, percentile_fields
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.sweeps import error_rate_above
-from sessions.tables import latency_table, sessions_table
+from sessions.tables import sessions_table
 
 
 def open_read_only_store(settings: Settings) -> SessionStore:
@@ -77,19 +78,16 @@ def by_status(store: SessionStore) -> StatusBreakdown:
 
     Both read one snapshot (PostgreSQL: ``REPEATABLE READ``), so counters and histograms agree.
     """
-    t, latency = sessions_table.c, latency_table.c
+    t = sessions_table.c
     totals = select(
         t.status,
         func.count().label("sessions"),
         *(func.coalesce(func.sum(t[name]), 0).label(name) for name in COUNTERS),
     ).group_by(t.status)
-    live_runs = latency_table.join(
-        sessions_table, and_(t.session_id == latency.session_id, t.run == latency.run)
-    )
     buckets = (
-        select(t.status, latency.bucket, func.sum(latency.count))
-        .select_from(live_runs)
-        .group_by(t.status, latency.bucket)
+        select(t.status, BUCKET, func.sum(COUNT))
+        .select_from(LIVE_LATENCY)
+        .group_by(t.status, BUCKET)
     )
     with store.engine.connect() as connection:
         if connection.dialect.name == "postgresql":

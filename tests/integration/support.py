@@ -17,7 +17,6 @@ from sessions.store import SessionStore
 from sessions.tables import (
     Base,
     activity_table,
-    latency_table,
     ledger_table,
     runs_table,
     sessions_table,
@@ -124,10 +123,16 @@ def run_rows(store: SessionStore) -> dict[tuple[str, int], dict[str, Any]]:
 
 
 def latency_rows(store: SessionStore) -> dict[tuple[str, int, int], int]:
-    """Every histogram row's count, by (session id, run, bucket)."""
+    """Every run's histogram (live and archived rows' ``latency``) bucket by bucket: the count
+    by (session id, run, bucket). A bucket stored with no request would show up as a 0."""
+    found: dict[tuple[str, int, int], int] = {}
     with store.engine.connect() as connection:
-        rows = connection.execute(select(latency_table)).all()
-    return {(session_id, run, bucket): count for session_id, run, bucket, count in rows}
+        for table in (sessions_table, runs_table):
+            rows = connection.execute(select(table.c.session_id, table.c.run, table.c.latency))
+            for session_id, run, histogram in rows:
+                for bucket, count in (histogram or {}).items():
+                    found[(session_id, run, bucket)] = count
+    return found
 
 
 def activity_rows(store: SessionStore) -> dict[datetime, tuple[int, int, int]]:

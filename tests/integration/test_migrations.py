@@ -8,11 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, column, create_engine, inspect, table
 
-from sessions.database import upgrade_schema
+from sessions.database import _alembic_config, upgrade_schema
+from sessions.events import Batch, RecordEvent
+from sessions.histogram import bucket_of
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tables import (
@@ -23,6 +26,7 @@ from sessions.tables import (
     minute_start,
     sessions_table,
 )
+from tests.integration.support import latency_rows
 from tests.services import require_postgres, temporary_postgres_database
 
 
@@ -50,7 +54,6 @@ def test_migrations_create_every_table_and_index(store: SessionStore) -> None:
         "session_runs",
         "applied_batches",
         "dead_letters",
-        "session_latency",
         "activity_minutes",
     } <= tables
     indexes = {index["name"] for index in inspector.get_indexes("sessions")}
@@ -180,5 +183,94 @@ def test_0007_fills_the_coarse_columns_from_existing_rows(empty_database_url: st
         now = datetime(2026, 1, 1, 14, 0, tzinfo=UTC)
         assert store.expire_idle(3600, now=now, dry_run=True).changed == ("idle",)
         assert store.sweep_health(dry_run=True).changed == ("failing",)
+    finally:
+        store.dispose()
+
+
+#: ``session_latency`` as revisions 0004 to 0007 have it.
+_LATENCY_AT_0007 = table(
+    "session_latency", column("session_id"), column("run"), column("bucket"), column("count")
+)
+#: Histogram rows of two live runs and one ended run, and one of a run no table holds.
+_LATENCY_ROWS = {
+    ("live", 1, 0): 3,
+    ("live", 1, 57): 2,
+    ("live", 1, 312): 2**40,  # past int4: the column is bigint
+    ("pooled", 2, 10): 1,
+    ("pooled", 1, 10): 4,
+    ("pooled", 1, 11): 5,
+}
+
+
+def _latency_at_0007(connection: Connection) -> dict[tuple[str, int, int], int]:
+    rows = connection.execute(_LATENCY_AT_0007.select()).all()
+    return {(row.session_id, row.run, row.bucket): row.count for row in rows}
+
+
+def test_0008_moves_each_histogram_into_its_runs_row_and_back(empty_database_url: str) -> None:
+    """Every ``session_latency`` row lands in its run's ``latency`` (the live run's in
+    ``sessions``, an ended run's in ``session_runs``), the reads and the next batch see it,
+    and the downgrade restores the rows, bucket for bucket."""
+    database_url = empty_database_url
+    upgrade_schema(database_url, "0007")
+    at = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    runs = table("session_runs", *(column(c.name) for c in _SESSIONS_AT_0006.c))
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        for session_id, run, status in (("live", 1, "active"), ("pooled", 2, "active")):
+            connection.execute(
+                sessions_table.insert().values(
+                    session_id=session_id,
+                    status=status,
+                    run=run,
+                    created_at=at,
+                    last_activity=at,
+                    last_activity_minute=at,
+                    request_count=0,
+                    error_count=0,
+                )
+            )
+        connection.execute(
+            runs.insert().values(
+                session_id="pooled",
+                status="completed",
+                run=1,
+                created_at=at,
+                last_activity=at,
+                request_count=9,
+                error_count=0,
+            )
+        )
+        for (session_id, run, bucket), count in _LATENCY_ROWS.items():
+            connection.execute(
+                _LATENCY_AT_0007.insert().values(
+                    session_id=session_id, run=run, bucket=bucket, count=count
+                )
+            )
+        connection.execute(  # a run that is in no table: dropped with the table
+            _LATENCY_AT_0007.insert().values(session_id="gone", run=1, bucket=5, count=1)
+        )
+    upgrade_schema(database_url)
+    store = SessionStore(database_url, settings=Settings())
+    try:
+        assert _differences(store) == []
+        assert "session_latency" not in inspect(store.engine).get_table_names()
+        assert latency_rows(store) == _LATENCY_ROWS
+        live = store.get("live")
+        assert live is not None and live.processing_time_p50 is not None
+        store.apply(Batch(events=(RecordEvent(session_id="live", at=at, processing_time=0.0),)))
+        assert latency_rows(store) == {**_LATENCY_ROWS, ("live", 1, bucket_of(0.0)): 4}
+    finally:
+        store.dispose()
+    command.downgrade(_alembic_config(database_url), "0007")
+    with engine.connect() as connection:
+        assert _latency_at_0007(connection) == {**_LATENCY_ROWS, ("live", 1, 0): 4}
+        assert "latency" not in {c["name"] for c in inspect(connection).get_columns("sessions")}
+    engine.dispose()
+    upgrade_schema(database_url)  # and up again, from the restored rows
+    store = SessionStore(database_url, settings=Settings())
+    try:
+        assert _differences(store) == []
+        assert latency_rows(store) == {**_LATENCY_ROWS, ("live", 1, 0): 4}
     finally:
         store.dispose()
