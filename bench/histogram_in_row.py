@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import json
 import statistics
 import time
@@ -70,30 +71,12 @@ def in_row_ddl(element: str) -> list[str]:
     return [statement.replace("bigint[]", f"{element}[]") for statement in _IN_ROW_DDL]
 
 
+#: The merge function is revision 0008's own: the design this bench measured, as shipped.
+_REVISION_0008 = importlib.import_module("sessions.migrations.versions.0008_latency_in_the_run_row")
 _IN_ROW_DDL = (
     "ALTER TABLE sessions ADD COLUMN latency bigint[]",
     "ALTER TABLE session_runs ADD COLUMN latency bigint[]",
-    """
-    CREATE FUNCTION session_latency_add(h bigint[], d bigint[]) RETURNS bigint[]
-    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-    DECLARE
-        k int;
-        i int;
-    BEGIN
-        IF h IS NULL THEN RETURN d; END IF;
-        IF d IS NULL THEN RETURN h; END IF;
-        FOR k IN 1 .. cardinality(d) BY 2 LOOP
-            i := array_position(h, d[k]);  -- d[k] is a bucket slot (< 0): never a count
-            IF i IS NULL THEN
-                h := h || d[k:k + 1];
-            ELSE
-                h[i + 1] := h[i + 1] + d[k + 1];
-            END IF;
-        END LOOP;
-        RETURN h;
-    END
-    $$
-    """,
+    _REVISION_0008.MERGE_FUNCTION,
 )
 
 
