@@ -65,6 +65,19 @@ def test_the_spool_survives_a_restart_and_is_shared_by_processes(open_spool: Any
     assert len(second) == 0
 
 
+def test_looking_into_a_spool_never_written_creates_no_file(open_spool: Any) -> None:
+    # What every agent does before its first publish (earlier runs' batches go first).
+    looker = open_spool()
+    assert looker.claim(10, 30) == []
+    assert looker.oldest() == []
+    assert len(looker) == 0
+    assert not looker.path.exists()
+    kept = message()
+    assert open_spool().put(kept)  # another process spools: the file appears
+    assert [b.message for b in looker.claim(10, 30)] == [kept]
+    assert len(looker) == 1
+
+
 def test_the_same_batch_is_kept_once(open_spool: Any) -> None:
     spool = open_spool()
     item = message()
