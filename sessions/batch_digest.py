@@ -30,7 +30,8 @@ from typing import Any
 
 from pydantic_core import to_json
 
-from sessions.events import CreateEvent, DecodedBatch, MessageEvent
+from sessions.decoding import DecodedBatch
+from sessions.events import CreateEvent, MessageEvent
 
 #: Part of every digest; a digest of another version is never compared with this one's.
 DIGEST_VERSION = "v2"

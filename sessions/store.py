@@ -38,16 +38,14 @@ from sessions.database import (
     upsert_into,
     upsert_into_table,
 )
+from sessions.decoding import DecodedBatch, RejectedEvent, decode_batch
 from sessions.errors import SessionLimitError, StoreUnavailableError, first_line
 from sessions.events import (
     MAX_METADATA_DEPTH,
     AnyEvent,
     Batch,
     CreateEvent,
-    DecodedBatch,
-    RejectedEvent,
     claimed_batch_uuid,
-    decode_batch,
     peek_batch_id,
 )
 from sessions.records import (

@@ -34,17 +34,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from sessions.decoding import RejectedEvent, decode_batch
 from sessions.errors import BrokerUnavailableError
-from sessions.events import (
-    AnyEvent,
-    Batch,
-    CreateEvent,
-    EndEvent,
-    MessageEvent,
-    RecordEvent,
-    RejectedEvent,
-    decode_batch,
-)
+from sessions.events import AnyEvent, Batch, CreateEvent, EndEvent, MessageEvent, RecordEvent
 from sessions.histogram import bucket_of
 from sessions.publisher import Publisher
 from sessions.records import COUNTERS, Aggregate, ApplyResult, SessionRecord, percentile_fields

@@ -119,7 +119,7 @@ def generate_schema() -> dict[str, Any]:
     Raises ``LookupError`` when an event field has no entry in :data:`FIELD_MEANINGS` (a
     field added to a model must say what it means on the wire).
     """
-    from sessions.events import WireBatch
+    from sessions.decoding import WireBatch
     from sessions.publisher import INGEST_TASK
     from sessions.settings import Settings
     from sessions.worker import config
@@ -166,7 +166,10 @@ def generate_schema() -> dict[str, Any]:
             "($defs/Task says how it travels). Fields whose description says 'checked by the "
             f"worker only' have rules JSON Schema cannot express. {COMPATIBILITY}"
         ),
-        "$comment": "Generated from sessions/events.py by `python -m sessions.wire`.",
+        "$comment": (
+            "Generated from sessions/events.py and sessions/decoding.py by "
+            "`python -m sessions.wire`."
+        ),
         "type": "object",
         "properties": properties,
         "required": batch["required"],

@@ -44,8 +44,8 @@ from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer as CeleryConsumer
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictStr, TypeAdapter, ValidationError
 
+from sessions.decoding import describe_error
 from sessions.deep_json import deeper_than
-from sessions.events import describe_error
 from sessions.worker import metrics
 from sessions.worker.metrics import RefusalReason
 

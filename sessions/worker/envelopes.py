@@ -59,7 +59,7 @@ from kombu.transport.virtual import base as kombu_virtual
 from kombu.utils.uuid import uuid
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
-from sessions.events import describe_error
+from sessions.decoding import describe_error
 from sessions.store import MAX_DEAD_LETTER_BYTES
 
 if TYPE_CHECKING:

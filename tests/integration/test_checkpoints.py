@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from sessions.checkpoints import MAX_CHECKPOINT_BYTES
-from sessions.events import describe_error
+from sessions.decoding import describe_error
 from sessions.settings import Settings
 from sessions.store import SessionStore
 

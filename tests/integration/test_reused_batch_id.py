@@ -17,7 +17,8 @@ from sqlalchemy import select, update
 
 from sessions.batch_digest import DIGEST_VERSION, content_digest
 from sessions.database import upgrade_schema
-from sessions.events import Batch, _check_id, batch_json, decode_batch, plain_record, record_event
+from sessions.decoding import decode_batch
+from sessions.events import Batch, _check_id, batch_json, plain_record, record_event
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tables import ledger_table

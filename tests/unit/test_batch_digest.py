@@ -10,16 +10,15 @@ from typing import Any
 import pytest
 
 from sessions.batch_digest import DIGEST_VERSION, DIGESTED_FIELDS, content_digest, same_content
+from sessions.decoding import DecodedBatch, decode_batch
 from sessions.events import (
     Batch,
     CreateEvent,
-    DecodedBatch,
     EndEvent,
     MessageEvent,
     RecordEvent,
     _check_id,
     batch_json,
-    decode_batch,
     plain_record,
     record_event,
 )

@@ -79,11 +79,11 @@ def test_the_worker_builds_the_event_models_before_its_pool_forks(tmp_path: Path
     code = """
         import json
         import sessions.worker.tasks  # what the worker's main process imports before forking
-        from sessions import events
+        from sessions import decoding, events
         print(json.dumps([
-            model.__name__ for model in (events.RecordEvent, events.Batch, events.DecodedBatch)
+            model.__name__ for model in (events.RecordEvent, events.Batch, decoding.DecodedBatch)
             if not model.__pydantic_complete__
-        ] + ([] if events._event_adapter.pydantic_complete else ["the event adapter"])))
+        ] + ([] if decoding._event_adapter.pydantic_complete else ["the event adapter"])))
     """
     worker = _run(code, cwd=tmp_path)
     assert worker.returncode == 0, worker.stderr

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from sessions.decoding import decode_batch, parse_event
 from sessions.events import (
     MAX_METADATA_DEPTH,
     MAX_TOKENS,
@@ -26,8 +27,6 @@ from sessions.events import (
     CreateEvent,
     RecordEvent,
     batch_json,
-    decode_batch,
-    parse_event,
     plain_record,
 )
 from tests.unit.test_events import AT, create, record, rejection
@@ -276,16 +275,16 @@ def test_an_integer_of_too_many_digits_costs_only_its_event(event: str, reason: 
 def test_an_unexpected_failure_validating_one_event_costs_only_that_event(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from sessions import events as events_module
+    from sessions import decoding as decoding_module
 
-    real = events_module.parse_event
+    real = decoding_module.parse_event
 
     def fragile(payload: Any) -> Any:
         if payload.get("session_id") == "boom":
             raise OverflowError("date value out of range")
         return real(payload)
 
-    monkeypatch.setattr(events_module, "parse_event", fragile)
+    monkeypatch.setattr(decoding_module, "parse_event", fragile)
     message = {"batch_id": str(uuid.uuid4()), "events": [record(), record(session_id="boom")]}
     decoded = decode_batch(message, max_events=10)
     assert [event.session_id for event in decoded.events] == ["user-123"]

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from sessions.decoding import decode_batch, describe_error, parse_event
 from sessions.events import (
     MAX_METADATA_BYTES,
     Batch,
@@ -20,11 +21,8 @@ from sessions.events import (
     EndEvent,
     RecordEvent,
     batch_json,
-    decode_batch,
-    describe_error,
     encode_message,
     event_json,
-    parse_event,
     peek_batch_id,
     plain_record,
     record_event,

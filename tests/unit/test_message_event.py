@@ -9,15 +9,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from sessions.events import (
-    MAX_MESSAGE_BYTES,
-    Batch,
-    MessageEvent,
-    batch_json,
-    decode_batch,
-    describe_error,
-    parse_event,
-)
+from sessions.decoding import decode_batch, describe_error, parse_event
+from sessions.events import MAX_MESSAGE_BYTES, Batch, MessageEvent, batch_json
 
 AT = "2024-01-01T12:00:00Z"
 

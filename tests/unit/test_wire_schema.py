@@ -1,10 +1,11 @@
 """The wire contract (sessions/wire.py, ``sessions schema``) against the models it comes from.
 
-The shipped schema must be the one generated from sessions/events.py, and the two must agree:
-whatever the worker applies is valid under the schema, and whatever the schema accepts the
-worker applies, but for the rules the schema can only describe ("checked by the worker only"),
-each of which is named in the description of its field. Hypothesis draws valid events of each
-kind and mutates them (a field dropped, added or given a wild value) to find a disagreement.
+The shipped schema must be the one generated from sessions/events.py and decoding.py, and the
+two must agree: whatever the worker applies is valid under the schema, and whatever the schema
+accepts the worker applies, but for the rules the schema can only describe ("checked by the
+worker only"), each of which is named in the description of its field. Hypothesis draws valid
+events of each kind and mutates them (a field dropped, added or given a wild value) to find a
+disagreement.
 """
 
 from __future__ import annotations
@@ -25,14 +26,8 @@ from jsonschema import Draft202012Validator
 from typer.testing import CliRunner
 
 from sessions import events, wire
-from sessions.events import (
-    Batch,
-    SessionEvent,
-    batch_json,
-    decode_batch,
-    parse_event,
-    plain_record,
-)
+from sessions.decoding import decode_batch, parse_event
+from sessions.events import Batch, SessionEvent, batch_json, plain_record
 from sessions.settings import Settings
 from tests.unit.test_event_bounds import nested
 
