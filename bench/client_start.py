@@ -19,11 +19,16 @@ went out: modules in ``sys.modules``, and which of the names an agent must never
 each kind adds where the import time goes, by top-level package. Nobody consumes the queue:
 the bench pops what it measures, on a Redis database it claims (empty, marked, flushed after).
 
-Before the first round the bench byte-compiles the checkout's ``sessions`` package
-(``compileall``), as ``pip install`` does for an installed package: an agent then imports the
-project's modules from ``.pyc`` files, as it does its libraries', instead of compiling their
-source at every start (which it would do on a machine with ``PYTHONDONTWRITEBYTECODE`` set,
-this one for example: runs before 2026-12-02T19:30Z charged the tracker some 15 ms for it).
+Every kind runs, by default, in a virtualenv of its own made for the run, with a wheel of the
+checkout installed as an agent installs it (``pip install agent-sessions``, no extra; about a
+minute to make): the project's modules are imported from the ``.pyc`` files pip compiles, as
+the libraries' are, no checkout is on the path, and no editable install's finder runs at each
+interpreter start (the project's own virtualenv pays about 27 ms for it, bare client
+included). ``--checkout`` runs the bench's own interpreter with the checkout on
+``PYTHONPATH`` instead, byte-compiled first (``compileall``): quicker, for comparing
+commits. Runs before 2026-12-02T19:30Z were made that way without the compiling: on a machine
+with ``PYTHONDONTWRITEBYTECODE`` set (this one) they charged the tracker for compiling its
+source at every start.
 
 ::
 
@@ -31,6 +36,7 @@ this one for example: runs before 2026-12-02T19:30Z charged the tracker some 15 
     python -m bench.client_start --rounds 30 --redis redis://127.0.0.1:6379
     mkdir -p /tmp/before && git archive 9223d33 | tar -x -C /tmp/before
     python -m bench.client_start --source /tmp/before    # the commit before issue 13
+    python -m bench.client_start --checkout      # this checkout, on the bench's interpreter
 
 Prints a markdown table and writes ``bench/results/client-start-<time>.json``.
 """
@@ -42,6 +48,7 @@ import compileall
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -169,6 +176,37 @@ class Run:
 
 #: The checkout whose ``sessions`` the children import (``--source``).
 source = REPO_ROOT
+#: The interpreter the children run, and whether they find ``sessions`` on ``PYTHONPATH``
+#: (``--checkout``) instead of installed in its virtualenv.
+interpreter = Path(sys.executable)
+on_pythonpath = True
+#: Seconds a build or an install may take (pip resolving on a busy machine is slow).
+INSTALL_TIMEOUT = 900
+
+
+def installed_agent(where: Path) -> Path:
+    """A virtualenv at ``where`` with a wheel of :data:`source` installed as an agent installs
+    it (no extra); its interpreter. Raises ``subprocess.CalledProcessError`` if pip fails."""
+    checkout = shutil.copytree(
+        source,
+        where / "checkout",
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*cache", "sessions.db*"
+        ),
+    )
+    wheels = where / "wheels"
+    _install_step(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), "."], checkout
+    )
+    (wheel,) = wheels.glob("agent_sessions-*.whl")
+    _install_step([sys.executable, "-m", "venv", str(where / "venv")], where)
+    python = where / "venv" / "bin" / "python"
+    _install_step([str(python), "-m", "pip", "install", "-q", str(wheel)], where)
+    return python
+
+
+def _install_step(command: list[str], cwd: Path) -> None:
+    subprocess.run(command, cwd=cwd, check=True, capture_output=True, timeout=INSTALL_TIMEOUT)
 
 
 def _environment(broker_url: str, folder: Path, extra: dict[str, str]) -> dict[str, str]:
@@ -177,8 +215,11 @@ def _environment(broker_url: str, folder: Path, extra: dict[str, str]) -> dict[s
         "batch_id": str(uuid.uuid4()),
         "events": [{"kind": "record", "session_id": "bench-session", "processing_time": 0.25}],
     }
+    if on_pythonpath:
+        environment["PYTHONPATH"] = str(source)
+    else:
+        environment.pop("PYTHONPATH", None)
     return environment | {
-        "PYTHONPATH": str(source),
         "SESSIONS_BROKER_URL": broker_url,
         "SESSIONS_SPOOL_DIR": str(folder / "spool"),
         # No database file: like an agent on a host the workers' database is not on.
@@ -195,7 +236,7 @@ def run_once(kind: str, broker_url: str, client: Any, folder: Path) -> Run:
     environment = _environment(broker_url, folder, extra)
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-c", code],
+        [str(interpreter), "-c", code],
         cwd=folder,
         env=environment,
         stdout=subprocess.PIPE,
@@ -222,7 +263,7 @@ def import_profile(kind: str, broker_url: str, folder: Path) -> dict[str, Any]:
     (summed self times), and the total."""
     code, extra = KINDS[kind]
     finished = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", code],
+        [str(interpreter), "-X", "importtime", "-c", code],
         cwd=folder,
         env=_environment(broker_url, folder, extra),
         capture_output=True,
@@ -339,23 +380,32 @@ def main(argv: list[str] | None = None) -> None:
         help="the checkout whose sessions package the agents import (default: this one), "
         "e.g. an export of an earlier commit to compare with",
     )
+    parser.add_argument(
+        "--checkout",
+        action="store_true",
+        help="run the bench's interpreter with the checkout on PYTHONPATH (byte-compiled) "
+        "instead of a virtualenv with its wheel installed",
+    )
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     arguments = parser.parse_args(argv)
-    global source
+    global source, interpreter, on_pythonpath
     source = arguments.source.resolve()
     if arguments.rounds < 1:
         parser.error("--rounds: must be at least 1")
     import celery
     import kombu
 
-    # As an installed package is: compiled once, not at each agent's start (see the module).
-    if not compileall.compile_dir(source / "sessions", quiet=1):
-        raise RuntimeError(f"could not byte-compile {source / 'sessions'}")
     runs: list[Run] = []
     with (
         tempfile.TemporaryDirectory(prefix="client-start-") as folder,
         claimed_database(arguments.redis) as (broker_url, client),
     ):
+        if arguments.checkout:
+            # As an installed package is: compiled once, not at each start (see the module).
+            if not compileall.compile_dir(source / "sessions", quiet=1):
+                raise RuntimeError(f"could not byte-compile {source / 'sessions'}")
+        else:
+            interpreter, on_pythonpath = installed_agent(Path(folder) / "agent"), False
         order = list(KINDS)
         for index in range(arguments.rounds):
             # Each round starts with another kind: no kind always runs right after another.
@@ -372,7 +422,9 @@ def main(argv: list[str] | None = None) -> None:
         result = {
             "command": "python -m bench.client_start " + " ".join(argv or sys.argv[1:]),
             "source": str(source),
-            "byte_compiled": True,
+            "installed": "checkout on PYTHONPATH, byte-compiled"
+            if arguments.checkout
+            else "wheel in a virtualenv of its own",
             "machine": {
                 "cpus": str(os.cpu_count()),
                 "python": platform.python_version(),
