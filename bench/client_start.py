@@ -26,9 +26,10 @@ the libraries' are, no checkout is on the path, and no editable install's finder
 interpreter start (the project's own virtualenv pays about 27 ms for it, bare client
 included). ``--checkout`` runs the bench's own interpreter with the checkout on
 ``PYTHONPATH`` instead, byte-compiled first (``compileall``): quicker, for comparing
-commits. Runs before 2026-12-02T19:30Z were made that way without the compiling: on a machine
-with ``PYTHONDONTWRITEBYTECODE`` set (this one) they charged the tracker for compiling its
-source at every start.
+commits. A result's ``installed`` field says which way it was made; the results without one
+(before 2026-12-02T19:17Z) were made the ``--checkout`` way without the compiling: on a
+machine with ``PYTHONDONTWRITEBYTECODE`` set (this one) they charged the tracker for
+compiling its source at every start.
 
 ::
 
@@ -94,7 +95,8 @@ def _report(**figures):
                  if name == f or name.startswith(f + ".")}}
     # CPU of all its threads until the message was out: what a busy machine's waits leave alone.
     figures.update(
-        cpu_s=time.process_time(), modules=len(sys.modules), forbidden=sorted(forbidden)
+        cpu_s=time.process_time(), modules=len(sys.modules), forbidden=sorted(forbidden),
+        sessions_file=getattr(sys.modules.get("sessions"), "__file__", None),
     )
     print(json.dumps(figures), flush=True)
 """
@@ -172,6 +174,8 @@ class Run:
     cpu_s: float
     modules: int
     forbidden: list[str] = field(default_factory=list)
+    #: Where the child's ``sessions`` came from (``None``: not imported, the bare kinds).
+    sessions_file: str | None = None
 
 
 #: The checkout whose ``sessions`` the children import (``--source``).
@@ -186,7 +190,8 @@ INSTALL_TIMEOUT = 900
 
 def installed_agent(where: Path) -> Path:
     """A virtualenv at ``where`` with a wheel of :data:`source` installed as an agent installs
-    it (no extra); its interpreter. Raises ``subprocess.CalledProcessError`` if pip fails."""
+    it (no extra); its interpreter. Raises ``subprocess.CalledProcessError`` if pip fails,
+    ``ValueError`` if the build left no single wheel."""
     checkout = shutil.copytree(
         source,
         where / "checkout",
@@ -255,7 +260,50 @@ def run_once(kind: str, broker_url: str, client: Any, folder: Path) -> Run:
     if popped is None or process.returncode != 0:
         raise RuntimeError(f"{kind}: no message, or exit status {process.returncode}: {err}")
     figures = json.loads(out.strip().splitlines()[-1])
-    return Run(kind, arrived - started, exited - started, **figures)
+    run = Run(kind, arrived - started, exited - started, **figures)
+    expected = source if on_pythonpath else interpreter.parent.parent
+    if run.sessions_file is not None and not Path(run.sessions_file).is_relative_to(expected):
+        raise RuntimeError(f"{kind}: imported {run.sessions_file}, not from {expected}")
+    return run
+
+
+#: The packages whose versions the children run, read with their interpreter.
+PACKAGES = ("agent-sessions", "celery", "kombu", "redis", "pydantic", "pydantic-settings")
+
+
+def versions() -> dict[str, str | None]:
+    """The version of each of :data:`PACKAGES` the children import (``None``: not installed)."""
+    code = (
+        "import importlib.metadata as m, json\n"
+        "def version(name):\n"
+        "    try:\n"
+        "        return m.version(name)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        return None\n"
+        f"print(json.dumps({{name: version(name) for name in {PACKAGES!r}}}))\n"
+    )
+    done = subprocess.run(
+        [str(interpreter), "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    found: dict[str, str | None] = json.loads(done.stdout)
+    return found
+
+
+def source_revision() -> dict[str, Any]:
+    """The commit :data:`source` is at and whether its tree differs from it (``None`` when it
+    is no git checkout, an export for example)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+        status = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain"], capture_output=True, text=True
+        )
+    except OSError:
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def import_profile(kind: str, broker_url: str, folder: Path) -> dict[str, Any]:
@@ -392,9 +440,6 @@ def main(argv: list[str] | None = None) -> None:
     source = arguments.source.resolve()
     if arguments.rounds < 1:
         parser.error("--rounds: must be at least 1")
-    import celery
-    import kombu
-
     runs: list[Run] = []
     with (
         tempfile.TemporaryDirectory(prefix="client-start-") as folder,
@@ -413,6 +458,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.extend(run_once(kind, broker_url, client, Path(folder)) for kind in rotated)
         profiles = {kind: import_profile(kind, broker_url, Path(folder)) for kind in KINDS}
         redis_version = client.info("server")["redis_version"]
+        packages = versions()  # while the children's virtualenv is still there
     kinds = summary(runs)
     print(table(kinds, profiles))
     if not arguments.no_save:
@@ -422,14 +468,14 @@ def main(argv: list[str] | None = None) -> None:
         result = {
             "command": "python -m bench.client_start " + " ".join(argv or sys.argv[1:]),
             "source": str(source),
+            "revision": source_revision(),
             "installed": "checkout on PYTHONPATH, byte-compiled"
             if arguments.checkout
             else "wheel in a virtualenv of its own",
             "machine": {
                 "cpus": str(os.cpu_count()),
                 "python": platform.python_version(),
-                "celery": celery.__version__,
-                "kombu": kombu.__version__,
+                "packages": packages,
                 "redis": str(redis_version),
                 "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             },

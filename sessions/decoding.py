@@ -2,7 +2,8 @@
 
 An agent never decodes (it only writes batches, :mod:`sessions.events`), so these models and
 the event adapter live here: an agent that records never creates them (its start-up is
-measured by bench/client_start.py). :func:`build_models` builds every validator before a
+measured by bench/client_start.py), unless it confirms through the ledger, whose store
+decodes. :func:`build_models` builds every validator before a
 worker's pool forks.
 """
 
@@ -104,9 +105,10 @@ def parse_event(payload: Any) -> AnyEvent:
 def decode_batch(payload: Any, max_events: int) -> DecodedBatch:
     """Validate a wire payload event by event, so one bad event costs no other data.
 
-    ``payload`` is a :class:`Batch`, its message (a dict) or the message's JSON text
-    (:func:`encode_message`). A text is first validated whole, in one call; only if that
-    fails is it decoded and validated event by event, for the exact reason of each refusal.
+    ``payload`` is a :class:`~sessions.events.Batch`, its message (a dict) or the message's
+    JSON text (:func:`~sessions.events.encode_message`). A text is first validated whole, in
+    one call; only if that fails is it decoded and validated event by event, for the exact
+    reason of each refusal.
     Both ways apply the same models and validators, so they accept the same events.
     """
     if isinstance(payload, Batch):

@@ -463,8 +463,9 @@ def encode_message(message: dict[str, Any]) -> str:
 
     Carried as the task's single string argument, it is decoded by the broker client as one
     string (not hundreds of objects), passed to a pool process as one string, and parsed and
-    validated in a single call by :func:`decode_batch` (pydantic-core parses the JSON
-    itself). ``batch_id`` comes first, so :func:`peek_batch_id` finds it without parsing.
+    validated in a single call by :func:`~sessions.decoding.decode_batch` (pydantic-core
+    parses the JSON itself). ``batch_id`` comes first, so :func:`peek_batch_id` finds it
+    without parsing.
     """
     return to_json(message).decode()
 
@@ -563,7 +564,7 @@ def plain_record(
 
 
 def event_json(item: AnyEvent | RecordFields) -> str:
-    """One event as compact JSON, as :func:`decode_batch` reads it.
+    """One event as compact JSON, as :func:`~sessions.decoding.decode_batch` reads it.
 
     Fields at their default are left out of a :data:`RecordFields` event (the model fills
     them in), except ``processing_time`` and ``error``.

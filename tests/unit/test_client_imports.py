@@ -81,7 +81,11 @@ def test_the_worker_builds_the_event_models_before_its_pool_forks(tmp_path: Path
         import sessions.worker.tasks  # what the worker's main process imports before forking
         from sessions import decoding, events
         print(json.dumps([
-            model.__name__ for model in (events.RecordEvent, events.Batch, decoding.DecodedBatch)
+            model.__name__
+            for model in (
+                events.RecordEvent, events.Batch, decoding.WireBatch, decoding.RejectedEvent,
+                decoding.DecodedBatch,
+            )
             if not model.__pydantic_complete__
         ] + ([] if decoding._event_adapter.pydantic_complete else ["the event adapter"])))
     """

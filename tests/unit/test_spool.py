@@ -71,6 +71,8 @@ def test_looking_into_a_spool_never_written_creates_no_file(open_spool: Any) -> 
     assert looker.claim(10, 30) == []
     assert looker.oldest() == []
     assert len(looker) == 0
+    assert looker.stats().batches == 0
+    assert looker.quarantined() == []
     assert not looker.path.exists()
     kept = message()
     assert open_spool().put(kept)  # another process spools: the file appears

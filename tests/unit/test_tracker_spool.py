@@ -73,6 +73,19 @@ def test_unsent_batches_go_to_the_spool_and_come_back_oldest_first(
     wait_until(lambda: len(open_spool(Settings()) or ()) == 0, message="the spool emptied")
 
 
+def test_an_agent_that_never_spools_leaves_no_spool_file(trackers: list[SessionTracker]) -> None:
+    publisher = RecordingPublisher()
+    tracker = _tracker(trackers, publisher)
+    spool = open_spool(Settings())
+    assert spool is not None
+    tracker.record("s-1", processing_time=0.5)
+    tracker.flush()
+    wait_until(lambda: tracker.stats.events_sent == 1, message="the batch published")
+    tracker.close()  # reports what the spool holds: nothing, without opening it
+    assert [e["session_id"] for e in publisher.events()] == ["s-1"]
+    assert not spool.path.exists()
+
+
 def test_a_new_tracker_replays_what_an_earlier_run_left_in_the_spool(
     trackers: list[SessionTracker],
 ) -> None:
