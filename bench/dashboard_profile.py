@@ -9,6 +9,7 @@ the statement's own time and ``EXPLAIN QUERY PLAN``::
 
     python -m bench.dashboard_profile --backend postgresql --keep   # seeds, prints the URL
     python -m bench.dashboard_profile --url postgresql+psycopg://...  # reuses it
+    python -m bench.dashboard_profile --url ... --calls unhealthy health_counts --no-explain
 
 Prints JSON, and writes it to ``bench/results/dashboard-profile-<time>.json`` with ``--save``.
 """
@@ -108,23 +109,30 @@ def explain(store: SessionStore, statements: list[tuple[str, Any]]) -> list[dict
     return found
 
 
-def profile(store: SessionStore, repeat: int) -> dict[str, Any]:
+def profile(
+    store: SessionStore, repeat: int, only: list[str] | None = None, plans: bool = True
+) -> dict[str, Any]:
+    """Each of the overview's calls (``only`` those named) timed ``repeat`` times after a
+    warm-up call, and (``plans``) its statements explained."""
     calls = overview_calls(store)
     result: dict[str, Any] = {}
     for name, call in calls.items():
+        if only and name not in only:
+            continue
         call()  # warm
         seconds = []
         for _ in range(repeat):
             started = time.perf_counter()
             call()
             seconds.append(time.perf_counter() - started)
-        with captured_statements(store.engine) as statements:
-            call()
         result[name] = {
             "median_ms": statistics.median(seconds) * 1000,
             "max_ms": max(seconds) * 1000,
-            "statements": explain(store, statements),
         }
+        if plans:
+            with captured_statements(store.engine) as statements:
+                call()
+            result[name]["statements"] = explain(store, statements)
     return result
 
 
@@ -166,12 +174,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the seeded store")
     parser.add_argument("--save", action="store_true")
+    parser.add_argument("--calls", nargs="+", help="time only these calls (names as printed)")
+    parser.add_argument("--no-explain", action="store_true", help="time the calls only")
     arguments = parser.parse_args()
 
     def run(url: str) -> dict[str, Any]:
         store = SessionStore(url, settings=Settings(database_url=url))
         try:
-            return {"backend": store.engine.dialect.name, **profile(store, arguments.repeat)}
+            found = profile(store, arguments.repeat, arguments.calls, not arguments.no_explain)
+            return {"backend": store.engine.dialect.name, **found}
         finally:
             store.dispose()
 
