@@ -10,6 +10,10 @@ the pages load nothing else), on SQLite and on PostgreSQL::
 
     python -m bench.dashboard                       # 100,000 sessions, 9 requests per page
     python -m bench.dashboard --sessions 10000 --repeat 3 --backend sqlite
+    python -m bench.dashboard --url sqlite:////tmp/x/dashboard.db   # a store seeded before
+
+``--url`` (repeatable) times the pages of stores seeded before (``python -m
+bench.dashboard_profile --keep`` leaves one) instead of seeding new ones.
 
 Prints a markdown table and writes ``bench/results/dashboard-<time>.json``.
 """
@@ -32,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2 as httpx
 import uvicorn
 
 from sessions.dashboard.app import create_app
@@ -154,17 +158,25 @@ def time_pages(base: str, pages: list[tuple[str, str]], repeat: int) -> list[Pag
     return timings
 
 
-def bench_backend(url: str, sessions: int, repeat: int) -> dict[str, Any]:
+def bench_backend(url: str, sessions: int | None, repeat: int) -> dict[str, Any]:
+    """Seed ``sessions`` sessions into the store at ``url`` (``None``: it is seeded already)
+    and time its pages."""
     settings = Settings(database_url=url)
     store = SessionStore(url, settings=settings)
     store.upgrade()
-    events, seconds = seed(store, sessions)
-    if store.engine.dialect.name == "postgresql":
-        with store.engine.begin() as connection:
-            connection.exec_driver_sql("ANALYZE")
+    events, seconds = 0, 0.0
+    if sessions is None:
+        with store.engine.connect() as connection:
+            counted = connection.exec_driver_sql("SELECT count(*) FROM sessions").scalar()
+        sessions = int(counted or 0)
+    else:
+        events, seconds = seed(store, sessions)
+        if store.engine.dialect.name == "postgresql":
+            with store.engine.begin() as connection:
+                connection.exec_driver_sql("ANALYZE")
     print(
-        f"{store.engine.dialect.name}: seeded {sessions:,} sessions ({events:,} events) "
-        f"in {seconds:.1f}s"
+        f"{store.engine.dialect.name}: {sessions:,} sessions (seeded {events:,} events "
+        f"in {seconds:.1f}s)"
     )
     top_user = "user-0"
     busiest = store.list_sessions(user_id=top_user, limit=1)[0].session_id
@@ -212,13 +224,14 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="both")
+    parser.add_argument("--url", action="append", default=[], help="a store seeded before")
     arguments = parser.parse_args()
-    results = []
-    if arguments.backend in ("sqlite", "both"):
+    results = [bench_backend(url, None, arguments.repeat) for url in arguments.url]
+    if not arguments.url and arguments.backend in ("sqlite", "both"):
         with tempfile.TemporaryDirectory() as folder:
             url = f"sqlite:///{folder}/dashboard.db"
             results.append(bench_backend(url, arguments.sessions, arguments.repeat))
-    if arguments.backend in ("postgresql", "both"):
+    if not arguments.url and arguments.backend in ("postgresql", "both"):
         with temporary_postgres_database("sessions_bench") as url:
             results.append(bench_backend(url, arguments.sessions, arguments.repeat))
     print(report(results, arguments.repeat))

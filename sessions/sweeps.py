@@ -28,7 +28,7 @@ from sessions.bounds import (
     check_seconds,
 )
 from sessions.checkpoints import purge_checkpoints
-from sessions.database import add_seconds
+from sessions.database import add_seconds, planned_as_likely
 from sessions.records import PurgeResult, SweepResult
 from sessions.tables import (
     ACTIVE,
@@ -113,7 +113,8 @@ def error_rate_above(rate: float, min_requests: int) -> ColumnElement[bool]:
     """
     t = sessions_table.c
     return (
-        (t.status == ACTIVE)
+        # Likely, for SQLite's planner: read through the partial index (planned_as_likely).
+        planned_as_likely(t.status == ACTIVE)
         & (t.error_rate_bound > error_rate_bound_above(rate))
         & (rate < ERROR_RATE)
         & (t.request_count >= min_requests)
