@@ -37,29 +37,13 @@ import sessions.store as store_module
 from bench.ingest import RESULTS, TRUNCATE_OURS, _cpu_seconds, wire_batches
 from sessions.apply import Delta
 from sessions.decoding import DecodedBatch, WireBatch
-from sessions.events import RecordEvent
-from sessions.histogram import bucket_of
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tables import latency_pairs
 from tests.services import temporary_postgres_database
+from tests.unit.test_apply_delta import plain_add  # Delta.add before the change, kept there
 
-# -- the forms before the change (d091de3), verbatim but for their names ------------------
-
-
-def _add_before(self: Delta, event: RecordEvent) -> None:
-    self.request_count += event.counts_request
-    self.error_count += event.error
-    self.total_processing_time += event.processing_time
-    self.input_tokens += event.input_tokens
-    self.output_tokens += event.output_tokens
-    self.cost += event.cost
-    if event.counts_request:
-        bucket = bucket_of(event.processing_time)
-        self.latency[bucket] = self.latency.get(bucket, 0) + 1
-    self.touch(event.at)
-    if self.user_id is None:
-        self.user_id = event.user_id
+# -- the forms before the change (d091de3), verbatim but for their names (Delta.add: the test's)
 
 
 def _latency_literal_before(latency: dict[int, int]) -> str | None:
@@ -83,7 +67,7 @@ _add_now = Delta.add
 _latency_literal_now = apply_module._latency_literal
 _decode_text_now = decoding._decode_text
 SIDES: dict[str, tuple[Callable[..., Any], ...]] = {
-    "before": (_add_before, _latency_literal_before, _decode_text_before),
+    "before": (plain_add, _latency_literal_before, _decode_text_before),
     "now": (_add_now, _latency_literal_now, _decode_text_now),
 }
 
