@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sessions.client_settings import ClientSettings
     from sessions.context_engine import ContextEngine, GuideSession
     from sessions.conversation import GuideMessage
     from sessions.errors import (
@@ -51,6 +52,7 @@ _EXPORTS = {
     "ApplyResult": "sessions.records",
     "Batch": "sessions.events",
     "BrokerUnavailableError": "sessions.errors",
+    "ClientSettings": "sessions.client_settings",
     "ContextEngine": "sessions.context_engine",
     "CreateEvent": "sessions.events",
     "EndEvent": "sessions.events",
@@ -94,6 +96,7 @@ __all__ = [
     "ApplyResult",
     "Batch",
     "BrokerUnavailableError",
+    "ClientSettings",
     "ContextEngine",
     "CreateEvent",
     "EndEvent",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.entity import Exchange, Queue
 
-from sessions.settings import Settings
+from sessions.client_settings import ClientSettings
 
 if TYPE_CHECKING:
     from kombu.connection import Connection
@@ -54,7 +54,7 @@ PUBLISH_RETRY_POLICY = {
 }
 
 
-def transport_options(settings: Settings) -> dict[str, Any]:
+def transport_options(settings: ClientSettings) -> dict[str, Any]:
     """``broker_transport_options`` for the broker ``settings`` names."""
     if _is_filesystem(settings):
         folders = _broker_folders(settings)
@@ -104,7 +104,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     return {"polling_interval": settings.broker_polling_interval}
 
 
-def task_queues_for(settings: Settings) -> tuple[Queue, ...]:
+def task_queues_for(settings: ClientSettings) -> tuple[Queue, ...]:
     """The pipeline's two queues on the broker ``settings`` names.
 
     On RabbitMQ they are **quorum queues** (durable, replicated by Raft, every message written
@@ -141,29 +141,29 @@ def task_queues_for(settings: Settings) -> tuple[Queue, ...]:
     )
 
 
-def prepare_broker(settings: Settings) -> None:
+def prepare_broker(settings: ClientSettings) -> None:
     """Create the filesystem broker's folders (kombu expects them); nothing for Redis."""
     if _is_filesystem(settings):
         for folder in _broker_folders(settings).values():
             folder.mkdir(parents=True, exist_ok=True)
 
 
-def _broker_url(settings: Settings) -> str:
+def _broker_url(settings: ClientSettings) -> str:
     # kombu warns on every connection to a filesystem:// URL without a host; name it.
     if settings.broker_url in ("filesystem://", "filesystem:///"):
         return "filesystem://localhost//"
     return settings.broker_url
 
 
-def _is_filesystem(settings: Settings) -> bool:
+def _is_filesystem(settings: ClientSettings) -> bool:
     return settings.broker_url.startswith("filesystem:")
 
 
-def _is_amqp(settings: Settings) -> bool:
+def _is_amqp(settings: ClientSettings) -> bool:
     return settings.broker_url.startswith(("amqp:", "amqps:", "pyamqp:"))
 
 
-def _broker_folders(settings: Settings) -> dict[str, Path]:
+def _broker_folders(settings: ClientSettings) -> dict[str, Path]:
     root = settings.broker_dir.resolve()
     return {name: root / name for name in ("queue", "processed", "control")}
 
@@ -178,7 +178,7 @@ TASK_ROUTES = {
 }
 
 
-def publishing_config(settings: Settings) -> dict[str, Any]:
+def publishing_config(settings: ClientSettings) -> dict[str, Any]:
     """The Celery settings of an app that publishes to the pipeline's broker ``settings`` name.
 
     The worker's app has these and the worker's own (:mod:`sessions.worker.config`). The
@@ -219,7 +219,7 @@ def publishing_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def broker_connection(settings: Settings) -> Connection:
+def broker_connection(settings: ClientSettings) -> Connection:
     """A kombu connection to the broker ``settings`` names, with the transport, options and
     connect timeout :func:`publishing_config` gives the worker's app (not connected yet: kombu
     connects on first use). A filesystem broker's folders are made first.
@@ -235,7 +235,7 @@ def broker_connection(settings: Settings) -> Connection:
     )
 
 
-def events_route(settings: Settings) -> tuple[Queue, str]:
+def events_route(settings: ClientSettings) -> tuple[Queue, str]:
     """The ingest queue (to declare) and the exchange an ingest message is published to, with
     the queue's name as routing key, as Celery's ``send_task`` routes it by
     :data:`TASK_ROUTES`: the ``sessions`` topic exchange on RabbitMQ; elsewhere the default

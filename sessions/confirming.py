@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sessions.client_settings import ClientSettings
 from sessions.errors import (
     BrokerUnavailableError,
     FlushTimeoutError,
@@ -31,7 +32,7 @@ from sessions.errors import (
     StoreUnusableError,
 )
 from sessions.outbox import Outbox, Unconfirmed
-from sessions.settings import Settings, mask_url
+from sessions.redact import mask_url
 
 if TYPE_CHECKING:
     from sessions.store import SessionStore
@@ -89,7 +90,7 @@ class LedgerConfirmer:
     no SQLAlchemy until it confirms, and a database file no worker made yet is not created.
     """
 
-    def __init__(self, settings: Settings, store: SessionStore | None = None) -> None:
+    def __init__(self, settings: ClientSettings, store: SessionStore | None = None) -> None:
         self.settings = settings
         self._store = store
         self._owns_store = store is None
@@ -126,6 +127,7 @@ class LedgerConfirmer:
 
     def _open(self) -> SessionStore:
         from sessions.database import missing_sqlite_file
+        from sessions.settings import full_settings
         from sessions.store import SessionStore
 
         missing = missing_sqlite_file(self.settings.database_url)
@@ -134,7 +136,7 @@ class LedgerConfirmer:
         # Made outside the lock (it takes 100 ms and more with the driver's imports): nothing
         # else waits for it. Several threads may flush at once; one store (one pool) for all.
         made: SessionStore | None = SessionStore(
-            self.settings.database_url, settings=self.settings, read_only=True
+            self.settings.database_url, settings=full_settings(self.settings), read_only=True
         )
         with self._lock:
             if self._store is None:
@@ -155,7 +157,7 @@ class LedgerConfirmer:
         self._lock = threading.Lock()
 
 
-def confirmer_for(settings: Settings, store: SessionStore | None = None) -> Confirmer:
+def confirmer_for(settings: ClientSettings, store: SessionStore | None = None) -> Confirmer:
     """The confirmer ``settings`` ask for: the workers' marks on a Redis broker (``confirmer``
     ``redis``, or ``auto`` on a Redis broker), else the ledger; the ledger of ``store`` when
     one is given."""
@@ -180,7 +182,7 @@ class Confirmations:
     """
 
     def __init__(
-        self, settings: Settings, confirmer: Confirmer, on_due: Callable[[], None]
+        self, settings: ClientSettings, confirmer: Confirmer, on_due: Callable[[], None]
     ) -> None:
         self.confirmer = confirmer
         self._on_due = on_due

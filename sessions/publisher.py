@@ -34,9 +34,9 @@ from sessions.broker import (
     broker_connection,
     events_route,
 )
+from sessions.client_settings import ClientSettings
 from sessions.errors import UnserializableBatchError, first_line
 from sessions.events import encode_message
-from sessions.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from kombu.connection import Connection
@@ -186,8 +186,8 @@ class CeleryPublisher(Publisher):
     opens a new one); thread-safe.
     """
 
-    def __init__(self, settings: Settings | None = None):
-        self.settings = settings or get_settings()
+    def __init__(self, settings: ClientSettings | None = None):
+        self.settings = settings or ClientSettings.from_environment()
         self._queue, self._exchange = events_route(self.settings)
         # Celery's default origin of a message, ``gen<pid>@<host>``, made at fork time too.
         self._origin = ""

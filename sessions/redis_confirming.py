@@ -14,7 +14,7 @@ The ledger stays the truth; a mark is only a hint that can be missing, never wro
 * a mark lost with Redis (restarted empty) or expired before the agent looked makes the agent
   publish the batch again: the ledger drops the copy, and its worker writes the mark again.
 
-The time to live (``Settings.confirmation_ttl``, an hour by default) covers the time an agent
+The time to live (``ClientSettings.confirmation_ttl``, an hour by default) covers the time an agent
 normally takes to look after the apply (seconds); one that looks later republishes once, a
 copy the ledger drops and whose worker marks it again. Both sides connect with
 redis-py straight from the broker URL (``redis://`` or ``rediss://``, as kombu reads it), with
@@ -32,8 +32,9 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from sessions.broker import REDIS_SOCKET_TIMEOUT
+from sessions.client_settings import ClientSettings
 from sessions.errors import BrokerUnavailableError, first_line
-from sessions.settings import Settings, mask_url
+from sessions.redact import mask_url
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -51,7 +52,7 @@ def confirmation_key(batch_id: uuid.UUID) -> str:
     return f"{KEY_PREFIX}{batch_id}"
 
 
-def redis_client(settings: Settings) -> Redis:
+def redis_client(settings: ClientSettings) -> Redis:
     """A redis-py client of the broker ``settings`` name (no connection until first used).
 
     :raises ValueError: the broker URL is not a Redis one.
@@ -82,7 +83,7 @@ class ConfirmationMarks:
     and only costs the agent a republished copy.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ClientSettings) -> None:
         self.enabled = settings.uses_redis and settings.broker_confirmations
         self._settings = settings
         self._ttl = int(settings.confirmation_ttl.total_seconds())
@@ -124,7 +125,7 @@ class RedisConfirmer:
     first look, not before.
     """
 
-    def __init__(self, settings: Settings, client: Redis | None = None) -> None:
+    def __init__(self, settings: ClientSettings, client: Redis | None = None) -> None:
         self.settings = settings
         self._client = client
         self._owns_client = client is None

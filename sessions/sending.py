@@ -27,12 +27,13 @@ from typing import TypeVar
 from pydantic_core import PydanticSerializationError
 
 from sessions.batching import Cut, EventBuffer
+from sessions.client_settings import ClientSettings
 from sessions.confirming import Confirmations, message_text
 from sessions.errors import BrokerUnavailableError, UnserializableBatchError, first_line
 from sessions.events import Batch, record_event
 from sessions.outbox import Unconfirmed
 from sessions.publisher import Publisher
-from sessions.settings import Settings, mask_url
+from sessions.redact import mask_url
 from sessions.spool import BatchSpool, SpillItem
 from sessions.stats import TrackerStats
 
@@ -190,7 +191,7 @@ class BatchSender:
         publisher: Publisher,
         spool: BatchSpool | None,
         confirmations: Confirmations,
-        settings: Settings,
+        settings: ClientSettings,
         flush_interval: float,
         wake: threading.Event,
         on_unsent: UnsentHandler | None = None,

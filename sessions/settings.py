@@ -1,52 +1,46 @@
 """Every knob of the system, read once from ``SESSIONS_*`` environment variables.
 
-Agents, workers, beat, the CLI and the tests all read the same :class:`Settings`, so a
-deployment is configured in one place. Credentials only ever come from the environment
-and are masked whenever a URL is shown (:func:`mask_url`, from :mod:`sessions.redact`):
-a settings object's ``repr`` masks its URLs, the dashboard token is a ``SecretStr``, and a
-validation error names the field and the rule but never shows the value it was given.
+Workers, beat, the CLI, the dashboard and the tests read the same :class:`Settings`, so a
+deployment is configured in one place; an agent that only records reads the part of it it
+needs, :class:`~sessions.client_settings.ClientSettings` (whose fields :class:`Settings`
+inherits), without importing pydantic-settings. Credentials only ever come from the
+environment and are masked whenever a URL is shown (:func:`mask_url`, from
+:mod:`sessions.redact`): a settings object's ``repr`` masks its URLs, the dashboard token is a
+``SecretStr``, and a validation error names the field and the rule but never shows the value
+it was given.
 """
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sessions.bounds import MAX_DAYS, MAX_SECONDS
+from sessions.client_settings import ENV_PREFIX, ClientSettings
+from sessions.client_settings import default_spool_dir as default_spool_dir  # re-exported
 from sessions.redact import mask_url as mask_url  # re-exported: callers import it from here
-from sessions.redact import mask_value
 
 #: Fewest characters of a dashboard token (``openssl rand -hex 24`` gives 48).
 MIN_TOKEN_LENGTH = 16
 
 
-def default_spool_dir() -> Path:
-    """``$XDG_CACHE_HOME/agent-sessions/spool`` (``~/.cache/...``): per user, survives restarts."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "agent-sessions" / "spool"
+class Settings(ClientSettings, BaseSettings):
+    """Configuration of the session-metrics pipeline (environment prefix ``SESSIONS_``).
 
-
-class Settings(BaseSettings):
-    """Configuration of the session-metrics pipeline (environment prefix ``SESSIONS_``)."""
+    The client's fields come from :class:`~sessions.client_settings.ClientSettings`; these
+    are the worker's, the sweeps', the store's and the dashboard's. ``Settings()`` reads the
+    environment (pydantic-settings); values given as arguments override it.
+    """
 
     # hide_input_in_errors: a ValidationError shows no input, since the input may be the token
     # (too short) or hold it (a model-level error shows every value it was given).
     model_config = SettingsConfigDict(
-        env_prefix="SESSIONS_", extra="ignore", frozen=True, hide_input_in_errors=True
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, hide_input_in_errors=True
     )
-
-    #: SQLAlchemy URL of the store; the embedded default is a SQLite file in the working dir.
-    database_url: str = "sqlite:///sessions.db"
-    #: Celery broker; ``filesystem://`` needs no server (messages live in ``broker_dir``).
-    broker_url: str = "filesystem://"
-    #: Folder of the filesystem broker (only used with ``filesystem://``).
-    broker_dir: Path = Path(".sessions-broker")
 
     #: A session idle this long is expired by the idle sweep (the guide's 30 minutes).
     #: Every duration is at most 100 years (``sessions.bounds``), which the sweeps take too.
@@ -73,41 +67,9 @@ class Settings(BaseSettings):
     checkpoints_per_thread: int = Field(100, gt=0, le=1_000_000)
     #: Applied-batch ids are kept this long to recognise redelivered batches.
     ledger_retention_days: float = Field(14.0, gt=0, le=MAX_DAYS)
-    #: Where a client keeps batches it could not publish (one SQLite file, shared per user).
-    spool_dir: Path = Field(default_factory=default_spool_dir)
-    #: Longest time a client keeps an unsent batch in its local spool before giving up.
-    spool_max_age_days: float = Field(7.0, gt=0, le=MAX_DAYS)
-    #: Most batches the spool holds; beyond, new batches are refused (counted, logged).
-    spool_max_batches: int = Field(20_000, gt=0)
-    #: Most megabytes the spool holds; beyond, new batches are refused (counted, logged).
-    spool_max_megabytes: int = Field(256, gt=0)
-    #: A published batch not confirmed applied this many seconds later is published again
-    #: (the wait doubles each time); 0 turns republishing off (RabbitMQ does not need it).
-    confirm_timeout_seconds: float = Field(60.0, ge=0)
-    #: What tells an agent its batches were applied: ``redis`` (the marks the workers leave on
-    #: a Redis broker: broker access only), ``ledger`` (the database's ledger: read access to
-    #: the database), or ``auto`` (``redis`` on a Redis broker, else ``ledger``).
-    confirmer: Literal["auto", "redis", "ledger"] = "auto"
-    #: Whether a worker on a Redis broker marks each batch it settled there (one ``SET`` per
-    #: batch); off, agents must confirm through the ledger (``SESSIONS_CONFIRMER=ledger``).
-    broker_confirmations: bool = True
-    #: How long a worker's mark stays on Redis after the apply. An agent looks within seconds
-    #: of it; one that looks later (it was stopped, or cut off from Redis) republishes once, a
-    #: copy the ledger drops and whose worker marks it again. An hour keeps the marks of a busy
-    #: fleet to megabytes in the broker's own Redis.
-    confirmation_ttl_seconds: int = Field(3600, gt=0, le=MAX_SECONDS)
     #: A message redelivered unfinished this many times (it kills the worker) is dead-lettered.
     max_redeliveries: int = Field(5, ge=1)
-    #: Redis visibility timeout: an unacknowledged message is redelivered after this long.
-    visibility_timeout_seconds: int = Field(3600, gt=0, le=MAX_SECONDS)
 
-    #: The client publishes its buffer at least this often ...
-    flush_interval_ms: int = Field(50, gt=0)
-    #: ... or as soon as it holds this many events (one Celery message per batch). 2000, not
-    #: 500: measured side by side (README, Performance), 1.38x the events/s end to end and
-    #: less CPU per event in worker and PostgreSQL, with the same event-to-commit p99 at
-    #: 10,000 events/s (the flush interval, not the size, cuts batches below saturation).
-    batch_max_events: int = Field(2000, gt=0)
     #: Largest batch the store accepts; a bigger payload is dead-lettered whole.
     store_max_batch_events: int = Field(10_000, gt=0)
 
@@ -119,8 +81,6 @@ class Settings(BaseSettings):
 
     #: Messages a worker process reserves ahead; small, because each carries hundreds of events.
     worker_prefetch_multiplier: int = Field(4, gt=0)
-    #: Seconds between polls of a polling broker (filesystem, SQLAlchemy transports).
-    broker_polling_interval: float = Field(0.1, gt=0)
 
     #: Port of a worker's Prometheus endpoint (``/metrics``, served by its main process);
     #: 0 = no endpoint and no metrics kept. Each worker on a host needs a port of its own.
@@ -154,11 +114,6 @@ class Settings(BaseSettings):
                 f"health_warn_rate ({self.health_warn_rate}) must not exceed "
                 f"health_fail_rate ({self.health_fail_rate})"
             )
-        if self.confirmer == "redis" and not self.uses_redis:
-            raise ValueError(
-                "confirmer 'redis' reads the marks workers leave on a Redis broker: it needs a "
-                "redis:// or rediss:// broker_url"
-            )
         redelivery_window = self.spool_max_age + timedelta(seconds=self.visibility_timeout_seconds)
         if self.ledger_retention < redelivery_window:
             raise ValueError(
@@ -168,26 +123,6 @@ class Settings(BaseSettings):
                 "would be counted twice"
             )
         return self
-
-    def __repr_args__(self) -> Any:
-        # repr() and str() mask what could hold a credential (the URLs' passwords).
-        for name, value in super().__repr_args__():
-            yield name, mask_value(name or "", value)
-
-    @property
-    def uses_redis(self) -> bool:
-        """Whether the broker is a Redis server (``redis://`` or ``rediss://``)."""
-        return self.broker_url.startswith(("redis:", "rediss:"))
-
-    @property
-    def confirms_on_redis(self) -> bool:
-        """Whether agents confirm their batches by the workers' marks on Redis."""
-        return self.confirmer == "redis" or (self.confirmer == "auto" and self.uses_redis)
-
-    @property
-    def confirmation_ttl(self) -> timedelta:
-        """How long a worker's mark of a settled batch stays on Redis."""
-        return timedelta(seconds=self.confirmation_ttl_seconds)
 
     @property
     def max_age(self) -> timedelta:
@@ -200,10 +135,6 @@ class Settings(BaseSettings):
     @property
     def ledger_retention(self) -> timedelta:
         return timedelta(days=self.ledger_retention_days)
-
-    @property
-    def spool_max_age(self) -> timedelta:
-        return timedelta(days=self.spool_max_age_days)
 
 
 def describe_settings_error(error: ValidationError) -> str:
@@ -223,3 +154,14 @@ def describe_settings_error(error: ValidationError) -> str:
 def get_settings() -> Settings:
     """The process-wide settings, read from the environment on first use."""
     return Settings()
+
+
+def full_settings(settings: ClientSettings) -> Settings:
+    """``settings`` as a full :class:`Settings`: itself if it is one, else one with its values
+    over the environment's (what a client hands the store it opens to read the ledger).
+
+    :raises pydantic.ValidationError: the environment's other settings break a rule.
+    """
+    if isinstance(settings, Settings):
+        return settings
+    return Settings(**dict(settings))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -37,9 +36,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sessions.events import peek_batch_id
+
+if TYPE_CHECKING:
+    import sqlite3
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +180,9 @@ class BatchSpool:
         a library lock held by another thread at the fork would hang it.
         """
         if self._opened is None:
+            # Imported here: an agent that never spools never loads SQLite (~3 ms at start).
+            import sqlite3
+
             connection = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
             )

@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import sqlite3
 import threading
 import time
 import uuid
@@ -53,6 +52,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from sessions import lifecycle
 from sessions.batching import ACCEPTED, Appended, Buffered, EventBuffer
+from sessions.client_settings import ClientSettings
 from sessions.confirming import Confirmations, Confirmer, confirmer_for
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError, UnserializableBatchError
 from sessions.events import (
@@ -64,8 +64,8 @@ from sessions.events import (
     plain_record,
 )
 from sessions.publisher import CeleryPublisher, MessageFunction, Publisher, as_publisher
+from sessions.redact import mask_url
 from sessions.sending import BatchSender, UnsentHandler
-from sessions.settings import Settings, get_settings, mask_url
 from sessions.spilling import Spiller
 from sessions.spool import BatchSpool
 from sessions.stats import TrackerStats
@@ -116,7 +116,7 @@ class SessionTracker:
 
     def __init__(
         self,
-        settings: Settings | None = None,
+        settings: ClientSettings | None = None,
         *,
         flush_interval: float | None = None,
         max_batch_events: int | None = None,
@@ -127,7 +127,7 @@ class SessionTracker:
         spool: BatchSpool | None = DEFAULT_SPOOL,
         confirmer: Confirmer | None = None,
     ) -> None:
-        self.settings = settings or get_settings()
+        self.settings = settings or ClientSettings.from_environment()
         interval = (
             self.settings.flush_interval_ms / 1000 if flush_interval is None else flush_interval
         )
@@ -440,7 +440,7 @@ class SessionTracker:
             self._start()
 
 
-def open_spool(settings: Settings) -> BatchSpool | None:
+def open_spool(settings: ClientSettings) -> BatchSpool | None:
     """The spool ``settings`` name, or ``None`` (logged) when its folder cannot be used."""
     try:
         return BatchSpool(
@@ -450,6 +450,6 @@ def open_spool(settings: Settings) -> BatchSpool | None:
             max_bytes=settings.spool_max_megabytes * 1024 * 1024,
             max_age_seconds=settings.spool_max_age.total_seconds(),
         )
-    except (OSError, sqlite3.Error) as exc:
+    except OSError as exc:  # the folder (the file is opened on first use)
         log.error("no spool at %s (%s): unsent batches will be lost", settings.spool_dir, exc)
         return None

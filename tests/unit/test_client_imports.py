@@ -35,17 +35,20 @@ AGENT = LOADED + """
 
     seen = {}
     from sessions import SessionTracker
-    from sessions.settings import Settings
 
     seen["import"] = loaded()
-    # Confirmation off: a tracker that confirms reads the database's ledger (and imports the
-    # store) once it has published something, by design until the broker confirms batches.
-    tracker = SessionTracker(Settings(broker_url="memory://", confirm_timeout_seconds=0))
+    # Its settings from the environment, as an agent's are (see _run's SESSIONS_* variables;
+    # confirmation off: the in-memory broker carries no workers' marks).
+    tracker = SessionTracker()
     seen["construction"] = loaded()
     tracker.record("s-1", processing_time=0.1)
     tracker.close()  # publishes the batch through kombu to the in-memory broker
     seen["publish"] = loaded()
     seen["batches_sent"] = tracker.stats.batches_sent
+    seen["broker_url"] = tracker.settings.broker_url
+    # Neither pydantic-settings (the client reads its few settings itself) nor SQLite (the
+    # spool's, opened only once a batch must wait there) is loaded on the way.
+    seen["light"] = sorted({"pydantic_settings", "sessions.settings", "sqlite3"} & set(sys.modules))
     # Recording validates by hand (plain_record): no event model had to build its validator.
     from sessions import events
     models = (events.RecordEvent, events.Batch)
@@ -58,7 +61,13 @@ def _run(code: str, *arguments: str, cwd: Path) -> subprocess.CompletedProcess[s
     return run_to_completion(
         [sys.executable, "-c", textwrap.dedent(code), *arguments],
         cwd=cwd,
-        env={"PYTHONPATH": str(REPO_ROOT), "XDG_CACHE_HOME": str(cwd), "PATH": "/usr/bin:/bin"},
+        env={
+            "PYTHONPATH": str(REPO_ROOT),
+            "XDG_CACHE_HOME": str(cwd),
+            "PATH": "/usr/bin:/bin",
+            "SESSIONS_BROKER_URL": "memory://",
+            "SESSIONS_CONFIRM_TIMEOUT_SECONDS": "0",
+        },
     )
 
 
@@ -71,6 +80,8 @@ def test_recording_imports_no_store_worker_or_dashboard(tmp_path: Path) -> None:
         "construction": [],
         "publish": [],
         "batches_sent": 1,
+        "broker_url": "memory://",
+        "light": [],
         "models_built": [],
     }, seen
 

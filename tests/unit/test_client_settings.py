@@ -1,0 +1,153 @@
+"""The client's own reader of ``SESSIONS_*`` gives what pydantic-settings gives.
+
+:class:`ClientSettings` reads the environment without pydantic-settings (an agent's start-up
+is measured, and that import costs it about 40 ms); :class:`Settings` inherits its fields and
+reads them with pydantic-settings. For every client field, both readers must give the same
+value, or refuse with the same errors (field, rule, no value shown).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from sessions.bounds import MAX_DAYS
+from sessions.client_settings import ENV_PREFIX, ClientSettings, environment_values
+from sessions.settings import Settings, describe_settings_error, full_settings
+
+CLIENT_FIELDS = sorted(ClientSettings.model_fields)
+
+#: Per kind of field, values an operator might set: good ones, and ones the rule refuses.
+SAMPLES: dict[str, list[str]] = {
+    "int": ["1", "25", " 7 ", "0", "-3", "2.0", "2.5", "1e3", "", "ten", "99999999999999999999"],
+    "float": ["0.5", "1", "7", "1e-3", "0", "-1", "nan", "inf", "", "soon", " 2.5 "],
+    "bool": ["true", "false", "1", "0", "yes", "no", "on", "off", "TRUE", "", "maybe"],
+    "str": ["redis://127.0.0.1:6379/3", "filesystem://", "memory://", "", " x "],
+    "path": ["/tmp/spool", "relative/dir", "", "~/x"],
+    "confirmer": ["auto", "redis", "ledger", "AUTO", "", "kafka"],
+}
+
+
+def _kind(name: str) -> str:
+    annotation = str(ClientSettings.model_fields[name].annotation)
+    if name == "confirmer":
+        return "confirmer"
+    for kind in ("bool", "int", "float", "str"):
+        if annotation == f"<class '{kind}'>":
+            return kind
+    assert "Path" in annotation, annotation
+    return "path"
+
+
+@pytest.fixture(autouse=True)
+def _no_sessions_environment() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        for key in list(os.environ):
+            if key.upper().startswith(ENV_PREFIX):
+                patch.delenv(key)
+        yield
+
+
+def _both(environ: dict[str, str]) -> tuple[Any, Any]:
+    """What each reader makes of ``environ``: the client fields' values, or the errors."""
+    outcomes = []
+    with pytest.MonkeyPatch.context() as patch:
+        # Settings' own cross-field rule (the ledger outlives the spool) is not the client's:
+        # the longest ledger keeps it out of the comparison.
+        patch.setenv(f"{ENV_PREFIX}LEDGER_RETENTION_DAYS", str(MAX_DAYS))
+        for key, value in environ.items():
+            patch.setenv(key, value)
+        for read in (ClientSettings.from_environment, Settings):
+            try:
+                made = read()
+            except ValidationError as error:
+                outcomes.append(
+                    (
+                        "refused",
+                        error.errors(include_url=False, include_input=False, include_context=False),
+                    )
+                )
+            else:
+                outcomes.append(("read", {name: getattr(made, name) for name in CLIENT_FIELDS}))
+    client, full = outcomes
+    if full[0] == "refused":  # the title differs (the class's name); the errors must not
+        full = ("refused", [e for e in full[1] if "ledger_retention" not in str(e["msg"])])
+    return client, full
+
+
+@pytest.mark.parametrize("name", CLIENT_FIELDS)
+def test_each_client_field_is_read_as_pydantic_settings_reads_it(name: str) -> None:
+    variable = f"{ENV_PREFIX}{name.upper()}"
+    if name == "confirmer":  # 'redis' needs a Redis broker: with and without one
+        cases = [{variable: value} for value in SAMPLES["confirmer"]]
+        cases += [
+            {variable: value, f"{ENV_PREFIX}BROKER_URL": "redis://127.0.0.1:6379"}
+            for value in SAMPLES["confirmer"]
+        ]
+    else:
+        cases = [{variable: value} for value in SAMPLES[_kind(name)]]
+    for environ in cases:
+        client, full = _both(environ)
+        assert client == full, environ
+
+
+def test_the_variable_name_is_matched_in_any_case() -> None:
+    client, full = _both({"sessions_Batch_Max_Events": "17"})
+    assert client == full
+    assert client[1]["batch_max_events"] == 17
+
+
+def test_an_unset_environment_gives_the_defaults_of_settings() -> None:
+    client, full = _both({})
+    assert client == full
+    assert (
+        client[1]["spool_dir"]
+        == Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "agent-sessions"
+        / "spool"
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    name=st.sampled_from(CLIENT_FIELDS),
+    value=st.text(
+        st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12
+    ),
+)
+def test_any_value_of_any_client_field_gets_the_same_answer(name: str, value: str) -> None:
+    client, full = _both({f"{ENV_PREFIX}{name.upper()}": value})
+    assert client == full
+
+
+def test_a_refusal_names_the_variable_and_the_rule_never_the_value() -> None:
+    with pytest.raises(ValidationError) as refused:
+        ClientSettings.from_environment(
+            {
+                f"{ENV_PREFIX}BROKER_URL": "redis://u:hunter2@h",
+                f"{ENV_PREFIX}FLUSH_INTERVAL_MS": "-5",
+            }
+        )
+    text = describe_settings_error(refused.value)
+    assert text == "invalid settings: SESSIONS_FLUSH_INTERVAL_MS: Input should be greater than 0"
+    assert "hunter2" not in str(refused.value) and "-5" not in str(refused.value)
+
+
+def test_environment_values_reads_only_the_fields_named() -> None:
+    environ = {"SESSIONS_BROKER_URL": "memory://", "SESSIONS_METRICS_PORT": "9", "OTHER": "1"}
+    assert environment_values(ClientSettings.model_fields, environ) == {"broker_url": "memory://"}
+
+
+def test_a_client_settings_becomes_full_settings_with_its_values_kept() -> None:
+    client = ClientSettings(broker_url="memory://", batch_max_events=3)
+    full = full_settings(client)
+    assert isinstance(full, Settings)
+    assert {name: getattr(full, name) for name in CLIENT_FIELDS} == dict(client)
+    assert full_settings(full) is full
