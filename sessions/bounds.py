@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import TypeVar
 
 from pydantic import TypeAdapter, ValidationError
@@ -37,7 +38,13 @@ MAX_PAGE_SIZE = 10_000
 #: Largest count a threshold takes: the largest value of the BIGINT counters it is compared with.
 MAX_COUNT = 2**63 - 1
 
-_session_id: TypeAdapter[str] = TypeAdapter(SessionId)
+
+
+@cache
+def _session_id() -> TypeAdapter[str]:
+    # Built on first use, not at import: the agent's client imports this module for the
+    # settings' bounds, and building the validator cost its start-up about 5 ms.
+    return TypeAdapter(SessionId)
 
 
 class ArgumentError(ValueError):
@@ -177,7 +184,7 @@ def check_id(name: str, value: str) -> str:
     if not isinstance(value, str):
         raise ArgumentTypeError.of(name, "a str", value)
     try:
-        return _session_id.validate_python(value)
+        return _session_id().validate_python(value)
     except ValidationError as exc:
         rule = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
         raise ArgumentError.of(name, rule, value) from None
