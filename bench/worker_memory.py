@@ -315,18 +315,15 @@ def requests_in(engine: Any) -> int:
 
 
 def empty(engine: Any) -> None:
-    from sqlalchemy import text
+    """Delete every row of the store's tables (its metadata's, children first), so that each
+    set-up starts from the same empty schema whatever revision added or dropped a table."""
+    from sqlalchemy import delete
+
+    from sessions.tables import Base
 
     with engine.begin() as c:
-        for table in (
-            "sessions",
-            "session_runs",
-            "session_latency",
-            "activity_minutes",
-            "applied_batches",
-            "dead_letters",
-        ):
-            c.execute(text(f"DELETE FROM {table}"))
+        for table in reversed(Base.metadata.sorted_tables):
+            c.execute(delete(table))
 
 
 def by_role(root: int, figures: dict[int, dict[str, int]]) -> list[dict[str, Any]]:

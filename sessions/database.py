@@ -22,7 +22,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, Connection, Engine, Table, create_engine, event
+from sqlalchemy import Boolean, Connection, Engine, Table, create_engine, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
@@ -50,6 +50,14 @@ READ_ONLY_OPTION = "sessions_read_only"
 #: The Alembic scripts: a directory of the package, wherever it is installed (pip unpacks a
 #: wheel onto the file system, which Alembic needs to read them).
 MIGRATIONS_DIR = Path(str(files("sessions") / "migrations"))
+#: The newest revisions of :data:`MIGRATIONS_DIR`, known without Alembic, so that a worker or
+#: beat starting on a database already at them never imports it: Alembic and the scripts it
+#: reads stay resident in a worker's main process, and in the pages its pool processes
+#: share, some 7 MB (bench/worker_memory.py). tests/unit/test_schema_heads.py keeps this
+#: equal to Alembic's own heads.
+HEAD_REVISIONS = frozenset({"0008"})
+#: Alembic's table of the revisions a database is at (its default name, as env.py leaves it).
+VERSION_TABLE = "alembic_version"
 #: Backends the store is written for (SQLAlchemy backend names).
 SUPPORTED_BACKENDS = ("postgresql", "sqlite")
 
@@ -308,6 +316,26 @@ def reach(url: str) -> None:
 
 def _cause(exc: DBAPIError) -> str:
     return first_line(exc.orig or exc)
+
+
+def at_head_revisions(url: str) -> bool:
+    """Whether the database at ``url`` is at :data:`HEAD_REVISIONS`, read without Alembic.
+
+    ``False`` too when that cannot be told (the database is away, the file cannot be
+    opened): the caller then goes the long way, :func:`upgrade_schema` and
+    :func:`require_head`, which say what is wrong.
+    """
+    engine = create_store_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            if not inspect(connection).has_table(VERSION_TABLE):
+                return False
+            rows = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}"))
+            return {row[0] for row in rows} == HEAD_REVISIONS
+    except DBAPIError:
+        return False
+    finally:
+        engine.dispose()
 
 
 def require_head(url: str) -> str:

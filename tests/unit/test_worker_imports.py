@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from sessions.database import HEAD_REVISIONS
 from tests.workers_harness import run_to_completion
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,3 +55,71 @@ def test_the_worker_app_imports_neither_the_dashboard_nor_the_command_line(
     assert "sessions.store" in modules  # the check sees what the worker imports ...
     loaded = [m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_IN_THE_WORKER)]
     assert loaded == []  # ... and none of this
+
+
+#: The worker's start-up migration (``celeryd_after_setup`` in the main process), then what
+#: the process holds; prints whether it found the schema ready, and the modules.
+STARTED_WORKER = """
+import json, sys
+import workers, sessions.worker.tasks
+from sessions.worker.celery_app import migrate_store
+
+ready = migrate_store()
+print(json.dumps({"ready": ready, "modules": sorted(sys.modules)}))
+"""
+
+
+def _start_worker_on(database: Path) -> dict[str, object]:
+    done = run_to_completion(
+        [sys.executable, "-c", STARTED_WORKER],
+        cwd=REPO_ROOT,
+        env={
+            "PYTHONPATH": str(REPO_ROOT),
+            "SESSIONS_DATABASE_URL": f"sqlite:///{database}",
+            "PATH": "/usr/bin:/bin",
+        },
+    )
+    assert done.returncode == 0, done.stderr
+    started: dict[str, object] = json.loads(done.stdout)
+    return started
+
+
+def _alembic_loaded(modules: object) -> bool:
+    assert isinstance(modules, list)
+    return any(m == "alembic" or m.startswith("alembic.") for m in modules)
+
+
+def test_a_worker_on_a_database_at_the_newest_schema_never_imports_alembic(
+    tmp_path: Path,
+) -> None:
+    from sessions.database import require_head
+
+    database = tmp_path / "sessions.db"
+    first = _start_worker_on(database)  # an empty database: migrated, through Alembic
+    assert first["ready"] is True
+    assert _alembic_loaded(first["modules"])
+    assert require_head(f"sqlite:///{database}")
+
+    again = _start_worker_on(database)  # the usual start: the schema is already there
+    assert again["ready"] is True
+    assert not _alembic_loaded(again["modules"])
+
+
+def test_a_worker_on_a_database_behind_the_newest_schema_upgrades_it(tmp_path: Path) -> None:
+    from sessions.database import require_head, upgrade_schema
+
+    database = tmp_path / "sessions.db"
+    upgrade_schema(f"sqlite:///{database}", "0007")
+    started = _start_worker_on(database)
+    assert started["ready"] is True
+    assert _alembic_loaded(started["modules"])
+    assert require_head(f"sqlite:///{database}") == ", ".join(sorted(HEAD_REVISIONS))
+
+
+def test_the_heads_known_without_alembic_are_alembics_own() -> None:
+    from alembic.script import ScriptDirectory
+
+    from sessions.database import _alembic_config
+
+    script = ScriptDirectory.from_config(_alembic_config("sqlite://"))
+    assert set(script.get_heads()) == HEAD_REVISIONS
