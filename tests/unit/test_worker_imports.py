@@ -38,20 +38,27 @@ print(json.dumps(sorted(sys.modules)))
 """
 
 
-def test_the_worker_app_imports_neither_the_dashboard_nor_the_command_line(
-    tmp_path: Path,
-) -> None:
+def _run_on(script: str, database: Path) -> object:
+    """What ``script`` prints (JSON), run in a fresh interpreter on a SQLite store at
+    ``database``."""
     done = run_to_completion(
-        [sys.executable, "-c", WORKER],
+        [sys.executable, "-c", script],
         cwd=REPO_ROOT,
         env={
             "PYTHONPATH": str(REPO_ROOT),
-            "SESSIONS_DATABASE_URL": f"sqlite:///{tmp_path / 'sessions.db'}",
+            "SESSIONS_DATABASE_URL": f"sqlite:///{database}",
             "PATH": "/usr/bin:/bin",
         },
     )
     assert done.returncode == 0, done.stderr
-    modules = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def test_the_worker_app_imports_neither_the_dashboard_nor_the_command_line(
+    tmp_path: Path,
+) -> None:
+    modules = _run_on(WORKER, tmp_path / "sessions.db")
+    assert isinstance(modules, list)
     assert "sessions.store" in modules  # the check sees what the worker imports ...
     loaded = [m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_IN_THE_WORKER)]
     assert loaded == []  # ... and none of this
@@ -70,17 +77,8 @@ print(json.dumps({"ready": ready, "modules": sorted(sys.modules)}))
 
 
 def _start_worker_on(database: Path) -> dict[str, object]:
-    done = run_to_completion(
-        [sys.executable, "-c", STARTED_WORKER],
-        cwd=REPO_ROOT,
-        env={
-            "PYTHONPATH": str(REPO_ROOT),
-            "SESSIONS_DATABASE_URL": f"sqlite:///{database}",
-            "PATH": "/usr/bin:/bin",
-        },
-    )
-    assert done.returncode == 0, done.stderr
-    started: dict[str, object] = json.loads(done.stdout)
+    started = _run_on(STARTED_WORKER, database)
+    assert isinstance(started, dict)
     return started
 
 
