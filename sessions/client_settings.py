@@ -112,6 +112,10 @@ class ClientSettings(BaseModel):
     #: copy the ledger drops and whose worker marks it again. An hour keeps the marks of a busy
     #: fleet to megabytes in the broker's own Redis.
     confirmation_ttl_seconds: int = Field(3600, gt=0, le=MAX_SECONDS)
+    #: Applied-batch ids are kept this long to recognise redelivered batches. A client's
+    #: setting too: it must outlive the longest time the client's spool and the broker can
+    #: bring a batch back, which an agent's settings decide (checked below, in the agent).
+    ledger_retention_days: float = Field(14.0, gt=0, le=MAX_DAYS)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> ClientSettings:
@@ -124,11 +128,21 @@ class ClientSettings(BaseModel):
         return cls.model_validate(environment_values(cls.model_fields, environ))
 
     @model_validator(mode="after")
-    def _check_confirmer(self) -> ClientSettings:
+    def _check_client_rules(self) -> ClientSettings:
         if self.confirmer == "redis" and not self.uses_redis:
             raise ValueError(
                 "confirmer 'redis' reads the marks workers leave on a Redis broker: it needs a "
                 "redis:// or rediss:// broker_url"
+            )
+        # The exactly-once guard: the ledger must still hold a batch's id when the last copy
+        # of it can arrive (replayed from a spool, redelivered by the broker).
+        redelivery_window = self.spool_max_age + timedelta(seconds=self.visibility_timeout_seconds)
+        if self.ledger_retention < redelivery_window:
+            raise ValueError(
+                "ledger_retention_days must outlive the longest time a batch can come back "
+                f"(spool_max_age_days + visibility_timeout_seconds = {redelivery_window}); "
+                f"got {self.ledger_retention}: a batch replayed after its ledger row is purged "
+                "would be counted twice"
             )
         return self
 
@@ -155,3 +169,7 @@ class ClientSettings(BaseModel):
     @property
     def spool_max_age(self) -> timedelta:
         return timedelta(days=self.spool_max_age_days)
+
+    @property
+    def ledger_retention(self) -> timedelta:
+        return timedelta(days=self.ledger_retention_days)

@@ -105,7 +105,7 @@ class LedgerConfirmer:
 
         :raises StoreUnavailableError: the database does not answer (worth waiting for).
         :raises StoreUnusableError: this install cannot read a ledger at all (no ``store``
-            extra): waiting would not help.
+            extra, or the environment's store settings break a rule): waiting would not help.
         """
         try:
             from sqlalchemy.exc import SQLAlchemyError
@@ -127,16 +127,25 @@ class LedgerConfirmer:
 
     def _open(self) -> SessionStore:
         from sessions.database import missing_sqlite_file
-        from sessions.settings import full_settings
-        from sessions.store import SessionStore
 
         missing = missing_sqlite_file(self.settings.database_url)
         if missing is not None:  # no worker has made it yet; connecting would, empty
             raise StoreUnavailableError(f"no database file at {missing} yet")
+        from pydantic import ValidationError
+
+        from sessions.settings import describe_settings_error, full_settings
+        from sessions.store import SessionStore
+
+        try:
+            settings = full_settings(self.settings)
+        except ValidationError as exc:  # the store's own settings, from this environment
+            raise StoreUnusableError(
+                f"cannot open {self.where}: {describe_settings_error(exc)}"
+            ) from None
         # Made outside the lock (it takes 100 ms and more with the driver's imports): nothing
         # else waits for it. Several threads may flush at once; one store (one pool) for all.
         made: SessionStore | None = SessionStore(
-            self.settings.database_url, settings=full_settings(self.settings), read_only=True
+            self.settings.database_url, settings=settings, read_only=True
         )
         with self._lock:
             if self._store is None:

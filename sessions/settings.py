@@ -65,8 +65,6 @@ class Settings(ClientSettings, BaseSettings):
     conversation_max_messages: int = Field(1000, gt=0, le=1_000_000)
     #: Checkpoints kept per thread (``ContextEngineAdapter``: per agent), the newest versions.
     checkpoints_per_thread: int = Field(100, gt=0, le=1_000_000)
-    #: Applied-batch ids are kept this long to recognise redelivered batches.
-    ledger_retention_days: float = Field(14.0, gt=0, le=MAX_DAYS)
     #: A message redelivered unfinished this many times (it kills the worker) is dead-lettered.
     max_redeliveries: int = Field(5, ge=1)
 
@@ -114,14 +112,6 @@ class Settings(ClientSettings, BaseSettings):
                 f"health_warn_rate ({self.health_warn_rate}) must not exceed "
                 f"health_fail_rate ({self.health_fail_rate})"
             )
-        redelivery_window = self.spool_max_age + timedelta(seconds=self.visibility_timeout_seconds)
-        if self.ledger_retention < redelivery_window:
-            raise ValueError(
-                "ledger_retention_days must outlive the longest time a batch can come back "
-                f"(spool_max_age_days + visibility_timeout_seconds = {redelivery_window}); "
-                f"got {self.ledger_retention}: a batch replayed after its ledger row is purged "
-                "would be counted twice"
-            )
         return self
 
     @property
@@ -131,10 +121,6 @@ class Settings(ClientSettings, BaseSettings):
     @property
     def ended_retention(self) -> timedelta:
         return timedelta(days=self.ended_retention_days)
-
-    @property
-    def ledger_retention(self) -> timedelta:
-        return timedelta(days=self.ledger_retention_days)
 
 
 def describe_settings_error(error: ValidationError) -> str:

@@ -328,8 +328,10 @@ class SessionTracker:
         ``wait=True`` it returns once every event recorded before the call is applied in the
         database, and raises :class:`BrokerUnavailableError` if some of them could not be
         published, :class:`UnserializableBatchError` if some could not be serialised (and were
-        set aside: ``stats.events_refused``), or :class:`FlushTimeoutError` after ``timeout``
-        seconds.
+        set aside: ``stats.events_refused``), :class:`~sessions.errors.StoreUnusableError` if
+        it confirms through a ledger it cannot read at all (no ``store`` extra, or the
+        environment's store settings break a rule), or :class:`FlushTimeoutError` after
+        ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
         target = self._buffer.request_flush()

@@ -495,3 +495,17 @@ def test_changing_metadata_after_create_changes_nothing_sent(
     created = [e for e in recorder.events() if e["kind"] == "create"]
     assert [e["metadata"] for e in created] == [{"files": []}]
     assert tracker.stats.events_refused == 0
+
+
+def test_a_tracker_whose_spool_outlives_the_ledger_is_refused_at_construction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of the client's settings: the exactly-once guard (the ledger outlives the spool
+    and the broker's redelivery) is checked by the agent's own settings, as it was when the
+    tracker read the full Settings."""
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("SESSIONS_BROKER_URL", "memory://")
+    monkeypatch.setenv("SESSIONS_SPOOL_MAX_AGE_DAYS", "30")  # the ledger keeps 14 days
+    with pytest.raises(ValidationError, match="ledger_retention_days must outlive"):
+        SessionTracker()

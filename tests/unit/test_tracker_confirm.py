@@ -341,3 +341,27 @@ def test_a_ledger_look_without_the_store_extra_says_so_at_once(
         # Refused at once (waited out, it would be a FlushTimeoutError naming the last error).
         with pytest.raises(StoreUnusableError, match=r"pip install '\.\[store\]'"):
             tracker.flush(wait=True, timeout=DEADLINE)
+
+
+def test_a_ledger_the_environment_cannot_open_is_refused_naming_the_variable(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of the client's settings: an agent reads only its own fields, so a store setting
+    the environment breaks surfaced first at the ledger's look, as pydantic's raw error, read
+    again at every look; now an error naming the variable and its rule, not a wait."""
+    from sessions.client_settings import ClientSettings
+    from sessions.confirming import LedgerConfirmer
+    from sessions.errors import StoreUnusableError
+
+    monkeypatch.setenv("SESSIONS_METRICS_PORT", "not-a-port")  # the worker's, not the agent's
+    client = ClientSettings(database_url=store.url, confirm_timeout_seconds=CONFIRM_TIMEOUT)
+    confirmer = LedgerConfirmer(client)
+    with pytest.raises(StoreUnusableError, match="SESSIONS_METRICS_PORT") as caught:
+        confirmer.applied({uuid.uuid4()})
+    assert "not-a-port" not in str(caught.value)
+    with SessionTracker(
+        client, publisher=lambda message: None, confirmer=confirmer, flush_interval=NEVER
+    ) as tracker:
+        tracker.record("s-1", processing_time=0.5)
+        with pytest.raises(StoreUnusableError, match="SESSIONS_METRICS_PORT"):
+            tracker.flush(wait=True, timeout=DEADLINE)
