@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -118,7 +118,7 @@ class ClientSettings(BaseModel):
     ledger_retention_days: float = Field(14.0, gt=0, le=MAX_DAYS)
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> ClientSettings:
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Self:
         """The client's settings from ``SESSIONS_*`` variables (default ``os.environ``).
 
         :raises pydantic.ValidationError: a value breaks its field's rule; each error's
