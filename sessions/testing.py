@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from sessions.client_settings import ClientSettings
 from sessions.decoding import RejectedEvent, decode_batch
 from sessions.errors import BrokerUnavailableError
 from sessions.events import AnyEvent, Batch, CreateEvent, EndEvent, MessageEvent, RecordEvent
@@ -392,11 +393,12 @@ class InMemoryStore:
     def after_fork(self) -> None:
         """Nothing to forget: a forked child has its own copy."""
 
-    def tracker(self, settings: Settings | None = None, **options: Any) -> SessionTracker:
+    def tracker(self, settings: ClientSettings | None = None, **options: Any) -> SessionTracker:
         """A :class:`~sessions.tracker.SessionTracker` whose batches this store applies at once
         (through an :class:`InMemoryPublisher`), confirmed by its ledger, with no spool.
 
-        ``settings`` default to the environment's with republishing off (nothing is ever
+        ``settings`` (a :class:`~sessions.client_settings.ClientSettings` or a full
+        ``Settings``) default to the environment's with republishing off (nothing is ever
         lost here); ``options`` are the tracker's (``flush_interval``, ``max_batch_events``,
         ``on_unsent``, ...).
         """
