@@ -274,3 +274,34 @@ def test_0008_moves_each_histogram_into_its_runs_row_and_back(empty_database_url
         assert latency_rows(store) == {**_LATENCY_ROWS, ("live", 1, 0): 4}
     finally:
         store.dispose()
+
+
+def _function_scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    if plan["Node Type"] == "Function Scan":
+        yield plan
+    for child in plan.get("Plans", []):
+        yield from _function_scans(child)
+
+
+def test_0009_buckets_are_read_by_unnest_with_the_same_rows(pg_store: SessionStore) -> None:
+    """Revision 0009's ``session_latency_buckets`` gives 0008's rows (every pair's bucket and
+    count, in the array's order; none for NULL or an empty array), and the planner costs
+    its unfolding of a column as a few elements per row, not ``generate_subscripts``' 1,000
+    (which priced the dashboard's histogram statements over the JIT thresholds)."""
+    store = pg_store
+    arrays: list[list[int] | None] = [None, [], [-1, 7], [-4, 2, -1, 5, -400, 3]]
+    with store.engine.connect() as connection:
+        for array in arrays:
+            rows = connection.exec_driver_sql(
+                "SELECT key, value FROM session_latency_buckets(CAST(%(h)s AS bigint[]))",
+                {"h": array},
+            ).all()
+            expected = [(-array[i] - 1, array[i + 1]) for i in range(0, len(array or []), 2)]
+            assert [tuple(row) for row in rows] == expected
+        plan = connection.exec_driver_sql(
+            "EXPLAIN (FORMAT JSON) SELECT s.status, l.key, sum(l.value) FROM sessions s"
+            " JOIN session_latency_buckets(s.latency) AS l ON true GROUP BY s.status, l.key"
+        ).scalar_one()[0]["Plan"]
+    (scan,) = _function_scans(plan)
+    assert scan["Function Name"] == "unnest"
+    assert scan["Total Cost"] < 1  # generate_subscripts' was 15.00 a row
