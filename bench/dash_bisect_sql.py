@@ -166,10 +166,11 @@ def main() -> None:
                 found["rows"] = len(rows)
                 found["same_rows_as_first"] = key == reference
                 result["forms"][f"{statement}/{form}"] = found
+                jit_ms = (found["jit"] or {}).get("Total", 0)
                 print(
                     f"{statement:18} {form:26} median {found['median_ms']:8.1f} ms"
                     f" explain {found['explain_ms']:8.1f} ms rows {len(rows)}"
-                    f" cost {found['plan_cost']:9.0f} jit {(found['jit'] or {}).get('Total', 0):6.1f} ms"
+                    f" cost {found['plan_cost']:9.0f} jit {jit_ms:6.1f} ms"
                     f" same {found['same_rows_as_first']}",
                     flush=True,
                 )

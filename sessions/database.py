@@ -55,7 +55,7 @@ MIGRATIONS_DIR = Path(str(files("sessions") / "migrations"))
 #: reads stay resident in a worker's main process, and in the pages its pool processes
 #: share, some 7 MB (bench/worker_memory.py). tests/unit/test_schema_heads.py keeps this
 #: equal to Alembic's own heads.
-HEAD_REVISIONS = frozenset({"0008"})
+HEAD_REVISIONS = frozenset({"0009"})
 #: Alembic's table of the revisions a database is at (its default name, as env.py leaves it).
 VERSION_TABLE = "alembic_version"
 #: Backends the store is written for (SQLAlchemy backend names).
