@@ -53,7 +53,7 @@ MIGRATIONS_DIR = Path(str(files("sessions") / "migrations"))
 #: The newest revisions of :data:`MIGRATIONS_DIR`, known without Alembic, so that a worker or
 #: beat starting on a database already at them never imports it: Alembic and the scripts it
 #: reads stay resident in a worker's main process, and in the pages its pool processes
-#: share, some 7 MB (bench/worker_memory.py). tests/unit/test_schema_heads.py keeps this
+#: share, some 7 MB (bench/worker_memory.py). tests/unit/test_worker_imports.py keeps this
 #: equal to Alembic's own heads.
 HEAD_REVISIONS = frozenset({"0009"})
 #: Alembic's table of the revisions a database is at (its default name, as env.py leaves it).
