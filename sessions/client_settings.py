@@ -115,6 +115,7 @@ class ClientSettings(BaseModel):
     #: Applied-batch ids are kept this long to recognise redelivered batches. A client's
     #: setting too: it must outlive the longest time the client's spool and the broker can
     #: bring a batch back, which an agent's settings decide (checked below, in the agent).
+    #: The workers' purge keeps what *their* environment says: set the same value on both.
     ledger_retention_days: float = Field(14.0, gt=0, le=MAX_DAYS)
 
     @classmethod

@@ -300,8 +300,16 @@ def reach(url: str) -> None:
     """
     engine = create_store_engine(url, poolclass=NullPool)
     try:
-        with engine.connect():
+        with _connect(engine, url):
             pass
+    finally:
+        engine.dispose()
+
+
+def _connect(engine: Engine, url: str) -> Connection:
+    """``engine.connect()``, its failure raised as :func:`reach` says."""
+    try:
+        return engine.connect()
     except DBAPIError as exc:
         if engine.dialect.name == "sqlite":
             raise StoreUnusableError(
@@ -310,8 +318,6 @@ def reach(url: str) -> None:
         raise StoreUnavailableError(
             f"cannot reach the database at {mask_url(url)}: {_cause(exc)}"
         ) from exc
-    finally:
-        engine.dispose()
 
 
 def _cause(exc: DBAPIError) -> str:
@@ -321,13 +327,15 @@ def _cause(exc: DBAPIError) -> str:
 def at_head_revisions(url: str) -> bool:
     """Whether the database at ``url`` is at :data:`HEAD_REVISIONS`, read without Alembic.
 
-    ``False`` too when that cannot be told (the database is away, the file cannot be
-    opened): the caller then goes the long way, :func:`upgrade_schema` and
-    :func:`require_head`, which say what is wrong.
+    Reads in a read-only transaction (on SQLite it takes no write lock, so a writer holding
+    one does not keep a worker's start waiting). ``False`` when the connection is made but
+    the answer cannot be read: the caller then goes the long way, :func:`upgrade_schema` and
+    :func:`require_head`, which say what is wrong. Raises as :func:`reach` does when no
+    connection is made (so a database that is away is not asked twice).
     """
-    engine = create_store_engine(url, poolclass=NullPool)
+    engine = create_store_engine(url, poolclass=NullPool, read_only=True)
     try:
-        with engine.connect() as connection:
+        with _connect(engine, url) as connection:
             if not inspect(connection).has_table(VERSION_TABLE):
                 return False
             rows = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}"))

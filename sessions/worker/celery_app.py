@@ -129,7 +129,12 @@ def migrate_store(settings: Settings | None = None) -> bool:
     """
     settings = settings or get_settings()
     url = settings.database_url
-    if at_head_revisions(url):  # the usual start: nothing to do, and no Alembic to import
+    try:
+        at_head = at_head_revisions(url)
+    except StoreUnavailableError as exc:
+        log.error("cannot migrate now, tasks will retry until it is back: %s", exc)
+        return False
+    if at_head:  # the usual start: nothing to do, and no Alembic to import
         revision = ", ".join(sorted(HEAD_REVISIONS))
         log.info("database at %s is at the newest schema (%s)", mask_url(url), revision)
         return True

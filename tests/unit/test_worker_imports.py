@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from sessions.database import HEAD_REVISIONS
 from tests.workers_harness import run_to_completion
 
@@ -121,3 +123,35 @@ def test_the_heads_known_without_alembic_are_alembics_own() -> None:
 
     script = ScriptDirectory.from_config(_alembic_config("sqlite://"))
     assert set(script.get_heads()) == HEAD_REVISIONS
+
+
+def test_the_head_check_reads_while_another_process_holds_sqlites_write_lock(
+    tmp_path: Path,
+) -> None:
+    """Review: the check read in a write transaction (``BEGIN IMMEDIATE``), so a writer holding
+    the lock kept a worker's start waiting out the busy timeout, then sent it through Alembic."""
+    import sqlite3
+
+    from sessions.database import at_head_revisions, upgrade_schema
+
+    database = tmp_path / "sessions.db"
+    upgrade_schema(f"sqlite:///{database}")
+    writer = sqlite3.connect(database, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # another process's write transaction
+        assert at_head_revisions(f"sqlite:///{database}") is True
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def test_a_database_that_is_away_is_said_so_by_the_head_check_itself() -> None:
+    """Review: an unreachable server made the check answer ``False``, and the long way then
+    connected a second time (two connect timeouts before "cannot migrate now")."""
+    from sessions.database import at_head_revisions
+    from sessions.errors import StoreUnavailableError
+    from tests.workers_harness import free_port
+
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nowhere"
+    with pytest.raises(StoreUnavailableError, match="cannot reach the database"):
+        at_head_revisions(url)
