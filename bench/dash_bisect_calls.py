@@ -11,15 +11,31 @@ Prints one JSON line: the median (and every) ms per call after one warm-up call.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
-import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
 
 import sessions
-from sessions.dashboard.reads import by_status, health_counts
 from sessions.settings import Settings
 from sessions.store import SessionStore
+
+
+def _load_overview_calls() -> ModuleType:
+    # From its file, not as ``bench.overview_calls``: with an older tree first on PYTHONPATH,
+    # ``bench`` would be that tree's package, which may not have the module.
+    spec = importlib.util.spec_from_file_location(
+        "overview_calls", Path(__file__).with_name("overview_calls.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_overview = _load_overview_calls()
 
 
 def main() -> None:
@@ -31,18 +47,7 @@ def main() -> None:
     arguments = parser.parse_args()
     store = SessionStore(arguments.url, settings=Settings(database_url=arguments.url))
 
-    def activity() -> object:
-        now = datetime.now(UTC)
-        return store.activity(now - timedelta(minutes=59), now)
-
-    calls = {
-        "activity": activity,
-        "unhealthy": lambda: store.unhealthy(limit=50),
-        "by_status": lambda: by_status(store),
-        "top_users(requests)": lambda: store.top_users(by="requests", limit=10),
-        "top_users(p95)": lambda: store.top_users(by="p95", limit=10),
-        "health_counts": lambda: health_counts(store),
-    }
+    calls = _overview.overview_calls(store)
     result: dict[str, object] = {
         "label": arguments.label,
         "sessions_from": sessions.__file__,
@@ -55,11 +60,7 @@ def main() -> None:
             continue
         answer = call()
         answers[name] = repr(answer)[:20000]
-        seconds = []
-        for _ in range(arguments.repeat):
-            started = time.perf_counter()
-            call()
-            seconds.append(time.perf_counter() - started)
+        seconds = _overview.call_seconds(call, arguments.repeat)
         result[name] = {
             "median_ms": round(statistics.median(seconds) * 1000, 1),
             "all_ms": [round(s * 1000, 1) for s in seconds],

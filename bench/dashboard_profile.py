@@ -22,38 +22,20 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, make_url, text
 
 from bench.dashboard import RESULTS, seed
+from bench.overview_calls import call_seconds, overview_calls
 from bench.sweeps import captured_statements
-from sessions.dashboard.reads import by_status, health_counts
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from tests.services import POSTGRES_ADMIN_URL
-
-
-def overview_calls(store: SessionStore) -> dict[str, Callable[[], object]]:
-    """The overview's reads with its default parameters (``minutes=60``, ``top=10``,
-    ``unhealthy=50``), by name."""
-
-    def activity() -> object:
-        now = datetime.now(UTC)
-        return store.activity(now - timedelta(minutes=59), now)
-
-    return {
-        "activity": activity,
-        "unhealthy": lambda: store.unhealthy(limit=50),
-        "by_status": lambda: by_status(store),
-        "top_users(requests)": lambda: store.top_users(by="requests", limit=10),
-        "top_users(p95)": lambda: store.top_users(by="p95", limit=10),
-        "health_counts": lambda: health_counts(store),
-    }
 
 
 def _plan_nodes(plan: dict[str, Any], depth: int = 0) -> Iterator[str]:
@@ -120,11 +102,7 @@ def profile(
         if only and name not in only:
             continue
         call()  # warm
-        seconds = []
-        for _ in range(repeat):
-            started = time.perf_counter()
-            call()
-            seconds.append(time.perf_counter() - started)
+        seconds = call_seconds(call, repeat)
         result[name] = {
             "median_ms": statistics.median(seconds) * 1000,
             "max_ms": max(seconds) * 1000,

@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from bench.overview_calls import call_seconds
 from sessions.dashboard.reads import by_status
 from sessions.histogram import percentile
 from sessions.records import COUNTERS, percentile_fields
@@ -184,11 +185,7 @@ def main() -> None:
         }
         for name, call in reads(connection).items():
             answer = call()
-            seconds = []
-            for _ in range(arguments.repeat):
-                started = time.perf_counter()
-                call()
-                seconds.append(time.perf_counter() - started)
+            seconds = call_seconds(call, arguments.repeat)
             result[name] = {
                 "median_ms": statistics.median(seconds) * 1000,
                 "max_ms": max(seconds) * 1000,
