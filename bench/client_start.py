@@ -21,15 +21,15 @@ the bench pops what it measures, on a Redis database it claims (empty, marked, f
 
 Every kind runs, by default, in a virtualenv of its own made for the run, with a wheel of the
 checkout installed as an agent installs it (``pip install agent-sessions``, no extra; about a
-minute to make): the project's modules are imported from the ``.pyc`` files pip compiles, as
-the libraries' are, no checkout is on the path, and no editable install's finder runs at each
-interpreter start (the project's own virtualenv pays about 27 ms for it, bare client
-included). ``--checkout`` runs the bench's own interpreter with the checkout on
-``PYTHONPATH`` instead, byte-compiled first (``compileall``): quicker, for comparing
-commits. A result's ``installed`` field says which way it was made; the results without one
-(before 2026-12-02T19:17Z) were made the ``--checkout`` way without the compiling: on a
-machine with ``PYTHONDONTWRITEBYTECODE`` set (this one) they charged the tracker for
-compiling its source at every start.
+minute to make), and Celery beside it for the bare kinds (an agent's install has none): the
+project's modules are imported from the ``.pyc`` files pip compiles, as the libraries' are,
+no checkout is on the path, and no editable install's finder runs at each interpreter start
+(the project's own virtualenv pays about 27 ms for it, bare client included). ``--checkout``
+runs the bench's own interpreter with the checkout on ``PYTHONPATH`` instead, byte-compiled
+first (``compileall``): quicker, for comparing commits. A result's ``installed`` field says
+which way it was made; the results without one (before 2026-12-02T19:17Z) were made the
+``--checkout`` way without the compiling: on a machine with ``PYTHONDONTWRITEBYTECODE`` set
+(this one) they charged the tracker for compiling its source at every start.
 
 ::
 
@@ -184,14 +184,17 @@ source = REPO_ROOT
 #: (``--checkout``) instead of installed in its virtualenv.
 interpreter = Path(sys.executable)
 on_pythonpath = True
+#: The Celery the bare kinds import, as the worker extra pins it (pyproject.toml).
+BARE_CELERY = "celery>=5.7,<6"
 #: Seconds a build or an install may take (pip resolving on a busy machine is slow).
 INSTALL_TIMEOUT = 900
 
 
 def installed_agent(where: Path) -> Path:
     """A virtualenv at ``where`` with a wheel of :data:`source` installed as an agent installs
-    it (no extra); its interpreter. Raises ``subprocess.CalledProcessError`` if pip fails,
-    ``ValueError`` if the build left no single wheel."""
+    it (no extra), and Celery for the bare kinds; its interpreter. Raises
+    ``subprocess.CalledProcessError`` if pip fails, ``ValueError`` if the build left no single
+    wheel."""
     checkout = shutil.copytree(
         source,
         where / "checkout",
@@ -206,7 +209,9 @@ def installed_agent(where: Path) -> Path:
     (wheel,) = wheels.glob("agent_sessions-*.whl")
     _install_step([sys.executable, "-m", "venv", str(where / "venv")], where)
     python = where / "venv" / "bin" / "python"
-    _install_step([str(python), "-m", "pip", "install", "-q", str(wheel)], where)
+    # Celery for the bare kinds only: an agent's install no longer brings it (the worker
+    # extra does), and the tracker never imports it (each run reports what it loaded).
+    _install_step([str(python), "-m", "pip", "install", "-q", str(wheel), BARE_CELERY], where)
     return python
 
 

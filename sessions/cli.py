@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from importlib.util import find_spec
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -199,6 +200,9 @@ def _exec_celery(arguments: list[str]) -> NoReturn:
     exit status 78 (``EX_CONFIG``). Only a URL naming a database the store does not support
     is refused here already, before any connection, with the same status.
     """
+    if find_spec("celery") is None:
+        # Said as a missing import is (sessions/command.py): "needs the 'worker' extra".
+        raise ModuleNotFoundError("No module named 'celery'", name="celery")
     settings = get_settings()
     try:
         check_supported(settings.database_url)

@@ -17,6 +17,8 @@ EXTRA_OF = {
     "typer": "cli",
     "click": "cli",
     "rich": "cli",
+    "celery": "worker",
+    "billiard": "worker",
     "prometheus_client": "worker",
     "starlette": "dashboard",
     "jinja2": "dashboard",

@@ -135,7 +135,8 @@ def test_the_base_install_records_and_leaves_the_applications_modules_alone(
     tracker.close()
     print(json.dumps({"whose": whose, "sent": tracker.stats.batches_sent,
                       "heavy": [m for m in ("sqlalchemy", "alembic", "starlette",
-                                            "prometheus_client", "typer") if find_spec(m)]}))
+                                            "prometheus_client", "typer", "celery",
+                                            "billiard", "click") if find_spec(m)]}))
     """,
     )
     assert seen == {
