@@ -58,7 +58,7 @@ from sessions.database import latency_add, upsert_into, upsert_into_table
 from sessions.events import AnyEvent, CreateEvent, EndEvent, MessageEvent, RecordEvent
 from sessions.histogram import EDGES, HIGHEST, OVERFLOW
 from sessions.messages import insert_messages, trim
-from sessions.records import COUNTERS as COUNTERS  # in the order deltas carry them
+from sessions.records import COUNTERS  # in the order deltas carry them
 from sessions.tables import (
     ERROR_RATE_BOUND_MAX,
     ERROR_RATE_STEPS,

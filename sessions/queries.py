@@ -32,10 +32,9 @@ from sqlalchemy import (
     union_all,
 )
 
-from sessions.apply import COUNTERS
 from sessions.bounds import check_choice, check_id, check_limit, check_moment
 from sessions.database import latency_buckets, minute_of
-from sessions.records import STATUSES, UserRanking
+from sessions.records import COUNTERS, STATUSES, UserRanking
 from sessions.tables import (
     ACTIVE,
     UTCDateTime,

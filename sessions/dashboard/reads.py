@@ -18,9 +18,8 @@ from typing import Any, Literal
 
 from sqlalchemy import case, func, select
 
-from sessions.apply import COUNTERS
 from sessions.queries import BUCKET, COUNT, LIVE_LATENCY
-from sessions.records import STATUSES, Aggregate, SessionRecord, Status, percentile_fields
+from sessions.records import COUNTERS, STATUSES, Aggregate, SessionRecord, Status, percentile_fields
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.sweeps import error_rate_above
