@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, text
 from bench.ingest import apply_only
 from sessions.settings import Settings
 from sessions.store import SessionStore
-from tests.services import temporary_postgres_database
+from tests.support.services import temporary_postgres_database
 
 
 def hot_update_fraction(url: str) -> float:

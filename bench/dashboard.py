@@ -42,7 +42,7 @@ import uvicorn
 from sessions.dashboard.app import create_app
 from sessions.settings import Settings
 from sessions.store import SessionStore
-from tests.services import temporary_postgres_database
+from tests.support.services import temporary_postgres_database
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Events per ``store.apply`` while seeding.
@@ -123,7 +123,7 @@ def seed(store: SessionStore, sessions: int) -> tuple[int, float]:
 @contextmanager
 def served(settings: Settings) -> Iterator[str]:
     """The dashboard served by uvicorn on a free loopback port, for the block."""
-    from tests.workers_harness import free_port  # a checkout's, as bench.ingest's
+    from tests.support.workers_harness import free_port  # a checkout's, as bench.ingest's
 
     port = free_port()
     app = create_app(settings)

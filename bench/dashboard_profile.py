@@ -35,7 +35,7 @@ from bench.overview_calls import call_seconds, overview_calls
 from bench.sweeps import captured_statements
 from sessions.settings import Settings
 from sessions.store import SessionStore
-from tests.services import POSTGRES_ADMIN_URL
+from tests.support.services import POSTGRES_ADMIN_URL
 
 
 def _plan_nodes(plan: dict[str, Any], depth: int = 0) -> Iterator[str]:

@@ -58,7 +58,7 @@ from bench.apply_alone import explain_one_batch
 from bench.ingest import apply_texts, wire_batches
 from sessions.settings import Settings
 from sessions.store import SessionStore
-from tests.services import temporary_postgres_database
+from tests.support.services import temporary_postgres_database
 
 #: The variants measured, each in a database of its own: today's, and the histogram in the
 #: row as an array of this element type (``int4`` halves the row's growth, and a bucket's

@@ -819,7 +819,7 @@ class Bench:
         profilers: list[subprocess.Popen[bytes]] = []
         scraper: Scraper | None = None
         try:
-            from tests.workers_harness import free_port
+            from tests.support.workers_harness import free_port
 
             assert workers == 1 or not metrics, "one metrics port: one worker"
             port = free_port() if metrics else 0
@@ -980,7 +980,7 @@ class Scraper:
         self._thread.start()
 
     def _run(self, interval: float) -> None:
-        from tests.workers_harness import scrape_metrics
+        from tests.support.workers_harness import scrape_metrics
 
         while not self._stop.wait(interval):
             try:
@@ -995,7 +995,7 @@ class Scraper:
 
     def finish(self, total: int) -> str:
         """Stop scraping; empty when the endpoint counts ``total`` applied events, else why."""
-        from tests.workers_harness import scrape_metrics
+        from tests.support.workers_harness import scrape_metrics
 
         self.stop()
         deadline = time.monotonic() + 30
@@ -1696,8 +1696,8 @@ def main() -> None:
         arguments.latency_seconds = 2.0
         arguments.no_scale = True
 
-    from tests.services import temporary_postgres_database
-    from tests.workers_harness import claimed_redis_db
+    from tests.support.services import temporary_postgres_database
+    from tests.support.workers_harness import claimed_redis_db
 
     with (
         contextlib.ExitStack() as partition_claims,

@@ -36,7 +36,7 @@ from bench.ingest import apply_texts, plan
 from sessions.records import COUNTERS
 from sessions.settings import Settings
 from sessions.store import SessionStore
-from tests.services import temporary_postgres_database
+from tests.support.services import temporary_postgres_database
 
 USERS = 100
 SHARDS = 4

@@ -31,7 +31,7 @@ from sqlalchemy import Engine, event, text
 
 from sessions.settings import Settings
 from sessions.store import SessionStore
-from tests.services import temporary_postgres_database
+from tests.support.services import temporary_postgres_database
 
 RESULTS = Path(__file__).resolve().parent / "results"
 USERS = 10_000

@@ -40,7 +40,7 @@ from sessions.decoding import DecodedBatch, WireBatch
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tables import latency_pairs
-from tests.services import temporary_postgres_database
+from tests.support.services import temporary_postgres_database
 from tests.unit.test_apply_delta import plain_add  # Delta.add before the change, kept there
 
 # -- the forms before the change (d091de3), verbatim but for their names (Delta.add: the test's)

@@ -475,7 +475,7 @@ def database(sqlite: bool, workdir: Path) -> Iterator[str]:
     if sqlite:
         yield f"sqlite:///{workdir / 'sessions.db'}"
         return
-    from tests.services import temporary_postgres_database
+    from tests.support.services import temporary_postgres_database
 
     with temporary_postgres_database("sessions_bench_memory") as url:
         yield url
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     arguments = parser.parse_args(argv)
 
     from sessions.database import upgrade_schema
-    from tests.workers_harness import claimed_redis_db
+    from tests.support.workers_harness import claimed_redis_db
 
     if arguments.imports:
         ladders = [import_ladder("sqlite:///:memory:") for _ in range(3)]

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sessions.settings import Settings, get_settings
 from sessions.store import SessionStore
 from sessions.tables import Base
-from tests.services import require_postgres, temporary_postgres_database
+from tests.support.services import require_postgres, temporary_postgres_database
 
 # pytest-celery 1.x brings Docker-based fixtures that shadow Celery's own; there is no
 # Docker engine here, so Celery's in-process fixtures are loaded explicitly.

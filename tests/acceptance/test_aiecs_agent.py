@@ -1,10 +1,11 @@
 """A real, unmodified AIECS agent keeps its sessions here: the guide's Pattern 1 and Pattern 2.
 
 ``examples/aiecs_agent.py`` runs in a virtualenv of its own with aiecs 2.2.0
-(``tests/aiecs_venv.py``: built once, kept under ``.cache/``), with a real ``HybridAgent``, a
-stub LLM client subclassing aiecs's ``BaseLLMClient`` and this project's ``ContextEngine``,
-against a live worker: on SQLite with the embedded filesystem broker, and on PostgreSQL with
-Redis. What aiecs logs, what the engine returned and what the store holds are checked.
+(``tests/support/aiecs_venv.py``: built once, kept under ``.cache/``), with a real
+``HybridAgent``, a stub LLM client subclassing aiecs's ``BaseLLMClient`` and this project's
+``ContextEngine``, against a live worker: on SQLite with the embedded filesystem broker, and on
+PostgreSQL with Redis. What aiecs logs, what the engine returned and what the store holds are
+checked.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from sqlalchemy import select
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tables import messages_table
-from tests.aiecs_venv import REPO_ROOT, aiecs_python
 from tests.integration.support import run_rows
-from tests.services import require_postgres, require_redis, temporary_postgres_database
-from tests.workers_harness import (
+from tests.support.aiecs_venv import REPO_ROOT, aiecs_python
+from tests.support.services import require_postgres, require_redis, temporary_postgres_database
+from tests.support.workers_harness import (
     claimed_redis_db,
     run_to_completion,
     service_environment,

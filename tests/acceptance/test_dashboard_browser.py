@@ -32,9 +32,9 @@ from playwright.sync_api import Page, sync_playwright
 from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent
 from sessions.records import UserRanking
 from sessions.store import SessionStore
-from tests.services import missing_service
-from tests.waiting import cpu_progress
-from tests.workers_harness import free_port, service_environment, wait_until
+from tests.support.services import missing_service
+from tests.support.waiting import cpu_progress
+from tests.support.workers_harness import free_port, service_environment, wait_until
 
 pytestmark = pytest.mark.slow
 

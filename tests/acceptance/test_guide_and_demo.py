@@ -12,10 +12,10 @@ import pytest
 
 from examples.guide_patterns import session_pool_of, timeout_check
 from sessions.context_engine import ContextEngine
-from tests.guide_agent import agent_went_quiet, serve
 from tests.integration.support import run_rows
-from tests.services import require_postgres, require_redis, temporary_postgres_database
-from tests.workers_harness import (
+from tests.support.guide_agent import agent_went_quiet, serve
+from tests.support.services import require_postgres, require_redis, temporary_postgres_database
+from tests.support.workers_harness import (
     claimed_redis_db,
     run_to_completion,
     running_pipeline,

@@ -17,8 +17,8 @@ import pytest
 from sessions.settings import get_settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
-from tests.services import require_postgres, require_redis, temporary_postgres_database
-from tests.workers_harness import (
+from tests.support.services import require_postgres, require_redis, temporary_postgres_database
+from tests.support.workers_harness import (
     claimed_redis_db,
     flush_applied,
     service_environment,

@@ -34,8 +34,8 @@ from sessions.publisher import CeleryPublisher
 from sessions.settings import Settings
 from sessions.tracker import SessionTracker
 from tests.faults import report
-from tests.waiting import process_table
-from tests.workers_harness import (
+from tests.support.waiting import process_table
+from tests.support.workers_harness import (
     CeleryProcess,
     service_environment,
     wait_until,

@@ -36,9 +36,9 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from tests.services import missing_service
-from tests.waiting import cpu_progress, wait_for
-from tests.workers_harness import free_port, run_to_completion
+from tests.support.services import missing_service
+from tests.support.waiting import cpu_progress, wait_for
+from tests.support.workers_harness import free_port, run_to_completion
 
 #: Where PostgreSQL's server binaries are looked for (newest version first).
 POSTGRES_BIN_ENV = "SESSIONS_FAULTS_POSTGRES_BIN"

@@ -46,7 +46,7 @@ from tests.faults.harness import (
 from tests.faults.killed_agent import COUNTERS
 from tests.faults.report import Row, add, scaled
 from tests.faults.servers import PrivateRedis
-from tests.waiting import cpu_budget, cpu_progress, wait_for
+from tests.support.waiting import cpu_budget, cpu_progress, wait_for
 
 pytestmark = [pytest.mark.slow]
 

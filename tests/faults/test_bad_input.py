@@ -50,8 +50,8 @@ from tests.faults.harness import (
 )
 from tests.faults.report import scaled
 from tests.faults.servers import FaultBroker
-from tests.nesting import nested_list, nested_object
-from tests.workers_harness import free_port, scrape_metrics
+from tests.support.nesting import nested_list, nested_object
+from tests.support.workers_harness import free_port, scrape_metrics
 
 pytestmark = [pytest.mark.slow]
 

@@ -59,7 +59,7 @@ from tests.faults.harness import (
 )
 from tests.faults.report import scaled
 from tests.faults.servers import FaultBroker, PrivateRabbitMQ, PrivateRedis
-from tests.workers_harness import CeleryProcess
+from tests.support.workers_harness import CeleryProcess
 
 pytestmark = [pytest.mark.slow]
 

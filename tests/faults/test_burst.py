@@ -38,7 +38,7 @@ from tests.faults.harness import (
 )
 from tests.faults.report import scaled
 from tests.faults.servers import PrivateRedis
-from tests.workers_harness import REPO_ROOT
+from tests.support.workers_harness import REPO_ROOT
 
 pytestmark = [pytest.mark.slow]
 

@@ -30,8 +30,8 @@ from tests.faults.harness import (
 )
 from tests.faults.report import scaled
 from tests.faults.servers import PrivateRedis
-from tests.waiting import cpu_progress, wait_for
-from tests.workers_harness import REPO_ROOT, worker_activity
+from tests.support.waiting import cpu_progress, wait_for
+from tests.support.workers_harness import REPO_ROOT, worker_activity
 
 pytestmark = [pytest.mark.slow]
 

@@ -36,7 +36,7 @@ from tests.faults.harness import (
 from tests.faults.poison_hook import KILLS_ENV, POISON_SESSION
 from tests.faults.report import scaled
 from tests.faults.servers import FaultBroker
-from tests.workers_harness import CeleryProcess
+from tests.support.workers_harness import CeleryProcess
 
 pytestmark = [pytest.mark.slow]
 

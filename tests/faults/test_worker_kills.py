@@ -62,7 +62,7 @@ from tests.faults.harness import (
 )
 from tests.faults.report import Row, scaled
 from tests.faults.servers import FaultBroker, PrivateRedis
-from tests.workers_harness import CeleryProcess
+from tests.support.workers_harness import CeleryProcess
 
 pytestmark = [pytest.mark.slow]
 

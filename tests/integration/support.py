@@ -21,7 +21,7 @@ from sessions.tables import (
     runs_table,
     sessions_table,
 )
-from tests.waiting import STALL
+from tests.support.waiting import STALL
 
 #: A fixed past instant the tests count event times from (events may not lie in the future).
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)

@@ -22,8 +22,8 @@ from sessions.events import Batch, RecordEvent
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from tests.integration.support import DEADLINE, T0, ledger_ids, live_rows, run_rows
-from tests.reference_model import COUNTERS
-from tests.waiting import POLL, cpu_progress, wait_for
+from tests.support.reference_model import COUNTERS
+from tests.support.waiting import POLL, cpu_progress, wait_for
 
 pytestmark = pytest.mark.postgres
 

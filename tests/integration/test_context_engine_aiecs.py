@@ -22,7 +22,7 @@ from sessions.context_engine import ContextEngine
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 Publish = Callable[[dict[str, Any]], None]
 

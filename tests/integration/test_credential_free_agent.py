@@ -21,8 +21,8 @@ from sessions.publisher import CeleryPublisher
 from sessions.redis_confirming import confirmation_key
 from sessions.settings import Settings
 from sessions.store import SessionStore
-from tests.services import require_postgres, require_redis, temporary_postgres_database
-from tests.workers_harness import (
+from tests.support.services import require_postgres, require_redis, temporary_postgres_database
+from tests.support.workers_harness import (
     REPO_ROOT,
     CeleryProcess,
     claimed_redis_db,

@@ -22,8 +22,8 @@ from sessions.cli import app
 from sessions.redact import decode
 from sessions.settings import Settings
 from sessions.store import SessionStore
-from tests.waiting import cpu_progress, wait_for
-from tests.workers_harness import REPO_ROOT, service_environment
+from tests.support.waiting import cpu_progress, wait_for
+from tests.support.workers_harness import REPO_ROOT, service_environment
 
 TOKEN = "s3cret-token-for-tests-only"
 #: How long the server may use no CPU while the test waits for it (a busy machine).

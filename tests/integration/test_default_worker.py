@@ -18,8 +18,8 @@ from sessions.publisher import CeleryPublisher
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
-from tests.services import require_postgres, require_redis, temporary_postgres_database
-from tests.workers_harness import (
+from tests.support.services import require_postgres, require_redis, temporary_postgres_database
+from tests.support.workers_harness import (
     CeleryProcess,
     claimed_redis_db,
     flush_applied,

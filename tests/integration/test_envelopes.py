@@ -33,7 +33,7 @@ from sessions.store import SessionStore
 from sessions.worker import envelopes
 from sessions.worker.celery_app import SET_ASIDE_TASK, app, create_app
 from tests.faults.servers import PrivateRedis, private_redis
-from tests.workers_harness import CeleryProcess, service_environment, wait_until
+from tests.support.workers_harness import CeleryProcess, service_environment, wait_until
 
 QUEUE = "sessions.events"
 #: Seconds the consumer waits for an item it has been given.

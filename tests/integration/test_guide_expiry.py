@@ -18,8 +18,8 @@ import pytest
 from examples.guide_patterns import session_pool_of, timeout_check
 from sessions.context_engine import ContextEngine
 from sessions.store import SessionStore
-from tests.guide_agent import agent_went_quiet, serve
 from tests.integration.support import run_rows
+from tests.support.guide_agent import agent_went_quiet, serve
 
 
 def idle_sweep(max_idle_seconds: float | None = None) -> list[str]:

@@ -20,7 +20,12 @@ import pytest
 import yaml
 
 from tests.faults.servers import PrivateRedis, private_redis
-from tests.workers_harness import INSTALLED_APP, CeleryProcess, service_environment, wait_until
+from tests.support.workers_harness import (
+    INSTALLED_APP,
+    CeleryProcess,
+    service_environment,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow]
 

@@ -28,7 +28,7 @@ from tests.integration.support import (
     snapshot,
     with_redeliveries,
 )
-from tests.reference_model import exact_percentile
+from tests.support.reference_model import exact_percentile
 
 #: Processing times the bound holds for: from 1 ms up to (not including) 1 hour.
 IN_RANGE = st.floats(min_value=h.LOWEST, max_value=h.HIGHEST, exclude_max=True)

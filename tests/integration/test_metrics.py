@@ -32,7 +32,7 @@ from sessions.worker import metrics, tasks
 from sessions.worker.celery_app import create_app
 from sessions.worker.metrics import DEAD_LETTER_REASONS, WorkerMetrics
 from tests.integration.support import record_message
-from tests.workers_harness import (
+from tests.support.workers_harness import (
     Pipeline,
     Scrape,
     flush_applied,

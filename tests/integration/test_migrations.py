@@ -27,7 +27,7 @@ from sessions.tables import (
     sessions_table,
 )
 from tests.integration.support import latency_rows
-from tests.services import require_postgres, temporary_postgres_database
+from tests.support.services import require_postgres, temporary_postgres_database
 
 
 def _compare(connection: Connection) -> list[Any]:

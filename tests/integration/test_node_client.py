@@ -27,8 +27,8 @@ from jsonschema import Draft202012Validator
 
 from sessions.events import MAX_PROCESSING_TIME
 from sessions.wire import shipped_schema
-from tests.services import missing_service
-from tests.workers_harness import (
+from tests.support.services import missing_service
+from tests.support.workers_harness import (
     REPO_ROOT,
     run_to_completion,
     running_pipeline,

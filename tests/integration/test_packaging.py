@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.workers_harness import REPO_ROOT, run_to_completion
+from tests.support.workers_harness import REPO_ROOT, run_to_completion
 
 pytestmark = [pytest.mark.slow]
 

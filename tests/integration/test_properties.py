@@ -33,7 +33,7 @@ from tests.integration.support import (
     run_rows,
     with_redeliveries,
 )
-from tests.reference_model import ReferenceStore, session_totals
+from tests.support.reference_model import ReferenceStore, session_totals
 
 SESSION_IDS = st.sampled_from(["user-1", "user-2", "temp-3"])
 USER_IDS = st.one_of(st.none(), st.sampled_from(["owner-a", "owner-b"]))

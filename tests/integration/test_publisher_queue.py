@@ -24,8 +24,8 @@ from sessions.broker import (
 from sessions.events import Batch, RecordEvent, encode_message, utcnow
 from sessions.publisher import INGEST_TASK, CeleryPublisher
 from sessions.settings import Settings
-from tests.services import rabbitmqctl, require_redis, temporary_rabbitmq_vhost
-from tests.workers_harness import claimed_redis_db
+from tests.support.services import rabbitmqctl, require_redis, temporary_rabbitmq_vhost
+from tests.support.workers_harness import claimed_redis_db
 
 
 @pytest.fixture(params=["redis", "amqp", "filesystem"])

@@ -28,7 +28,7 @@ from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
 from tests.faults.servers import PrivateRedis, private_redis
-from tests.workers_harness import wait_until
+from tests.support.workers_harness import wait_until
 
 
 @pytest.fixture(scope="module")

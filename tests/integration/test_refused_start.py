@@ -26,14 +26,14 @@ from sessions.publisher import CeleryPublisher
 from sessions.settings import Settings, get_settings
 from sessions.store import SessionStore
 from sessions.worker.celery_app import REFUSED_EXIT_CODE
-from tests.services import (
+from tests.support.services import (
     POSTGRES_ADMIN_URL,
     require_postgres,
     require_redis,
     temporary_mariadb_database,
     temporary_postgres_database,
 )
-from tests.workers_harness import (
+from tests.support.workers_harness import (
     DEADLINE,
     CeleryProcess,
     TcpProxy,

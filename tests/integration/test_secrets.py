@@ -21,14 +21,19 @@ from typer.testing import CliRunner
 from sessions import cli
 from sessions.cli import app
 from sessions.settings import get_settings
-from tests.services import (
+from tests.support.services import (
     RABBITMQ_URL,
     require_rabbitmq,
     require_redis,
     temporary_postgres_database,
 )
-from tests.waiting import cpu_progress, wait_for
-from tests.workers_harness import DEADLINE, CeleryProcess, claimed_redis_db, service_environment
+from tests.support.waiting import cpu_progress, wait_for
+from tests.support.workers_harness import (
+    DEADLINE,
+    CeleryProcess,
+    claimed_redis_db,
+    service_environment,
+)
 
 runner = CliRunner()
 SECRET = "hunter2"

@@ -28,7 +28,7 @@ from tests.integration.support import (
     run_rows,
     snapshot,
 )
-from tests.workers_harness import wait_until
+from tests.support.workers_harness import wait_until
 
 OpenStore = Callable[[SessionStore], SessionStore]
 

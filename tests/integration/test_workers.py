@@ -27,8 +27,8 @@ from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
 from sessions.worker import tasks
 from tests.integration.support import record_message
-from tests.services import POSTGRES_ADMIN_URL
-from tests.workers_harness import (
+from tests.support.services import POSTGRES_ADMIN_URL
+from tests.support.workers_harness import (
     Pipeline,
     SilentServer,
     TcpProxy,

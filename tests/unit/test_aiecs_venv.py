@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import aiecs_venv
-from tests.workers_harness import free_port
+from tests.support import aiecs_venv
+from tests.support.workers_harness import free_port
 
 
 @pytest.fixture

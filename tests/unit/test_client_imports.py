@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 from bench.client_start import FORBIDDEN  # the bench reports on the same list
-from tests.workers_harness import run_to_completion
+from tests.support.workers_harness import run_to_completion
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

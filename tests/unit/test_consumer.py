@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from sessions.worker import metrics, tasks
 from sessions.worker.celery_app import app
 from sessions.worker.consumer import MAX_MESSAGE_DEPTH, Consumer, message_problem
-from tests.nesting import nested_list, nested_object
+from tests.support.nesting import nested_list, nested_object
 
 TASK = "sessions.ingest"
 

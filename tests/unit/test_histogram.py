@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sessions import histogram as h
-from tests.reference_model import exact_percentile
+from tests.support.reference_model import exact_percentile
 
 in_range = st.floats(min_value=h.LOWEST, max_value=h.HIGHEST, exclude_max=True)
 

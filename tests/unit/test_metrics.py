@@ -21,8 +21,8 @@ from sessions.records import ApplyResult, SweepResult
 from sessions.settings import Settings
 from sessions.worker import metrics
 from sessions.worker.metrics import DEAD_LETTER_REASONS, WorkerMetrics, prepare_directory
+from tests.support.workers_harness import REPO_ROOT, free_port, scrape_metrics
 from tests.unit.metrics_fork import ACTIVE, EVENTS
-from tests.workers_harness import REPO_ROOT, free_port, scrape_metrics
 
 COMMITTED_AT = datetime(2026, 1, 1, tzinfo=UTC)
 

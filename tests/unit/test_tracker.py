@@ -23,7 +23,7 @@ from sessions.publisher import CeleryPublisher, Publisher
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
-from tests.workers_harness import DEADLINE, wait_until
+from tests.support.workers_harness import DEADLINE, wait_until
 
 #: A flush interval no test waits for: batches are cut by size, flush or close only.
 NEVER = 3600.0

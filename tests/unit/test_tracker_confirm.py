@@ -21,8 +21,8 @@ from sessions.publisher import CallablePublisher
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker, open_spool
+from tests.support.workers_harness import DEADLINE, wait_until
 from tests.unit.test_tracker import NEVER
-from tests.workers_harness import DEADLINE, wait_until
 
 CONFIRM_TIMEOUT = 0.3
 

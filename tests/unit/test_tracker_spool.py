@@ -26,8 +26,8 @@ from sessions.settings import Settings
 from sessions.spool import BatchSpool
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker, open_spool
+from tests.support.workers_harness import DEADLINE, run_to_completion, wait_until
 from tests.unit.test_tracker import NEVER, RecordingPublisher
-from tests.workers_harness import DEADLINE, run_to_completion, wait_until
 
 
 @pytest.fixture(autouse=True)

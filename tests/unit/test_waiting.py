@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.waiting import CPU_QUANTUM, cpu_budget, cpu_progress, cpu_seconds, wait_for
+from tests.support.waiting import CPU_QUANTUM, cpu_budget, cpu_progress, cpu_seconds, wait_for
 
 
 def test_a_wait_outlives_its_stall_window_while_the_work_progresses() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sessions.database import HEAD_REVISIONS
-from tests.workers_harness import run_to_completion
+from tests.support.workers_harness import run_to_completion
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,7 +150,7 @@ def test_a_database_that_is_away_is_said_so_by_the_head_check_itself() -> None:
     connected a second time (two connect timeouts before "cannot migrate now")."""
     from sessions.database import at_head_revisions
     from sessions.errors import StoreUnavailableError
-    from tests.workers_harness import free_port
+    from tests.support.workers_harness import free_port
 
     url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nowhere"
     with pytest.raises(StoreUnavailableError, match="cannot reach the database"):

@@ -28,16 +28,16 @@ from sessions.errors import FlushTimeoutError
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
-from tests.services import (
+from tests.support.services import (
     REDIS_URL,
     require_postgres,
     require_redis,
     temporary_postgres_database,
 )
-from tests.waiting import STALL, cpu_budget, cpu_progress, wait_for
+from tests.support.waiting import STALL, cpu_budget, cpu_progress, wait_for
 
 #: The repository root: Celery subprocesses run here, so the checkout's ``workers`` imports.
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 #: The app a checkout runs (the README's ``celery -A workers``); an installed package's is
 #: :data:`INSTALLED_APP`.
 CHECKOUT_APP = "workers"
@@ -56,7 +56,7 @@ def wait_until(
     progress: Callable[[], Hashable] | None = None,
 ) -> None:
     """Return once ``condition()`` is truthy; fail once ``progress`` has stood still for
-    ``timeout`` seconds (see :mod:`tests.waiting`).
+    ``timeout`` seconds (see :mod:`tests.support.waiting`).
 
     ``progress`` defaults to :func:`worker_activity` while the test has Celery workers
     running (what a test waits for, they do, however slowly a busy machine lets them), else

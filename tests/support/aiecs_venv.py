@@ -21,9 +21,9 @@ import time
 import tomllib
 from pathlib import Path
 
-from tests.services import missing_service
+from tests.support.services import missing_service
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 #: The aiecs release the test runs against.
 AIECS_VERSION = "2.2.0"
 #: Where the virtualenvs are kept (ignored by git).
