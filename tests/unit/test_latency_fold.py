@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from unittest import mock
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sessions import histogram as h
+from sessions import latency_fold
 from sessions.latency_fold import fold, rank_by_percentile
 
 HISTOGRAMS = st.dictionaries(
@@ -32,13 +34,15 @@ def _p95_bucket(counts: dict[int, int]) -> int:
     raise AssertionError("unreachable")
 
 
-@given(st.lists(st.tuples(KEYS, HISTOGRAMS)))
+@given(st.lists(st.tuples(KEYS, HISTOGRAMS), max_size=30))
 def test_fold_sums_each_keys_counts(rows: list[tuple[str, dict[int, int]]]) -> None:
     texts = [(key, json.dumps({str(b): n for b, n in counts.items()})) for key, counts in rows]
     expected: dict[str, Counter[int]] = {}
     for key, counts in rows:
         expected.setdefault(key, Counter()).update(counts)
-    assert fold(texts) == {key: dict(c) for key, c in expected.items() if c}
+    for per_parse in (1, 2, 3, latency_fold.TEXTS_PER_PARSE):  # batches' edges
+        with mock.patch.object(latency_fold, "TEXTS_PER_PARSE", per_parse):
+            assert fold(texts) == {key: dict(c) for key, c in expected.items() if c}
 
 
 @given(st.dictionaries(KEYS, HISTOGRAMS), st.integers(1, 10))
