@@ -79,7 +79,7 @@ def by_status(store: SessionStore) -> StatusBreakdown:
 
     Both read one snapshot (PostgreSQL: ``REPEATABLE READ``), so counters and histograms agree.
     On SQLite the histograms are the rows' texts merged in Python (``sessions.latency_fold``),
-    the same counts 2-3 times faster than ``json_each`` grouped by status and bucket.
+    the same counts about twice as fast as ``json_each`` grouped by status and bucket.
     """
     t = sessions_table.c
     totals = select(
