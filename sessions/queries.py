@@ -46,6 +46,8 @@ from sessions.tables import (
 
 #: Every measure users can be ranked by.
 RANKINGS = get_args(UserRanking)
+#: The percentile ``rank_users(by="p95")`` ranks by.
+P95 = 0.95
 #: Each live run's histogram unfolded into its buckets: one row per (session, bucket).
 LIVE_BUCKETS = latency_buckets(sessions_table.c.latency).table_valued("key", "value").alias("l")
 #: The bucket and the count of a :data:`LIVE_BUCKETS` row (SQLite's key is text: cast it, so
@@ -116,7 +118,7 @@ def rank_users(by: UserRanking, limit: int, where: list[ColumnElement[bool]]) ->
     t = sessions_table.c
     where = [*where, t.user_id.is_not(None)]
     if by == "p95":
-        return _rank_by_percentile(0.95, limit, where)
+        return _rank_by_percentile(P95, limit, where)
     measure = {"requests": t.request_count, "errors": t.error_count, "cost": t.cost}[by]
     return (
         select(t.user_id)

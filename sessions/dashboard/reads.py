@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from sqlalchemy import case, func, select
 
+from sessions import latency_fold
 from sessions.queries import BUCKET, COUNT, LIVE_LATENCY
 from sessions.records import COUNTERS, STATUSES, Aggregate, SessionRecord, Status, percentile_fields
 from sessions.settings import Settings
@@ -76,6 +77,8 @@ def by_status(store: SessionStore) -> StatusBreakdown:
     """Every status's totals and percentiles, and all sessions', from two grouped statements.
 
     Both read one snapshot (PostgreSQL: ``REPEATABLE READ``), so counters and histograms agree.
+    On SQLite the histograms are the rows' texts merged in Python (``sessions.latency_fold``),
+    the same counts about twice as fast as ``json_each`` grouped by status and bucket.
     """
     t = sessions_table.c
     totals = select(
@@ -93,8 +96,12 @@ def by_status(store: SessionStore) -> StatusBreakdown:
             connection.execution_options(isolation_level="REPEATABLE READ")
         rows = {row.status: row._asdict() for row in connection.execute(totals)}
         histograms: dict[str, dict[int, int]] = {}
-        for status, bucket, count in connection.execute(buckets):
-            histograms.setdefault(status, {})[int(bucket)] = int(count)
+        if latency_fold.folds_in_python(connection):
+            texts = connection.execute(latency_fold.latency_texts(t.status, []))
+            histograms = latency_fold.fold(texts)
+        else:
+            for status, bucket, count in connection.execute(buckets):
+                histograms.setdefault(status, {})[int(bucket)] = int(count)
     empty: dict[str, Any] = {"sessions": 0, **dict.fromkeys(COUNTERS, 0)}
     counters = {status: {**empty, **rows.get(status, {})} for status in STATUSES}
     merged: dict[int, int] = {}

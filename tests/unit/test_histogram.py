@@ -63,3 +63,14 @@ def test_an_empty_histogram_has_no_percentile_and_fractions_are_checked() -> Non
     assert h.percentile({}, 0.5) is None
     with pytest.raises(ValueError, match="fraction"):
         h.percentile({1: 1}, 0)
+
+
+@given(st.dictionaries(st.integers(h.UNDERFLOW, h.OVERFLOW), st.integers(1, 10**12), max_size=20))
+def test_a_percentile_is_the_estimate_of_its_bucket(counts: dict[int, int]) -> None:
+    for fraction in (0.5, 0.95, 0.99, 1.0):
+        bucket = h.percentile_bucket(counts, fraction)
+        if bucket is None:
+            assert not counts and h.percentile(counts, fraction) is None
+        else:
+            assert bucket in counts
+            assert h.percentile(counts, fraction) == h.representative(bucket)
