@@ -191,6 +191,15 @@ def open_store(settings: Settings | None = None, *, create: bool = False) -> Ite
         store.dispose()
 
 
+def _require_celery() -> None:
+    """Raise :class:`ModuleNotFoundError` for ``celery`` unless it is installed: a command that
+    starts Celery processes (``worker``, ``beat``, ``demo``) then says, as a missing import
+    does (sessions/command.py), that it needs the ``worker`` extra, instead of a child
+    process failing to start."""
+    if find_spec("celery") is None:
+        raise ModuleNotFoundError("No module named 'celery'", name="celery")
+
+
 def _exec_celery(arguments: list[str]) -> NoReturn:
     """Replace this process with ``celery -A sessions.worker <arguments>``, the README's command.
 
@@ -200,9 +209,7 @@ def _exec_celery(arguments: list[str]) -> NoReturn:
     exit status 78 (``EX_CONFIG``). Only a URL naming a database the store does not support
     is refused here already, before any connection, with the same status.
     """
-    if find_spec("celery") is None:
-        # Said as a missing import is (sessions/command.py): "needs the 'worker' extra".
-        raise ModuleNotFoundError("No module named 'celery'", name="celery")
+    _require_celery()
     settings = get_settings()
     try:
         check_supported(settings.database_url)
@@ -241,6 +248,7 @@ def demo(
     ] = 40,
 ) -> None:
     """Run the pipeline end to end: worker, beat and a simulated fleet of agents."""
+    _require_celery()
     from sessions.demo import DemoConfig, run_demo
 
     code = run_demo(DemoConfig(users=users, sessions=sessions, requests_per_session=requests))

@@ -18,7 +18,6 @@ EXTRA_OF = {
     "click": "cli",
     "rich": "cli",
     "celery": "worker",
-    "billiard": "worker",
     "prometheus_client": "worker",
     "starlette": "dashboard",
     "jinja2": "dashboard",

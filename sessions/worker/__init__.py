@@ -2,7 +2,7 @@
 
 ``celery -A sessions.worker worker`` (and ``... beat``) runs it from an installed package;
 a checkout's top-level ``workers`` package re-exports it for ``celery -A workers worker``.
-It needs the ``worker`` extra (``pip install 'agent-sessions[worker]'``).
+It needs the ``worker`` extra (``pip install '.[worker]'`` in the checkout), which brings Celery.
 
 :data:`app` and :func:`create_app` are imported on first use (PEP 562), so that
 ``from sessions.worker import config`` (the configuration, read by ``sessions schema`` too)
