@@ -55,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -184,8 +185,17 @@ source = REPO_ROOT
 #: (``--checkout``) instead of installed in its virtualenv.
 interpreter = Path(sys.executable)
 on_pythonpath = True
-#: The Celery the bare kinds import, as the worker extra pins it (pyproject.toml).
-BARE_CELERY = "celery>=5.7,<6"
+
+
+def _worker_celery() -> str:
+    """The worker extra's requirement of Celery (pyproject.toml): what the bare kinds install."""
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    worker: list[str] = project["optional-dependencies"]["worker"]
+    return next(requirement for requirement in worker if requirement.startswith("celery"))
+
+
+#: The Celery the bare kinds import.
+BARE_CELERY = _worker_celery()
 #: Seconds a build or an install may take (pip resolving on a busy machine is slow).
 INSTALL_TIMEOUT = 900
 

@@ -608,8 +608,9 @@ class SessionStore:
         where = queries.session_filter(since=since, until=until)
         ranking = queries.rank_users(by, limit, where)
         with self._reading() as connection:
+            latency: dict[Any, dict[int, int]] | None = None
             if by == "p95" and latency_fold.folds_in_python(connection):
-                users = _ranked_by_p95_in_python(connection, limit, where)
+                users, latency = _ranked_by_p95_in_python(connection, limit, where)
             else:
                 users = list(connection.execute(ranking).scalars())
             if not users:
@@ -618,7 +619,8 @@ class SessionStore:
             totals = {
                 row.user_id: row for row in connection.execute(queries.totals(theirs, by_user=True))
             }
-            latency = _by_key(connection.execute(queries.histograms(theirs, by_user=True)))
+            if latency is None:  # the ranking by p95 in Python merged them already
+                latency = _by_key(connection.execute(queries.histograms(theirs, by_user=True)))
         return [
             UserAggregate(**totals[user]._asdict(), **percentile_fields(latency.get(user, {})))
             for user in users
@@ -808,15 +810,17 @@ def _check_now(now: datetime | None) -> None:
 
 def _ranked_by_p95_in_python(
     connection: Connection, limit: int, where: list[ColumnElement[bool]]
-) -> list[str]:
+) -> tuple[list[str], dict[Any, dict[int, int]]]:
     """``queries.rank_users("p95", limit, where)``'s users, from every selected user's
     histograms merged in Python (``sessions.latency_fold``: SQLite's ``json_each`` and
-    windows over every (user, bucket) are the slow part of the overview there)."""
+    windows over every (user, bucket) are the slow part of the overview there), and those
+    histograms (the ranked users' are the ones their aggregates report)."""
     t = sessions_table.c
     rows = connection.execute(
         latency_fold.latency_texts(t.user_id, [*where, t.user_id.is_not(None)])
     )
-    return latency_fold.rank_by_percentile(latency_fold.fold(rows), queries.P95, limit)
+    histograms = latency_fold.fold(rows)
+    return latency_fold.rank_by_percentile(histograms, queries.P95, limit), histograms
 
 
 def _by_key(rows: Iterable[Sequence[Any]]) -> dict[Any, dict[int, int]]:

@@ -74,11 +74,12 @@ class StatusBreakdown:
 
 
 def by_status(store: SessionStore) -> StatusBreakdown:
-    """Every status's totals and percentiles, and all sessions', from two grouped statements.
+    """Every status's totals and percentiles, and all sessions': the totals from one grouped
+    statement, the histograms from a second (buckets grouped by status and bucket) or, on
+    SQLite, from the rows' texts merged in Python (``sessions.latency_fold``: the same counts
+    about twice as fast as ``json_each`` there).
 
     Both read one snapshot (PostgreSQL: ``REPEATABLE READ``), so counters and histograms agree.
-    On SQLite the histograms are the rows' texts merged in Python (``sessions.latency_fold``),
-    the same counts about twice as fast as ``json_each`` grouped by status and bucket.
     """
     t = sessions_table.c
     totals = select(
@@ -86,11 +87,6 @@ def by_status(store: SessionStore) -> StatusBreakdown:
         func.count().label("sessions"),
         *(func.coalesce(func.sum(t[name]), 0).label(name) for name in COUNTERS),
     ).group_by(t.status)
-    buckets = (
-        select(t.status, BUCKET, func.sum(COUNT))
-        .select_from(LIVE_LATENCY)
-        .group_by(t.status, BUCKET)
-    )
     with store.engine.connect() as connection:
         if connection.dialect.name == "postgresql":
             connection.execution_options(isolation_level="REPEATABLE READ")
@@ -100,6 +96,11 @@ def by_status(store: SessionStore) -> StatusBreakdown:
             texts = connection.execute(latency_fold.latency_texts(t.status, []))
             histograms = latency_fold.fold(texts)
         else:
+            buckets = (
+                select(t.status, BUCKET, func.sum(COUNT))
+                .select_from(LIVE_LATENCY)
+                .group_by(t.status, BUCKET)
+            )
             for status, bucket, count in connection.execute(buckets):
                 histograms.setdefault(status, {})[int(bucket)] = int(count)
     empty: dict[str, Any] = {"sessions": 0, **dict.fromkeys(COUNTERS, 0)}
