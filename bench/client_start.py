@@ -98,6 +98,8 @@ def _report(**figures):
     figures.update(
         cpu_s=time.process_time(), modules=len(sys.modules), forbidden=sorted(forbidden),
         sessions_file=getattr(sys.modules.get("sessions"), "__file__", None),
+        # The spool imports sqlite3 only when it opens its file: a spool of earlier runs.
+        spool_opened="sqlite3" in sys.modules,
     )
     print(json.dumps(figures), flush=True)
 """
@@ -177,6 +179,8 @@ class Run:
     forbidden: list[str] = field(default_factory=list)
     #: Where the child's ``sessions`` came from (``None``: not imported, the bare kinds).
     sessions_file: str | None = None
+    #: Whether it opened a spool file (a tracker that found earlier runs' batches).
+    spool_opened: bool = False
 
 
 #: The checkout whose ``sessions`` the children import (``--source``).
@@ -250,10 +254,18 @@ def _environment(broker_url: str, folder: Path, extra: dict[str, str]) -> dict[s
 
 
 def run_once(kind: str, broker_url: str, client: Any, folder: Path) -> Run:
-    """Spawn one ``kind`` process; time it to its message in Redis and to its exit."""
+    """Spawn one ``kind`` process; time it to its message in Redis and to its exit.
+
+    Each run has a spool folder of its own, new and empty, as an agent's first start has: a
+    tracker closes with its batch unconfirmed (nobody consumes the queue) and spools it, and
+    a shared folder would have every later run open that spool and replay what the earlier
+    ones left before its own first message (until 2026-12-03 it did: those runs loaded
+    ``sqlite3`` and replayed up to one batch per earlier tracker run).
+    """
     code, extra = KINDS[kind]
     client.delete(QUEUE)
-    environment = _environment(broker_url, folder, extra)
+    own = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
+    environment = _environment(broker_url, own, extra)
     started = time.perf_counter()
     process = subprocess.Popen(
         [str(interpreter), "-c", code],
@@ -272,6 +284,7 @@ def run_once(kind: str, broker_url: str, client: Any, folder: Path) -> Run:
         if process.poll() is None:
             process.kill()
             process.wait()
+        shutil.rmtree(own, ignore_errors=True)
     if popped is None or process.returncode != 0:
         raise RuntimeError(f"{kind}: no message, or exit status {process.returncode}: {err}")
     figures = json.loads(out.strip().splitlines()[-1])
@@ -279,6 +292,8 @@ def run_once(kind: str, broker_url: str, client: Any, folder: Path) -> Run:
     expected = source if on_pythonpath else interpreter.parent.parent
     if run.sessions_file is not None and not Path(run.sessions_file).is_relative_to(expected):
         raise RuntimeError(f"{kind}: imported {run.sessions_file}, not from {expected}")
+    if run.spool_opened:
+        raise RuntimeError(f"{kind}: opened a spool, so it measured a replay, not a first start")
     return run
 
 
@@ -325,15 +340,17 @@ def import_profile(kind: str, broker_url: str, folder: Path) -> dict[str, Any]:
     """``python -X importtime`` of one ``kind`` process: milliseconds by top-level package
     (summed self times), and the total."""
     code, extra = KINDS[kind]
+    own = Path(tempfile.mkdtemp(prefix="profile-", dir=folder))  # as run_once: a spool of its own
     finished = subprocess.run(
         [str(interpreter), "-X", "importtime", "-c", code],
         cwd=folder,
-        env=_environment(broker_url, folder, extra),
+        env=_environment(broker_url, own, extra),
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
         check=True,
     )
+    shutil.rmtree(own, ignore_errors=True)
     by_package: dict[str, float] = {}
     modules = 0
     for line in finished.stderr.splitlines():
