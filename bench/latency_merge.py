@@ -12,9 +12,13 @@ measurements on a fresh PostgreSQL database migrated to head, both alternated in
 * **apply**: ``store.apply()`` of the same batches (``bench.ingest.wire_batches``, 2000
   events over 1,000 sessions) with the upsert as it is and with its merge replaced by two
   cost probes (the histograms are then wrong): ``latency = s.latency`` (the array left as it
-  is) and the array rotated by one pair (the same size and a new value at every update, as
-  a merge writes, by builtins); PostgreSQL's CPU per event of each, and the fraction of HOT
-  updates.
+  is) and the array rotated by one pair (a new value at every update, as a merge writes, made
+  by builtins); PostgreSQL's CPU per event of each, and the fraction of HOT updates. Every
+  timed run starts from the same rows: the tables emptied, then ``--events`` events applied
+  with the shipped merge (untimed), so that each row's histogram has the width a merge gives
+  it (a probe alone would keep the few buckets of the row's first batch: rows of about 190
+  bytes instead of 860, and a 2-element array, which rotating leaves as it is), then as many
+  events again, new batches, timed, with the upsert under test.
 
 ::
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -38,7 +43,9 @@ from typing import Any
 from sqlalchemy import create_engine, text
 
 import sessions.apply
-from bench.ingest import apply_texts, wire_batches
+from bench.apply_alone import hot_update_fraction
+from bench.client_start import source_revision
+from bench.ingest import TRUNCATE_OURS, _cpu_seconds, wire_batches
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from tests.support.services import temporary_postgres_database
@@ -109,42 +116,81 @@ def call_costs(url: str, rows: int, rounds: int) -> dict[str, dict[str, float]]:
 
 
 def apply_costs(url: str, events: int, rounds: int) -> dict[str, list[dict[str, float]]]:
-    """``apply_texts`` of the same batches with the upsert as shipped and with the probe's,
-    alternated ``rounds`` times."""
+    """:func:`timed_apply` with the upsert as shipped and with each probe's, alternated
+    ``rounds`` times, each from rows seeded by ``events`` events applied as shipped."""
     shipped = sessions.apply._PG_UPSERT
     assert MERGE in shipped.text, "the upsert's merge is spelled as this bench expects"
     statements = {"merged (shipped)": shipped} | {
         name: text(shipped.text.replace(MERGE, probe))
         for name, probe in PROBES_OF_THE_MERGE.items()
     }
-    texts = wire_batches(1_000, max(20, events // 2000), 2000)
+    batches = max(20, events // 2000)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in statements}
     try:
         for _ in range(rounds):
             for name, statement in statements.items():
-                sessions.apply._PG_UPSERT = statement
-                runs[name].append(apply_texts(url, texts, 2000))
+                # New batch ids every run: the ledger would drop a batch it has applied.
+                seed, timed = (wire_batches(1_000, batches, 2000) for _ in range(2))
+                runs[name].append(timed_apply(url, seed, timed, shipped, statement))
     finally:
         sessions.apply._PG_UPSERT = shipped
     return runs
 
 
+def timed_apply(
+    url: str, seed: list[str], timed: list[str], shipped: Any, under_test: Any
+) -> dict[str, float]:
+    """Empty the tables, apply ``seed`` with the ``shipped`` upsert, then ``timed`` with
+    ``under_test``: PostgreSQL's CPU per event of the timed part (its backend's, from
+    ``/proc``), and the fraction of its updates of ``sessions`` that were HOT."""
+    store = SessionStore(url, settings=Settings())
+    with store.engine.begin() as c:
+        c.execute(text(TRUNCATE_OURS))
+    sessions.apply._PG_UPSERT = shipped
+    for message in seed:
+        store.apply(message)
+    with store.engine.begin() as c:
+        c.execute(text("SELECT pg_stat_reset_single_table_counters('sessions'::regclass)"))
+    sessions.apply._PG_UPSERT = under_test
+    store.apply(timed[0])  # prepares the statement under test
+    with store.engine.connect() as c:  # the pool's one connection: the one apply uses
+        backend = int(c.execute(text("SELECT pg_backend_pid()")).scalar_one())
+    before = _cpu_seconds(backend)
+    for message in timed[1:]:
+        store.apply(message)
+    server = _cpu_seconds(backend) - before
+    store.dispose()  # its backend exits, and reports its statistics
+    return {
+        "postgresql_us_per_event": server / ((len(timed) - 1) * 2000) * 1e6,
+        "sessions_hot_update_fraction": hot_update_fraction(url),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, default=100_000, help="rows of the calls' table")
-    parser.add_argument("--events", type=int, default=200_000, help="events per apply run")
+    parser.add_argument(
+        "--events", type=int, default=200_000, help="events seeded, then timed, per apply run"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     arguments = parser.parse_args()
+    load = os.getloadavg()
     with temporary_postgres_database("sessions_bench_merge") as url:
         store = SessionStore(url, settings=Settings())
         store.upgrade()
+        with store.engine.connect() as c:
+            server_version = c.execute(text("SHOW server_version")).scalar_one()
         store.dispose()
         calls = call_costs(url, arguments.rows, arguments.rounds)
         applied = apply_costs(url, arguments.events, arguments.rounds)
     result: dict[str, Any] = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": platform.node(),
+        "load_at_start": load,
+        "load_at_end": os.getloadavg(),
+        "revision": source_revision(),
+        "postgresql": server_version,
         "arguments": vars(arguments),
         "us_per_call": calls,
         "apply": applied,

@@ -29,7 +29,7 @@ from sqlalchemy import ColumnElement, Connection, Select, Text, select, type_coe
 from sessions.histogram import percentile_bucket
 from sessions.tables import sessions_table
 
-#: Histogram texts :func:`fold` parses in one ``json.loads`` (per key).
+#: Histogram texts :func:`fold` parses in one ``json.loads`` (rows of any keys).
 TEXTS_PER_PARSE = 1_000
 
 
