@@ -59,7 +59,7 @@ from sqlalchemy import update as sql_update
 from sessions.database import latency_add, upsert_into_table
 from sessions.events import AnyEvent, CreateEvent, EndEvent, MessageEvent, RecordEvent
 from sessions.histogram import EDGES, HIGHEST, OVERFLOW
-from sessions.messages import insert_messages, trim
+from sessions.messages import CHUNK, insert_messages, trim
 from sessions.records import COUNTERS  # in the order deltas carry them
 from sessions.tables import (
     ERROR_RATE_BOUND_MAX,
@@ -255,14 +255,20 @@ def _left_alone(connection: Connection, deltas: dict[str, Delta]) -> set[str]:
     :func:`_live_row_upsert`, read back: a row it wrote has ``run = 1``, or a start at or before
     its delta's first event, which the statement did not move)."""
     t = sessions_table.c
-    later_runs = connection.execute(
-        select(t.session_id, t.created_at).where(t.session_id.in_(sorted(deltas)), t.run > 1)
-    )
-    return {
-        session_id
-        for session_id, created_at in later_runs
-        if (first_at := deltas[session_id].first_at) is None or created_at > first_at
-    }
+    ids = sorted(deltas)
+    left: set[str] = set()
+    for start in range(0, len(ids), CHUNK):  # bound parameters stay few on every backend
+        later_runs = connection.execute(
+            select(t.session_id, t.created_at).where(
+                t.session_id.in_(ids[start : start + CHUNK]), t.run > 1
+            )
+        )
+        left.update(
+            session_id
+            for session_id, created_at in later_runs
+            if (first_at := deltas[session_id].first_at) is None or created_at > first_at
+        )
+    return left
 
 
 def _new_live_rows(deltas: dict[str, Delta]) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from tests.integration.support import (
     batch,
     create,
     end,
+    latency_rows,
     ledger_ids,
     live_rows,
     record,
@@ -316,6 +317,27 @@ def test_records_only_batch_splits_into_written_and_earlier_run_sessions(
     assert (live["s"].run, live["s"].request_count, live["s"].last_activity) == (2, 2, at(12))
     assert (live["t"].request_count, live["u"].request_count) == (1, 2)
     assert (live["u"].created_at, live["u"].last_activity) == (at(1), at(3))
+
+
+def test_a_record_at_its_later_runs_start_is_written_once_beside_one_left_alone(
+    store: SessionStore,
+) -> None:
+    """Session "s" records exactly when its run 2 began: the fast path writes it (the run
+    holds that time); "u" records before its run 2 and is left alone for the slow path. Only
+    with a session left alone does the store look for which: "s" must not be among them."""
+    for session_id in ("s", "u"):
+        store.apply(batch(create(session_id, 0), end(session_id, 5)))
+        store.apply(batch(create(session_id, 20)))
+    store.apply(batch(record("s", 20, processing_time=1.0), record("u", 3, processing_time=1.0)))
+    live = {s.session_id: s for s in store.list_sessions()}
+    assert (live["s"].run, live["s"].request_count) == (2, 1)
+    assert (live["u"].run, live["u"].request_count) == (2, 0)
+    runs = run_rows(store)
+    assert runs[("s", 1)]["request_count"] == 0
+    assert runs[("u", 1)]["request_count"] == 1
+    histograms = latency_rows(store)
+    assert sum(n for (session, run, _), n in histograms.items() if (session, run) == ("s", 2)) == 1
+    assert sum(n for (session, run, _), n in histograms.items() if (session, run) == ("u", 1)) == 1
 
 
 def test_redelivered_batch_is_a_duplicate_and_changes_nothing(store: SessionStore) -> None:
