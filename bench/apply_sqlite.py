@@ -3,9 +3,12 @@
 The same wire-form batches (``bench.ingest.wire_batches``) are applied by ``SessionStore.apply``
 to a fresh SQLite file in a child process per tree, the trees alternated in each round; SQLite
 runs in the child, so the child's CPU is the whole cost. The first batch of each run is
-untimed (connecting, migrating, compiling). Afterwards every run's ``sessions`` rows must be
-equal to the first run's, column for column (the histogram as its buckets), else the bench
-fails::
+untimed (connecting, migrating, compiling). Three small batches at the end take the other
+paths (:func:`later_run_batches`): sessions ended and created again, then records older than
+their new run (left alone by the fast path, for the slow one), at its very start, and for
+sessions untouched. Afterwards every run's ``sessions`` and ``session_runs`` rows must be
+equal to the first run's, column for column (the histograms as their buckets), else the
+bench fails::
 
     mkdir -p /tmp/before && git archive a80aea9 | tar -x -C /tmp/before
     python -m bench.apply_sqlite --source /tmp/before        # 3 rounds, batches of 2000
@@ -22,7 +25,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +54,49 @@ store.dispose()
 print(json.dumps({"cpu_s": cpu, "wall_s": wall, "sessions_file": sessions.__file__}))
 """
 
-#: The columns compared between runs.
-COLUMNS = (
-    "session_id, user_id, status, run, created_at, last_activity, last_activity_minute,"
-    " error_rate_bound, request_count, error_count, total_processing_time, input_tokens,"
-    " output_tokens, cost, latency"
+#: The columns compared between runs, by table.
+COUNTERS = (
+    "request_count, error_count, total_processing_time, input_tokens, output_tokens, cost, latency"
 )
+COLUMNS = {
+    "sessions": "session_id, user_id, status, run, created_at, last_activity,"
+    f" last_activity_minute, error_rate_bound, {COUNTERS}",
+    "session_runs": f"session_id, run, status, created_at, last_activity, ended_at, {COUNTERS}",
+}
+#: Sessions :func:`later_run_batches` starts a second run of (of the first ones).
+RESTARTED = 100
+
+
+def later_run_batches(after: datetime) -> list[str]:
+    """Wire-form batches past the fast path's usual case, with times from ``after`` on: the
+    first :data:`RESTARTED` sessions ended and created again; then records of half of them
+    before their new run (the fast path leaves them alone; the slow path adds them to run 1),
+    of the other half at their new run's very start, and of as many sessions untouched."""
+
+    def at(seconds: float) -> str:
+        return (after + timedelta(seconds=seconds)).isoformat()
+
+    def batch(events: list[dict[str, Any]]) -> str:
+        return json.dumps({"batch_id": str(uuid.uuid4()), "events": events})
+
+    restarted = [f"bench-{k}" for k in range(RESTARTED)]
+    untouched = [f"bench-{k}" for k in range(RESTARTED, 2 * RESTARTED)]
+    half = RESTARTED // 2
+    record = {"kind": "record", "processing_time": 0.25}
+    return [
+        batch(
+            [
+                {"kind": "end", "session_id": s, "at": at(1), "status": "completed"}
+                for s in restarted
+            ]
+        ),
+        batch([{"kind": "create", "session_id": s, "at": at(2)} for s in restarted]),
+        batch(
+            [{**record, "session_id": s, "at": at(0.5)} for s in restarted[:half]]
+            + [{**record, "session_id": s, "at": at(2)} for s in restarted[half:]]
+            + [{**record, "session_id": s, "at": at(3)} for s in untouched]
+        ),
+    ]
 
 
 def run_tree(tree: Path, batches: Path, database: Path) -> dict[str, Any]:
@@ -79,13 +120,17 @@ def run_tree(tree: Path, batches: Path, database: Path) -> dict[str, Any]:
     return figures
 
 
-def rows_of(database: Path) -> list[tuple[Any, ...]]:
-    """The ``sessions`` rows of ``database``, ordered, each histogram as its buckets."""
+def rows_of(database: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """The ``sessions`` and ``session_runs`` rows of ``database``, ordered, each histogram as
+    its buckets."""
     import sqlite3
 
+    found: dict[str, list[tuple[Any, ...]]] = {}
     with sqlite3.connect(database) as connection:
-        found = connection.execute(f"SELECT {COLUMNS} FROM sessions ORDER BY session_id").fetchall()
-    return [(*row[:-1], json.loads(row[-1]) if row[-1] else None) for row in found]
+        for table, columns in COLUMNS.items():
+            rows = connection.execute(f"SELECT {columns} FROM {table} ORDER BY 1, 2").fetchall()
+            found[table] = [(*row[:-1], json.loads(row[-1]) if row[-1] else None) for row in rows]
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,14 +143,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-save", action="store_true")
     arguments = parser.parse_args(argv)
     trees = {"before": arguments.source.resolve(), "now": REPO_ROOT}
-    events = (arguments.batches - 1) * arguments.batch_events
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="apply-sqlite-") as folder:
         workdir = Path(folder)
         batches = workdir / "batches.json"
         texts = wire_batches(arguments.sessions, arguments.batches, arguments.batch_events)
+        texts += later_run_batches(datetime.now(UTC))
         batches.write_text(json.dumps(texts))
-        reference: list[tuple[Any, ...]] | None = None
+        events = sum(len(json.loads(text)["events"]) for text in texts[1:])
+        reference: dict[str, list[tuple[Any, ...]]] | None = None
         for round_ in range(arguments.rounds):
             # Alternated, and the order flipped every round: neither tree always runs first.
             order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
@@ -116,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                 if reference is None:
                     reference = rows
                 elif rows != reference:
-                    raise SystemExit(f"{name}, round {round_}: the sessions differ")
+                    raise SystemExit(f"{name}, round {round_}: the sessions or their runs differ")
                 runs.append(
                     {
                         "tree": name,
@@ -142,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, figures in summary.items():
         cpu, rate = figures["cpu_us_per_event"], figures["events_per_second"]
         print(f"| {name} | {cpu:.1f} | {rate:,.0f} |")
-    print(f"now / before, CPU per event: {ratio:.2f}; the sessions equal in every run")
+    print(f"now / before, CPU per event: {ratio:.2f}; sessions and runs equal in every run")
     if not arguments.no_save:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         path = REPO_ROOT / "bench" / "results" / f"apply-sqlite-{stamp}.json"
