@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,13 +222,24 @@ def run_demo(config: DemoConfig) -> int:
         f"demo took {time.monotonic() - started:.1f}s, worker and beat start and stop included"
     )
     where = f"SESSIONS_DATABASE_URL={mask_url(settings.database_url)}"
+    command = _sessions_command()
     console.print(
-        f"look around: [bold]{where} sessions stats[/] (or [bold]sessions dashboard[/])",
+        f"look around: [bold]{where} {command} stats[/] (or [bold]{command} dashboard[/])",
         soft_wrap=True,
     )
     if not settled:
         console.print("[bold red]the sweeps did not settle every session in time")
     return 0 if settled and exact else 1
+
+
+def _sessions_command() -> str:
+    """How a shell runs this installation's ``sessions`` command: by name where ``PATH`` finds
+    it, else by its path (``make demo``'s virtualenv is not on the caller's ``PATH``)."""
+    beside = Path(sys.executable).parent / "sessions"
+    found = shutil.which("sessions")
+    if beside.exists() and (found is None or Path(found).resolve() != beside.resolve()):
+        return str(beside)
+    return "sessions"
 
 
 def _drive_fleet(config: DemoConfig, fleet: list[SimulatedSession], settings: Settings) -> FleetRun:
