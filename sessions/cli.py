@@ -35,7 +35,12 @@ from sessions.bounds import (
     check_moment,
     check_seconds,
 )
-from sessions.database import check_supported, missing_sqlite_file
+from sessions.database import (
+    at_head_revisions,
+    check_supported,
+    missing_sqlite_file,
+    require_head,
+)
 from sessions.errors import (
     StoreUnavailableError,
     StoreUnusableError,
@@ -71,7 +76,11 @@ def _check_settings() -> None:
 db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-console = Console()
+#: The width of output that goes to no terminal (a pipe, a file), unless ``COLUMNS`` says:
+#: wide enough that a table's rows stay whole lines for ``grep`` and the like, where rich
+#: would otherwise fit them to 80 columns and cut its values short.
+PIPED_WIDTH = 240
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPED_WIDTH)
 
 #: The queues a ``sessions worker`` consumes unless told otherwise.
 ALL_QUEUES = "sessions.events,sessions.maintenance"
@@ -260,8 +269,11 @@ def db_upgrade() -> None:
     """Apply the Alembic migrations (safe to run at every deploy)."""
     settings = get_settings()
     with open_store(settings, create=True) as store:
+        already = at_head_revisions(store.url)
         store.upgrade()
-    console.print(f"database at {mask_url(settings.database_url)} is up to date")
+        revision = require_head(store.url)
+    done = "was already at" if already else "migrated to"
+    console.print(f"database at {mask_url(settings.database_url)} {done} revision {revision}")
 
 
 def _print_json(data: Any) -> None:
@@ -274,8 +286,11 @@ def _sessions_table(
     level: Callable[[SessionRecord], str] | None = None,
 ) -> Table:
     table = Table(title=title)
-    for name in ("session", "user", "status"):
-        table.add_column(name)
+    # Ids fold where the width runs out, never cut short with an ellipsis: an id that loses
+    # its end is another id (--json is the form for scripts).
+    for name in ("session", "user"):
+        table.add_column(name, overflow="fold")
+    table.add_column("status")
     for name in ("requests", "errors", "error rate", "avg time"):
         table.add_column(name, justify="right")
     table.add_column("last activity")
@@ -334,7 +349,7 @@ def show(
         return
     table = Table(title=f"session {session_id}", show_header=False)
     table.add_column("field")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")
     for key, value in record.model_dump().items():
         table.add_row(key, "-" if value is None else str(value))
     console.print(table)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +72,26 @@ def test_list_filters_by_user_and_status(seeded: SessionStore) -> None:
     assert isinstance(active, list) and [s["session_id"] for s in active] == ["user-456-device-1"]
     table = runner.invoke(app, ["list"])
     assert table.exit_code == 0 and "user-789" in table.output and "3 sessions" in table.output
+
+
+def test_piped_output_keeps_each_row_on_one_line(seeded: SessionStore) -> None:
+    """Into a pipe, with no ``COLUMNS``, a table is not fitted to 80 columns (rich's default
+    without a terminal, which cut ids short): each row is one line holding all its values."""
+    environment = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    listed = subprocess.run(
+        [sys.executable, "-m", "sessions.cli", "list"],
+        env=environment | {"SESSIONS_DATABASE_URL": seeded.url},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    rows = [line for line in listed.splitlines() if "user-456-device-" in line]
+    assert len(rows) == 2, listed
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+        assert cells[0] in {"user-456-device-1", "user-456-device-2"}, row
+        assert cells[1] == "user-456" and cells[3] in {"4", "6"}, row
 
 
 def test_show_prints_every_field_and_fails_for_an_unknown_id(seeded: SessionStore) -> None:
@@ -285,7 +307,9 @@ def test_an_unmigrated_database_says_to_upgrade(
         result = runner.invoke(app, ["list"])
         assert result.exit_code == 2 and "sessions db upgrade" in result.output
         upgraded = runner.invoke(app, ["db", "upgrade"])
-        assert upgraded.exit_code == 0 and "up to date" in upgraded.output
+        assert upgraded.exit_code == 0 and "migrated to revision" in upgraded.output
+        again = runner.invoke(app, ["db", "upgrade"])
+        assert again.exit_code == 0 and "was already at revision" in again.output
         assert runner.invoke(app, ["list"]).exit_code == 0
     finally:
         get_settings.cache_clear()

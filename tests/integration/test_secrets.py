@@ -61,7 +61,7 @@ def test_db_upgrade_masks_a_password_in_the_query_string(
     monkeypatch.setenv("SESSIONS_DATABASE_URL", url)
     result = runner.invoke(app, ["db", "upgrade"])
     assert result.exit_code == 0, result.output
-    assert f"database at {empty_postgres}?password=***&connect_timeout=10 is up to date" in (
+    assert f"database at {empty_postgres}?password=***&connect_timeout=10 migrated to" in (
         result.output
     )
     assert SECRET not in result.output
