@@ -76,11 +76,27 @@ def _check_settings() -> None:
 db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-#: The width of output that goes to no terminal (a pipe, a file), unless ``COLUMNS`` says:
-#: wide enough that a table's rows stay whole lines for ``grep`` and the like, where rich
-#: would otherwise fit them to 80 columns and cut its values short.
-PIPED_WIDTH = 240
-console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPED_WIDTH)
+console = Console()
+#: Wider than any table of these commands can be (eight columns of ids up to 255 characters).
+UNBOUNDED_WIDTH = 10_000
+
+
+def _print_table(table: Table) -> None:
+    """Print ``table`` fitted to the terminal, or, into a pipe or a file (and unless
+    ``COLUMNS`` says otherwise), as wide as its values make it: rich would fit it to 80
+    columns there and fold or cut the values, where ``grep`` and the like expect each row
+    whole on one line (``--json`` is still the form for scripts)."""
+    if console.is_terminal or "COLUMNS" in os.environ:
+        console.print(table)
+        return
+    needed = console.measure(table, options=console.options.update_width(UNBOUNDED_WIDTH))
+    fitted = console.width
+    console.width = max(fitted, needed.maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = fitted
+
 
 #: The queues a ``sessions worker`` consumes unless told otherwise.
 ALL_QUEUES = "sessions.events,sessions.maintenance"
@@ -286,8 +302,8 @@ def _sessions_table(
     level: Callable[[SessionRecord], str] | None = None,
 ) -> Table:
     table = Table(title=title)
-    # Ids fold where the width runs out, never cut short with an ellipsis: an id that loses
-    # its end is another id (--json is the form for scripts).
+    # Ids fold where a terminal's width runs out, never cut short with an ellipsis: an id
+    # that loses its end is another id.
     for name in ("session", "user"):
         table.add_column(name, overflow="fold")
     table.add_column("status")
@@ -332,7 +348,7 @@ def list_sessions(
     if as_json:
         _print_json([r.model_dump(mode="json") for r in records])
     else:
-        console.print(_sessions_table(records, f"{len(records)} sessions"))
+        _print_table(_sessions_table(records, f"{len(records)} sessions"))
 
 
 @app.command()
@@ -352,7 +368,7 @@ def show(
     table.add_column("value", overflow="fold")
     for key, value in record.model_dump().items():
         table.add_row(key, "-" if value is None else str(value))
-    console.print(table)
+    _print_table(table)
 
 
 def _percentile(seconds: float | None) -> str:
@@ -428,7 +444,7 @@ def stats(
     if as_json:
         _print_json(aggregate.model_dump(mode="json"))
         return
-    console.print(_aggregate_table(_stats_title(user, status, since, until), aggregate))
+    _print_table(_aggregate_table(_stats_title(user, status, since, until), aggregate))
 
 
 @app.command()
@@ -444,7 +460,7 @@ def health(as_json: JsonFlag = False) -> None:
         console.print(f"no active session above {settings.health_warn_rate:.0%} errors")
         return
     fail_rate = settings.health_fail_rate
-    console.print(
+    _print_table(
         _sessions_table(
             records,
             "unhealthy active sessions",

@@ -75,8 +75,11 @@ def test_list_filters_by_user_and_status(seeded: SessionStore) -> None:
 
 
 def test_piped_output_keeps_each_row_on_one_line(seeded: SessionStore) -> None:
-    """Into a pipe, with no ``COLUMNS``, a table is not fitted to 80 columns (rich's default
-    without a terminal, which cut ids short): each row is one line holding all its values."""
+    """Into a pipe, with no ``COLUMNS``, a table is as wide as its values (rich would fit it
+    to 80 columns, its default without a terminal, and cut or fold the ids): each row is one
+    line holding all its values, ids of the longest kind too."""
+    long_id, long_user = "s" * 255, "u" * 255
+    seeded.apply(batch(create(long_id, 0, user_id=long_user), record(long_id, 1)))
     environment = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     listed = subprocess.run(
         [sys.executable, "-m", "sessions.cli", "list"],
@@ -86,12 +89,17 @@ def test_piped_output_keeps_each_row_on_one_line(seeded: SessionStore) -> None:
         check=True,
         timeout=120,
     ).stdout
-    rows = [line for line in listed.splitlines() if "user-456-device-" in line]
-    assert len(rows) == 2, listed
+    rows = [line for line in listed.splitlines() if line.startswith("│")]
+    assert len(rows) == 4, listed
     for row in rows:
         cells = [cell.strip() for cell in row.strip("│ ").split("│")]
-        assert cells[0] in {"user-456-device-1", "user-456-device-2"}, row
-        assert cells[1] == "user-456" and cells[3] in {"4", "6"}, row
+        expected = {
+            "user-456-device-1": ("user-456", "4"),
+            "user-456-device-2": ("user-456", "6"),
+            "user-789": ("user-789", "1"),
+            long_id: (long_user, "1"),
+        }
+        assert (cells[1], cells[3]) == expected[cells[0]], row
 
 
 def test_show_prints_every_field_and_fails_for_an_unknown_id(seeded: SessionStore) -> None:
