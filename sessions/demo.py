@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -222,9 +224,9 @@ def run_demo(config: DemoConfig) -> int:
         f"demo took {time.monotonic() - started:.1f}s, worker and beat start and stop included"
     )
     where = f"SESSIONS_DATABASE_URL={mask_url(settings.database_url)}"
-    command = _sessions_command()
+    command = escape(_sessions_command())  # a path may hold "[", rich's markup
     console.print(
-        f"look around: [bold]{where} {command} stats[/] (or [bold]{command} dashboard[/])",
+        f"look around: [bold]{escape(where)} {command} stats[/] (or [bold]{command} dashboard[/])",
         soft_wrap=True,
     )
     if not settled:
@@ -234,11 +236,12 @@ def run_demo(config: DemoConfig) -> int:
 
 def _sessions_command() -> str:
     """How a shell runs this installation's ``sessions`` command: by name where ``PATH`` finds
-    it, else by its path (``make demo``'s virtualenv is not on the caller's ``PATH``)."""
+    it, else by its path, quoted for the shell (``make demo``'s virtualenv is not on the
+    caller's ``PATH``)."""
     beside = Path(sys.executable).parent / "sessions"
     found = shutil.which("sessions")
     if beside.exists() and (found is None or Path(found).resolve() != beside.resolve()):
-        return str(beside)
+        return shlex.quote(str(beside))
     return "sessions"
 
 
