@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     arguments = parser.parse_args(argv)
     trees = {"before": arguments.source.resolve(), "now": REPO_ROOT}
     runs: list[dict[str, Any]] = []
+    load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="apply-sqlite-") as folder:
         workdir = Path(folder)
         batches = workdir / "batches.json"
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                 {
                     "command": command,
                     "source": str(trees["before"]),
+                    "load_average_at_start": load_at_start,
                     "load_average": os.getloadavg(),
                     "sessions": arguments.sessions,
                     "batch_events": arguments.batch_events,
