@@ -99,6 +99,10 @@ globals().update(from_settings(get_settings()))
 
 # -- broker -----------------------------------------------------------------------------------
 broker_connection_retry_on_startup = True
+# Reconnect to a lost broker for as long as it takes (None: no limit). Celery's default, 100
+# attempts at kombu's 2, 4, ... 30 s spacing, gives up after some 47 minutes of outage and
+# the worker exits ("Unrecoverable error"): only a supervisor would bring it back.
+broker_connection_max_retries = None
 
 # -- messages ---------------------------------------------------------------------------------
 event_serializer = "json"

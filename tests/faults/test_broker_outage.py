@@ -418,6 +418,9 @@ def test_redis_killed_and_restarted_empty_while_agents_record_loses_nothing_and_
                     message="the worker to connect to the restarted Redis",
                 )
                 assert worker.count("Connection to broker lost") > losses
+                # Its retries had no limit (Celery's default, 100, ends the worker after some
+                # 47 minutes of outage): the consumer's log says "(n/None)", not "(n/100)".
+                assert worker.count(r"Trying again .*\(\d+/None\)") > 0, worker.log[-3000:]
                 applied = monitor.ledger_count()
                 wait_until(
                     lambda applied=applied: monitor.ledger_count() > applied,  # type: ignore[misc]
