@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sessions.errors import first_line
 from sessions.events import (
@@ -36,6 +37,15 @@ Buffered = AnyEvent | RecordFields
 #: Outcomes (batches given up, events refused) kept for ``flush(wait=True)`` to report; beyond
 #: this many, the oldest are forgotten (still counted in the stats).
 MAX_REPORTED_BATCHES = 10_000
+
+
+class FailedBatch(NamedTuple):
+    """A batch given up on, for ``flush(wait=True)`` to report: the ``seq`` of its last event,
+    how many ``events`` it held, and the id the spool keeps it under (``None``: lost)."""
+
+    seq: int
+    events: int
+    spooled_as: uuid.UUID | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +117,7 @@ class EventBuffer:
         #: Until when a full buffer drops rather than spills (the spool refused a spill).
         self._spill_refused_until = 0.0
         #: Batches given up and not yet reported by a ``flush(wait=True)``: (seq, events).
-        self._failed: list[tuple[int, int]] = []
+        self._failed: list[FailedBatch] = []
         #: Events set aside as unserialisable, not yet reported: (seq, events, why).
         self._refused: list[tuple[int, int, str]] = []
         self._events_refused = 0
@@ -253,12 +263,20 @@ class EventBuffer:
             if len(self._refused) > MAX_REPORTED_BATCHES:
                 del self._refused[0]
 
-    def handled(self, seq: int, *, failed: int = 0, dropped: int = 0) -> None:
+    def handled(
+        self,
+        seq: int,
+        *,
+        failed: int = 0,
+        dropped: int = 0,
+        spooled_as: uuid.UUID | None = None,
+    ) -> None:
         """The batch ending at ``seq`` is done with: published, spilled or set aside; or
-        ``failed`` (its events given up: a flush reports them) or ``dropped`` (not kept)."""
+        ``failed`` (its events given up: a flush reports them; ``spooled_as`` the batch id
+        under which the spool keeps them, if it does) or ``dropped`` (not kept)."""
         with self._lock:
             if failed:
-                self._failed.append((seq, failed))
+                self._failed.append(FailedBatch(seq, failed, spooled_as))
                 if len(self._failed) > MAX_REPORTED_BATCHES:
                     del self._failed[0]
             self._dropped += dropped
@@ -280,14 +298,12 @@ class EventBuffer:
             self._progress.wait_for(lambda: self._handled_through() >= target, timeout)
             return max(0, target - self._handled_through())
 
-    def take_outcomes(
-        self, target: int
-    ) -> tuple[list[tuple[int, int]], list[tuple[int, int, str]]]:
+    def take_outcomes(self, target: int) -> tuple[list[FailedBatch], list[tuple[int, int, str]]]:
         """The batches given up and the events refused up to ``target``, each reported once:
-        ``[(seq, events)]`` and ``[(seq, events, why)]``."""
+        ``[FailedBatch]`` and ``[(seq, events, why)]``."""
         with self._lock:
-            failed = [item for item in self._failed if item[0] <= target]
-            self._failed = [item for item in self._failed if item[0] > target]
+            failed = [item for item in self._failed if item.seq <= target]
+            self._failed = [item for item in self._failed if item.seq > target]
             refused = [item for item in self._refused if item[0] <= target]
             self._refused = [item for item in self._refused if item[0] > target]
         return failed, refused

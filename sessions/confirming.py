@@ -279,6 +279,12 @@ class Confirmations:
             while len(self._spilled) > MAX_UNCONFIRMED_BATCHES:  # forgotten: not waited for
                 del self._spilled[next(iter(self._spilled))]
 
+    def still_spilled(self, batch_id: uuid.UUID) -> bool:
+        """Whether a batch watched since its spill is still waiting in the spool: neither
+        replayed by this tracker nor seen applied (another tracker's replay)."""
+        with self._lock:
+            return batch_id in self._spilled
+
     def forget_spilled(self, batch_id: uuid.UUID) -> None:
         """A batch meant for the spool did not get there: nothing to wait for."""
         with self._lock:

@@ -318,7 +318,12 @@ class BatchSender:
         except Exception:
             log.exception("could not form batch %s of %d events", batch_id, len(events))
         else:
+            # Watched like a spill: once replayed, flush(wait=True) waits for it to be applied
+            # instead of reporting it unpublished (and a later flush waits for it too).
+            self._confirmations.spilled(batch_id, cut.seq)
             spooled = self._keep_in_spool(batch)
+            if not spooled:
+                self._confirmations.forget_spilled(batch_id)
         with self._lock:
             self._count(batches_failed=1, events_failed=len(events))
             if spooled:
@@ -326,7 +331,7 @@ class BatchSender:
                 self._spool_pending = True
             else:
                 self._count(events_lost=len(events))
-        self._buffer.handled(cut.seq, failed=len(events))
+        self._buffer.handled(cut.seq, failed=len(events), spooled_as=batch_id if spooled else None)
         if batch is not None and self._on_unsent is not None:
             try:
                 self._on_unsent(batch, error)

@@ -327,11 +327,12 @@ class SessionTracker:
         With ``wait=False`` this only asks the background thread and returns at once. With
         ``wait=True`` it returns once every event recorded before the call is applied in the
         database, and raises :class:`BrokerUnavailableError` if some of them could not be
-        published, :class:`UnserializableBatchError` if some could not be serialised (and were
-        set aside: ``stats.events_refused``), :class:`~sessions.errors.StoreUnusableError` if
-        it confirms through a ledger it cannot read at all (no ``store`` extra, or the
-        environment's store settings break a rule), or :class:`FlushTimeoutError` after
-        ``timeout`` seconds.
+        published and still wait in the spool (or were lost, without one; those the spool has
+        replayed since are waited for like the others), :class:`UnserializableBatchError` if
+        some could not be serialised (and were set aside: ``stats.events_refused``),
+        :class:`~sessions.errors.StoreUnusableError` if it confirms through a ledger it cannot
+        read at all (no ``store`` extra, or the environment's store settings break a rule), or
+        :class:`FlushTimeoutError` after ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
         target = self._buffer.request_flush()
@@ -348,6 +349,13 @@ class SessionTracker:
                 f"(broker {mask_url(self.settings.broker_url)})"
             )
         failed, refused = self._buffer.take_outcomes(target)
+        # A batch given up that the spool has since replayed is published after all: the wait
+        # for the applied batches covers it. Reported are the lost ones and those still spooled.
+        failed = [
+            batch
+            for batch in failed
+            if batch.spooled_as is None or self._confirmations.still_spilled(batch.spooled_as)
+        ]
         if refused:
             also = f"; {len(failed)} batches could not be published to the broker" if failed else ""
             raise UnserializableBatchError(
@@ -356,8 +364,8 @@ class SessionTracker:
             )
         if failed:
             raise BrokerUnavailableError(
-                f"{len(failed)} batches ({sum(n for _, n in failed)} events) could not be "
-                f"published to the broker at {mask_url(self.settings.broker_url)}"
+                f"{len(failed)} batches ({sum(batch.events for batch in failed)} events) could "
+                f"not be published to the broker at {mask_url(self.settings.broker_url)}"
             )
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from sessions import sending
-from sessions.errors import UnserializableBatchError
+from sessions.errors import BrokerUnavailableError, FlushTimeoutError, UnserializableBatchError
 from sessions.publisher import Publisher
 from sessions.settings import Settings
 from sessions.spool import BatchSpool
@@ -305,6 +305,63 @@ def test_flush_wait_returns_once_the_spilled_batches_are_applied(
         for tracker in trackers:
             tracker.close(timeout=5)
         store.dispose()
+
+
+def test_flush_wait_after_an_outage_waits_for_the_replayed_batches_instead_of_failing(
+    trackers: list[SessionTracker], tmp_path: Path
+) -> None:
+    """Batches given up while the broker was down went to the spool; once it is back and they
+    are replayed, ``flush(wait=True)`` returns when they are applied. It used to raise
+    ``BrokerUnavailableError`` for them, events that were already in the database (an outside
+    fault test found it): a caller recording them again would count them twice."""
+    store = SessionStore(f"sqlite:///{tmp_path / 'ledger.db'}", settings=Settings())
+    store.upgrade()
+    down = threading.Event()
+    down.set()
+
+    def broker_then_workers(message: dict[str, Any]) -> None:
+        if down.is_set():
+            raise ConnectionError("broker down")
+        store.apply(message)
+
+    try:
+        tracker = _tracker(trackers, broker_then_workers, store=store)
+        for index in range(30):
+            tracker.record(f"s-{index % 3}", processing_time=1.0)
+        tracker.flush()
+        wait_until(lambda: tracker.stats.events_spooled == 30, message="three batches spooled")
+        assert tracker.stats.batches_failed == 3
+        down.clear()  # the broker answers again
+
+        def replayed() -> bool:
+            tracker.flush()  # wakes the publisher thread, which replays the spool first
+            return tracker.stats.events_replayed == 30
+
+        wait_until(replayed, message="the spooled batches replayed")
+        tracker.flush(wait=True, timeout=DEADLINE)  # no BrokerUnavailableError
+        counted = [store.get(f"s-{n}") for n in range(3)]
+        assert [record.request_count if record else 0 for record in counted] == [10, 10, 10]
+    finally:
+        down.clear()
+        for tracker in trackers:
+            tracker.close(timeout=5)
+        store.dispose()
+
+
+def test_a_second_flush_wait_still_waits_for_batches_the_spool_holds(
+    trackers: list[SessionTracker],
+) -> None:
+    """The first ``flush(wait=True)`` of an outage reports the batches it gave up; a later one
+    does not return as if they were applied while they wait in the spool (it used to)."""
+    tracker = _tracker(trackers, RecordingPublisher(failures=10**9))
+    for _ in range(10):
+        tracker.record("s-1")
+    tracker.flush()
+    wait_until(lambda: tracker.stats.events_spooled == 10, message="the batch spooled")
+    with pytest.raises(BrokerUnavailableError, match="1 batches"):
+        tracker.flush(wait=True, timeout=DEADLINE)
+    with pytest.raises(FlushTimeoutError):
+        tracker.flush(wait=True, timeout=0.5)
 
 
 SIGTERM_AGENT = """
