@@ -82,11 +82,13 @@ class ClientSettings(BaseModel):
 
     #: The client publishes its buffer at least this often ...
     flush_interval_ms: int = Field(50, gt=0)
-    #: ... or as soon as it holds this many events (one Celery message per batch). 2000, not
-    #: 500: measured side by side (README, Performance), 1.38x the events/s end to end and
-    #: less CPU per event in worker and PostgreSQL, with the same event-to-commit p99 at
-    #: 10,000 events/s (the flush interval, not the size, cuts batches below saturation).
-    batch_max_events: int = Field(2000, gt=0)
+    #: ... or as soon as it holds this many events (one Celery message per batch). 5000, not
+    #: 2000 (nor 500): measured side by side (README, Performance, items 2 and 9), 1.25-1.52x
+    #: the events/s end to end and about half of PostgreSQL's CPU per event at saturation
+    #: (more of a session's events coalesce into one row write), with the same event-to-commit
+    #: p99 at 10,000 events/s (the flush interval, not the size, cuts batches below
+    #: saturation); a busy worker holds some 26 MB more. Half the store's largest batch.
+    batch_max_events: int = Field(5000, gt=0)
 
     #: Where a client keeps batches it could not publish (one SQLite file, shared per user).
     spool_dir: Path = Field(default_factory=default_spool_dir)
