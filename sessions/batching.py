@@ -227,6 +227,25 @@ class EventBuffer:
         self._in_flight[self._cut] = len(batch)
         return Cut(tuple(batch), self._cut)
 
+    def split(self, cut: Cut) -> tuple[Cut, Cut]:
+        """``cut`` (in flight, never published) as two batches, its first half and the rest,
+        each in flight on its own, in the order of their events."""
+        half = len(cut.events) // 2
+        head, tail = (
+            Cut(cut.events[:half], cut.seq - (len(cut.events) - half)),
+            Cut(cut.events[half:], cut.seq),
+        )
+        with self._lock:
+            in_flight: dict[int, int] = {}
+            for seq, events in self._in_flight.items():
+                if seq == cut.seq:
+                    in_flight[head.seq] = len(head.events)
+                    in_flight[tail.seq] = len(tail.events)
+                else:
+                    in_flight[seq] = events
+            self._in_flight = in_flight
+        return head, tail
+
     def wire_text(self, batch_id: uuid.UUID, cut: Cut) -> tuple[str | None, tuple[Buffered, ...]]:
         """The wire text of a batch cut off the buffer, and the events it holds.
 

@@ -279,12 +279,6 @@ class Confirmations:
             while len(self._spilled) > MAX_UNCONFIRMED_BATCHES:  # forgotten: not waited for
                 del self._spilled[next(iter(self._spilled))]
 
-    def still_spilled(self, batch_id: uuid.UUID) -> bool:
-        """Whether a batch watched since its spill is still waiting in the spool: neither
-        replayed by this tracker nor seen applied (another tracker's replay)."""
-        with self._lock:
-            return batch_id in self._spilled
-
     def forget_spilled(self, batch_id: uuid.UUID) -> None:
         """A batch meant for the spool did not get there: nothing to wait for."""
         with self._lock:
@@ -383,7 +377,7 @@ class Confirmations:
             if remaining <= 0:
                 cause = f"; last error: {last_error}" if last_error else ""
                 raise FlushTimeoutError(
-                    f"{len(pending)} published batches were not applied within {timeout:g} s "
+                    f"{len(pending)} batches were not applied within {timeout:g} s "
                     f"(not in {self.confirmer.where}){cause}"
                 )
             time.sleep(min(FLUSH_POLL_INTERVAL, remaining))

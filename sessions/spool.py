@@ -31,7 +31,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -52,6 +52,8 @@ BUSY_TIMEOUT = 10.0
 #: Rows per ``INSERT`` of :meth:`BatchSpool.put_texts` (5 parameters each: within the 999
 #: parameters of a statement that older SQLite builds allow).
 ROWS_PER_INSERT = 100
+#: Batch ids per ``IN`` list of :meth:`BatchSpool.holding`.
+HOLDING_CHUNK = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spooled_batches (
@@ -400,6 +402,23 @@ class BatchSpool:
                 f"DELETE FROM spooled_batches WHERE seq IN ({','.join('?' * len(seqs))})", seqs
             )
 
+    def holding(self, batch_ids: Collection[str]) -> set[str]:
+        """Which of ``batch_ids`` the spool holds now (waiting, claimed or not)."""
+        if not batch_ids or self._never_written():
+            return set()
+        ids = list(batch_ids)
+        held: set[str] = set()
+        with self._lock:
+            for start in range(0, len(ids), HOLDING_CHUNK):
+                chunk = ids[start : start + HOLDING_CHUNK]
+                rows = self._connection.execute(
+                    "SELECT batch_id FROM spooled_batches"
+                    f" WHERE batch_id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+                held.update(row[0] for row in rows)
+        return held
+
     def __len__(self) -> int:
         if self._never_written():
             return 0
@@ -478,4 +497,3 @@ class BatchSpool:
             if self._opened is not None:
                 self._opened.close()
                 self._opened = None
-

@@ -51,7 +51,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
 from sessions import lifecycle
-from sessions.batching import ACCEPTED, Appended, Buffered, EventBuffer
+from sessions.batching import ACCEPTED, Appended, Buffered, EventBuffer, FailedBatch
 from sessions.client_settings import ClientSettings
 from sessions.confirming import Confirmations, Confirmer, confirmer_for
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError, UnserializableBatchError
@@ -349,13 +349,7 @@ class SessionTracker:
                 f"(broker {mask_url(self.settings.broker_url)})"
             )
         failed, refused = self._buffer.take_outcomes(target)
-        # A batch given up that the spool has since replayed is published after all: the wait
-        # for the applied batches covers it. Reported are the lost ones and those still spooled.
-        failed = [
-            batch
-            for batch in failed
-            if batch.spooled_as is None or self._confirmations.still_spilled(batch.spooled_as)
-        ]
+        failed = self._still_unpublished(failed)
         if refused:
             also = f"; {len(failed)} batches could not be published to the broker" if failed else ""
             raise UnserializableBatchError(
@@ -367,6 +361,20 @@ class SessionTracker:
                 f"{len(failed)} batches ({sum(batch.events for batch in failed)} events) could "
                 f"not be published to the broker at {mask_url(self.settings.broker_url)}"
             )
+
+    def _still_unpublished(self, failed: list[FailedBatch]) -> list[FailedBatch]:
+        """Of the batches given up, those lost and those the spool still holds. One the spool
+        no longer holds was replayed since (by this tracker or another sharing the spool) and
+        is published after all: the wait for applied batches covers it, as it covers spills."""
+        spooled = {str(batch.spooled_as) for batch in failed if batch.spooled_as is not None}
+        if not spooled or self._spool is None:
+            return failed
+        try:
+            held = self._spool.holding(spooled)
+        except Exception:  # an unreadable spool: report them all, as before it was asked
+            log.exception("could not read the spool at %s", self._spool.path)
+            return failed
+        return [b for b in failed if b.spooled_as is None or str(b.spooled_as) in held]
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Publish what is buffered and stop the background thread (waits up to ``timeout``).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -158,6 +159,29 @@ def test_record_never_raises_or_blocks_when_the_publisher_fails(
     assert len(recorder.calls) < 40 * sending.PUBLISH_ATTEMPTS
     with pytest.raises(BrokerUnavailableError, match="40 batches"):
         tracker.flush(wait=True, timeout=DEADLINE)
+
+
+def test_a_batch_over_the_byte_limit_goes_out_halved_each_part_a_batch_of_its_own(
+    make_tracker: Any, recorder: RecordingPublisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large messages fill a batch's bytes long before its event count: it is halved until
+    each part's text fits (a broker refuses a message past its limit), every event once."""
+    monkeypatch.setattr(sending, "MAX_BATCH_BYTES", 4096)
+    tracker = make_tracker(max_batch_events=1000)
+    for seq in range(20):
+        tracker.message("s-1", "assistant", "é" * 500, seq=seq)  # 1,000 bytes of UTF-8 each
+    tracker.record("s-1", processing_time=0.5)
+    tracker.flush(wait=False)
+
+    wait_until(lambda: tracker.stats.events_pending == 0, message="every part published")
+    sizes = [len(json.dumps(m, ensure_ascii=False).encode()) for m in recorder.messages]
+    assert len(recorder.messages) > 1 and max(sizes) <= 4096, sizes
+    seqs = [e["seq"] for e in recorder.events() if e["kind"] == "message"]
+    assert seqs == list(range(20))  # in order, each once
+    assert [e["kind"] for e in recorder.events()][-1] == "record"
+    assert len({m["batch_id"] for m in recorder.messages}) == len(recorder.messages)
+    stats = tracker.stats
+    assert (stats.events_sent, stats.batches_sent) == (21, len(recorder.messages))
 
 
 def test_the_tracker_publishes_again_once_the_broker_is_back(

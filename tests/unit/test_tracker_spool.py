@@ -348,6 +348,35 @@ def test_flush_wait_after_an_outage_waits_for_the_replayed_batches_instead_of_fa
         store.dispose()
 
 
+def test_flush_wait_does_not_report_a_batch_another_tracker_replayed(
+    trackers: list[SessionTracker], tmp_path: Path
+) -> None:
+    """Agents on one machine share the spool: a batch one gave up may be replayed by another.
+    Its ``flush(wait=True)`` waits for that batch to be applied, and reports nothing: it asks
+    the spool, not only what it replayed itself (a cold review found the gap)."""
+    store = SessionStore(f"sqlite:///{tmp_path / 'ledger.db'}", settings=Settings())
+    store.upgrade()
+
+    def down(message: dict[str, Any]) -> None:
+        raise ConnectionError("broker down")
+
+    try:
+        first = _tracker(trackers, down, store=store)
+        for _ in range(10):
+            first.record("s-1", processing_time=1.0)
+        first.flush()
+        wait_until(lambda: first.stats.events_spooled == 10, message="the batch spooled")
+        second = _tracker(trackers, store.apply, store=store)  # replays the spool at its start
+        wait_until(lambda: second.stats.events_replayed == 10, message="the other's replay")
+        first.flush(wait=True, timeout=DEADLINE)  # its own broker still down: nothing raised
+        record = store.get("s-1")
+        assert record is not None and record.request_count == 10
+    finally:
+        for tracker in trackers:
+            tracker.close(timeout=5)
+        store.dispose()
+
+
 def test_a_second_flush_wait_still_waits_for_batches_the_spool_holds(
     trackers: list[SessionTracker],
 ) -> None:
