@@ -34,6 +34,11 @@ log = logging.getLogger("sessions.tracker")
 #: What the buffer holds: an event model, or a plainly valid ``record``'s values.
 Buffered = AnyEvent | RecordFields
 
+#: Largest batch text the tracker publishes, in bytes of UTF-8: a batch of large messages or
+#: metadata is halved until it fits, each half a batch of its own. A broker refuses a message
+#: past its limit (RabbitMQ 4's ``max_message_size`` is 16 MiB by default, and the text travels
+#: escaped inside the task's body), and a refusal looks like a broker that is down.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 #: Outcomes (batches given up, events refused) kept for ``flush(wait=True)`` to report; beyond
 #: this many, the oldest are forgotten (still counted in the stats).
 MAX_REPORTED_BATCHES = 10_000
@@ -226,6 +231,19 @@ class EventBuffer:
         self._cut += len(batch)
         self._in_flight[self._cut] = len(batch)
         return Cut(tuple(batch), self._cut)
+
+    @staticmethod
+    def oversized(text: str | None, events: tuple[Buffered, ...], cut: Cut) -> bool:
+        """Whether ``text``, the wire text of ``cut`` (holding ``events``), passes
+        :data:`MAX_BATCH_BYTES` and can be halved: more than one event, none of them set aside
+        (halving would refuse those twice). A batch is halved before it is published or
+        spilled, never after: a text already out keeps its batch id whole."""
+        return (
+            text is not None
+            and len(events) == len(cut.events) > 1
+            and len(text) > MAX_BATCH_BYTES // 4  # a UTF-8 character is at most 4 bytes
+            and len(text.encode()) > MAX_BATCH_BYTES
+        )
 
     def split(self, cut: Cut) -> tuple[Cut, Cut]:
         """``cut`` (in flight, never published) as two batches, its first half and the rest,

@@ -44,11 +44,6 @@ T = TypeVar("T")
 #: Called with each batch that could not be published and the last error (the spool's seam).
 UnsentHandler = Callable[[Batch, BaseException], None]
 
-#: Largest batch text the tracker publishes, in bytes of UTF-8: a batch of large messages or
-#: metadata is halved until it fits, each half a batch of its own. A broker refuses a message
-#: past its limit (RabbitMQ 4's ``max_message_size`` is 16 MiB by default, and the text travels
-#: escaped inside the task's body), and a refusal looks like a broker that is down.
-MAX_BATCH_BYTES = 4 * 1024 * 1024
 #: Attempts at publishing one batch before it is given up.
 PUBLISH_ATTEMPTS = 3
 #: Seconds to wait before the second and third attempt.
@@ -295,12 +290,7 @@ class BatchSender:
     def _send(self, cut: Cut) -> None:
         batch_id = uuid.uuid4()
         text, events = self._buffer.wire_text(batch_id, cut)
-        if (
-            text is not None
-            and len(events) == len(cut.events) > 1  # none set aside: halving refuses nothing twice
-            and len(text) > MAX_BATCH_BYTES // 4  # a UTF-8 character is at most 4 bytes
-            and len(text.encode()) > MAX_BATCH_BYTES
-        ):
+        if self._buffer.oversized(text, events, cut):
             # Never published under this id: each half goes out (or to the spool) on its own.
             for part in self._buffer.split(cut):
                 self._send(part)

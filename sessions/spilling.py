@@ -15,7 +15,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 
-from sessions.batching import Cut, EventBuffer
+from sessions.batching import Buffered, Cut, EventBuffer
 from sessions.confirming import Confirmations
 from sessions.spool import BatchSpool, SpillItem
 
@@ -51,12 +51,9 @@ class Spiller:
         Only a full buffer gets here, so a burst that outruns the publisher is slowed down by
         the spool's write (measured in ``bench.ingest --burst``) instead of losing events.
         """
-        ids = [uuid.uuid4() for _ in cuts]
+        ids, cuts, texts = self._texts(cuts)
         for batch_id, cut in zip(ids, cuts, strict=True):
             self._confirmations.spilled(batch_id, cut.seq)
-        texts = [
-            self._buffer.wire_text(batch_id, cut) for batch_id, cut in zip(ids, cuts, strict=True)
-        ]
         items = [
             SpillItem(str(batch_id), text, len(events))
             for batch_id, (text, events) in zip(ids, texts, strict=True)
@@ -91,6 +88,27 @@ class Spiller:
                 self._buffer.max_buffered_events,
                 self._spool.path,
             )
+
+    def _texts(
+        self, cuts: Sequence[Cut]
+    ) -> tuple[list[uuid.UUID], list[Cut], list[tuple[str | None, tuple[Buffered, ...]]]]:
+        """A new batch id and the wire text of each cut, a cut whose text is too large for a
+        broker halved first (in flight, as the publisher does): ids, cuts and texts, in order."""
+        ids: list[uuid.UUID] = []
+        done: list[Cut] = []
+        texts: list[tuple[str | None, tuple[Buffered, ...]]] = []
+        waiting = list(cuts)
+        while waiting:
+            cut = waiting.pop(0)
+            batch_id = uuid.uuid4()
+            text, events = self._buffer.wire_text(batch_id, cut)
+            if self._buffer.oversized(text, events, cut):
+                waiting[0:0] = self._buffer.split(cut)
+                continue
+            ids.append(batch_id)
+            done.append(cut)
+            texts.append((text, events))
+        return ids, done, texts
 
     def counts(self) -> tuple[int, int]:
         """Batches and events spilled (and kept by the spool) so far."""

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from sessions import sending
+from sessions import batching, sending
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError, UnserializableBatchError
 from sessions.events import Batch
 from sessions.publisher import CeleryPublisher, Publisher
@@ -166,7 +166,7 @@ def test_a_batch_over_the_byte_limit_goes_out_halved_each_part_a_batch_of_its_ow
 ) -> None:
     """Large messages fill a batch's bytes long before its event count: it is halved until
     each part's text fits (a broker refuses a message past its limit), every event once."""
-    monkeypatch.setattr(sending, "MAX_BATCH_BYTES", 4096)
+    monkeypatch.setattr(batching, "MAX_BATCH_BYTES", 4096)
     tracker = make_tracker(max_batch_events=1000)
     for seq in range(20):
         tracker.message("s-1", "assistant", "é" * 500, seq=seq)  # 1,000 bytes of UTF-8 each

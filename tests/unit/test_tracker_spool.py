@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from sessions import sending
+from sessions import batching, sending
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError, UnserializableBatchError
 from sessions.publisher import Publisher
 from sessions.settings import Settings
@@ -188,6 +188,34 @@ def test_a_burst_the_publisher_cannot_take_spills_whole_batches_and_loses_nothin
     assert all(len(message["events"]) <= BATCH for message in publisher.messages)
     assert tracker.stats.events_replayed == stats.events_spilled
     wait_until(lambda: len(spool) == 0, message="the spool emptied")
+
+
+def test_a_spilled_batch_too_large_for_a_broker_is_halved_before_it_is_spooled(
+    trackers: list[SessionTracker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of large messages spills batches whose texts would pass the byte limit: each is
+    halved first, so no spooled batch is one a broker would refuse at replay (and hold up the
+    spool behind it); every message is replayed once, in order."""
+    monkeypatch.setattr(batching, "MAX_BATCH_BYTES", 4096)
+    publisher = RecordingPublisher()
+    tracker = _tracker(trackers, publisher, max_buffered_events=BUFFER)
+    _stuck(publisher, tracker)
+    for seq in range(300):
+        tracker.message("s-1", "assistant", "é" * 500, seq=seq)  # 1,000 bytes of UTF-8 each
+    spool = open_spool(Settings())
+    assert spool is not None and tracker.stats.events_spilled > 0
+    spooled = spool.oldest(limit=10_000)
+    assert max(len(batch.text.encode()) for batch in spooled) <= 4096
+    assert tracker.stats.events_dropped == 0
+
+    _unstick(publisher)
+    tracker.flush()
+    wait_until(
+        lambda: len([e for e in publisher.events() if e["kind"] == "message"]) == 300,
+        message="every message published after all",
+    )
+    seqs = sorted(e["seq"] for e in publisher.events() if e["kind"] == "message")
+    assert seqs == list(range(300))  # each exactly once
 
 
 def test_only_a_full_buffer_and_a_full_spool_drop_and_they_say_so(
