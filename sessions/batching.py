@@ -35,7 +35,7 @@ log = logging.getLogger("sessions.tracker")
 Buffered = AnyEvent | RecordFields
 
 #: Largest batch text the tracker publishes, in bytes of UTF-8: a batch of large messages or
-#: metadata is halved until it fits, each half a batch of its own. A broker refuses a message
+#: metadata is cut into parts that fit, each a batch of its own. A broker refuses a message
 #: past its limit (RabbitMQ 4's ``max_message_size`` is 16 MiB by default, and the text travels
 #: escaped inside the task's body), and a refusal looks like a broker that is down.
 MAX_BATCH_BYTES = 4 * 1024 * 1024
@@ -233,36 +233,39 @@ class EventBuffer:
         return Cut(tuple(batch), self._cut)
 
     @staticmethod
-    def oversized(text: str | None, events: tuple[Buffered, ...], cut: Cut) -> bool:
-        """Whether ``text``, the wire text of ``cut`` (holding ``events``), passes
-        :data:`MAX_BATCH_BYTES` and can be halved: more than one event, none of them set aside
-        (halving would refuse those twice). A batch is halved before it is published or
-        spilled, never after: a text already out keeps its batch id whole."""
-        return (
-            text is not None
-            and len(events) == len(cut.events) > 1
-            and len(text) > MAX_BATCH_BYTES // 4  # a UTF-8 character is at most 4 bytes
-            and len(text.encode()) > MAX_BATCH_BYTES
-        )
+    def pieces_for(text: str | None, events: tuple[Buffered, ...], cut: Cut) -> int:
+        """Into how many batches ``cut`` must be cut for each text to fit
+        :data:`MAX_BATCH_BYTES`, going by ``text``, its wire text (holding ``events``): 1 when
+        it fits, or holds one event, or had events set aside (cutting would refuse those
+        twice). A batch is cut before it is published or spilled, never after: a text already
+        out keeps its batch id whole."""
+        if text is None or len(text) <= MAX_BATCH_BYTES // 4:  # a character: at most 4 bytes
+            return 1
+        size = len(text) if text.isascii() else len(text.encode())
+        if size <= MAX_BATCH_BYTES or not len(events) == len(cut.events) > 1:
+            return 1
+        return min(len(events), size // MAX_BATCH_BYTES + 1)
 
-    def split(self, cut: Cut) -> tuple[Cut, Cut]:
-        """``cut`` (in flight, never published) as two batches, its first half and the rest,
-        each in flight on its own, in the order of their events."""
-        half = len(cut.events) // 2
-        head, tail = (
-            Cut(cut.events[:half], cut.seq - (len(cut.events) - half)),
-            Cut(cut.events[half:], cut.seq),
-        )
+    def split(self, cut: Cut, pieces: int) -> tuple[Cut, ...]:
+        """``cut`` (in flight, never published) as ``pieces`` batches of about as many events
+        each, each in flight on its own, in the order of their events."""
+        size, extra = divmod(len(cut.events), pieces)
+        parts: list[Cut] = []
+        start, seq = 0, cut.seq - len(cut.events)
+        for index in range(pieces):
+            end = start + size + (index < extra)
+            seq += end - start
+            parts.append(Cut(cut.events[start:end], seq))
+            start = end
         with self._lock:
             in_flight: dict[int, int] = {}
             for seq, events in self._in_flight.items():
                 if seq == cut.seq:
-                    in_flight[head.seq] = len(head.events)
-                    in_flight[tail.seq] = len(tail.events)
+                    in_flight.update((part.seq, len(part.events)) for part in parts)
                 else:
                     in_flight[seq] = events
             self._in_flight = in_flight
-        return head, tail
+        return tuple(parts)
 
     def wire_text(self, batch_id: uuid.UUID, cut: Cut) -> tuple[str | None, tuple[Buffered, ...]]:
         """The wire text of a batch cut off the buffer, and the events it holds.

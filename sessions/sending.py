@@ -290,9 +290,10 @@ class BatchSender:
     def _send(self, cut: Cut) -> None:
         batch_id = uuid.uuid4()
         text, events = self._buffer.wire_text(batch_id, cut)
-        if self._buffer.oversized(text, events, cut):
-            # Never published under this id: each half goes out (or to the spool) on its own.
-            for part in self._buffer.split(cut):
+        pieces = self._buffer.pieces_for(text, events, cut)
+        if pieces > 1:
+            # Never published under this id: each part goes out (or to the spool) on its own.
+            for part in self._buffer.split(cut, pieces):
                 self._send(part)
             return
         error: BaseException | None = None
@@ -326,7 +327,7 @@ class BatchSender:
             # Watched like a spill: once replayed, flush(wait=True) waits for it to be applied
             # instead of reporting it unpublished (and a later flush waits for it too).
             self._confirmations.spilled(batch_id, cut.seq)
-            spooled = self._keep_in_spool(batch)
+            spooled = self._keep_in_spool(batch, text)
             if not spooled:
                 self._confirmations.forget_spilled(batch_id)
         with self._lock:
@@ -343,7 +344,10 @@ class BatchSender:
             except Exception:
                 log.exception("the on_unsent handler failed for batch %s", batch.batch_id)
 
-    def _keep_in_spool(self, batch: Batch) -> bool:
+    def _keep_in_spool(self, batch: Batch, text: str) -> bool:
+        """Keep ``batch`` (whose wire text is ``text``) in the spool; whether it did. The text
+        it tried to publish, not the batch re-encoded: the size the byte limit was checked
+        on (``json.dumps`` would escape every non-ASCII character, up to 6 bytes each)."""
         if self._spool is None:
             log.error(
                 "batch %s (%d events) could not be published and there is no spool: lost",
@@ -352,7 +356,8 @@ class BatchSender:
             )
             return False
         try:
-            return self._spool.put(batch.to_message())
+            kept = self._spool.put_texts([SpillItem(str(batch.batch_id), text, len(batch.events))])
+            return kept == 1
         except Exception:
             log.exception("could not write batch %s to the spool: lost", batch.batch_id)
             return False

@@ -93,7 +93,8 @@ class Spiller:
         self, cuts: Sequence[Cut]
     ) -> tuple[list[uuid.UUID], list[Cut], list[tuple[str | None, tuple[Buffered, ...]]]]:
         """A new batch id and the wire text of each cut, a cut whose text is too large for a
-        broker halved first (in flight, as the publisher does): ids, cuts and texts, in order."""
+        broker cut into parts first (in flight, as the publisher does): ids, cuts and texts,
+        in order."""
         ids: list[uuid.UUID] = []
         done: list[Cut] = []
         texts: list[tuple[str | None, tuple[Buffered, ...]]] = []
@@ -102,8 +103,9 @@ class Spiller:
             cut = waiting.pop(0)
             batch_id = uuid.uuid4()
             text, events = self._buffer.wire_text(batch_id, cut)
-            if self._buffer.oversized(text, events, cut):
-                waiting[0:0] = self._buffer.split(cut)
+            pieces = self._buffer.pieces_for(text, events, cut)
+            if pieces > 1:
+                waiting[0:0] = self._buffer.split(cut, pieces)
                 continue
             ids.append(batch_id)
             done.append(cut)

@@ -218,6 +218,25 @@ def test_a_spilled_batch_too_large_for_a_broker_is_halved_before_it_is_spooled(
     assert seqs == list(range(300))  # each exactly once
 
 
+def test_a_batch_given_up_is_spooled_as_the_text_whose_size_was_checked(
+    trackers: list[SessionTracker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch the broker would not take goes to the spool as the very text that was cut to
+    the byte limit (re-encoding it with ``json.dumps`` escaped every non-ASCII character and
+    tripled its size, a cold review found): no spooled batch passes the limit."""
+    monkeypatch.setattr(batching, "MAX_BATCH_BYTES", 4096)
+    tracker = _tracker(trackers, RecordingPublisher(failures=10**9), max_batch_events=1000)
+    for seq in range(20):
+        tracker.message("s-1", "assistant", "é" * 500, seq=seq)  # 1,000 bytes of UTF-8 each
+    tracker.flush()
+    wait_until(lambda: tracker.stats.events_spooled == 20, message="every part spooled")
+    spool = open_spool(Settings())
+    assert spool is not None
+    spooled = spool.oldest(limit=100)
+    assert len(spooled) > 1 and max(len(batch.text.encode()) for batch in spooled) <= 4096
+    assert sorted(e["seq"] for batch in spooled for e in batch.message["events"]) == list(range(20))
+
+
 def test_only_a_full_buffer_and_a_full_spool_drop_and_they_say_so(
     trackers: list[SessionTracker], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
