@@ -121,7 +121,7 @@ class EventBuffer:
         self._dropped = 0
         #: Until when a full buffer drops rather than spills (the spool refused a spill).
         self._spill_refused_until = 0.0
-        #: Batches given up and not yet reported by a ``flush(wait=True)``: (seq, events).
+        #: Batches given up and not yet reported by a ``flush(wait=True)``.
         self._failed: list[FailedBatch] = []
         #: Events set aside as unserialisable, not yet reported: (seq, events, why).
         self._refused: list[tuple[int, int, str]] = []
@@ -259,11 +259,11 @@ class EventBuffer:
             start = end
         with self._lock:
             in_flight: dict[int, int] = {}
-            for seq, events in self._in_flight.items():
-                if seq == cut.seq:
+            for last, events in self._in_flight.items():
+                if last == cut.seq:
                     in_flight.update((part.seq, len(part.events)) for part in parts)
                 else:
-                    in_flight[seq] = events
+                    in_flight[last] = events
             self._in_flight = in_flight
         return tuple(parts)
 
