@@ -44,6 +44,18 @@ def trackers() -> Iterator[list[SessionTracker]]:
         tracker.close(timeout=DEADLINE)
 
 
+@pytest.fixture
+def ledger(trackers: list[SessionTracker], tmp_path: Path) -> Iterator[SessionStore]:
+    """A store whose ledger the test's trackers confirm through; at teardown the trackers are
+    closed before it is disposed of."""
+    store = SessionStore(f"sqlite:///{tmp_path / 'ledger.db'}", settings=Settings())
+    store.upgrade()
+    yield store
+    for tracker in trackers:
+        tracker.close(timeout=5)
+    store.dispose()
+
+
 def _tracker(made: list[SessionTracker], publisher: Any, **options: Any) -> SessionTracker:
     options.setdefault("flush_interval", NEVER)
     options.setdefault("max_batch_events", 10)
@@ -355,73 +367,58 @@ def test_flush_wait_returns_once_the_spilled_batches_are_applied(
 
 
 def test_flush_wait_after_an_outage_waits_for_the_replayed_batches_instead_of_failing(
-    trackers: list[SessionTracker], tmp_path: Path
+    trackers: list[SessionTracker], ledger: SessionStore
 ) -> None:
     """Batches given up while the broker was down went to the spool; once it is back and they
     are replayed, ``flush(wait=True)`` returns when they are applied. It used to raise
     ``BrokerUnavailableError`` for them, events that were already in the database (an outside
     fault test found it): a caller recording them again would count them twice."""
-    store = SessionStore(f"sqlite:///{tmp_path / 'ledger.db'}", settings=Settings())
-    store.upgrade()
     down = threading.Event()
     down.set()
 
     def broker_then_workers(message: dict[str, Any]) -> None:
         if down.is_set():
             raise ConnectionError("broker down")
-        store.apply(message)
+        ledger.apply(message)
 
-    try:
-        tracker = _tracker(trackers, broker_then_workers, store=store)
-        for index in range(30):
-            tracker.record(f"s-{index % 3}", processing_time=1.0)
-        tracker.flush()
-        wait_until(lambda: tracker.stats.events_spooled == 30, message="three batches spooled")
-        assert tracker.stats.batches_failed == 3
-        down.clear()  # the broker answers again
+    tracker = _tracker(trackers, broker_then_workers, store=ledger)
+    for index in range(30):
+        tracker.record(f"s-{index % 3}", processing_time=1.0)
+    tracker.flush()
+    wait_until(lambda: tracker.stats.events_spooled == 30, message="three batches spooled")
+    assert tracker.stats.batches_failed == 3
+    down.clear()  # the broker answers again
 
-        def replayed() -> bool:
-            tracker.flush()  # wakes the publisher thread, which replays the spool first
-            return tracker.stats.events_replayed == 30
+    def replayed() -> bool:
+        tracker.flush()  # wakes the publisher thread, which replays the spool first
+        return tracker.stats.events_replayed == 30
 
-        wait_until(replayed, message="the spooled batches replayed")
-        tracker.flush(wait=True, timeout=DEADLINE)  # no BrokerUnavailableError
-        counted = [store.get(f"s-{n}") for n in range(3)]
-        assert [record.request_count if record else 0 for record in counted] == [10, 10, 10]
-    finally:
-        down.clear()
-        for tracker in trackers:
-            tracker.close(timeout=5)
-        store.dispose()
+    wait_until(replayed, message="the spooled batches replayed")
+    tracker.flush(wait=True, timeout=DEADLINE)  # no BrokerUnavailableError
+    counted = [ledger.get(f"s-{n}") for n in range(3)]
+    assert [record.request_count if record else 0 for record in counted] == [10, 10, 10]
 
 
 def test_flush_wait_does_not_report_a_batch_another_tracker_replayed(
-    trackers: list[SessionTracker], tmp_path: Path
+    trackers: list[SessionTracker], ledger: SessionStore
 ) -> None:
     """Agents on one machine share the spool: a batch one gave up may be replayed by another.
     Its ``flush(wait=True)`` waits for that batch to be applied, and reports nothing: it asks
     the spool, not only what it replayed itself (a cold review found the gap)."""
-    store = SessionStore(f"sqlite:///{tmp_path / 'ledger.db'}", settings=Settings())
-    store.upgrade()
 
     def down(message: dict[str, Any]) -> None:
         raise ConnectionError("broker down")
 
-    try:
-        first = _tracker(trackers, down, store=store)
-        for _ in range(10):
-            first.record("s-1", processing_time=1.0)
-        first.flush()
-        wait_until(lambda: first.stats.events_spooled == 10, message="the batch spooled")
-        second = _tracker(trackers, store.apply, store=store)  # replays the spool at its start
-        wait_until(lambda: second.stats.events_replayed == 10, message="the other's replay")
-        first.flush(wait=True, timeout=DEADLINE)  # its own broker still down: nothing raised
-        record = store.get("s-1")
-        assert record is not None and record.request_count == 10
-    finally:
-        for tracker in trackers:
-            tracker.close(timeout=5)
-        store.dispose()
+    first = _tracker(trackers, down, store=ledger)
+    for _ in range(10):
+        first.record("s-1", processing_time=1.0)
+    first.flush()
+    wait_until(lambda: first.stats.events_spooled == 10, message="the batch spooled")
+    second = _tracker(trackers, ledger.apply, store=ledger)  # replays the spool at its start
+    wait_until(lambda: second.stats.events_replayed == 10, message="the other's replay")
+    first.flush(wait=True, timeout=DEADLINE)  # its own broker still down: nothing raised
+    record = ledger.get("s-1")
+    assert record is not None and record.request_count == 10
 
 
 def test_a_second_flush_wait_still_waits_for_batches_the_spool_holds(
