@@ -12,6 +12,7 @@ from sqlalchemy import text
 from sessions.settings import Settings, get_settings
 from sessions.store import SessionStore
 from sessions.tables import Base
+from tests.support import diagnostics
 from tests.support.services import require_postgres, temporary_postgres_database
 
 # pytest-celery 1.x brings Docker-based fixtures that shadow Celery's own; there is no
@@ -19,6 +20,26 @@ from tests.support.services import require_postgres, temporary_postgres_database
 pytest_plugins = ("celery.contrib.pytest",)
 
 BACKENDS = ("sqlite", "postgresql")
+
+#: Ids of the tests that failed in this run, for the diagnostics printed last.
+_failed: set[str] = set()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        _failed.add(report.nodeid)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """What each failed test's waits read of its workers and servers when they gave up
+    (:mod:`tests.support.diagnostics`), last, so that a CI log's tail still holds it."""
+    readings = [(test, reading) for test, reading in diagnostics.RECORDED if test in _failed]
+    if not readings:
+        return
+    terminalreporter.section("what the failed waits saw")
+    for test, reading in readings:
+        terminalreporter.write_line(f"{test}:\n{reading}")
 
 
 @pytest.fixture(autouse=True)

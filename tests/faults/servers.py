@@ -36,6 +36,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
+from tests.support import diagnostics
 from tests.support.services import missing_service
 from tests.support.waiting import cpu_progress, wait_for
 from tests.support.workers_harness import free_port, run_to_completion
@@ -403,6 +404,7 @@ class PrivateRabbitMQ:
         )
         (root / "enabled_plugins").write_text("[].\n")
         (root / "rabbitmq-env.conf").write_text("")
+        self._source = diagnostics.register(f"private RabbitMQ {self.node}", self.describe)
 
     def environment(self) -> dict[str, str]:
         """The ``RABBITMQ_*`` variables that confine the node (and ``rabbitmqctl``) to ``root``."""
@@ -522,9 +524,28 @@ class PrivateRabbitMQ:
         texts += [path.read_text(errors="replace") for path in (self.root / "log").glob("*.log")]
         return "\n".join(text[-characters:] for text in texts)
 
+    def describe(self) -> str:
+        """The node's last warnings and errors (a resource alarm is one), then every queue of
+        every vhost: type, state, messages ready / unacknowledged, consumers."""
+        log = "\n".join(
+            path.read_text(errors="replace") for path in (self.root / "log").glob("*.log")
+        )
+        notable = [line for line in log.splitlines() if "[warning]" in line or "[error]" in line]
+        lines = notable[-6:]
+        if self.process is None or self.process.poll() is not None:
+            return "\n".join([*lines, "(the node is not running)"])
+        for vhost in self.ctl("list_vhosts", "--quiet", "--no-table-headers").split():
+            queues = self.ctl(
+                "list_queues", "-p", vhost, "name", "type", "state", "messages_ready",
+                "messages_unacknowledged", "consumers", "--quiet", "--no-table-headers",
+            )  # fmt: skip
+            lines += [f"{vhost}: {' '.join(q.split())}" for q in queues.splitlines() if q.strip()]
+        return "\n".join(lines)
+
     def destroy(self) -> None:
         self.kill()
         shutil.rmtree(self.root, ignore_errors=True)
+        diagnostics.unregister(self._source)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,8 @@ import os
 import time
 from collections.abc import Callable, Hashable
 
+from tests.support.diagnostics import record_failure
+
 #: Seconds between looks at a condition.
 POLL = 0.05
 #: Seconds between readings of a wait's progress (a reading may be a query).
@@ -49,8 +51,10 @@ def wait_for(
     ``progress`` (see the module docstring) is read every :data:`PROGRESS_POLL` seconds; the
     wait fails with :class:`AssertionError` naming ``message`` once ``stall`` seconds pass
     without a change in it (or, without ``progress``, after ``stall`` seconds), or once a
-    numeric ``progress`` has advanced by more than ``budget`` since the wait began.
-    Exceptions from ``condition`` or ``progress`` propagate (a process that died says so).
+    numeric ``progress`` has advanced by more than ``budget`` since the wait began; the
+    message then carries what :mod:`tests.support.diagnostics` reads of the running workers
+    and servers. Exceptions from ``condition`` or ``progress`` propagate (a process that
+    died says so).
     """
     began = last_change = last_read = time.monotonic()
     first = last = progress() if progress is not None else None
@@ -65,15 +69,22 @@ def wait_for(
                 assert isinstance(first, int | float) and isinstance(reading, int | float)
                 if reading - first > budget:
                     raise AssertionError(
-                        f"gave up waiting for {message}: the work advanced {reading - first:g} "
-                        f"(budget {budget:g}) in {now - began:.0f} s without it"
+                        record_failure(
+                            f"gave up waiting for {message}: the work advanced "
+                            f"{reading - first:g} (budget {budget:g}) in {now - began:.0f} s "
+                            "without it"
+                        )
                     )
         if now - last_change > stall:
             if progress is None:
-                raise AssertionError(f"timed out after {stall:g} s waiting for {message}")
+                raise AssertionError(
+                    record_failure(f"timed out after {stall:g} s waiting for {message}")
+                )
             raise AssertionError(
-                f"timed out waiting for {message}: no progress for {stall:g} s "
-                f"({now - began:.0f} s in all; last progress reading {last!r})"
+                record_failure(
+                    f"timed out waiting for {message}: no progress for {stall:g} s "
+                    f"({now - began:.0f} s in all; last progress reading {last!r})"
+                )
             )
         time.sleep(POLL)
 

@@ -28,6 +28,7 @@ from sessions.errors import FlushTimeoutError
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tracker import SessionTracker
+from tests.support import diagnostics
 from tests.support.services import (
     REDIS_URL,
     require_postgres,
@@ -174,6 +175,9 @@ class CeleryProcess:
         )
         if name == "worker":
             _running_workers.add(self)
+        self._source = diagnostics.register(
+            f"{name} (pid {self.process.pid}), last lines of its log", lambda: self.log
+        )
 
     @property
     def log(self) -> str:
@@ -216,6 +220,7 @@ class CeleryProcess:
         self.process.wait()
         self._log.close()
         _running_workers.discard(self)
+        diagnostics.unregister(self._source)
 
 
 def start_worker(environment: Mapping[str, str], logs: Path, concurrency: int = 2) -> CeleryProcess:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.support import diagnostics
 from tests.support.waiting import CPU_QUANTUM, cpu_budget, cpu_progress, cpu_seconds, wait_for
 
 
@@ -58,3 +59,31 @@ def test_the_cpu_time_of_a_process_counts_its_children() -> None:
         parent.wait()
     assert cpu_seconds(parent.pid) == 0.0  # gone
     assert cpu_seconds(os.getpid()) > 0
+
+
+def test_a_failed_wait_carries_what_its_sources_read_and_is_kept() -> None:
+    def broken() -> str:
+        raise OSError("log gone")
+
+    kept = len(diagnostics.RECORDED)
+    with (
+        diagnostics.registered("a worker", lambda: "\n".join(f"line {n}" for n in range(40))),
+        diagnostics.registered("a node", broken),
+        pytest.raises(AssertionError) as failure,
+    ):
+        wait_for(lambda: False, "never", stall=0.1)
+    message = str(failure.value)
+    assert message.startswith("timed out after 0.1 s waiting for never\n")
+    assert "--- a worker ---\n" in message
+    # The last lines only, and a source that cannot be read says why without hiding the rest.
+    assert "line 39" in message and "line 24" not in message and "line 25" in message
+    assert "--- a node ---\n(could not be read: OSError: log gone)" in message
+    ((test, reading),) = diagnostics.RECORDED[kept:]
+    assert test.endswith(
+        "::" + test_a_failed_wait_carries_what_its_sources_read_and_is_kept.__name__
+    )
+    assert reading in message
+    # Once the sources are gone, a failing wait says only what it waited for.
+    with pytest.raises(AssertionError) as failure:
+        wait_for(lambda: False, "never", stall=0.1)
+    assert "--- a worker ---" not in str(failure.value)
