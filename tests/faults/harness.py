@@ -34,6 +34,7 @@ from sessions.publisher import CeleryPublisher
 from sessions.settings import Settings
 from sessions.tracker import SessionTracker
 from tests.faults import report
+from tests.support import diagnostics
 from tests.support.waiting import process_table
 from tests.support.workers_harness import (
     CeleryProcess,
@@ -214,10 +215,19 @@ class Monitor:
         )
 
     def __enter__(self) -> Monitor:
+        self._source = diagnostics.register("the scenario's database, its clients", self.describe)
         return self
 
     def __exit__(self, *_: object) -> None:
+        diagnostics.unregister(self._source)
         self.engine.dispose()
+
+    def describe(self) -> str:
+        """One line per client connection: pid, state, what it waits on, its statement."""
+        return "\n".join(
+            f"pid {b.pid}: {b.state} ({b.wait_event_type or 'not waiting'}): {b.query[:120]!r}"
+            for b in self.backends()
+        )
 
     def scalar(self, sql: str, **params: Any) -> Any:
         with self.engine.connect() as connection:
