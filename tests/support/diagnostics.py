@@ -13,6 +13,8 @@ run (``tests/conftest.py``), after every other summary.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,6 +73,19 @@ def snapshot() -> str:
     return "\n".join(parts)
 
 
+def machine_state() -> str:
+    """Free disk where the tests write (a full disk stalls a server: RabbitMQ blocks every
+    publisher below 50 MB free, and a log that cannot grow looks like a hung process),
+    available memory and the load average."""
+    places = {tempfile.gettempdir(), os.getcwd()}
+    free = {place: shutil.disk_usage(place).free / 2**20 for place in sorted(places)}
+    disks = ", ".join(f"{place}: {mib:,.0f} MiB free" for place, mib in free.items())
+    with open("/proc/meminfo") as meminfo:
+        available = next(line for line in meminfo if line.startswith("MemAvailable:"))
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    return f"{disks}\n{' '.join(available.split())}; load average {load}"
+
+
 def current_test() -> str:
     """The id of the test running now (pytest sets ``PYTEST_CURRENT_TEST``), or ``"?"``."""
     return os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
@@ -83,3 +98,6 @@ def record_failure(message: str) -> str:
         return message
     RECORDED.append((current_test(), reading))
     return f"{message}\n{reading}"
+
+
+register("the machine", machine_state)
