@@ -21,6 +21,11 @@ pytest_plugins = ("celery.contrib.pytest",)
 
 BACKENDS = ("sqlite", "postgresql")
 
+def pytest_report_header() -> str:
+    """The machine the run starts on (free disk, memory, load), at the head of the log."""
+    return "machine: " + diagnostics.machine_state().replace("\n", "; ")
+
+
 #: Ids of the tests that failed in this run, for the diagnostics printed last.
 _failed: set[str] = set()
 

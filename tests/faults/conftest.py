@@ -42,9 +42,15 @@ def shared_private_postgres() -> Iterator[PrivatePostgres]:
 
 
 @pytest.fixture
-def fault_database_url(shared_private_postgres: PrivatePostgres) -> str:
-    """A new, empty database on the private cluster (the workers migrate it at start)."""
-    return shared_private_postgres.create_database(f"faults_{uuid.uuid4().hex[:10]}")
+def fault_database_url(shared_private_postgres: PrivatePostgres) -> Iterator[str]:
+    """A new, empty database on the private cluster (the workers migrate it at start),
+    dropped afterwards: kept, the run's databases took hundreds of MB of disk by its end."""
+    name = f"faults_{uuid.uuid4().hex[:10]}"
+    url = shared_private_postgres.create_database(name)
+    try:
+        yield url
+    finally:
+        shared_private_postgres.drop_database(name)
 
 
 @pytest.fixture

@@ -147,7 +147,11 @@ class PrivatePostgres:
              "-k", str(self.root), "-c", "listen_addresses=127.0.0.1",
              # Throwaway data: durability across an OS crash is not what is tested here
              # (a stop, even an immediate one, keeps everything the OS was handed).
-             "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200"],
+             "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200",
+             # Little WAL kept on disk (PostgreSQL 15 writes a whole database to WAL at each
+             # CREATE DATABASE): the suite must fit on a machine with little free disk.
+             "-c", "wal_level=minimal", "-c", "max_wal_senders=0",
+             "-c", "max_wal_size=64MB", "-c", "min_wal_size=32MB"],
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup(self.owner),
             cwd=self.root,
         )  # fmt: skip
@@ -186,13 +190,20 @@ class PrivatePostgres:
             engine.dispose()
 
     def create_database(self, name: str) -> str:
+        self._admin(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop ``name``, ending any connection still open to it."""
+        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def _admin(self, statement: str) -> None:
         engine = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
         try:
             with engine.connect() as connection:
-                connection.execute(text(f'CREATE DATABASE "{name}"'))
+                connection.execute(text(statement))
         finally:
             engine.dispose()
-        return self.url(name)
 
     def log_tail(self, characters: int = 3000) -> str:
         try:
