@@ -21,6 +21,7 @@ pytest_plugins = ("celery.contrib.pytest",)
 
 BACKENDS = ("sqlite", "postgresql")
 
+
 def pytest_report_header() -> str:
     """The machine the run starts on (free disk, memory, load), at the head of the log."""
     return "machine: " + diagnostics.machine_state().replace("\n", "; ")
@@ -38,7 +39,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """What each failed test's waits read of its workers and servers when they gave up
-    (:mod:`tests.support.diagnostics`), last, so that a CI log's tail still holds it."""
+    (:mod:`tests.support.diagnostics`), after the failure reports and the other summaries,
+    so that a CI log's tail still holds it."""
     readings = [(test, reading) for test, reading in diagnostics.RECORDED if test in _failed]
     if not readings:
         return

@@ -9,6 +9,7 @@ broker takes a server that nobody else uses (``redis_server``, ``rabbitmq_server
 from __future__ import annotations
 
 import uuid
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -50,7 +51,10 @@ def fault_database_url(shared_private_postgres: PrivatePostgres) -> Iterator[str
     try:
         yield url
     finally:
-        shared_private_postgres.drop_database(name)
+        try:
+            shared_private_postgres.drop_database(name)
+        except Exception as exc:  # a cluster the test broke has failed it already
+            warnings.warn(f"could not drop {name}: {exc}", stacklevel=1)
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ from tests.faults.harness import (
     service_environment,
     wait_until,
 )
-from tests.faults.servers import PrivatePostgres, PrivateRedis
+from tests.faults.servers import PrivateRedis
 
 pytestmark = [pytest.mark.slow]
 
@@ -73,13 +73,14 @@ def _faults(role: str, database: str) -> dict[str, tuple[str, str]]:
 @pytest.mark.parametrize("fault", ["revoked", "dropped", "read_only"])
 def test_a_batch_the_database_refuses_stays_queued_until_the_fault_is_repaired(
     tmp_path: Path,
-    shared_private_postgres: PrivatePostgres,
+    fault_database_url: str,
     redis_server: PrivateRedis,
     fault: str,
 ) -> None:
     began = time.monotonic()
-    database = f"faults_{uuid.uuid4().hex[:10]}"
-    url = shared_private_postgres.create_database(database)
+    url = fault_database_url
+    database = make_url(url).database
+    assert database is not None
     role = f"worker_{uuid.uuid4().hex[:8]}"
     owner = SessionStore(url, settings=Settings())
     owner.upgrade()

@@ -6,8 +6,9 @@ that raised a resource alarm, a queue without a consumer) lives in logs and serv
 deleted with the test's folders, and a CI log shows only its last lines. So the processes and
 servers a test runs register a *source* here while they run (:func:`registered`);
 :func:`record_failure` reads every source when a wait fails and keeps the reading under the
-test's id, and the suite prints the readings of the tests that failed at the very end of the
-run (``tests/conftest.py``), after every other summary.
+test's id, and the suite prints the readings of the tests that failed after the failure
+reports, just before pytest's short summary (``tests/conftest.py``), where a CI log's tail
+still holds them. One source is always there: the machine (free disk, memory, load).
 """
 
 from __future__ import annotations
@@ -94,8 +95,6 @@ def current_test() -> str:
 def record_failure(message: str) -> str:
     """Read every source for the running test; ``message`` followed by the reading."""
     reading = snapshot()
-    if not reading:
-        return message
     RECORDED.append((current_test(), reading))
     return f"{message}\n{reading}"
 

@@ -215,12 +215,12 @@ class CeleryProcess:
             self.process.send_signal(signal.SIGTERM)
             with suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=15)
+        _running_workers.discard(self)
+        diagnostics.unregister(self._source)
         with suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
         self._log.close()
-        _running_workers.discard(self)
-        diagnostics.unregister(self._source)
 
 
 def start_worker(environment: Mapping[str, str], logs: Path, concurrency: int = 2) -> CeleryProcess:
