@@ -284,13 +284,39 @@ class CeleryPublisher(Publisher):
             self._producer = Producer(self._connection)  # type: ignore[no-untyped-call]
         return self._producer
 
-    def _drop_connection(self) -> None:
-        """Close the connection, ignoring what a broken one raises (under the lock)."""
+    def _drop_connection(self, graceful: bool = False) -> None:
+        """Let go of the connection, ignoring what a broken one raises (under the lock).
+
+        A RabbitMQ node that blocks publishers (a memory or disk alarm) stops reading their
+        sockets, so py-amqp's closing handshake (``Channel.close``, ``Connection.close``)
+        would wait for a ``Close-Ok`` that never comes, with this lock held and the tracker's
+        ``close`` (at exit, on SIGTERM) behind it. So after a failed publish the socket is
+        closed without the handshake (kombu's ``collect``). The tracker keeps the batch it
+        could not confirm; the node may still read the publish left in the socket once the
+        alarm clears, a copy under the same batch id, which the ledger drops. ``graceful``
+        (a normal close) says goodbye, waiting at most :data:`AMQP_CONFIRM_TIMEOUT` for the
+        answer.
+        """
         connection, self._connection, self._producer = self._connection, None, None
-        if connection is not None:
-            # It is being thrown away: what a broken connection raises at close changes nothing.
-            with contextlib.suppress(Exception):
-                connection.close()  # type: ignore[no-untyped-call]
+        if connection is None:
+            return
+        # It is being thrown away: what a broken connection raises changes nothing.
+        with contextlib.suppress(Exception):
+            if connection.transport.driver_type != "amqp":
+                connection.close()  # type: ignore[no-untyped-call]  # nothing to wait for
+                return
+            if graceful:
+                try:
+                    # py-amqp waits on its socket's own timeout when it is given none.
+                    raw = getattr(connection, "_connection", None)
+                    sock = getattr(getattr(raw, "transport", None), "sock", None)
+                    if sock is not None:
+                        sock.settimeout(AMQP_CONFIRM_TIMEOUT)
+                    connection.close()  # type: ignore[no-untyped-call]
+                    return
+                except Exception:
+                    pass  # not answered in time: drop it as below
+            connection.collect()  # type: ignore[no-untyped-call]
 
     def after_fork(self) -> None:
         """In a forked child: drop the parent's connection without closing it (its socket is
@@ -302,4 +328,4 @@ class CeleryPublisher(Publisher):
     def close(self) -> None:
         """Close the broker connection (a later publish opens a new one)."""
         with self._lock:
-            self._drop_connection()
+            self._drop_connection(graceful=True)
