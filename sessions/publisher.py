@@ -289,13 +289,15 @@ class CeleryPublisher(Publisher):
 
         A RabbitMQ node that blocks publishers (a memory or disk alarm) stops reading their
         sockets, so py-amqp's closing handshake (``Channel.close``, ``Connection.close``)
-        would wait for a ``Close-Ok`` that never comes, with this lock held and the tracker's
-        ``close`` (at exit, on SIGTERM) behind it. So after a failed publish the socket is
-        closed without the handshake (kombu's ``collect``). The tracker keeps the batch it
-        could not confirm; the node may still read the publish left in the socket once the
-        alarm clears, a copy under the same batch id, which the ledger drops. ``graceful``
-        (a normal close) says goodbye, waiting at most :data:`AMQP_CONFIRM_TIMEOUT` for the
-        answer.
+        would wait for a ``Close-Ok`` that never comes, with this lock held: the publisher
+        thread hung until the alarm cleared, and the tracker's ``close`` gave up on it with
+        the buffered events neither published nor spooled. So after a failed publish the
+        socket is closed without the handshake (kombu's ``collect``), and with a timeout set
+        first (on ``amqps://`` closing the socket is a TLS shutdown, which waits for the peer
+        too). The tracker keeps the batch it could not confirm; the node may still read the
+        publish left in the socket once the alarm clears, a copy under the same batch id,
+        which the ledger drops. ``graceful`` (a normal close) says goodbye, waiting at most
+        :data:`AMQP_CONFIRM_TIMEOUT` for each of its two answers (channel, connection).
         """
         connection, self._connection, self._producer = self._connection, None, None
         if connection is None:
@@ -305,13 +307,13 @@ class CeleryPublisher(Publisher):
             if connection.transport.driver_type != "amqp":
                 connection.close()  # type: ignore[no-untyped-call]  # nothing to wait for
                 return
+            # py-amqp waits on its socket's own timeout when it is given none.
+            raw = getattr(connection, "_connection", None)
+            sock = getattr(getattr(raw, "transport", None), "sock", None)
+            if sock is not None:
+                sock.settimeout(AMQP_CONFIRM_TIMEOUT)
             if graceful:
                 try:
-                    # py-amqp waits on its socket's own timeout when it is given none.
-                    raw = getattr(connection, "_connection", None)
-                    sock = getattr(getattr(raw, "transport", None), "sock", None)
-                    if sock is not None:
-                        sock.settimeout(AMQP_CONFIRM_TIMEOUT)
                     connection.close()  # type: ignore[no-untyped-call]
                     return
                 except Exception:
