@@ -1134,7 +1134,8 @@ def latency_summary(results: list[dict[str, Any]]) -> dict[str, float]:
 def wire_batches(sessions: int, batches: int, batch_size: int) -> list[str]:
     """``batches`` wire-form batches of ``batch_size`` records over ``sessions`` sessions, as a
     producer's tracker would publish them (10% errors)."""
-    from sessions.events import RecordEvent, batch_json, plain_record
+    from sessions.events import RecordEvent
+    from sessions.plain import batch_json, plain_record
 
     ids, times, errors = plan(0, batches * batch_size, sessions)
     texts: list[str] = []

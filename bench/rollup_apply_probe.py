@@ -45,7 +45,8 @@ ROLLUPS = {"session_status_rollup": "status", "session_user_rollup": "user_id"}
 
 def wire_batches(sessions: int, batches: int, batch_size: int) -> list[str]:
     """``bench.ingest.wire_batches``, each session belonging to one of :data:`USERS` users."""
-    from sessions.events import RecordEvent, batch_json, plain_record
+    from sessions.events import RecordEvent
+    from sessions.plain import batch_json, plain_record
 
     ids, times, errors = plan(0, batches * batch_size, sessions)
     texts: list[str] = []

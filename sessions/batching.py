@@ -18,21 +18,16 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from sessions.errors import first_line
-from sessions.events import (
-    AnyEvent,
-    RecordFields,
-    batch_json,
-    serializable,
-)
+from sessions.plain import batch_json, serializable
+
+if TYPE_CHECKING:
+    from sessions.plain import Buffered
 
 # The tracker's parts log as one logger: an application configures ``sessions.tracker``.
 log = logging.getLogger("sessions.tracker")
-
-#: What the buffer holds: an event model, or a plainly valid ``record``'s values.
-Buffered = AnyEvent | RecordFields
 
 #: Largest batch text the tracker publishes, in bytes of UTF-8: a batch of large messages or
 #: metadata is cut into parts that fit, each a batch of its own. A broker refuses a message

@@ -19,8 +19,9 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 from sqlalchemy import Connection, delete, func, insert, select
 
-from sessions.events import SessionId, check_storable
+from sessions.events import SessionId
 from sessions.records import CheckpointRecord
+from sessions.rules import check_storable
 from sessions.tables import checkpoint_writes_table, checkpoints_table
 
 #: Largest checkpoint (its data and metadata) or set of writes, as compact JSON.

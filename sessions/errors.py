@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class SessionsError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -43,6 +45,13 @@ class UnserializableBatchError(SessionsError, ValueError):
 
 class FlushTimeoutError(SessionsError, TimeoutError):
     """``flush(wait=True)`` did not see every sent event applied before its deadline."""
+
+
+def is_pydantic_serialization_error(error: BaseException) -> bool:
+    """Whether ``error`` is pydantic-core's ``PydanticSerializationError``, without importing
+    pydantic-core (an agent that records never does): none can have been raised before it is."""
+    core = sys.modules.get("pydantic_core")
+    return core is not None and isinstance(error, core.PydanticSerializationError)
 
 
 def first_line(error: BaseException) -> str:

@@ -1,6 +1,6 @@
 """Handing a batch to the broker: the :class:`Publisher` protocol and its Celery implementation.
 
-A publisher takes a batch's wire text (:func:`sessions.events.batch_json`, the JSON the worker
+A publisher takes a batch's wire text (:func:`sessions.plain.batch_json`, the JSON the worker
 validates in one call) and returns once the broker has it, or raises:
 :class:`~sessions.errors.UnserializableBatchError` when the message itself cannot be encoded
 (then the broker is not to blame, and the tracker neither retries nor spools it), anything
@@ -25,8 +25,6 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from pydantic_core import PydanticSerializationError
-
 from sessions.broker import (
     AMQP_CONFIRM_TIMEOUT,
     EVENTS_QUEUE,
@@ -36,7 +34,6 @@ from sessions.broker import (
 )
 from sessions.client_settings import ClientSettings
 from sessions.errors import UnserializableBatchError, first_line
-from sessions.events import encode_message
 
 if TYPE_CHECKING:
     from kombu.connection import Connection
@@ -201,6 +198,10 @@ class CeleryPublisher(Publisher):
 
         :raises UnserializableBatchError: the message cannot be serialised.
         """
+        from pydantic_core import PydanticSerializationError
+
+        from sessions.events import encode_message
+
         try:
             text = encode_message(message)
         except PydanticSerializationError as exc:

@@ -22,16 +22,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import TypeVar
-
-from pydantic_core import PydanticSerializationError
+from typing import TYPE_CHECKING, TypeVar
 
 from sessions.batching import Cut, EventBuffer
 from sessions.client_settings import ClientSettings
 from sessions.confirming import Confirmations, message_text
-from sessions.errors import BrokerUnavailableError, UnserializableBatchError, first_line
-from sessions.events import Batch, record_event
+from sessions.errors import (
+    BrokerUnavailableError,
+    UnserializableBatchError,
+    first_line,
+    is_pydantic_serialization_error,
+)
 from sessions.outbox import Unconfirmed
+from sessions.plain import as_model
 from sessions.publisher import Publisher
 from sessions.redact import mask_url
 from sessions.spool import BatchSpool, SpillItem
@@ -40,9 +43,13 @@ from sessions.stats import TrackerStats
 # The tracker's parts log as one logger: an application configures ``sessions.tracker``.
 log = logging.getLogger("sessions.tracker")
 
+if TYPE_CHECKING:
+    from sessions.events import Batch
+    from sessions.plain import Buffered
+
 T = TypeVar("T")
 #: Called with each batch that could not be published and the last error (the spool's seam).
-UnsentHandler = Callable[[Batch, BaseException], None]
+UnsentHandler = Callable[["Batch", BaseException], None]
 
 #: Attempts at publishing one batch before it is given up.
 PUBLISH_ATTEMPTS = 3
@@ -122,8 +129,12 @@ class BrokerGate:
         """
         try:
             self.publisher.publish_text(text)
-        except (UnicodeError, PydanticSerializationError, RecursionError) as exc:
+        except (UnicodeError, RecursionError) as exc:
             raise UnserializableBatchError(f"cannot be serialised: {first_line(exc)}") from exc
+        except ValueError as exc:
+            if is_pydantic_serialization_error(exc):
+                raise UnserializableBatchError(f"cannot be serialised: {first_line(exc)}") from exc
+            raise
 
     def _note_failure(self, batch_id: str, events: int, error: BaseException | None) -> None:
         if self._failing_since is None:
@@ -314,22 +325,12 @@ class BatchSender:
                 self._count(batches_sent=1, events_sent=len(events))
             self._buffer.handled(cut.seq)
             return
-        batch: Batch | None = None
-        spooled = False
-        try:
-            batch = Batch(
-                batch_id=batch_id,
-                events=tuple(e if not isinstance(e, tuple) else record_event(e) for e in events),
-            )
-        except Exception:
-            log.exception("could not form batch %s of %d events", batch_id, len(events))
-        else:
-            # Watched like a spill: once replayed, flush(wait=True) waits for it to be applied
-            # instead of reporting it unpublished (and a later flush waits for it too).
-            self._confirmations.spilled(batch_id, cut.seq)
-            spooled = self._keep_in_spool(batch, text)
-            if not spooled:
-                self._confirmations.forget_spilled(batch_id)
+        # Watched like a spill: once replayed, flush(wait=True) waits for it to be applied
+        # instead of reporting it unpublished (and a later flush waits for it too).
+        self._confirmations.spilled(batch_id, cut.seq)
+        spooled = self._keep_in_spool(batch_id, text, len(events))
+        if not spooled:
+            self._confirmations.forget_spilled(batch_id)
         with self._lock:
             self._count(batches_failed=1, events_failed=len(events))
             if spooled:
@@ -338,28 +339,40 @@ class BatchSender:
             else:
                 self._count(events_lost=len(events))
         self._buffer.handled(cut.seq, failed=len(events), spooled_as=batch_id if spooled else None)
-        if batch is not None and self._on_unsent is not None:
-            try:
-                self._on_unsent(batch, error)
-            except Exception:
-                log.exception("the on_unsent handler failed for batch %s", batch.batch_id)
+        if self._on_unsent is not None:
+            self._hand_unsent(batch_id, events, error)
 
-    def _keep_in_spool(self, batch: Batch, text: str) -> bool:
-        """Keep ``batch`` (whose wire text is ``text``) in the spool; whether it did. The text
-        it tried to publish, not the batch re-encoded: the size the byte limit was checked
-        on (``json.dumps`` would escape every non-ASCII character, up to 6 bytes each)."""
+    def _hand_unsent(
+        self, batch_id: uuid.UUID, events: tuple[Buffered, ...], error: BaseException
+    ) -> None:
+        """Give the ``on_unsent`` handler the batch that could not be published, as a model
+        (made only here: the models are imported on the first batch given up)."""
+        from sessions.events import Batch
+
+        assert self._on_unsent is not None
+        try:
+            batch = Batch(batch_id=batch_id, events=tuple(map(as_model, events)))
+            self._on_unsent(batch, error)
+        except Exception:
+            log.exception("the on_unsent handler failed for batch %s", batch_id)
+
+    def _keep_in_spool(self, batch_id: uuid.UUID, text: str, events: int) -> bool:
+        """Keep the batch ``batch_id`` of ``events`` events, whose wire text is ``text``, in the
+        spool; whether it did. The text it tried to publish, not the batch re-encoded: the size
+        the byte limit was checked on (``json.dumps`` would escape every non-ASCII character,
+        up to 6 bytes each)."""
         if self._spool is None:
             log.error(
                 "batch %s (%d events) could not be published and there is no spool: lost",
-                batch.batch_id,
-                len(batch.events),
+                batch_id,
+                events,
             )
             return False
         try:
-            kept = self._spool.put_texts([SpillItem(str(batch.batch_id), text, len(batch.events))])
+            kept = self._spool.put_texts([SpillItem(str(batch_id), text, events)])
             return kept == 1
         except Exception:
-            log.exception("could not write batch %s to the spool: lost", batch.batch_id)
+            log.exception("could not write batch %s to the spool: lost", batch_id)
             return False
 
     def _replay_spool(self) -> int:

@@ -20,7 +20,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sessions.bounds import MAX_DAYS, MAX_SECONDS
-from sessions.client_settings import ENV_PREFIX, ClientSettings
+from sessions.client_model import ClientModel
+from sessions.client_settings import ENV_PREFIX, ClientSettings, client_values
 from sessions.client_settings import default_spool_dir as default_spool_dir  # re-exported
 from sessions.redact import mask_url as mask_url  # re-exported: callers import it from here
 
@@ -28,10 +29,11 @@ from sessions.redact import mask_url as mask_url  # re-exported: callers import 
 MIN_TOKEN_LENGTH = 16
 
 
-class Settings(ClientSettings, BaseSettings):
+class Settings(ClientModel, BaseSettings):
     """Configuration of the session-metrics pipeline (environment prefix ``SESSIONS_``).
 
-    The client's fields come from :class:`~sessions.client_settings.ClientSettings`; these
+    The client's fields come from :class:`~sessions.client_settings.ClientSettings` (through
+    :class:`~sessions.client_model.ClientModel`, which checks the rules between them); these
     are the worker's, the sweeps', the store's and the dashboard's. ``Settings()`` reads the
     environment (pydantic-settings); values given as arguments override it.
     """
@@ -39,7 +41,11 @@ class Settings(ClientSettings, BaseSettings):
     # hide_input_in_errors: a ValidationError shows no input, since the input may be the token
     # (too short) or hold it (a model-level error shows every value it was given).
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, hide_input_in_errors=True
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
+        title="Settings",
     )
 
     #: A session idle this long is expired by the idle sweep (the guide's 30 minutes).
@@ -150,4 +156,4 @@ def full_settings(settings: ClientSettings) -> Settings:
     """
     if isinstance(settings, Settings):
         return settings
-    return Settings(**dict(settings))
+    return Settings(**client_values(settings))

@@ -14,10 +14,14 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from sessions.batching import Buffered, Cut, EventBuffer
+from sessions.batching import Cut, EventBuffer
 from sessions.confirming import Confirmations
 from sessions.spool import BatchSpool, SpillItem
+
+if TYPE_CHECKING:
+    from sessions.plain import Buffered
 
 # The tracker's parts log as one logger: an application configures ``sessions.tracker``.
 log = logging.getLogger("sessions.tracker")

@@ -38,7 +38,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sessions.events import peek_batch_id
+from sessions.plain import peek_batch_id
 
 if TYPE_CHECKING:
     import sqlite3

@@ -40,14 +40,8 @@ from sessions.database import (
 )
 from sessions.decoding import DecodedBatch, RejectedEvent, decode_batch
 from sessions.errors import SessionLimitError, StoreUnavailableError, first_line
-from sessions.events import (
-    MAX_METADATA_DEPTH,
-    AnyEvent,
-    Batch,
-    CreateEvent,
-    claimed_batch_uuid,
-    peek_batch_id,
-)
+from sessions.events import AnyEvent, Batch, CreateEvent
+from sessions.plain import claimed_batch_uuid, peek_batch_id
 from sessions.records import (
     Aggregate,
     ApplyResult,
@@ -62,6 +56,7 @@ from sessions.records import (
     UserRanking,
     percentile_fields,
 )
+from sessions.rules import MAX_METADATA_DEPTH
 from sessions.settings import Settings, get_settings, mask_url
 from sessions.tables import (
     ERROR_RATE,

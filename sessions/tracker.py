@@ -1,8 +1,9 @@
 """The agent-side client: recording costs microseconds, a background thread publishes.
 
 :meth:`SessionTracker.record` validates one event and appends it to an in-memory buffer; it
-does no I/O unless the buffer is full (a burst: see below). Plainly valid ``record`` arguments
-are kept as a tuple of values, anything else as a model (:func:`sessions.events.plain_record`).
+does no I/O unless the buffer is full (a burst: see below). Plainly valid ``record``,
+``create`` and ``end`` arguments are kept as plain values (:mod:`sessions.plain`), anything
+else as a model of :mod:`sessions.events`, imported (with pydantic) only then.
 A daemon thread cuts the buffer into immutable batches (every ``flush_interval`` or as soon as
 ``max_batch_events`` are waiting) and publishes each as one Celery message.
 
@@ -51,18 +52,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
 from sessions import lifecycle
-from sessions.batching import ACCEPTED, Appended, Buffered, EventBuffer, FailedBatch
+from sessions.batching import ACCEPTED, Appended, EventBuffer, FailedBatch
 from sessions.client_settings import ClientSettings
 from sessions.confirming import Confirmations, Confirmer, confirmer_for
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError, UnserializableBatchError
-from sessions.events import (
-    CreateEvent,
-    EndEvent,
-    EndStatus,
-    MessageEvent,
-    RecordEvent,
-    plain_record,
-)
+from sessions.plain import plain_create, plain_end, plain_record
 from sessions.publisher import CeleryPublisher, MessageFunction, Publisher, as_publisher
 from sessions.redact import mask_url
 from sessions.sending import BatchSender, UnsentHandler
@@ -71,6 +65,9 @@ from sessions.spool import BatchSpool
 from sessions.stats import TrackerStats
 
 if TYPE_CHECKING:
+    from sessions.events import MessageEvent
+    from sessions.plain import Buffered
+    from sessions.rules import EndStatus
     from sessions.store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -221,9 +218,10 @@ class SessionTracker:
             if at is None
             else None
         )
-        appended = self._buffer.append(
-            fields
-            or RecordEvent(
+        if fields is None:
+            from sessions.events import RecordEvent
+
+            event: Buffered = RecordEvent(
                 session_id=session_id,
                 at=at or datetime.now(UTC),
                 user_id=user_id,
@@ -234,7 +232,9 @@ class SessionTracker:
                 output_tokens=output_tokens,
                 cost=cost,
             )
-        )
+        else:
+            event = fields
+        appended = self._buffer.append(event)
         if appended is not ACCEPTED:  # inline: this is the hot path
             self._after_append(appended)
 
@@ -246,15 +246,25 @@ class SessionTracker:
         *,
         at: datetime | None = None,
     ) -> None:
-        """Start ``session_id`` (or a new run of it, if it has ended) with owner and metadata."""
-        self._append(
-            CreateEvent(
-                session_id=session_id,
-                at=at or datetime.now(UTC),
-                user_id=user_id,
-                metadata=metadata,
+        """Start ``session_id`` (or a new run of it, if it has ended) with owner and metadata.
+
+        Raises :class:`pydantic.ValidationError` (a ``ValueError``) naming the field for a bad
+        id or metadata (not JSON, too large, too deep, NUL, lone surrogates).
+        """
+        event = plain_create(session_id, user_id, metadata) if at is None else None
+        if event is None:
+            from sessions.events import CreateEvent
+
+            self._append(
+                CreateEvent(
+                    session_id=session_id,
+                    at=at or datetime.now(UTC),
+                    user_id=user_id,
+                    metadata=metadata,
+                )
             )
-        )
+        else:
+            self._append(event)
 
     def message(
         self,
@@ -272,6 +282,8 @@ class SessionTracker:
         Raises :class:`pydantic.ValidationError` naming the field for a bad role, content
         (too long, NUL, lone surrogates), metadata or ``seq``.
         """
+        from sessions.events import MessageEvent
+
         event = MessageEvent(
             session_id=session_id,
             at=at or datetime.now(UTC),
@@ -287,13 +299,24 @@ class SessionTracker:
     def end(
         self, session_id: str, status: str = "completed", *, at: datetime | None = None
     ) -> None:
-        """End the current run of ``session_id`` as ``completed``, ``failed`` or ``expired``."""
-        # Any other status fails the model's validation, naming the field.
-        self._append(
-            EndEvent(
-                session_id=session_id, at=at or datetime.now(UTC), status=cast(EndStatus, status)
+        """End the current run of ``session_id`` as ``completed``, ``failed`` or ``expired``.
+
+        Raises :class:`pydantic.ValidationError` (a ``ValueError``) naming the field for a bad
+        id or any other status.
+        """
+        event = plain_end(session_id, status) if at is None else None
+        if event is None:
+            from sessions.events import EndEvent
+
+            self._append(
+                EndEvent(
+                    session_id=session_id,
+                    at=at or datetime.now(UTC),
+                    status=cast("EndStatus", status),
+                )
             )
-        )
+        else:
+            self._append(event)
 
     def _append(self, event: Buffered) -> None:
         appended = self._buffer.append(event)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sessions.events import MAX_PROCESSING_TIME
+from sessions.rules import MAX_PROCESSING_TIME
 
 #: Sessions whose turn is followed at once; the least recently used beyond are forgotten.
 MAX_SESSIONS = 10_000

@@ -22,8 +22,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from sessions.events import ID_PATTERN
 from sessions.records import Status, UserRanking
+from sessions.rules import ID_PATTERN
 
 #: Query parameters the authentication layer consumes; no page model sees them.
 RESERVED = frozenset({"token"})

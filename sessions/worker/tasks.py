@@ -43,7 +43,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sessions.bounds import REFUSED_ARGUMENTS, check_days
 from sessions.decoding import build_models
 from sessions.errors import StoreUnavailableError, first_line
-from sessions.events import claimed_batch_uuid, peek_batch_id
+from sessions.plain import claimed_batch_uuid, peek_batch_id
 from sessions.records import DeadLetterReason
 from sessions.redis_confirming import ConfirmationMarks
 from sessions.settings import get_settings

@@ -29,7 +29,8 @@ from typing import Any
 from sqlalchemy import create_engine, text
 
 from sessions.errors import BrokerUnavailableError, FlushTimeoutError
-from sessions.events import Batch, RecordEvent, peek_batch_id
+from sessions.events import Batch, RecordEvent
+from sessions.plain import peek_batch_id
 from sessions.publisher import CeleryPublisher
 from sessions.settings import Settings
 from sessions.tracker import SessionTracker

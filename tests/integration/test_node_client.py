@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from sessions.events import MAX_PROCESSING_TIME
+from sessions.rules import MAX_PROCESSING_TIME
 from sessions.wire import shipped_schema
 from tests.support.services import missing_service
 from tests.support.workers_harness import (

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from sessions.events import (
+from sessions.rules import (
     MAX_COST,
     MAX_METADATA_BYTES,
     MAX_METADATA_DEPTH,

@@ -18,7 +18,9 @@ from sqlalchemy import select, update
 from sessions.batch_digest import DIGEST_VERSION, content_digest
 from sessions.database import upgrade_schema
 from sessions.decoding import decode_batch
-from sessions.events import Batch, _check_id, batch_json, plain_record, record_event
+from sessions.events import Batch
+from sessions.plain import batch_json, plain_record, record_event
+from sessions.rules import check_id
 from sessions.settings import Settings
 from sessions.store import SessionStore
 from sessions.tables import ledger_table
@@ -68,7 +70,7 @@ def test_the_same_batch_in_any_serialisation_is_a_silent_duplicate(
 def test_the_trackers_text_replayed_from_the_spool_is_a_duplicate(store: SessionStore) -> None:
     """A publish the tracker counted as failed (RabbitMQ's confirm timed out) may have reached
     the broker: its spooled copy, serialised another way, must then be a duplicate."""
-    _check_id("s-2")
+    check_id("s-2")
     fields = [plain_record("s-2", 0.1 * n, n == 1, None, True, n, 0, 0.0) for n in range(4)]
     records = [item for item in fields if item is not None]
     batch_id = uuid.uuid4()

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sessions.apply import Delta, _latency_literal
-from sessions.events import MAX_COST, MAX_PROCESSING_TIME, MAX_TOKENS, RecordEvent
+from sessions.events import RecordEvent
 from sessions.histogram import OVERFLOW, bucket_of
 from sessions.records import COUNTERS
+from sessions.rules import MAX_COST, MAX_PROCESSING_TIME, MAX_TOKENS
 from sessions.tables import latency_pairs
 
 START = datetime(2026, 1, 1, tzinfo=UTC)

@@ -11,17 +11,9 @@ import pytest
 
 from sessions.batch_digest import DIGEST_VERSION, DIGESTED_FIELDS, content_digest, same_content
 from sessions.decoding import DecodedBatch, decode_batch
-from sessions.events import (
-    Batch,
-    CreateEvent,
-    EndEvent,
-    MessageEvent,
-    RecordEvent,
-    _check_id,
-    batch_json,
-    plain_record,
-    record_event,
-)
+from sessions.events import Batch, CreateEvent, EndEvent, MessageEvent, RecordEvent
+from sessions.plain import batch_json, plain_record, record_event
+from sessions.rules import check_id
 
 MAX_EVENTS = 10_000
 BATCH_ID = uuid.UUID("6f1d9a56-3c1e-4a8e-9c43-1f4f1d0e2b7a")
@@ -49,7 +41,7 @@ def events() -> list[CreateEvent | RecordEvent | EndEvent]:
 def test_the_trackers_text_and_the_spools_message_digest_alike() -> None:
     """The tracker publishes ``batch_json``; a batch it could not publish goes to the spool as
     ``Batch.to_message()`` (every field, other time format) and is replayed from there."""
-    _check_id("agent-1")  # plain_record takes only ids seen valid
+    check_id("agent-1")  # plain_record takes only ids seen valid
     fields = [
         plain_record("agent-1", 0.25 * n, n % 3 == 0, None, True, n, 2 * n, 0.5) for n in range(5)
     ]

@@ -18,10 +18,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from sessions.client_settings import ENV_PREFIX, ClientSettings, environment_values
+from sessions.client_model import ClientModel
+from sessions.client_settings import (
+    CLIENT_FIELDS,
+    ENV_PREFIX,
+    ClientSettings,
+    client_values,
+    environment_values,
+)
 from sessions.settings import Settings, describe_settings_error, full_settings
-
-CLIENT_FIELDS = sorted(ClientSettings.model_fields)
 
 #: Per kind of field, values an operator might set: good ones, and ones the rule refuses.
 SAMPLES: dict[str, list[str]] = {
@@ -35,7 +40,7 @@ SAMPLES: dict[str, list[str]] = {
 
 
 def _kind(name: str) -> str:
-    annotation = str(ClientSettings.model_fields[name].annotation)
+    annotation = str(Settings.model_fields[name].annotation)
     if name == "confirmer":
         return "confirmer"
     for kind in ("bool", "int", "float", "str"):
@@ -136,14 +141,14 @@ def test_a_refusal_names_the_variable_and_the_rule_never_the_value() -> None:
 
 def test_environment_values_reads_only_the_fields_named() -> None:
     environ = {"SESSIONS_BROKER_URL": "memory://", "SESSIONS_METRICS_PORT": "9", "OTHER": "1"}
-    assert environment_values(ClientSettings.model_fields, environ) == {"broker_url": "memory://"}
+    assert environment_values(CLIENT_FIELDS, environ) == {"broker_url": "memory://"}
 
 
 def test_a_client_settings_becomes_full_settings_with_its_values_kept() -> None:
     client = ClientSettings(broker_url="memory://", batch_max_events=3)
     full = full_settings(client)
     assert isinstance(full, Settings)
-    assert {name: getattr(full, name) for name in CLIENT_FIELDS} == dict(client)
+    assert client_values(full) == client_values(client)
     assert full_settings(full) is full
 
 
@@ -156,3 +161,70 @@ def test_the_ledger_must_outlive_the_spool_in_the_agent_too() -> None:
             ClientSettings.from_environment()
         patch.setenv(f"{ENV_PREFIX}LEDGER_RETENTION_DAYS", "31")
         assert ClientSettings.from_environment().spool_max_age_days == 30
+
+
+_PYTHON_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.sampled_from(["auto", "redis", "ledger", "7", " 7 ", "0.5", "true", "/tmp/x"]),
+    st.builds(Path, st.sampled_from(["/tmp/spool", "relative", ""])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(CLIENT_FIELDS), value=_PYTHON_VALUES)
+def test_a_value_given_in_python_gets_the_answer_pydantic_gives(name: str, value: Any) -> None:
+    # ClientSettings keeps plain values itself and hands the rest to ClientModel: either way
+    # the outcome must be the model's, value for value and error for error.
+    outcomes = []
+    for make in (lambda: ClientSettings(**{name: value}), lambda: ClientModel(**{name: value})):
+        try:
+            made = make()
+        except ValidationError as error:
+            outcomes.append(
+                error.errors(include_url=False, include_context=False, include_input=False)
+            )
+        else:
+            outcomes.append(client_values(made))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_plain_environment_values_are_read_without_pydantic(tmp_path: Path) -> None:
+    # The agent's start-up: every client field set in its plain form, read and checked
+    # without importing pydantic; a value that is not plain imports it to be decided.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from sessions.client_settings import ClientSettings\n"
+        "made = ClientSettings.from_environment()\n"
+        "print(made.batch_max_events, made.broker_confirmations, 'pydantic' in sys.modules)\n"
+    )
+    plain = {
+        "SESSIONS_BROKER_URL": "redis://127.0.0.1:6379/3",
+        "SESSIONS_BATCH_MAX_EVENTS": "700",
+        "SESSIONS_FLUSH_INTERVAL_MS": "20",
+        "SESSIONS_CONFIRM_TIMEOUT_SECONDS": "0",
+        "SESSIONS_SPOOL_MAX_AGE_DAYS": "2.5",
+        "SESSIONS_BROKER_CONFIRMATIONS": "false",
+        "SESSIONS_CONFIRMER": "redis",
+        "SESSIONS_SPOOL_DIR": str(tmp_path),
+    }
+    environ = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)}
+    for extra, expected in (
+        ({}, "700 False False"),
+        ({"SESSIONS_BATCH_MAX_EVENTS": " 7 "}, "7 False True"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**environ, **plain, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert done.stdout.split() == expected.split(), done.stderr

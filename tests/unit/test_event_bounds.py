@@ -19,16 +19,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from sessions.decoding import decode_batch, parse_event
-from sessions.events import (
-    MAX_METADATA_DEPTH,
-    MAX_TOKENS,
-    MIN_EVENT_TIME,
-    Batch,
-    CreateEvent,
-    RecordEvent,
-    batch_json,
-    plain_record,
-)
+from sessions.events import Batch, CreateEvent, RecordEvent
+from sessions.plain import batch_json, plain_record
+from sessions.rules import MAX_METADATA_DEPTH, MAX_TOKENS, MIN_EVENT_TIME
 from tests.unit.test_events import AT, create, record, rejection
 
 

@@ -14,19 +14,18 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from sessions.decoding import decode_batch, describe_error, parse_event
-from sessions.events import (
-    MAX_METADATA_BYTES,
-    Batch,
-    CreateEvent,
-    EndEvent,
-    RecordEvent,
+from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent, encode_message
+from sessions.plain import (
+    as_model,
     batch_json,
-    encode_message,
     event_json,
     peek_batch_id,
+    plain_create,
+    plain_end,
     plain_record,
     record_event,
 )
+from sessions.rules import MAX_METADATA_BYTES
 
 AT = "2024-01-01T12:00:00Z"
 
@@ -351,15 +350,101 @@ def test_the_plain_path_accepts_nothing_the_model_refuses_and_changes_no_value(
     assert parse_event(json.loads(event_json(fields))) == model
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+_METADATA = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**30), 10**30)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),  # lone surrogates and NUL among them: refused
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300)
+@given(
+    session_id=_mostly(st.sampled_from(["user-123", "s"])),
+    user_id=_mostly(st.sampled_from([None, "user-456"])),
+    metadata=st.one_of(
+        st.none(),
+        st.dictionaries(st.text(max_size=6), _METADATA, max_size=4),
+        _ANY_VALUE,
+        st.tuples(st.integers()),
+        st.just({1: "int key"}),
+        st.just({"deep": _nested(40)}),  # beyond MAX_METADATA_DEPTH
+    ),
+)
+def test_a_plain_create_accepts_nothing_the_model_refuses_and_changes_no_value(
+    session_id: Any, user_id: Any, metadata: Any
+) -> None:
+    for value in (session_id, user_id):
+        with contextlib.suppress(ValidationError):  # let some ids be known valid already
+            parse_event(record(session_id=value))
+    event = plain_create(session_id, user_id, metadata)
+    if event is None:
+        with contextlib.suppress(ValidationError):  # what the model refuses, or ...
+            model = CreateEvent(session_id=session_id, at=AT, user_id=user_id, metadata=metadata)
+            # ... what the plain path leaves to the model on purpose: an id not yet known
+            # (checked here), or a mapping that is not a dict.
+            assert type(metadata) is not dict or not (
+                session_id in ("user-123", "s") and user_id in (None, "user-456")
+            ), model
+        return
+    model = CreateEvent(session_id=session_id, at=event.at, user_id=user_id, metadata=metadata)
+    assert as_model(event) == model
+    assert parse_event(json.loads(event_json(event))) == model
+
+
+@pytest.mark.parametrize("status", ["completed", "failed", "expired", "done", "", None, 1])
+def test_a_plain_end_accepts_the_three_end_states_only(status: Any) -> None:
+    event = plain_end("s", status)
+    if status not in ("completed", "failed", "expired"):
+        assert event is None
+        with pytest.raises(ValidationError, match="status"):
+            EndEvent(session_id="s", at=AT, status=status)
+        return
+    assert event is not None
+    model = EndEvent(session_id="s", at=event.at, status=status)
+    assert as_model(event) == model
+    assert parse_event(json.loads(event_json(event))) == model
+
+
+def test_a_plain_id_the_rule_refuses_is_left_to_the_model() -> None:
+    assert plain_create("has space", None, None) is None
+    assert plain_create("s", "has space", None) is None
+    assert plain_end("has space", "completed") is None
+    assert plain_create(b"s", None, None) is None  # type: ignore[arg-type]
+
+
+def test_plain_metadata_is_a_copy_of_its_own() -> None:
+    given_metadata = {"tags": ["a"], "zone": "eu"}
+    event = plain_create("s", None, given_metadata)
+    assert event is not None
+    given_metadata["tags"].append("b")
+    given_metadata["zone"] = "us"
+    assert event.metadata == {"tags": ["a"], "zone": "eu"}
+
+
 def test_a_batch_made_from_plain_fields_and_models_decodes_to_the_same_events() -> None:
     parse_event(record(session_id='quo"te\\x'))  # known valid, with characters JSON escapes
     plain = plain_record('quo"te\\x', 0.25, True, None, False, 3, 0, 1.5)
     assert plain is not None
     created = parse_event({"kind": "create", "session_id": "s", "at": AT, "metadata": {"a": 1}})
+    opened = plain_create("s", 'quo"te\\x', {"ü": ["é", 1.5, None, {"x": True}]})
+    ended = plain_end('quo"te\\x', "failed")
+    assert opened is not None and ended is not None
     batch_id = uuid.uuid4()
-    decoded = decode_batch(batch_json(batch_id, [created, plain]), max_events=10)
+    decoded = decode_batch(batch_json(batch_id, [created, plain, opened, ended]), max_events=10)
     assert decoded.batch_id == batch_id and decoded.rejected == ()
-    assert decoded.events == (created, record_event(plain))
+    assert decoded.events == (created, record_event(plain), as_model(opened), as_model(ended))
 
 
 def test_wire_text_with_a_bad_event_is_decoded_event_by_event() -> None:

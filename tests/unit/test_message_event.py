@@ -10,7 +10,9 @@ import pytest
 from pydantic import ValidationError
 
 from sessions.decoding import decode_batch, describe_error, parse_event
-from sessions.events import MAX_MESSAGE_BYTES, Batch, MessageEvent, batch_json
+from sessions.events import Batch, MessageEvent
+from sessions.plain import batch_json
+from sessions.rules import MAX_MESSAGE_BYTES
 
 AT = "2024-01-01T12:00:00Z"
 

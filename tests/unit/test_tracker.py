@@ -322,13 +322,13 @@ def test_an_event_that_cannot_be_serialised_costs_only_itself_and_blames_no_brok
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from sessions import events
+    from sessions import rules
 
     tracker = make_tracker()
     for index in range(3):
         tracker.record("before", processing_time=index)
     # A hole in the model's rules (a bug) lets a lone surrogate through: defence in depth.
-    monkeypatch.setattr(events, "_metadata_problem", lambda metadata: None)
+    monkeypatch.setattr(rules, "metadata_problem", lambda metadata: None)
     tracker.create("bad", metadata={"note": "\ud800"})
     for index in range(3):
         tracker.record("after", processing_time=index)

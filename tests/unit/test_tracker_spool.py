@@ -481,13 +481,13 @@ def test_sigterm_flushes_the_buffer_before_the_agent_dies(tmp_path: Path, when: 
 def test_a_spill_with_an_event_that_cannot_be_serialised_keeps_every_other_event(
     trackers: list[SessionTracker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sessions import events
+    from sessions import rules
 
     publisher = RecordingPublisher()
     tracker = _tracker(trackers, publisher, max_buffered_events=BUFFER)
     _stuck(publisher, tracker)
     # A hole in the model's rules (a bug) lets a lone surrogate into the first spilled batch.
-    monkeypatch.setattr(events, "_metadata_problem", lambda metadata: None)
+    monkeypatch.setattr(rules, "metadata_problem", lambda metadata: None)
     tracker.create("bad", metadata={"note": "\ud800"})
     _burst(tracker)
     stats = tracker.stats
