@@ -1,6 +1,6 @@
 """How long an agent takes from its start to its first message in the broker (not a test).
 
-Each run is a fresh ``python`` process, and four kinds take turns, round after round:
+Each run is a fresh ``python`` process, and five kinds take turns, round after round:
 
 * **bare**: ``import celery``, ``celery.Celery(broker=...)``, one ``send_task`` of a one-event
   batch to the ingest queue: the floor of any Celery client (the ratios are against it);
@@ -9,7 +9,9 @@ Each run is a fresh ``python`` process, and four kinds take turns, round after r
 * **tracker**: ``from sessions import SessionTracker``, a tracker with the shipped settings
   (confirmation on, the spool), one ``record`` and a ``flush``;
 * **tracker, no confirm**: the same with ``SESSIONS_CONFIRM_TIMEOUT_SECONDS=0``: its close does
-  not look at the ledger (the look imports the store: item 3 of issue 13 removes it).
+  not look at the ledger (the look imports the store: item 3 of issue 13 removes it);
+* **tracker, create + record**: the tracker, as an agent written after the guide starts: a
+  ``create`` (owner and metadata) before the ``record``.
 
 The parent measures each run from the moment it spawns the process: until the message is in
 Redis (a ``BLPOP`` on the queue's list, which returns the moment the message is pushed: no
@@ -155,12 +157,21 @@ TRACKER = (
     "tracker.close()\n"
 )
 
+#: An agent as the guide's are written: it creates its session (owner, metadata) first.
+TRACKER_CREATING = TRACKER.replace(
+    'tracker.record("bench-session"',
+    'tracker.create("bench-session", user_id="bench-user", metadata={"model": "m"})\n'
+    'tracker.record("bench-session"',
+)
+assert TRACKER_CREATING != TRACKER
+
 #: kind -> (child code, extra environment)
 KINDS: dict[str, tuple[str, dict[str, str]]] = {
     "bare": (BARE, {}),
     "bare + pydantic-settings": (BARE_PYDANTIC, {}),
     "tracker": (TRACKER, {}),
     "tracker, no confirm": (TRACKER, {"SESSIONS_CONFIRM_TIMEOUT_SECONDS": "0"}),
+    "tracker, create + record": (TRACKER_CREATING, {}),
 }
 
 

@@ -4,8 +4,9 @@ Agents record through :class:`SessionTracker` (fire-and-forget) or the guide-com
 :class:`ContextEngine`; Celery workers apply batches through :class:`SessionStore`.
 
 Every name here is imported on first use (PEP 562): ``from sessions import SessionTracker``
-brings in the client and Celery, never SQLAlchemy, Alembic or Starlette, which only the
-store, the worker and the dashboard need.
+brings in the client and kombu, never Celery, SQLAlchemy, Alembic or Starlette, which only the
+store, the worker and the dashboard need, nor pydantic, which only an argument or a setting
+that is not plainly valid needs.
 """
 
 from __future__ import annotations
