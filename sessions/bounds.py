@@ -173,7 +173,7 @@ def check_id(name: str, value: str) -> str:
     if not isinstance(value, str):
         raise ArgumentTypeError.of(name, "a str", value)
     try:
-        return rules.check_id(value)
+        return rules.check_id(str.__str__(value))  # a str itself, as the model's validation gave
     except ValueError as exc:
         raise ArgumentError.of(name, str(exc), value) from None
 

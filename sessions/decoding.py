@@ -1,6 +1,6 @@
 """How a worker reads a batch off the wire: event by event, so one bad event costs no other data.
 
-An agent never decodes (it only writes batches, :mod:`sessions.events`), so these models and
+An agent never decodes (it only writes batches, :mod:`sessions.plain`), so these models and
 the event adapter live here: an agent that records never creates them (its start-up is
 measured by bench/client_start.py), unless it confirms through the ledger, whose store
 decodes. :func:`build_models` builds every validator before a

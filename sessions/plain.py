@@ -6,24 +6,26 @@ JSON text here, without a model: an agent that records never imports pydantic (i
 about a sixth of an agent's start-up, README "Agent start-up"). Anything else goes through the
 models of :mod:`sessions.events`, which convert it or refuse it with the field and rule named;
 this module never accepts what they would refuse, and its text decodes to the events they would
-hold (``tests/unit/test_plain_events.py``).
+hold (``tests/unit/test_events.py``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sessions.rules import (
     END_STATUSES,
     MAX_COST,
     MAX_PROCESSING_TIME,
     MAX_TOKENS,
+    MIN_EVENT_TIME,
     EndStatus,
     check_id,
     check_metadata,
@@ -179,14 +181,20 @@ def plain_create(
                 metadata = check_metadata(metadata)
             except ValueError:
                 return None  # the model refuses it, naming the field
-        return PlainCreate(session_id, datetime.now(UTC), user_id, metadata)
+        now = datetime.now(UTC)
+        if now < MIN_EVENT_TIME:  # a clock before 2000: the model refuses the time, as before
+            return None
+        return PlainCreate(session_id, now, user_id, metadata)
     return None
 
 
 def plain_end(session_id: str, status: str) -> PlainEnd | None:
     """An ``end`` event made now, if its arguments are plainly valid; else ``None``."""
     if _plain_ids(session_id, None) and type(status) is str and status in END_STATUSES:
-        return PlainEnd(session_id, datetime.now(UTC), status)  # type: ignore[arg-type]
+        now = datetime.now(UTC)
+        if now < MIN_EVENT_TIME:  # a clock before 2000: the model refuses the time, as before
+            return None
+        return PlainEnd(session_id, now, cast("EndStatus", status))
     return None
 
 
@@ -240,7 +248,7 @@ def _record_json(fields: RecordFields) -> str:
         text += f',"input_tokens":{tokens_in}'
     if tokens_out:
         text += f',"output_tokens":{tokens_out}'
-    if cost:
+    if cost or math.copysign(1.0, cost) < 0:  # -0.0 is what the model would hold: say it
         text += f',"cost":{cost!r}'
     return text + "}"
 

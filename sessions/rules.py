@@ -50,13 +50,16 @@ VALID_IDS_REMEMBERED = 8192
 
 
 def check_id(value: str) -> str:
+    """``value`` if it is a session or user id (:data:`ID_PATTERN`); remembered in
+    :data:`valid_ids` if it is a ``str`` itself (a subclass could hash or compare as another id)."""
     if value in valid_ids:
         return value
     if not ID_PATTERN.fullmatch(value):
         raise ValueError("must be 1 to 255 printable ASCII characters without whitespace")
-    if len(valid_ids) >= VALID_IDS_REMEMBERED:
-        valid_ids.clear()
-    valid_ids[value] = json.dumps(value)
+    if type(value) is str:
+        if len(valid_ids) >= VALID_IDS_REMEMBERED:
+            valid_ids.clear()
+        valid_ids[value] = json.dumps(value)
     return value
 
 

@@ -352,6 +352,10 @@ class BatchSender:
         assert self._on_unsent is not None
         try:
             batch = Batch(batch_id=batch_id, events=tuple(map(as_model, events)))
+        except Exception:  # a bug: the plain events were checked by the same rules
+            log.exception("could not form batch %s for the on_unsent handler", batch_id)
+            return
+        try:
             self._on_unsent(batch, error)
         except Exception:
             log.exception("the on_unsent handler failed for batch %s", batch_id)

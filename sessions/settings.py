@@ -35,7 +35,9 @@ class Settings(ClientModel, BaseSettings):
     The client's fields come from :class:`~sessions.client_settings.ClientSettings` (through
     :class:`~sessions.client_model.ClientModel`, which checks the rules between them); these
     are the worker's, the sweeps', the store's and the dashboard's. ``Settings()`` reads the
-    environment (pydantic-settings); values given as arguments override it.
+    environment (pydantic-settings); values given as arguments override it. Copy one with
+    ``model_copy(update=...)``: it is a ``ClientSettings`` dataclass too, but
+    ``dataclasses.replace`` would build it again from the environment.
     """
 
     # hide_input_in_errors: a ValidationError shows no input, since the input may be the token

@@ -116,6 +116,30 @@ def test_an_id_follows_the_event_models_rule(
     assert bounds.check_id("session_id", "user-456-device-789") == "user-456-device-789"
 
 
+class _CaseBlindId(str):
+    """An id type an application might have: equal to, and hashed as, its lowercase form."""
+
+    def __hash__(self) -> int:
+        return hash(self.lower())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and self.lower() == other.lower()
+
+
+def test_an_id_of_a_str_subclass_comes_back_a_str_and_is_not_remembered_as_itself() -> None:
+    # The ids the id rule remembers are the ones the client writes on the wire: a subclass
+    # that compares equal to another id must not stand in for it there.
+    from sessions import plain, rules
+
+    checked = bounds.check_id("session_id", _CaseBlindId("Chat-Blind-42"))
+    assert type(checked) is str and checked == "Chat-Blind-42"
+    rules.check_id(_CaseBlindId("Chat-Blind-43"))
+    assert not any(type(key) is not str for key in rules.valid_ids)
+    fields = plain.plain_record("chat-blind-43", 0.1, False, None, True, 0, 0, 0.0)
+    assert fields is not None
+    assert '"session_id":"chat-blind-43"' in plain.event_json(fields)
+
+
 def test_a_choice_names_the_allowed_values() -> None:
     with pytest.raises(ArgumentError) as caught:
         bounds.check_choice("status", "bogus", ("active", "completed"))

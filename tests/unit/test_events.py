@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -415,6 +416,31 @@ def test_a_plain_end_accepts_the_three_end_states_only(status: Any) -> None:
     model = EndEvent(session_id="s", at=event.at, status=status)
     assert as_model(event) == model
     assert parse_event(json.loads(event_json(event))) == model
+
+
+def test_a_negative_zero_cost_travels_as_the_model_holds_it() -> None:
+    fields = plain_record("s", 0.0, False, None, True, 0, 0, -0.0)
+    assert fields is not None
+    decoded = parse_event(json.loads(event_json(fields)))
+    assert math.copysign(1.0, decoded.cost) == -1.0
+    assert decoded.model_dump_json() == record_event(fields).model_dump_json()
+
+
+def test_a_clock_before_the_earliest_event_time_leaves_create_and_end_to_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sessions import plain
+
+    class Before2000(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Before2000:
+            return cls(1999, 12, 31, 23, 0, tzinfo=tz)
+
+    monkeypatch.setattr(plain, "datetime", Before2000)
+    assert plain_create("s", None, None) is None
+    assert plain_end("s", "completed") is None
+    with pytest.raises(ValidationError, match="must not lie before"):
+        CreateEvent(session_id="s", at=Before2000.now(UTC))
 
 
 def test_a_plain_id_the_rule_refuses_is_left_to_the_model() -> None:
