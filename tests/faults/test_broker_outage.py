@@ -21,7 +21,9 @@ new tracker (same spool folder, same broker URL: the same spool file) replays th
 
 A third case SIGKILLs Redis and starts it again *empty* (no persistence: a restarted cache, a
 failed-over replica), several times while agents record, each time while the queue holds
-messages no worker has taken. Those are gone with the server; the tracker sees them missing
+messages no worker has taken (published while the worker's consumer was frozen by SIGSTOP: a
+stall, as a long pause or a starved machine makes one; it is resumed right after the kill).
+Those are gone with the server; the tracker sees them missing
 from the ledger and publishes them again, and the worker, which lost its connection in the
 middle of acknowledging and rejecting messages (``sessions.worker.stale_channel``), reconnects and
 applies them.
@@ -30,6 +32,8 @@ applies them.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Iterator
 from itertools import accumulate, takewhile
@@ -374,24 +378,32 @@ def test_redis_killed_and_restarted_empty_while_agents_record_loses_nothing_and_
                     timeout=reconnect_deadline(down_for),
                     message="batches being applied before the kill",
                 )
-                # A burst fills the queue beyond what the worker reserves: the kill takes
-                # messages no worker has seen with it, which only a republish brings back.
+                # A burst published while the worker's consumer is frozen (SIGSTOP, a stall
+                # such as a long GC pause or a starved VM) waits in the queue, and the kill
+                # takes it: messages no worker has seen, which only a republish brings back.
+                # Without the stall, a worker that keeps up with the publisher takes each
+                # message as it arrives, the queue can be empty at every look, and the kill
+                # takes nothing of the kind (a CI run waited on it until pytest's timeout).
                 first = round_number * BURST_EVENTS
-                for index in range(first, first + BURST_EVENTS):
-                    burst.record(sessions[index % len(sessions)], index)
-                tracker.flush()
                 seen: list[int] = []
 
                 def queued(broker: Any = broker, seen: list[int] = seen) -> bool:
                     seen.append(int(broker.llen("sessions.events")))
                     return seen[-1] > 0
 
-                wait_until(queued, timeout=30, message="messages queued that no worker has taken")
-                queued_at_kill.append(seen[-1])
-                before = tracker.stats
-                losses = worker.count("Connection to broker lost")
-                connections = worker.count(r"Connected to redis://")
-                redis_server.stop()  # SIGKILL: no persistence, so it comes back empty
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    for index in range(first, first + BURST_EVENTS):
+                        burst.record(sessions[index % len(sessions)], index)
+                    tracker.flush()
+                    wait_until(queued, timeout=30, message="messages queued, the consumer frozen")
+                    queued_at_kill.append(seen[-1])
+                    before = tracker.stats
+                    losses = worker.count("Connection to broker lost")
+                    connections = worker.count(r"Connected to redis://")
+                    redis_server.stop()  # SIGKILL: no persistence, so it comes back empty
+                finally:
+                    os.kill(pid, signal.SIGCONT)
                 killed = time.monotonic()
                 wait_until(
                     lambda spooled=before.events_spooled, killed=killed: (  # type: ignore[misc]
