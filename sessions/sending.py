@@ -129,10 +129,9 @@ class BrokerGate:
         """
         try:
             self.publisher.publish_text(text)
-        except (UnicodeError, RecursionError) as exc:
-            raise UnserializableBatchError(f"cannot be serialised: {first_line(exc)}") from exc
-        except ValueError as exc:
-            if is_pydantic_serialization_error(exc):
+        except Exception as exc:
+            encoding = isinstance(exc, UnicodeError | RecursionError)
+            if encoding or is_pydantic_serialization_error(exc):
                 raise UnserializableBatchError(f"cannot be serialised: {first_line(exc)}") from exc
             raise
 

@@ -251,20 +251,17 @@ class SessionTracker:
         Raises :class:`pydantic.ValidationError` (a ``ValueError``) naming the field for a bad
         id or metadata (not JSON, too large, too deep, NUL, lone surrogates).
         """
-        event = plain_create(session_id, user_id, metadata) if at is None else None
+        event: Buffered | None = plain_create(session_id, user_id, metadata) if at is None else None
         if event is None:
             from sessions.events import CreateEvent
 
-            self._append(
-                CreateEvent(
-                    session_id=session_id,
-                    at=at or datetime.now(UTC),
-                    user_id=user_id,
-                    metadata=metadata,
-                )
+            event = CreateEvent(
+                session_id=session_id,
+                at=at or datetime.now(UTC),
+                user_id=user_id,
+                metadata=metadata,
             )
-        else:
-            self._append(event)
+        self._append(event)
 
     def message(
         self,
@@ -304,19 +301,14 @@ class SessionTracker:
         Raises :class:`pydantic.ValidationError` (a ``ValueError``) naming the field for a bad
         id or any other status.
         """
-        event = plain_end(session_id, status) if at is None else None
+        event: Buffered | None = plain_end(session_id, status) if at is None else None
         if event is None:
             from sessions.events import EndEvent
 
-            self._append(
-                EndEvent(
-                    session_id=session_id,
-                    at=at or datetime.now(UTC),
-                    status=cast("EndStatus", status),
-                )
-            )
-        else:
-            self._append(event)
+            # Any other status fails the model's validation, naming the field.
+            status_ = cast("EndStatus", status)
+            event = EndEvent(session_id=session_id, at=at or datetime.now(UTC), status=status_)
+        self._append(event)
 
     def _append(self, event: Buffered) -> None:
         appended = self._buffer.append(event)
