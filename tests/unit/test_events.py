@@ -393,10 +393,10 @@ def test_a_plain_create_accepts_nothing_the_model_refuses_and_changes_no_value(
     if event is None:
         with contextlib.suppress(ValidationError):  # what the model refuses, or ...
             model = CreateEvent(session_id=session_id, at=AT, user_id=user_id, metadata=metadata)
-            # ... what the plain path leaves to the model on purpose: an id not yet known
-            # (checked here), or a mapping that is not a dict.
+            # ... what the plain path leaves to the model on purpose: metadata that is not a
+            # dict itself (the model converts it or refuses it), or ids of another type.
             assert type(metadata) is not dict or not (
-                session_id in ("user-123", "s") and user_id in (None, "user-456")
+                type(session_id) is str and type(user_id) in (str, type(None))
             ), model
         return
     model = CreateEvent(session_id=session_id, at=event.at, user_id=user_id, metadata=metadata)
