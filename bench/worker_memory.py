@@ -72,12 +72,33 @@ WITHOUT_REPL = ("bench.worker_memory", "--celery-without-repl", "-A", "workers",
 
 
 def setups(source: Path | None, only: list[str] | None) -> list[Setup]:
-    """The set-ups compared: the README's commands, the other pools, glibc's arenas."""
+    """The set-ups compared: the README's commands, the prefetch, the other pools, glibc's
+    arenas and its mmap threshold."""
     chosen = [
         Setup("celery -A workers worker (prefork -c 2)", CELERY),
         Setup("sessions worker (prefork -c 2)", SESSIONS),
         Setup("prefork -c 2, MALLOC_ARENA_MAX=2", CELERY, (("MALLOC_ARENA_MAX", "2"),)),
         Setup("prefork -c 2, Celery's CLI without click_repl (bench only)", WITHOUT_REPL),
+        Setup(
+            "prefork -c 2, prefetch multiplier 4 (the default before 2026-12-07)",
+            CELERY,
+            (("SESSIONS_WORKER_PREFETCH_MULTIPLIER", "4"),),
+        ),
+        Setup(
+            "prefork -c 2, prefetch multiplier 2",
+            CELERY,
+            (("SESSIONS_WORKER_PREFETCH_MULTIPLIER", "2"),),
+        ),
+        Setup(
+            "prefork -c 2, MALLOC_MMAP_THRESHOLD_=131072",
+            CELERY,
+            (("MALLOC_MMAP_THRESHOLD_", "131072"),),
+        ),
+        Setup(
+            "prefork -c 2, MALLOC_MMAP_THRESHOLD_=524288",
+            CELERY,
+            (("MALLOC_MMAP_THRESHOLD_", "524288"),),
+        ),
         Setup("prefork -c 1", (*CELERY, "--concurrency=1")),
         Setup("threads -c 2", (*CELERY, "--pool=threads", "--concurrency=2")),
         Setup("solo", (*CELERY, "--pool=solo")),

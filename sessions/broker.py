@@ -163,6 +163,12 @@ def _is_amqp(settings: ClientSettings) -> bool:
     return settings.broker_url.startswith(("amqp:", "amqps:", "pyamqp:"))
 
 
+def delivers_without_polling(settings: ClientSettings) -> bool:
+    """Whether the broker hands a consumer each message as it can take one (Redis's blocking
+    ``BRPOP``, RabbitMQ's ``basic.consume``) rather than being polled (filesystem)."""
+    return settings.uses_redis or _is_amqp(settings)
+
+
 def _broker_folders(settings: ClientSettings) -> dict[str, Path]:
     root = settings.broker_dir.resolve()
     return {name: root / name for name in ("queue", "processed", "control")}

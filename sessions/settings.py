@@ -85,8 +85,10 @@ class Settings(ClientModel, BaseSettings):
     health_sweep_interval: float = Field(300.0, gt=0)
     purge_interval: float = Field(86400.0, gt=0)
 
-    #: Messages a worker process reserves ahead; small, because each carries hundreds of events.
-    worker_prefetch_multiplier: int = Field(4, gt=0)
+    #: Messages a worker process reserves ahead; small, because each carries thousands of
+    #: events. ``None``: 1 on Redis and RabbitMQ, 4 on a polling broker such as the
+    #: filesystem (:func:`sessions.worker.config.prefetch_multiplier` says why).
+    worker_prefetch_multiplier: int | None = Field(None, gt=0)
 
     #: Port of a worker's Prometheus endpoint (``/metrics``, served by its main process);
     #: 0 = no endpoint and no metrics kept. Each worker on a host needs a port of its own.

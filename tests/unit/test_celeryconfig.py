@@ -59,3 +59,42 @@ def test_on_rabbitmq_a_retry_countdown_goes_through_native_delayed_delivery(
     assert delayed["exchange"].name == "celery_delayed_27"
     assert delayed["routing_key"].endswith(".sessions.events")
     assert plain["queue"].name == "sessions.events"
+
+
+@pytest.mark.parametrize(
+    ("url", "reserved"),
+    [
+        ("redis://127.0.0.1:6379/0", 1),
+        ("rediss://127.0.0.1:6379/0", 1),
+        (AMQP_URL, 1),
+        ("filesystem://", 4),
+    ],
+)
+def test_each_pool_process_reserves_one_message_ahead_unless_the_broker_is_polled(
+    url: str, reserved: int
+) -> None:
+    # A polled broker is looked at again only a poll later once the reservations are full.
+    settings = Settings(broker_url=url)
+    assert config.prefetch_multiplier(settings) == reserved
+    assert create_app(settings).conf.worker_prefetch_multiplier == reserved
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", AMQP_URL, "filesystem://"])
+def test_a_prefetch_multiplier_set_is_kept_on_every_broker(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SESSIONS_WORKER_PREFETCH_MULTIPLIER", "3")
+    settings = Settings(broker_url=url)
+    assert settings.worker_prefetch_multiplier == 3
+    assert create_app(settings).conf.worker_prefetch_multiplier == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_a_prefetch_multiplier_must_be_a_positive_integer(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("SESSIONS_WORKER_PREFETCH_MULTIPLIER", value)
+    with pytest.raises(ValidationError, match="worker_prefetch_multiplier"):
+        Settings()
