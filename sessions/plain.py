@@ -106,8 +106,9 @@ def _checked_id(value: str) -> bool:
     return True
 
 
-def _plain_ids(session_id: str, user_id: str | None) -> bool:
-    """Whether a session id and an optional user id are ids the id rule accepts."""
+def plain_ids(session_id: object, user_id: object) -> bool:
+    """Whether ``session_id`` is a ``str`` the id rule accepts, and ``user_id`` is ``None``
+    or one too (what the client checks of its arguments, and the worker of a plain record)."""
     return (
         type(session_id) is str
         and (session_id in valid_ids or _checked_id(session_id))
@@ -138,7 +139,7 @@ def plain_record(
     the model would refuse, and yields the values the model would hold.
     """
     if (
-        _plain_ids(session_id, user_id)
+        plain_ids(session_id, user_id)
         and type(processing_time) in (float, int)
         and 0 <= processing_time <= MAX_PROCESSING_TIME
         and type(error) is bool
@@ -171,7 +172,7 @@ def plain_create(
     caller then builds a :class:`~sessions.events.CreateEvent`, which converts or refuses
     them), as :func:`plain_record` does."""
     if (
-        _plain_ids(session_id, user_id)
+        plain_ids(session_id, user_id)
         # The model takes a dict with str keys (at its top; check_metadata makes text of
         # the keys below, as JSON does) and refuses any other key.
         and (metadata is None or (type(metadata) is dict and all(type(k) is str for k in metadata)))
@@ -190,7 +191,7 @@ def plain_create(
 
 def plain_end(session_id: str, status: str) -> PlainEnd | None:
     """An ``end`` event made now, if its arguments are plainly valid; else ``None``."""
-    if _plain_ids(session_id, None) and type(status) is str and status in END_STATUSES:
+    if plain_ids(session_id, None) and type(status) is str and status in END_STATUSES:
         now = datetime.now(UTC)
         if now < MIN_EVENT_TIME:  # a clock before 2000: the model refuses the time, as before
             return None

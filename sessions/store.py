@@ -38,9 +38,9 @@ from sessions.database import (
     upsert_into,
     upsert_into_table,
 )
-from sessions.decoding import DecodedBatch, RejectedEvent, decode_batch
+from sessions.decoding import DecodedBatch, DecodedEvent, RejectedEvent, read_batch
 from sessions.errors import SessionLimitError, StoreUnavailableError, first_line
-from sessions.events import AnyEvent, Batch, CreateEvent
+from sessions.events import Batch, CreateEvent
 from sessions.plain import claimed_batch_uuid, peek_batch_id
 from sessions.records import (
     Aggregate,
@@ -67,6 +67,7 @@ from sessions.tables import (
     redeliveries_table,
     sessions_table,
 )
+from sessions.wire_records import WireRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -124,16 +125,19 @@ class SessionStore:
 
     # -- writes ------------------------------------------------------------------------
 
-    def apply(self, batch: Batch | Mapping[str, Any], now: datetime | None = None) -> ApplyResult:
+    def apply(
+        self, batch: Batch | Mapping[str, Any] | str | bytes, now: datetime | None = None
+    ) -> ApplyResult:
         """Apply one batch exactly once, in one transaction.
 
-        ``batch`` is a :class:`Batch` or its wire form. Invalid events are dead-lettered with
-        their reason and the others applied. A batch whose id is in the ledger already
-        changes nothing and is reported as ``duplicate``; if the ledger holds that id for
-        other content (a reused batch id), the batch is set aside whole in ``dead_letters``
-        (``batch_id_reused``) and reported as ``reused``.
+        ``batch`` is a :class:`Batch`, its message (a dict) or the message's JSON text, as a
+        worker takes it off the broker (:func:`~sessions.decoding.read_batch`). Invalid
+        events are dead-lettered with their reason and the others applied. A batch whose id
+        is in the ledger already changes nothing and is reported as ``duplicate``; if the
+        ledger holds that id for other content (a reused batch id), the batch is set aside
+        whole in ``dead_letters`` (``batch_id_reused``) and reported as ``reused``.
         """
-        decoded = decode_batch(batch, self.settings.store_max_batch_events)
+        decoded = read_batch(batch, self.settings.store_max_batch_events)
         digest = None if decoded.batch_id is None else content_digest(decoded)
         arrival = _Arrival(batch, decoded, digest)
         now = now or datetime.now(UTC)
@@ -182,7 +186,7 @@ class SessionStore:
         if known is not None:
             return known
         refused: list[RejectedEvent] = []
-        applied: list[AnyEvent] = []
+        applied: list[DecodedEvent] = []
         for event in decoded.events:
             try:
                 with connection.begin_nested():
@@ -192,7 +196,11 @@ class SessionStore:
                 reason = f"{event.kind} of {event.session_id}: refused by the database: "
                 refused.append(
                     RejectedEvent(
-                        payload=event.model_dump(mode="json"),
+                        payload=(
+                            event.to_payload()
+                            if isinstance(event, WireRecord)
+                            else event.model_dump(mode="json")
+                        ),
                         reason=reason + first_line(getattr(exc, "orig", None) or exc),
                     )
                 )
@@ -311,7 +319,7 @@ class SessionStore:
         with the payload's digest: other content under that id later is a reused id."""
         claimed = claimed_batch_uuid(payload)
         if claimed is not None:
-            decoded = decode_batch(payload, self.settings.store_max_batch_events)
+            decoded = read_batch(payload, self.settings.store_max_batch_events)
             self._claim(connection, claimed, now, content_digest(decoded))
 
     def count_redelivery(self, message_id: str, now: datetime | None = None) -> int:

@@ -35,9 +35,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sessions.client_settings import ClientSettings
-from sessions.decoding import RejectedEvent, decode_batch
+from sessions.decoding import RECORDS, DecodedEvent, Record, RejectedEvent, read_batch
 from sessions.errors import BrokerUnavailableError
-from sessions.events import AnyEvent, Batch, CreateEvent, EndEvent, MessageEvent, RecordEvent
+from sessions.events import Batch, CreateEvent, EndEvent, MessageEvent
 from sessions.histogram import bucket_of
 from sessions.publisher import Publisher
 from sessions.records import COUNTERS, Aggregate, ApplyResult, SessionRecord, percentile_fields
@@ -96,7 +96,7 @@ class Run:
         if self.run == 1:
             self.created_at = min(self.created_at, at)
 
-    def add(self, event: RecordEvent) -> None:
+    def add(self, event: Record) -> None:
         self.request_count += int(event.counts_request)
         self.error_count += int(event.error)
         self.total_processing_time += event.processing_time
@@ -160,7 +160,7 @@ class InMemoryStore:
 
     def apply(self, batch: Batch | Mapping[str, Any] | str) -> ApplyResult:
         """Apply one batch exactly once (a :class:`Batch`, its message or its JSON text)."""
-        decoded = decode_batch(batch, self.settings.store_max_batch_events)
+        decoded = read_batch(batch, self.settings.store_max_batch_events)
         with self._lock:
             state = self._state
             if decoded.batch_id is None:
@@ -188,12 +188,12 @@ class InMemoryStore:
         for batch in batches:
             self.apply(batch)
 
-    def _apply_event(self, event: AnyEvent) -> None:
+    def _apply_event(self, event: DecodedEvent) -> None:
         self._count_minute(event)
         live = self._state.live.get(event.session_id)
         if live is None:
             self._insert_first(event)
-        elif isinstance(event, RecordEvent):
+        elif isinstance(event, RECORDS):
             if self._belongs_to_live(live, event.at):
                 live.add(event)
                 live.touch(event.at)
@@ -208,10 +208,10 @@ class InMemoryStore:
         else:
             self._end(live, event)
 
-    def _count_minute(self, event: AnyEvent) -> None:
+    def _count_minute(self, event: DecodedEvent) -> None:
         minute = event.at.replace(second=0, microsecond=0)
         events, requests, errors = self._state.minutes.get(minute, (0, 0, 0))
-        if isinstance(event, RecordEvent):
+        if isinstance(event, RECORDS):
             requests += event.counts_request
             errors += event.error
         self._state.minutes[minute] = (events + 1, requests, errors)
@@ -220,12 +220,12 @@ class InMemoryStore:
     def _belongs_to_live(live: Run, at: datetime) -> bool:
         return live.run == 1 or at >= live.created_at
 
-    def _insert_first(self, event: AnyEvent) -> None:
+    def _insert_first(self, event: DecodedEvent) -> None:
         ended = isinstance(event, EndEvent)
         run = Run(
             session_id=event.session_id,
             run=1,
-            user_id=event.user_id if isinstance(event, CreateEvent | RecordEvent) else None,
+            user_id=event.user_id if isinstance(event, (CreateEvent, *RECORDS)) else None,
             status=event.status if isinstance(event, EndEvent) else "active",
             end_reason="explicit" if ended else None,
             created_at=event.at,
@@ -233,7 +233,7 @@ class InMemoryStore:
             ended_at=event.at if ended else None,
             metadata=event.metadata if isinstance(event, CreateEvent) else None,
         )
-        if isinstance(event, RecordEvent):
+        if isinstance(event, RECORDS):
             run.add(event)
         self._state.live[event.session_id] = run
 
@@ -268,7 +268,7 @@ class InMemoryStore:
             live.end_reason = "explicit"
             live.ended_at = event.at
 
-    def _add_to_earlier_run(self, event: RecordEvent) -> None:
+    def _add_to_earlier_run(self, event: Record) -> None:
         runs = sorted(
             (run for (sid, _), run in self._state.archived.items() if sid == event.session_id),
             key=lambda run: run.run,

@@ -8,6 +8,11 @@ Any list of events, split into batches in any way, with any batches delivered ag
 * delivered in any order, per session and over all its runs, every counter sum, bucket
   count and the latest activity, and the per-minute activity, still equal the reference's.
 
+Each delivery hands the store the batch as a Python caller does (the model) or as a worker
+takes it off the broker (its JSON text, which for a batch of records only is read without
+models, by ``sessions.wire_records``), drawn delivery by delivery: a batch applied one way
+and redelivered the other is still a duplicate (its digest the same).
+
 Times are whole minutes from a fixed instant (so ties, the boundary cases of the run
 rules, are frequent), and processing time and cost are multiples of 1/64, so every float
 sum is exact in any order.
@@ -20,7 +25,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent
+from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent, encode_message
 from sessions.store import SessionStore
 from sessions.tables import ERROR_RATE_BOUND_MAX, minute_start
 from tests.integration.support import (
@@ -141,20 +146,26 @@ def _with_minutes(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     }
 
 
+def _delivered(batch: Batch, data: st.DataObject) -> Batch | str:
+    """``batch`` as the model, or as the JSON text a worker takes off the broker."""
+    return encode_message(batch.to_message()) if data.draw(st.booleans(), "as text") else batch
+
+
 def _applied(result: Any) -> tuple[int, int]:
     assert result.rejected == 0
     return result.applied, result.duplicate
 
 
 @PROPERTY_SETTINGS
-@given(deliveries=in_order_deliveries())
+@given(deliveries=in_order_deliveries(), data=st.data())
 def test_in_order_delivery_gives_exactly_the_reference_sessions(
-    store: SessionStore, deliveries: list[Batch]
+    store: SessionStore, deliveries: list[Batch], data: st.DataObject
 ) -> None:
     reset(store)
     reference = ReferenceStore()
     for batch in deliveries:
-        assert _applied(store.apply(batch)) == _applied(reference.apply(batch))
+        applied = store.apply(_delivered(batch, data))
+        assert _applied(applied) == _applied(reference.apply(batch))
     assert _checked_bounds(live_rows(store)) == _with_minutes(reference.live_rows())
     assert run_rows(store) == reference.archived_rows()
     assert latency_rows(store) == reference.latency_rows()
@@ -162,15 +173,15 @@ def test_in_order_delivery_gives_exactly_the_reference_sessions(
 
 
 @PROPERTY_SETTINGS
-@given(plan=any_order_deliveries())
+@given(plan=any_order_deliveries(), data=st.data())
 def test_any_order_delivery_keeps_every_sum_and_the_latest_activity(
-    store: SessionStore, plan: tuple[list[Batch], list[Batch]]
+    store: SessionStore, plan: tuple[list[Batch], list[Batch]], data: st.DataObject
 ) -> None:
     produced, deliveries = plan
     reset(store)
     reference = ReferenceStore()
     reference.apply_all(produced)
-    results = [_applied(store.apply(batch)) for batch in deliveries]
+    results = [_applied(store.apply(_delivered(batch, data))) for batch in deliveries]
     stored = session_totals([*live_rows(store).values(), *run_rows(store).values()])
     assert stored == reference.totals()
     assert _over_runs(latency_rows(store)) == _over_runs(reference.latency_rows())

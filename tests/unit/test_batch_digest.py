@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from sessions.batch_digest import DIGEST_VERSION, DIGESTED_FIELDS, content_digest, same_content
-from sessions.decoding import DecodedBatch, decode_batch
+from sessions.decoding import DecodedBatch, decode_batch, read_batch
 from sessions.events import Batch, CreateEvent, EndEvent, MessageEvent, RecordEvent
 from sessions.plain import batch_json, plain_record, record_event
 from sessions.rules import check_id
@@ -21,7 +21,9 @@ AT = datetime(2026, 12, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 
 def digest(payload: Any) -> str | None:
-    return content_digest(decode_batch(payload, MAX_EVENTS))
+    """The digest of ``payload`` as the store reads it: a text of plain records without
+    models (``sessions.wire_records``), anything else by the models."""
+    return content_digest(read_batch(payload, MAX_EVENTS))
 
 
 def events() -> list[CreateEvent | RecordEvent | EndEvent]:
@@ -93,6 +95,9 @@ def _reverse_keys(value: Any) -> Any:
         "one event less",
         "events in another order",
         "another session",
+        "an owner",
+        "an error flag",
+        "a record before the create",
     ],
 )
 def test_other_events_digest_otherwise(change: str) -> None:
@@ -108,6 +113,12 @@ def test_other_events_digest_otherwise(change: str) -> None:
         del changed[2]
     elif change == "events in another order":
         changed[1], changed[2] = changed[2], changed[1]
+    elif change == "an owner":
+        changed[2] = changed[2].model_copy(update={"user_id": "user-1"})
+    elif change == "an error flag":
+        changed[1] = changed[1].model_copy(update={"error": False})
+    elif change == "a record before the create":
+        changed[0], changed[1] = changed[1], changed[0]
     else:
         changed[3] = changed[3].model_copy(update={"session_id": "agent-2"})
     first = Batch(batch_id=BATCH_ID, events=tuple(original))
