@@ -9,7 +9,7 @@ change (kept below, as they were), even ones today's, the order swapped in each 
 write the same rows (the forms are equal by tests/unit/test_apply_delta.py), so the
 database and the load are the same for both sides; their CPU per event is summed per side.
 With ``--phases`` each side's CPU is also split by phase (per-batch timers around
-``decode_batch``, ``content_digest``, the apply's Python and the statements' execution)::
+the store's reader, ``content_digest``, the apply's Python and the statements' execution)::
 
     python -m bench.worker_cpu_ab                       # 200,000 events, batches of 2000
     python -m bench.worker_cpu_ab --phases --no-save
@@ -66,18 +66,32 @@ def _decode_text_before(payload: str | bytes, max_events: int) -> DecodedBatch:
 _add_now = Delta.add
 _latency_literal_now = apply_module._latency_literal
 _decode_text_now = decoding._decode_text
+#: Each side's forms, and the reader ``store.apply`` uses: since 2026-12-07 (README item 10)
+#: the store reads a batch of plain records without models (``read_batch``), so the side
+#: before reads with the models (``decode_batch``), as every batch was read at d091de3. The
+#: digest is today's on both sides.
 SIDES: dict[str, tuple[Callable[..., Any], ...]] = {
-    "before": (plain_add, _latency_literal_before, _decode_text_before),
-    "now": (_add_now, _latency_literal_now, _decode_text_now),
+    "before": (plain_add, _latency_literal_before, _decode_text_before, decoding.decode_batch),
+    "now": (_add_now, _latency_literal_now, _decode_text_now, decoding.read_batch),
 }
+#: The reader the side in use has; ``store.apply`` calls it through :func:`_read`.
+_reader: list[Callable[..., Any]] = [decoding.read_batch]
+
+
+def _read(payload: Any, max_events: int) -> Any:
+    return _reader[0](payload, max_events)
+
+
+store_module.read_batch = _read
 
 
 def use(side: str) -> None:
-    """Switch the three forms to ``side``'s."""
-    add, literal, decode_text = SIDES[side]
+    """Switch the forms and the reader to ``side``'s."""
+    add, literal, decode_text, reader = SIDES[side]
     Delta.add = add  # type: ignore[method-assign]
     apply_module._latency_literal = literal
     decoding._decode_text = decode_text
+    _reader[0] = reader
 
 
 # -- phases ---------------------------------------------------------------------------------
@@ -110,7 +124,7 @@ def time_phases() -> None:
     import sqlalchemy.engine.base as engine_base
     import sqlalchemy.engine.default as engine_default
 
-    store_module.decode_batch = timed("decode (pydantic)", store_module.decode_batch)
+    store_module.read_batch = timed("decode", store_module.read_batch)
     store_module.content_digest = timed("ledger digest", store_module.content_digest)
     store_module.apply_events = timed("apply.py grouping", store_module.apply_events)
     apply_module.upsert_records = timed(

@@ -4,8 +4,8 @@ A tracker's batch is nearly always ``record`` events only, in the text
 :func:`sessions.plain.batch_json` writes. Validated by the models, such a batch costs a
 pool process memory it keeps: pydantic-core parses the whole text into a tree of its own
 before it makes the models, and glibc keeps what that tree and 5000 models took, in pages the
-process no longer shares with the others (a forked process keeps 11.2 MiB after 20 batches of
-5000 events read by the models, 6.4 MiB read here: ``python -m bench.plain_decode``, README,
+process no longer shares with the others (a forked process keeps 11.1 MiB after 20 batches of
+5000 events read by the models, 6.5 MiB read here: ``python -m bench.plain_decode``, README,
 Performance, item 10). :func:`read_records` reads such a batch with ``json.loads`` and the
 rules of :mod:`sessions.rules` into :class:`WireRecord` tuples, which the apply reads as it
 reads a :class:`~sessions.events.RecordEvent` (the same attribute names).

@@ -296,7 +296,7 @@ def test_a_batch_with_a_create_still_digests_its_records_as_a_plain_batch_does()
         {"counts_request": False},
         {"input_tokens": 1},
         {"output_tokens": 1},
-        {"cost": -0.0},
+        {"cost": 0.25},
     ],
 )
 def test_a_plain_batch_with_any_value_changed_digests_otherwise(change: dict[str, Any]) -> None:
@@ -307,3 +307,18 @@ def test_a_plain_batch_with_any_value_changed_digests_otherwise(change: dict[str
     # Two records swapped are other content too, unless they are equal.
     swapped = _batch(_record(**change), _record())
     assert content_digest(read_batch(swapped, 9)) != content_digest(second)
+
+
+def test_a_zero_written_as_minus_zero_digests_as_zero() -> None:
+    """``-0.0`` and ``0`` are the same amount, and some encoders write one for the other
+    (JavaScript's ``JSON.stringify(-0)`` is ``0``): one content, one digest, whichever
+    reader took it; the models and the reader still hold ``-0.0`` as given."""
+    minus, plain_zero = _record(cost=-0.0, processing_time=-0.0), _record(cost=0, processing_time=0)
+    digests = {
+        content_digest(reader(_batch(event), 9))
+        for event in (minus, plain_zero)
+        for reader in (read_batch, decode_batch)
+    }
+    assert len(digests) == 1
+    read = read_records(_batch(minus), 9)
+    assert read is not None and math.copysign(1, read[1][0].cost) == -1
