@@ -9,7 +9,9 @@ from functools import partial
 
 import pytest
 
+from sessions import decoding
 from sessions.events import Batch, CreateEvent, EndEvent, RecordEvent
+from sessions.plain import batch_json, plain_record, record_event
 from sessions.records import ApplyResult
 from sessions.store import SessionStore
 from tests.integration.support import (
@@ -22,6 +24,7 @@ from tests.integration.support import (
     ledger_ids,
     live_rows,
     record,
+    reset,
     run_rows,
     snapshot,
 )
@@ -525,3 +528,39 @@ def test_an_update_of_a_live_row_writes_no_index_entry(pg_store: SessionStore) -
     # Three updates of each of 10 rows. Only s-0 has an error: as its rate falls from 1 to
     # 1/2, 1/3, 1/4 its bound goes 18, 10, 7, 7 (two index writes); every other update is HOT.
     assert (updated, hot) == (30, 28)
+
+
+def test_a_trackers_batch_of_records_is_applied_without_the_models(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's usual batch, plain records in the tracker's text, is read by
+    ``sessions.wire_records``: the models, which would cost each pool process memory it keeps
+    (README, Performance, item 10), are not asked; its sums are the models' all the same."""
+
+    def no_models(payload: object, max_events: int) -> None:
+        raise AssertionError("a tracker's batch of records was decoded with the models")
+
+    fields = [
+        plain_record("agent-1", 0.25, True, "user-1", True, 3, 4, 0.5),
+        plain_record("agent-1", 0.5, False, None, True, 0, 0, 0.0),
+        plain_record("agent-2", 1.0, False, None, False, 1, 2, 0.25),
+    ]
+    assert all(item is not None for item in fields)
+    text = batch_json(uuid.uuid4(), fields)  # type: ignore[arg-type]
+    monkeypatch.setattr(decoding, "decode_batch", no_models)
+    assert store.apply(text).applied == 3
+    assert store.apply(text).duplicate == 3  # the redelivery, read the same way
+    monkeypatch.undo()
+    rows = live_rows(store)
+    assert {k: rows["agent-1"][k] for k in ("request_count", "error_count", "input_tokens")} == {
+        "request_count": 2,
+        "error_count": 1,
+        "input_tokens": 3,
+    }
+    assert rows["agent-1"]["user_id"] == "user-1" and rows["agent-1"]["cost"] == 0.5
+    assert rows["agent-2"]["request_count"] == 0 and rows["agent-2"]["total_processing_time"] == 1.0
+    # The same events as models, applied to the emptied store, make the same rows.
+    as_models = Batch(batch_id=uuid.uuid4(), events=tuple(record_event(f) for f in fields))  # type: ignore[arg-type]
+    reset(store)
+    assert store.apply(as_models).applied == 3
+    assert live_rows(store) == rows
